@@ -1,0 +1,35 @@
+"""Search-space specs and derived specs: YAML in, validated frozen objects out.
+
+No TensorFlow and no networkx here; every other layer may import this one.
+"""
+
+from .errors import DataError, Problem, RunDirectoryError, SpecError
+from .loader import (
+    builtin_derived_names,
+    canonical_sha256,
+    check_derived,
+    derived_from_document,
+    derived_with_network,
+    load_derived,
+    load_spec,
+    parse_overrides,
+)
+from .model import (
+    AdamConfig,
+    AugmentConfig,
+    CellGenotype,
+    ConvSearchSpace,
+    DataConfig,
+    DerivedNetworkConfig,
+    DerivedSpec,
+    Edge,
+    NetworkConfig,
+    RetrainConfig,
+    SearchConfig,
+    SGDConfig,
+    Spec,
+    reduction_positions,
+    to_plain,
+)
+from .operations import DARTS_CONV_OPERATIONS, ZERO_OPERATION, known_conv_operations, register_conv_operation_name
+from .yaml_io import dump_yaml, read_yaml_file

@@ -1,0 +1,176 @@
+"""YAML in, frozen dataclasses out.
+
+``load_spec`` reads a search-space spec (following ``extends:`` to base
+files), applies dotted overrides, validates against the JSON Schema (every
+error at once) and then runs the semantic checks. ``load_derived`` does the
+same for a derived spec, or loads a published one by name.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from importlib import resources
+
+from .errors import Problem, SpecError
+from .model import CellGenotype, DerivedNetworkConfig, DerivedSpec, Edge, Spec, from_mapping
+from .semantic import derived_spec_problems, search_spec_problems
+from .validation import schema_problems
+from .yaml_io import parse_yaml_text, read_yaml_file, require_mapping
+
+OVERRIDES_SOURCE = "--set"
+
+
+def deep_merge(base, update):
+    """``update`` laid over ``base``: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_with_extends(path, chain=()):
+    source = os.path.abspath(os.fspath(path))
+    if source in chain:
+        cycle = " -> ".join(os.path.basename(p) for p in (*chain, source))
+        raise SpecError.single(os.fspath(path), "$.extends", f"extends forms a cycle: {cycle}")
+    document = read_yaml_file(path)
+    base_name = document.pop("extends", None)
+    if base_name is None:
+        return document
+    if not isinstance(base_name, str) or not base_name:
+        raise SpecError.single(os.fspath(path), "$.extends", f"expected a file path, got {base_name!r}")
+    base_path = os.path.join(os.path.dirname(source), base_name)
+    base = _read_with_extends(base_path, (*chain, source))
+    return deep_merge(base, document)
+
+
+def parse_overrides(overrides):
+    """``["a.b=1", ...]`` or ``{"a.b": 1}`` -> nested mapping; values are YAML scalars."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for text in overrides:
+            key, sep, value = str(text).partition("=")
+            if not sep or not key.strip():
+                raise SpecError.single(OVERRIDES_SOURCE, str(text), "expected key.path=value")
+            items.append((key.strip(), parse_yaml_text(value, f"{OVERRIDES_SOURCE} {key.strip()}")))
+    nested = {}
+    for key, value in items:
+        parts = key.split(".")
+        if any(not part for part in parts):
+            raise SpecError.single(OVERRIDES_SOURCE, key, "expected a dotted key such as search.epochs")
+        target = nested
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise SpecError.single(OVERRIDES_SOURCE, key, "conflicts with another override")
+        target[parts[-1]] = value
+    return nested
+
+
+def canonical_sha256(document):
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_spec(path_or_dict, overrides=None):
+    """Load, validate and freeze a search-space spec.
+
+    ``path_or_dict`` is a YAML file path or an already parsed mapping;
+    ``overrides`` a list of ``"key.path=value"`` strings or a mapping of
+    dotted keys to values. Raises ``SpecError`` listing every problem.
+    """
+    if isinstance(path_or_dict, dict):
+        source = "<dict>"
+        document = copy.deepcopy(path_or_dict)
+        if "extends" in document:
+            raise SpecError.single(source, "$.extends", "extends is only available for spec files")
+    else:
+        source = os.fspath(path_or_dict)
+        document = _read_with_extends(source)
+    document = deep_merge(document, parse_overrides(overrides))
+    problems = schema_problems("search_space", document, source)
+    if problems:
+        raise SpecError(problems)
+    spec = from_mapping(Spec, document)
+    spec = dataclasses.replace(spec, source=source, document=document, sha256=canonical_sha256(document))
+    problems = search_spec_problems(spec, source)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def builtin_derived_names():
+    """Names of the published derived specs that ship with keras-darts."""
+    folder = resources.files(__package__).joinpath("genotypes")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def derived_from_document(document, source="<dict>"):
+    """Validate a derived-spec mapping and freeze it into a ``DerivedSpec``."""
+    document = require_mapping(document, source)
+    problems = schema_problems("derived", document, source)
+    if problems:
+        raise SpecError(problems)
+    cells = {}
+    for cell_type, cell in document["cells"].items():
+        nodes = tuple(tuple(Edge(e["op"], e["input"]) for e in node) for node in cell["nodes"])
+        concat = tuple(cell.get("concat", range(2, 2 + len(nodes))))
+        cells[cell_type] = CellGenotype(nodes=nodes, concat=concat)
+    network = from_mapping(DerivedNetworkConfig, document["network"])
+    derived = DerivedSpec(
+        version=document["version"],
+        kind=document["kind"],
+        name=document["name"],
+        operations=tuple(document["operations"]),
+        cells=cells,
+        network=network,
+        origin=document.get("origin"),
+        source=source,
+    )
+    check_derived(derived)
+    return derived
+
+
+def check_derived(derived):
+    """Raise ``SpecError`` if the derived spec cannot be built as it stands."""
+    problems = derived_spec_problems(derived, derived.source)
+    if problems:
+        raise SpecError(problems)
+    return derived
+
+
+def load_derived(path_or_name):
+    """Load a derived spec from a YAML file, a mapping, or a published name (``"DARTS_V2"``)."""
+    if isinstance(path_or_name, dict):
+        return derived_from_document(path_or_name)
+    text = os.fspath(path_or_name)
+    if text in builtin_derived_names() and not os.path.exists(text):
+        resource = resources.files(__package__).joinpath("genotypes", f"{text}.yaml")
+        with resources.as_file(resource) as path:
+            return derived_from_document(read_yaml_file(path), source=text)
+    if not os.path.exists(text) and os.sep not in text and not text.endswith((".yaml", ".yml")):
+        raise SpecError.single(
+            text, "$", f"no such file or published architecture; published ones: {', '.join(builtin_derived_names())}"
+        )
+    return derived_from_document(read_yaml_file(text), source=text)
+
+
+def derived_with_network(derived, **overrides):
+    """A copy of ``derived`` whose network settings are replaced, then checked."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(DerivedNetworkConfig)}
+    if unknown:
+        raise SpecError(
+            [Problem(derived.source, f"$.network.{name}", "unknown network setting") for name in sorted(unknown)]
+        )
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
+    network = dataclasses.replace(derived.network, **values)
+    return check_derived(dataclasses.replace(derived, network=network))

@@ -1,0 +1,239 @@
+"""Typed, immutable views of a validated spec.
+
+Defaults here are the reference DARTS settings (CIFAR-10 search and
+evaluation); a YAML spec only states what differs.
+"""
+
+import dataclasses
+import typing
+
+from .operations import DARTS_CONV_OPERATIONS
+
+frozen = dataclasses.dataclass(frozen=True)
+
+
+@frozen
+class NetworkConfig:
+    init_channels: int = 16
+    layers: int = 8
+    stem_multiplier: int = 3
+    input_shape: tuple = (32, 32, 3)
+    num_classes: int = 10
+
+
+def reduction_positions(reduction_cells, layers):
+    """Cell positions of the reduction cells: ``thirds`` means DARTS' own."""
+    if reduction_cells == "thirds":
+        return tuple(sorted({layers // 3, 2 * layers // 3}))
+    return tuple(reduction_cells)
+
+
+@frozen
+class ConvSearchSpace:
+    kind: str = "conv_cell"
+    operations: tuple = DARTS_CONV_OPERATIONS
+    nodes: int = 4
+    k: int = 2
+    reduction_cells: typing.Any = "thirds"
+    network: NetworkConfig = NetworkConfig()
+
+    @property
+    def reduction_positions(self):
+        return reduction_positions(self.reduction_cells, self.network.layers)
+
+
+@frozen
+class AugmentConfig:
+    random_crop: int = 4
+    horizontal_flip: bool = True
+    cutout: int = 0
+
+
+@frozen
+class DataConfig:
+    source: str = "tfds"
+    name: str = "cifar10"
+    path: typing.Optional[str] = None
+    download: bool = True
+    train_portion: float = 0.5
+    batch_size: int = 64
+    max_train_examples: typing.Optional[int] = None
+    augment: AugmentConfig = AugmentConfig()
+
+
+@frozen
+class SGDConfig:
+    """SGD with PyTorch momentum semantics and coupled (L2) weight decay."""
+
+    learning_rate: float = 0.025
+    learning_rate_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: typing.Optional[float] = 5.0
+
+
+@frozen
+class AdamConfig:
+    """Adam with PyTorch epsilon semantics and coupled (L2) weight decay."""
+
+    learning_rate: float = 3e-4
+    beta_1: float = 0.5
+    beta_2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay: float = 1e-3
+
+
+@frozen
+class SearchConfig:
+    epochs: int = 50
+    order: str = "second"
+    second_order_mode: str = "finite_difference"
+    hvp_epsilon: float = 0.01
+    seed: int = 2
+    steps_per_epoch: typing.Optional[int] = None
+    weights_optimizer: SGDConfig = SGDConfig()
+    arch_optimizer: AdamConfig = AdamConfig()
+
+
+@frozen
+class RetrainConfig:
+    enabled: bool = True
+    epochs: int = 600
+    batch_size: int = 96
+    init_channels: int = 36
+    layers: int = 20
+    stem: str = "cifar"
+    auxiliary: bool = True
+    auxiliary_weight: float = 0.4
+    drop_path_prob: float = 0.2
+    seed: int = 0
+    weights_optimizer: SGDConfig = SGDConfig(learning_rate_min=0.0)
+    augment: AugmentConfig = AugmentConfig(cutout=16)
+
+
+@frozen
+class ExportConfig:
+    enabled: bool = True
+
+
+@frozen
+class Spec:
+    """A validated search-space spec.
+
+    ``document`` is the merged mapping after ``extends`` and overrides (plain
+    JSON types), ``sha256`` its canonical hash, ``source`` the file it came from.
+    """
+
+    version: int
+    name: str
+    search_space: ConvSearchSpace
+    data: DataConfig = DataConfig()
+    search: SearchConfig = SearchConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    export: ExportConfig = ExportConfig()
+    source: str = "<dict>"
+    document: typing.Any = dataclasses.field(default=None, compare=False, repr=False)
+    sha256: str = ""
+
+
+@frozen
+class Edge:
+    op: str
+    input: int
+
+
+@frozen
+class CellGenotype:
+    """The discrete cell: ``nodes[n]`` lists the edges into node ``n + 2``."""
+
+    nodes: tuple
+    concat: tuple
+
+    def to_document(self):
+        return {
+            "nodes": [[{"op": e.op, "input": e.input} for e in node] for node in self.nodes],
+            "concat": list(self.concat),
+        }
+
+
+@frozen
+class DerivedNetworkConfig:
+    init_channels: int
+    layers: int
+    input_shape: tuple
+    num_classes: int
+    stem_multiplier: int = 3
+    reduction_cells: typing.Any = "thirds"
+    stem: str = "cifar"
+    auxiliary: bool = False
+    drop_path_prob: float = 0.0
+
+    @property
+    def reduction_positions(self):
+        return reduction_positions(self.reduction_cells, self.layers)
+
+
+@frozen
+class DerivedSpec:
+    """A discrete architecture: the result of a search, as data."""
+
+    version: int
+    kind: str
+    name: str
+    operations: tuple
+    cells: typing.Any  # mapping cell type -> CellGenotype
+    network: DerivedNetworkConfig
+    origin: typing.Any = dataclasses.field(default=None, compare=False, repr=False)
+    source: str = "<dict>"
+
+    def to_document(self):
+        doc = {
+            "version": self.version,
+            "kind": self.kind,
+            "name": self.name,
+            "operations": list(self.operations),
+            "cells": {t: c.to_document() for t, c in self.cells.items()},
+            "network": to_plain(self.network),
+        }
+        if self.origin:
+            doc["origin"] = to_plain(self.origin)
+        return doc
+
+
+def to_plain(value):
+    """Dataclasses, tuples and mappings -> plain JSON-compatible values."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, typing.Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def from_mapping(cls, mapping):
+    """Build dataclass ``cls`` from a validated mapping, recursing into fields.
+
+    Missing keys take the dataclass defaults; lists become tuples.
+    """
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in mapping:
+            continue
+        value = mapping[field.name]
+        field_type = hints[field.name]
+        if dataclasses.is_dataclass(field_type):
+            default = field.default if field.default is not dataclasses.MISSING else None
+            base = to_plain(default) if default is not None else {}
+            value = from_mapping(field_type, {**base, **value})
+        elif isinstance(value, list):
+            value = _freeze(value)
+        kwargs[field.name] = value
+    return cls(**kwargs)
+
+
+def _freeze(value):
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value

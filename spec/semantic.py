@@ -1,0 +1,223 @@
+"""Checks a JSON Schema cannot express: names, graph sizes, positions, shapes."""
+
+import difflib
+
+from .errors import Problem
+from .operations import ZERO_OPERATION, known_conv_operations
+
+# The two cell inputs every intermediate node may draw from, at the least.
+CELL_INPUTS = 2
+
+
+def operation_problems(operations, source, path):
+    problems = []
+    known = known_conv_operations()
+    seen = set()
+    for index, name in enumerate(operations):
+        where = f"{path}[{index}]"
+        if name in seen:
+            problems.append(Problem(source, where, f"operation '{name}' is listed twice"))
+        seen.add(name)
+        if name not in known:
+            message = f"unknown operation '{name}'; known operations: {', '.join(known)}"
+            close = difflib.get_close_matches(name, known, n=1)
+            if close:
+                message += f" (did you mean '{close[0]}'?)"
+            problems.append(Problem(source, where, message))
+    if operations and all(name == ZERO_OPERATION for name in operations):
+        problems.append(
+            Problem(source, path, f"expected at least one operation other than '{ZERO_OPERATION}', got only '{ZERO_OPERATION}'")
+        )
+    return problems
+
+
+def k_problems(k, source, path):
+    if k < 1:
+        return [Problem(source, path, f"expected k >= 1, got {k}")]
+    if k > CELL_INPUTS:
+        return [
+            Problem(
+                source,
+                path,
+                f"k={k} exceeds the {CELL_INPUTS} predecessors of the first intermediate node; expected k <= {CELL_INPUTS}",
+            )
+        ]
+    return []
+
+
+def layers_problems(layers, source, path):
+    if layers < 1:
+        return [Problem(source, path, f"expected at least 1 cell, got {layers}")]
+    return []
+
+
+def reduction_problems(reduction_cells, layers, source, path):
+    if reduction_cells == "thirds" or layers < 1:
+        return []
+    problems = []
+    seen = set()
+    for index, position in enumerate(reduction_cells):
+        where = f"{path}[{index}]"
+        if not 0 <= position < layers:
+            problems.append(Problem(source, where, f"expected a cell position in [0, {layers}), got {position}"))
+        if position in seen:
+            problems.append(Problem(source, where, f"reduction position {position} is listed twice"))
+        seen.add(position)
+    return problems
+
+
+def feature_map_problems(input_shape, layers, positions, stem, auxiliary, source, path):
+    """Follow feature-map sizes through the network; report sizes it cannot take.
+
+    A factorized reduce (skip_connect at stride 2, and the preprocessing after a
+    reduction cell) halves a map with two offset 1x1 stride-2 convolutions,
+    which only agree on an even size. The auxiliary head needs room for its
+    pooling and 2x2 convolution.
+    """
+    size = tuple(input_shape[:2])
+    problems = []
+
+    def halve(s):
+        return tuple((d + 1) // 2 for d in s)
+
+    def shape_text(s):
+        return f"{s[0]}x{s[1]}"
+
+    if stem == "imagenet":
+        s0 = halve(halve(size))
+        s1 = halve(s0)
+        reduction_prev = True
+    else:
+        s0 = s1 = size
+        reduction_prev = False
+    aux_position = max(positions) if positions else None
+    for position in range(layers):
+        if reduction_prev and any(d % 2 for d in s0):
+            problems.append(
+                Problem(
+                    source,
+                    path,
+                    f"input_shape {list(input_shape)} gives {shape_text(s0)} feature maps into the factorized reduce "
+                    f"before cell {position}; expected an even size",
+                )
+            )
+            return problems
+        reduction = position in positions
+        if reduction:
+            if any(d % 2 for d in s1):
+                problems.append(
+                    Problem(
+                        source,
+                        path,
+                        f"input_shape {list(input_shape)} gives {shape_text(s1)} feature maps into the reduction cell "
+                        f"at position {position}; expected an even size",
+                    )
+                )
+                return problems
+            out = halve(s1)
+        else:
+            out = s1
+        if auxiliary and position == aux_position:
+            least = 7 if stem == "imagenet" else 8
+            if min(out) < least:
+                problems.append(
+                    Problem(
+                        source,
+                        path,
+                        f"the auxiliary head needs feature maps of at least {least}x{least} after cell {position}; "
+                        f"input_shape {list(input_shape)} gives {shape_text(out)}",
+                    )
+                )
+        s0, s1, reduction_prev = s1, out, reduction
+    return problems
+
+
+def search_spec_problems(spec, source):
+    space = spec.search_space
+    network = space.network
+    problems = []
+    problems += operation_problems(space.operations, source, "$.search_space.operations")
+    problems += k_problems(space.k, source, "$.search_space.k")
+    problems += layers_problems(network.layers, source, "$.search_space.network.layers")
+    problems += reduction_problems(space.reduction_cells, network.layers, source, "$.search_space.reduction_cells")
+    if not problems:
+        problems += feature_map_problems(
+            network.input_shape, network.layers, space.reduction_positions, "cifar", False, source,
+            "$.search_space.network.input_shape",
+        )
+    if spec.retrain.enabled:
+        problems += layers_problems(spec.retrain.layers, source, "$.retrain.layers")
+        if spec.retrain.layers >= 1:
+            retrain_reductions = reduction_problems(
+                space.reduction_cells, spec.retrain.layers, source, "$.search_space.reduction_cells"
+            )
+            problems += [
+                Problem(p.source, p.path, p.message + f" (retrain.layers={spec.retrain.layers})")
+                for p in retrain_reductions
+            ]
+            if not problems:
+                from .model import reduction_positions
+
+                problems += [
+                    Problem(p.source, "$.retrain", p.message)
+                    for p in feature_map_problems(
+                        network.input_shape, spec.retrain.layers,
+                        reduction_positions(space.reduction_cells, spec.retrain.layers),
+                        spec.retrain.stem, spec.retrain.auxiliary, source, "$.retrain",
+                    )
+                ]
+    data = spec.data
+    if data.source == "tfds" and not data.name:
+        problems.append(Problem(source, "$.data.name", "a tfds source needs the dataset name"))
+    if data.source in ("npz", "image_folder") and not data.path:
+        problems.append(Problem(source, "$.data.path", f"data source '{data.source}' needs a path"))
+    return problems
+
+
+def derived_spec_problems(derived, source):
+    problems = []
+    known = known_conv_operations()
+    problems += operation_problems(derived.operations, source, "$.operations")
+    for cell_type, cell in derived.cells.items():
+        base = f"$.cells.{cell_type}"
+        for n, node in enumerate(cell.nodes):
+            node_id = n + CELL_INPUTS
+            for e, edge in enumerate(node):
+                where = f"{base}.nodes[{n}][{e}]"
+                if edge.op == ZERO_OPERATION:
+                    problems.append(Problem(source, f"{where}.op", f"'{ZERO_OPERATION}' cannot be a derived operation"))
+                elif edge.op not in derived.operations:
+                    problems.append(
+                        Problem(
+                            source,
+                            f"{where}.op",
+                            f"operation '{edge.op}' is not in this spec's operations ({', '.join(derived.operations)})",
+                        )
+                    )
+                elif edge.op not in known:
+                    problems.append(Problem(source, f"{where}.op", f"unknown operation '{edge.op}'"))
+                if edge.input >= node_id:
+                    problems.append(
+                        Problem(
+                            source,
+                            f"{where}.input",
+                            f"node {node_id} can only take inputs 0..{node_id - 1}, got {edge.input}",
+                        )
+                    )
+        last = len(cell.nodes) + CELL_INPUTS - 1
+        seen = set()
+        for c, index in enumerate(cell.concat):
+            if index > last:
+                problems.append(Problem(source, f"{base}.concat[{c}]", f"expected a node in 0..{last}, got {index}"))
+            if index in seen:
+                problems.append(Problem(source, f"{base}.concat[{c}]", f"node {index} is concatenated twice"))
+            seen.add(index)
+    network = derived.network
+    problems += layers_problems(network.layers, source, "$.network.layers")
+    problems += reduction_problems(network.reduction_cells, network.layers, source, "$.network.reduction_cells")
+    if not problems:
+        problems += feature_map_problems(
+            network.input_shape, network.layers, network.reduction_positions, network.stem, network.auxiliary,
+            source, "$.network",
+        )
+    return problems
