@@ -1,0 +1,11 @@
+"""Spec -> networkx DAG per cell -> Keras layers and models.
+
+Keras and ``keras.ops`` only: no gradient tapes and no files here.
+"""
+
+from .cells import DerivedCell, MixedOp, SearchCell
+from .derive import derive_cell, derive_genotype, derived_spec_from_search
+from .graph import build_cell_graph, build_derived_graph, cell_edges
+from .network import AuxiliaryHead, DerivedNetwork, build_network, count_parameters
+from .ops import OpDefinition, build_op, op_definition, register_op
+from .supernet import CELL_TYPES, Supernet, build_supernet

@@ -1,0 +1,181 @@
+"""MixedOp, the search cell and the derived cell, built by walking cell DAGs."""
+
+import keras
+from keras import ops
+
+from keras_darts.spec import CellGenotype, Edge
+
+from .graph import build_cell_graph, build_derived_graph, concat_nodes, incoming_edges, node_order
+from .ops import PACKAGE, FactorizedReduce, ReLUConvBN, build_op
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MixedOp(keras.layers.Layer):
+    """``sum_o p_o * o(x)`` over the candidate ops of one edge.
+
+    ``call(x, weights)`` takes the softmax row of this edge. Ops whose output
+    is identically zero (``none``) contribute nothing and are not computed;
+    their probability still takes its share of the softmax, so alpha
+    gradients are unchanged.
+    """
+
+    def __init__(self, operations, channels, stride, **kwargs):
+        super().__init__(**kwargs)
+        self.operations = tuple(operations)
+        self.channels = channels
+        self.stride = stride
+        self.candidates = [
+            build_op(name, channels, stride, affine=False, layer_name=f"{self.name}__{name}", search=True)
+            for name in self.operations
+        ]
+        self.active = [i for i, op in enumerate(self.candidates) if not getattr(op, "is_zero", False)]
+
+    def build(self, *args, **kwargs):
+        self.built = True
+
+    def call(self, x, weights, training=None):
+        total = None
+        for i in self.active:
+            term = weights[i] * self.candidates[i](x, training=training)
+            total = term if total is None else total + term
+        return total
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "operations": list(self.operations),
+            "channels": self.channels,
+            "stride": self.stride,
+        }
+
+
+def _preprocessing(channels, reduction_prev, affine, prefix):
+    if reduction_prev:
+        pre0 = FactorizedReduce(channels, 2, affine, name=f"{prefix}__preprocess0")
+    else:
+        pre0 = ReLUConvBN(channels, 1, affine, kernel_size=1, name=f"{prefix}__preprocess0")
+    pre1 = ReLUConvBN(channels, 1, affine, kernel_size=1, name=f"{prefix}__preprocess1")
+    return pre0, pre1
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SearchCell(keras.layers.Layer):
+    """A search cell: every intermediate node sums MixedOps over all predecessors.
+
+    ``call(s0, s1, weights)`` takes the outputs of the previous two cells and
+    the cell type's softmaxed architecture matrix (edges x ops).
+    """
+
+    def __init__(self, operations, nodes, channels, reduction, reduction_prev, **kwargs):
+        super().__init__(**kwargs)
+        self.operations = tuple(operations)
+        self.nodes = nodes
+        self.channels = channels
+        self.reduction = bool(reduction)
+        self.reduction_prev = bool(reduction_prev)
+        self.graph = build_cell_graph(self.operations, nodes, self.reduction)
+        self.preprocess0, self.preprocess1 = _preprocessing(channels, self.reduction_prev, False, self.name)
+        self.order = node_order(self.graph)
+        self.edges = {}
+        self.mixed_ops = []
+        for node in self.order:
+            for source, target, data in incoming_edges(self.graph, node):
+                mixed = MixedOp(self.operations, channels, data["stride"], name=f"{self.name}__edge_{source}_{target}")
+                self.edges[(source, target)] = (data["index"], mixed)
+                self.mixed_ops.append(mixed)
+        self.concat = concat_nodes(self.graph)
+
+    def build(self, *args, **kwargs):
+        self.built = True
+
+    def call(self, s0, s1, weights, training=None):
+        states = {0: self.preprocess0(s0, training=training), 1: self.preprocess1(s1, training=training)}
+        for node in self.order:
+            total = None
+            for source, target, _ in incoming_edges(self.graph, node):
+                index, mixed = self.edges[(source, target)]
+                term = mixed(states[source], weights[index], training=training)
+                total = term if total is None else total + term
+            states[node] = total
+        return ops.concatenate([states[n] for n in self.concat], axis=-1)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "operations": list(self.operations),
+            "nodes": self.nodes,
+            "channels": self.channels,
+            "reduction": self.reduction,
+            "reduction_prev": self.reduction_prev,
+        }
+
+
+def genotype_from_config(config):
+    nodes = tuple(tuple(Edge(e["op"], e["input"]) for e in node) for node in config["nodes"])
+    return CellGenotype(nodes=nodes, concat=tuple(config["concat"]))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DerivedCell(keras.layers.Layer):
+    """A derived cell: each node sums its chosen ops; affine BN, no BN after pools.
+
+    In training, with ``drop_path_rate > 0``, each op output except the
+    identity is dropped per example with that probability and rescaled.
+    """
+
+    def __init__(self, genotype, channels, reduction, reduction_prev, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.genotype = genotype if isinstance(genotype, CellGenotype) else genotype_from_config(genotype)
+        self.channels = channels
+        self.reduction = bool(reduction)
+        self.reduction_prev = bool(reduction_prev)
+        self.seed = seed
+        self.graph = build_derived_graph(self.genotype, self.reduction)
+        self.preprocess0, self.preprocess1 = _preprocessing(channels, self.reduction_prev, True, self.name)
+        self.order = node_order(self.graph)
+        self.node_ops = {}
+        self.all_ops = []
+        for node in self.order:
+            built = []
+            for source, _, data in incoming_edges(self.graph, node):
+                layer = build_op(
+                    data["op"], channels, data["stride"], affine=True,
+                    layer_name=f"{self.name}__node{node}_{data['order']}_{data['op']}",
+                )
+                built.append((source, layer))
+                self.all_ops.append(layer)
+            self.node_ops[node] = built
+        self.concat = concat_nodes(self.graph)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, *args, **kwargs):
+        self.built = True
+
+    def _drop_path(self, x, rate):
+        keep = 1.0 - rate
+        batch = ops.shape(x)[0]
+        mask = ops.cast(keras.random.uniform((batch, 1, 1, 1), seed=self.seed_generator) < keep, x.dtype)
+        return x / ops.cast(keep, x.dtype) * mask
+
+    def call(self, s0, s1, drop_path_rate=None, training=None):
+        states = {0: self.preprocess0(s0, training=training), 1: self.preprocess1(s1, training=training)}
+        drop = training and drop_path_rate is not None
+        for node in self.order:
+            total = None
+            for source, layer in self.node_ops[node]:
+                h = layer(states[source], training=training)
+                if drop and not getattr(layer, "is_identity", False):
+                    h = self._drop_path(h, drop_path_rate)
+                total = h if total is None else total + h
+            states[node] = total
+        return ops.concatenate([states[n] for n in self.concat], axis=-1)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "genotype": self.genotype.to_document(),
+            "channels": self.channels,
+            "reduction": self.reduction,
+            "reduction_prev": self.reduction_prev,
+            "seed": self.seed,
+        }

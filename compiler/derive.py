@@ -1,0 +1,94 @@
+"""Deriving the discrete cell from architecture parameters (DARTS section 4).
+
+With ``p = softmax(alpha_edge)``: for each intermediate node, rank its
+incoming edges by the largest ``p`` over ops other than ``none``; keep the
+top ``k`` (ties to the earlier input); on each kept edge choose the op with
+the largest ``p`` other than ``none`` (ties to the earlier op). The stronger
+edge is listed first; the cell output concatenates all intermediate nodes.
+"""
+
+import numpy as np
+
+from keras_darts.spec import ZERO_OPERATION, CellGenotype, DerivedSpec, Edge, check_derived, derived_from_document
+
+from .graph import cell_edges
+
+
+def softmax(matrix):
+    matrix = np.asarray(matrix, dtype=np.float64)
+    shifted = np.exp(matrix - matrix.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def derive_cell(alpha, operations, nodes, k):
+    """The ``CellGenotype`` of one cell type from its (edges x ops) alpha matrix."""
+    alpha = np.asarray(alpha)
+    edges = cell_edges(nodes)
+    if alpha.shape != (len(edges), len(operations)):
+        raise ValueError(
+            f"alpha must have shape (edges, ops) = ({len(edges)}, {len(operations)}) for {nodes} nodes. "
+            f"Received: shape={alpha.shape}"
+        )
+    probabilities = softmax(alpha)
+    candidates = [o for o, name in enumerate(operations) if name != ZERO_OPERATION]
+    if not candidates:
+        raise ValueError(f"operations must include one other than '{ZERO_OPERATION}'. Received: {list(operations)}")
+    chosen_nodes = []
+    for target in range(2, 2 + nodes):
+        rows = [(row, source) for row, (source, t) in enumerate(edges) if t == target]
+        if k > len(rows):
+            raise ValueError(f"k={k} exceeds the {len(rows)} inputs of node {target}")
+        strength = [max(probabilities[row, o] for o in candidates) for row, _ in rows]
+        # A stable sort on -strength keeps the earlier input first among ties.
+        ranked = sorted(range(len(rows)), key=lambda r: -strength[r])[:k]
+        chosen = []
+        for r in ranked:
+            row, source = rows[r]
+            best = candidates[0]
+            for o in candidates[1:]:
+                if probabilities[row, o] > probabilities[row, best]:
+                    best = o
+            chosen.append(Edge(operations[best], source))
+        chosen_nodes.append(tuple(chosen))
+    return CellGenotype(nodes=tuple(chosen_nodes), concat=tuple(range(2, 2 + nodes)))
+
+
+def derive_genotype(alphas, operations, nodes, k):
+    """``{cell type: CellGenotype}`` from ``{cell type: (edges x ops) array}``."""
+    return {cell_type: derive_cell(alpha, operations, nodes, k) for cell_type, alpha in alphas.items()}
+
+
+def derived_spec_from_search(spec, alphas, retrain=True, origin=None):
+    """The derived spec a search produced, with the network it will be retrained as.
+
+    ``retrain=True`` takes channels, depth, stem and auxiliary head from the
+    spec's ``retrain`` block; otherwise the search network's settings.
+    """
+    space = spec.search_space
+    genotype = derive_genotype(alphas, space.operations, space.nodes, space.k)
+    network = space.network
+    document = {
+        "version": 1,
+        "kind": space.kind,
+        "name": spec.name,
+        "operations": list(space.operations),
+        "cells": {t: c.to_document() for t, c in genotype.items()},
+        "network": {
+            "init_channels": spec.retrain.init_channels if retrain else network.init_channels,
+            "layers": spec.retrain.layers if retrain else network.layers,
+            "stem_multiplier": network.stem_multiplier,
+            "reduction_cells": space.reduction_cells if space.reduction_cells == "thirds" else list(space.reduction_cells),
+            "input_shape": list(network.input_shape),
+            "num_classes": network.num_classes,
+            "stem": spec.retrain.stem if retrain else "cifar",
+            "auxiliary": spec.retrain.auxiliary if retrain else False,
+            "drop_path_prob": spec.retrain.drop_path_prob if retrain else 0.0,
+        },
+    }
+    if origin:
+        document["origin"] = origin
+    return derived_from_document(document, source=f"<derived from {spec.source}>")
+
+
+__all__ = ["derive_cell", "derive_genotype", "derived_spec_from_search", "softmax", "CellGenotype", "DerivedSpec",
+           "check_derived"]

@@ -1,0 +1,158 @@
+"""The derived (evaluation) network built from a derived spec.
+
+Same stem, channel schedule and reduction positions as the search network,
+with derived cells; an optional auxiliary head on the output of the last
+reduction cell (DARTS' second one) and drop-path inside the cells.
+``call`` returns logits, and ``(logits, auxiliary_logits)`` when training
+with the auxiliary head.
+"""
+
+import keras
+from keras import ops
+
+from keras_darts.spec import check_derived, derived_from_document, derived_with_network
+
+from .cells import DerivedCell
+from .ops import PACKAGE, batch_norm
+
+
+def _conv_bn(filters, kernel, stride, name, padding=0):
+    layers = []
+    if padding:
+        layers.append(keras.layers.ZeroPadding2D(padding, name=f"{name}__pad"))
+    layers.append(keras.layers.Conv2D(filters, kernel, strides=stride, use_bias=False, name=f"{name}__conv"))
+    layers.append(batch_norm(True, f"{name}__bn"))
+    return layers
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AuxiliaryHead(keras.layers.Layer):
+    """ReLU, 5x5 average pool (stride 3 CIFAR / 2 ImageNet), conv1x1 128 + BN + ReLU,
+    conv2x2 768 (+ BN on CIFAR) + ReLU, global average pool, linear."""
+
+    def __init__(self, num_classes, style="cifar", **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.style = style
+        self.pool = keras.layers.AveragePooling2D(5, strides=3 if style == "cifar" else 2, name=f"{self.name}__pool")
+        self.conv1 = keras.layers.Conv2D(128, 1, use_bias=False, name=f"{self.name}__conv1")
+        self.bn1 = batch_norm(True, f"{self.name}__bn1")
+        self.conv2 = keras.layers.Conv2D(768, 2, use_bias=False, name=f"{self.name}__conv2")
+        self.bn2 = batch_norm(True, f"{self.name}__bn2") if style == "cifar" else None
+        self.global_pool = keras.layers.GlobalAveragePooling2D(name=f"{self.name}__global_pool")
+        self.classifier = keras.layers.Dense(num_classes, name=f"{self.name}__classifier")
+
+    def build(self, input_shape):
+        self.built = True
+
+    def call(self, x, training=None):
+        x = self.pool(ops.relu(x))
+        x = ops.relu(self.bn1(self.conv1(x), training=training))
+        x = self.conv2(x)
+        if self.bn2 is not None:
+            x = self.bn2(x, training=training)
+        return self.classifier(self.global_pool(ops.relu(x)))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "style": self.style}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DerivedNetwork(keras.Model):
+    def __init__(self, derived, seed=None, **kwargs):
+        kwargs.setdefault("name", "derived_network")
+        super().__init__(**kwargs)
+        if isinstance(derived, dict):
+            derived = derived_from_document(derived)
+        self.derived = derived
+        self.seed = seed
+        network = derived.network
+        self.positions = network.reduction_positions
+        self.auxiliary = network.auxiliary
+        self.aux_position = max(self.positions) if (self.auxiliary and self.positions) else None
+        channels = network.init_channels
+        if network.stem == "cifar":
+            self.stem0 = _conv_bn(network.stem_multiplier * channels, 3, 1, "stem", padding=1)
+            self.stem1 = None
+            reduction_prev = False
+        else:
+            self.stem0 = [
+                *_conv_bn(channels // 2, 3, 2, "stem0_a", padding=1),
+                keras.layers.ReLU(name="stem0__relu"),
+                *_conv_bn(channels, 3, 2, "stem0_b", padding=1),
+            ]
+            self.stem1 = [keras.layers.ReLU(name="stem1__relu"), *_conv_bn(channels, 3, 2, "stem1", padding=1)]
+            reduction_prev = True
+        self.cells = []
+        for position in range(network.layers):
+            reduction = position in self.positions
+            if reduction:
+                channels *= 2
+            cell_type = "reduce" if reduction else "normal"
+            self.cells.append(
+                DerivedCell(
+                    derived.cells[cell_type], channels, reduction, reduction_prev,
+                    seed=None if seed is None else seed + position, name=f"cell_{position:02d}",
+                )
+            )
+            reduction_prev = reduction
+        self.auxiliary_head = (
+            AuxiliaryHead(network.num_classes, network.stem, name="auxiliary_head") if self.aux_position is not None else None
+        )
+        self.global_pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
+        self.classifier = keras.layers.Dense(network.num_classes, name="classifier")
+        self.drop_path_rate = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="drop_path_rate"
+        )
+
+    def build(self, input_shape):
+        self.built = True
+
+    @staticmethod
+    def _run(layers, x, training):
+        for layer in layers:
+            x = layer(x, training=training) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
+        return x
+
+    def call(self, inputs, training=None):
+        s0 = self._run(self.stem0, inputs, training)
+        s1 = s0 if self.stem1 is None else self._run(self.stem1, s0, training)
+        rate = self.drop_path_rate if training else None
+        aux_logits = None
+        for position, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, drop_path_rate=rate, training=training)
+            if position == self.aux_position and (training or not self.auxiliary_head.built):
+                # Outside training the head only runs once, so that it is built (and saved).
+                head_logits = self.auxiliary_head(s1, training=training)
+                aux_logits = head_logits if training else None
+        logits = self.classifier(self.global_pool(s1))
+        if aux_logits is not None:
+            return logits, aux_logits
+        return logits
+
+    def get_config(self):
+        return {"name": self.name, "derived": self.derived.to_document(), "seed": self.seed}
+
+
+def build_network(derived, seed=None, **overrides):
+    """Build the derived network from a ``DerivedSpec`` (or a document).
+
+    ``overrides`` replace network settings: ``init_channels``, ``layers``,
+    ``num_classes``, ``input_shape``, ``auxiliary``, ``stem``,
+    ``reduction_cells``, ``stem_multiplier``, ``drop_path_prob``.
+    """
+    if isinstance(derived, dict):
+        derived = derived_from_document(derived)
+    derived = derived_with_network(derived, **overrides) if overrides else check_derived(derived)
+    model = DerivedNetwork(derived, seed=seed)
+    model(ops.zeros((1, *derived.network.input_shape)), training=False)
+    return model
+
+
+def count_parameters(model, exclude_auxiliary=True):
+    """Trainable parameters, optionally without the auxiliary head (the paper's count)."""
+    excluded = set()
+    head = getattr(model, "auxiliary_head", None)
+    if exclude_auxiliary and head is not None:
+        excluded = {id(v) for v in head.trainable_variables}
+    return sum(int(ops.size(v)) for v in model.trainable_variables if id(v) not in excluded)

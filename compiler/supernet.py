@@ -1,0 +1,130 @@
+"""The search supernet: stem, stacked search cells, pooling and classifier.
+
+All normal cells share one architecture matrix and all reduction cells share
+another; both are Keras weights of the model, named ``alpha_normal`` and
+``alpha_reduce``, initialised ``1e-3 * N(0, 1)``, and kept apart from the
+network weights (``arch_variables`` vs ``weight_variables``, by identity).
+"""
+
+import keras
+from keras import ops
+
+from .cells import SearchCell
+from .graph import cell_edges
+from .ops import PACKAGE, batch_norm
+
+CELL_TYPES = ("normal", "reduce")
+ALPHA_STDDEV = 1e-3
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Supernet(keras.Model):
+    def __init__(
+        self,
+        operations,
+        nodes,
+        init_channels,
+        layers,
+        reduction_positions,
+        num_classes,
+        input_shape,
+        stem_multiplier=3,
+        seed=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", "supernet")
+        super().__init__(**kwargs)
+        self.operations = tuple(operations)
+        self.nodes = nodes
+        self.init_channels = init_channels
+        self.num_layers = layers
+        self.reduction_positions = tuple(reduction_positions)
+        self.num_classes = num_classes
+        self.image_shape = tuple(input_shape)
+        self.stem_multiplier = stem_multiplier
+        self.seed = seed
+        self.num_edges = len(cell_edges(nodes))
+
+        self.stem_conv = keras.layers.Conv2D(
+            stem_multiplier * init_channels, 3, padding="same", use_bias=False, name="stem__conv"
+        )
+        self.stem_bn = batch_norm(True, "stem__bn")
+        self.cells = []
+        channels = init_channels
+        reduction_prev = False
+        for position in range(layers):
+            reduction = position in self.reduction_positions
+            if reduction:
+                channels *= 2
+            self.cells.append(
+                SearchCell(self.operations, nodes, channels, reduction, reduction_prev, name=f"cell_{position:02d}")
+            )
+            reduction_prev = reduction
+        self.global_pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
+        self.classifier = keras.layers.Dense(num_classes, name="classifier")
+        self.alphas = {}
+        for i, cell_type in enumerate(CELL_TYPES):
+            init_seed = None if seed is None else seed + i
+            self.alphas[cell_type] = self.add_weight(
+                shape=(self.num_edges, len(self.operations)),
+                initializer=keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=init_seed),
+                name=f"alpha_{cell_type}",
+            )
+
+    def build(self, input_shape):
+        self.built = True
+
+    @property
+    def arch_variables(self):
+        """The architecture parameters, in ``CELL_TYPES`` order."""
+        return [self.alphas[t] for t in CELL_TYPES]
+
+    @property
+    def weight_variables(self):
+        """Trainable weights that are not architecture parameters (partitioned by identity)."""
+        arch = {id(v) for v in self.arch_variables}
+        return [v for v in self.trainable_variables if id(v) not in arch]
+
+    def arch_probabilities(self):
+        return {t: ops.softmax(self.alphas[t], axis=-1) for t in CELL_TYPES}
+
+    def call(self, inputs, training=None):
+        probabilities = self.arch_probabilities()
+        s0 = s1 = self.stem_bn(self.stem_conv(inputs), training=training)
+        for cell in self.cells:
+            weights = probabilities["reduce" if cell.reduction else "normal"]
+            s0, s1 = s1, cell(s0, s1, weights, training=training)
+        return self.classifier(self.global_pool(s1))
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "operations": list(self.operations),
+            "nodes": self.nodes,
+            "init_channels": self.init_channels,
+            "layers": self.num_layers,
+            "reduction_positions": list(self.reduction_positions),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.image_shape),
+            "stem_multiplier": self.stem_multiplier,
+            "seed": self.seed,
+        }
+
+
+def build_supernet(spec, seed=None):
+    """Compile a search-space spec into a built ``Supernet``."""
+    space = spec.search_space
+    network = space.network
+    model = Supernet(
+        operations=space.operations,
+        nodes=space.nodes,
+        init_channels=network.init_channels,
+        layers=network.layers,
+        reduction_positions=space.reduction_positions,
+        num_classes=network.num_classes,
+        input_shape=network.input_shape,
+        stem_multiplier=network.stem_multiplier,
+        seed=spec.search.seed if seed is None else seed,
+    )
+    model(ops.zeros((1, *network.input_shape)), training=False)
+    return model
