@@ -49,6 +49,17 @@ class MixedOp(keras.layers.Layer):
         }
 
 
+class _Wiring:
+    """Which layer feeds which node, kept out of Keras/TF attribute tracking.
+
+    ``steps`` is ``[(node, [(source, layer index, extra), ...]), ...]`` in
+    evaluation order; the layers themselves live in a tracked list.
+    """
+
+    def __init__(self, steps):
+        self.steps = steps
+
+
 def _preprocessing(channels, reduction_prev, affine, prefix):
     if reduction_prev:
         pre0 = FactorizedReduce(channels, 2, affine, name=f"{prefix}__preprocess0")
@@ -75,26 +86,28 @@ class SearchCell(keras.layers.Layer):
         self.reduction_prev = bool(reduction_prev)
         self.graph = build_cell_graph(self.operations, nodes, self.reduction)
         self.preprocess0, self.preprocess1 = _preprocessing(channels, self.reduction_prev, False, self.name)
-        self.order = node_order(self.graph)
-        self.edges = {}
         self.mixed_ops = []
-        for node in self.order:
+        steps = []
+        for node in node_order(self.graph):
+            inputs = []
             for source, target, data in incoming_edges(self.graph, node):
-                mixed = MixedOp(self.operations, channels, data["stride"], name=f"{self.name}__edge_{source}_{target}")
-                self.edges[(source, target)] = (data["index"], mixed)
-                self.mixed_ops.append(mixed)
-        self.concat = concat_nodes(self.graph)
+                inputs.append((source, len(self.mixed_ops), data["index"]))
+                self.mixed_ops.append(
+                    MixedOp(self.operations, channels, data["stride"], name=f"{self.name}__edge_{source}_{target}")
+                )
+            steps.append((node, inputs))
+        self.wiring = _Wiring(steps)
+        self.concat = tuple(concat_nodes(self.graph))
 
     def build(self, *args, **kwargs):
         self.built = True
 
     def call(self, s0, s1, weights, training=None):
         states = {0: self.preprocess0(s0, training=training), 1: self.preprocess1(s1, training=training)}
-        for node in self.order:
+        for node, inputs in self.wiring.steps:
             total = None
-            for source, target, _ in incoming_edges(self.graph, node):
-                index, mixed = self.edges[(source, target)]
-                term = mixed(states[source], weights[index], training=training)
+            for source, layer, row in inputs:
+                term = self.mixed_ops[layer](states[source], weights[row], training=training)
                 total = term if total is None else total + term
             states[node] = total
         return ops.concatenate([states[n] for n in self.concat], axis=-1)
@@ -132,20 +145,20 @@ class DerivedCell(keras.layers.Layer):
         self.seed = seed
         self.graph = build_derived_graph(self.genotype, self.reduction)
         self.preprocess0, self.preprocess1 = _preprocessing(channels, self.reduction_prev, True, self.name)
-        self.order = node_order(self.graph)
-        self.node_ops = {}
         self.all_ops = []
-        for node in self.order:
-            built = []
+        steps = []
+        for node in node_order(self.graph):
+            inputs = []
             for source, _, data in incoming_edges(self.graph, node):
                 layer = build_op(
                     data["op"], channels, data["stride"], affine=True,
                     layer_name=f"{self.name}__node{node}_{data['order']}_{data['op']}",
                 )
-                built.append((source, layer))
+                inputs.append((source, len(self.all_ops), getattr(layer, "is_identity", False)))
                 self.all_ops.append(layer)
-            self.node_ops[node] = built
-        self.concat = concat_nodes(self.graph)
+            steps.append((node, inputs))
+        self.wiring = _Wiring(steps)
+        self.concat = tuple(concat_nodes(self.graph))
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, *args, **kwargs):
@@ -160,11 +173,11 @@ class DerivedCell(keras.layers.Layer):
     def call(self, s0, s1, drop_path_rate=None, training=None):
         states = {0: self.preprocess0(s0, training=training), 1: self.preprocess1(s1, training=training)}
         drop = training and drop_path_rate is not None
-        for node in self.order:
+        for node, inputs in self.wiring.steps:
             total = None
-            for source, layer in self.node_ops[node]:
-                h = layer(states[source], training=training)
-                if drop and not getattr(layer, "is_identity", False):
+            for source, layer, is_identity in inputs:
+                h = self.all_ops[layer](states[source], training=training)
+                if drop and not is_identity:
                     h = self._drop_path(h, drop_path_rate)
                 total = h if total is None else total + h
             states[node] = total

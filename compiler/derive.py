@@ -3,7 +3,8 @@
 With ``p = softmax(alpha_edge)``: for each intermediate node, rank its
 incoming edges by the largest ``p`` over ops other than ``none``; keep the
 top ``k`` (ties to the earlier input); on each kept edge choose the op with
-the largest ``p`` other than ``none`` (ties to the earlier op). The stronger
+the largest ``p`` other than ``none`` (ties to the earlier op). A node
+with fewer than ``k`` inputs keeps all of them. The stronger
 edge is listed first; the cell output concatenates all intermediate nodes.
 """
 
@@ -29,6 +30,8 @@ def derive_cell(alpha, operations, nodes, k):
             f"alpha must have shape (edges, ops) = ({len(edges)}, {len(operations)}) for {nodes} nodes. "
             f"Received: shape={alpha.shape}"
         )
+    if k < 1:
+        raise ValueError(f"k must be at least 1. Received: k={k}")
     probabilities = softmax(alpha)
     candidates = [o for o, name in enumerate(operations) if name != ZERO_OPERATION]
     if not candidates:
@@ -36,10 +39,9 @@ def derive_cell(alpha, operations, nodes, k):
     chosen_nodes = []
     for target in range(2, 2 + nodes):
         rows = [(row, source) for row, (source, t) in enumerate(edges) if t == target]
-        if k > len(rows):
-            raise ValueError(f"k={k} exceeds the {len(rows)} inputs of node {target}")
         strength = [max(probabilities[row, o] for o in candidates) for row, _ in rows]
-        # A stable sort on -strength keeps the earlier input first among ties.
+        # A stable sort on -strength keeps the earlier input first among ties;
+        # a node with fewer than k inputs keeps them all.
         ranked = sorted(range(len(rows)), key=lambda r: -strength[r])[:k]
         chosen = []
         for r in ranked:

@@ -23,6 +23,7 @@ BN_EPSILON = 1e-5
 
 
 def batch_norm(affine, name):
+    """A Keras BN with the reference's epsilon and momentum (stems and heads)."""
     return keras.layers.BatchNormalization(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name
     )
@@ -32,8 +33,51 @@ def _pad(x, amount, value=0.0):
     return ops.pad(x, [[0, 0], [amount, amount], [amount, amount], [0, 0]], constant_values=value)
 
 
+_FUSED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def batch_normalize(x, gamma=None, beta=None):
+    """Normalise ``x`` (NHWC) with its batch statistics; ``gamma``/``beta`` if affine.
+
+    Returns ``(y, mean, unbiased variance)``; ``y`` uses the biased variance,
+    as BN does. On the TensorFlow backend this is one fused op with one
+    gradient op (which has its own gradient, for exact second order): a
+    search supernet holds hundreds of BNs, and the unfused formula's graph
+    is some forty ops each. Other backends and float64 take the formula.
+    """
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if keras.backend.backend() == "tensorflow" and dtype in _FUSED_DTYPES:
+        import tensorflow as tf
+
+        channels = x.shape[-1]
+        scale = tf.ones([channels], tf.float32) if gamma is None else tf.cast(gamma, tf.float32)
+        offset = tf.zeros([channels], tf.float32) if beta is None else tf.cast(beta, tf.float32)
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, scale, offset, epsilon=BN_EPSILON, data_format="NHWC", is_training=True
+        )
+        return y, mean, variance
+    mean = ops.mean(x, axis=(0, 1, 2))
+    variance = ops.mean(ops.square(x - mean), axis=(0, 1, 2))
+    y = (x - mean) * ops.rsqrt(variance + BN_EPSILON)
+    if gamma is not None:
+        y = y * gamma + beta
+    count = ops.cast(ops.prod(ops.shape(x)[:3]), x.dtype)
+    return y, mean, variance * count / ops.maximum(count - 1.0, 1.0)
+
+
 class Op(keras.layers.Layer):
-    """Base of the built-in ops: stores ``channels``, ``stride``, ``affine``."""
+    """Base of the built-in ops: one layer that owns its weights.
+
+    Ops are single layers calling ``keras.ops`` directly rather than stacks
+    of sublayers: a search supernet holds thousands of them, and every layer
+    call and every BN op costs graph-tracing time.
+
+    BN inside an op follows the flavour. ``affine=False`` (search): batch
+    statistics in every pass, as DARTS uses them throughout search, no
+    parameters and no running averages. ``affine=True`` (derived): gamma and
+    beta, and running averages (momentum 0.9, unbiased variance as in the
+    reference) used at inference.
+    """
 
     is_identity = False
     is_zero = False
@@ -47,15 +91,58 @@ class Op(keras.layers.Layer):
         self.channels = channels
         self.stride = stride
         self.affine = affine
-
-    def sub(self, suffix):
-        return f"{self.name}__{suffix}"
+        self._norms = {}
 
     def build(self, input_shape):
+        self.build_weights(int(input_shape[-1]))
         self.built = True
+
+    def build_weights(self, in_channels):
+        """Create the op's weights for ``in_channels`` input channels."""
+
+    def kernel(self, name, shape):
+        return self.add_weight(shape=shape, initializer="glorot_uniform", name=name)
+
+    def norm_weights(self, prefix, channels):
+        if not self.affine:
+            return
+        self._norms[prefix] = (
+            self.add_weight(shape=(channels,), initializer="ones", name=f"{prefix}_gamma"),
+            self.add_weight(shape=(channels,), initializer="zeros", name=f"{prefix}_beta"),
+            self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name=f"{prefix}_moving_mean"),
+            self.add_weight(shape=(channels,), initializer="ones", trainable=False, name=f"{prefix}_moving_variance"),
+        )
+
+    def norm(self, x, prefix, training):
+        if not self.affine:
+            return batch_normalize(x)[0]
+        gamma, beta, moving_mean, moving_variance = self._norms[prefix]
+        if training:
+            y, mean, unbiased = batch_normalize(x, gamma, beta)
+            moving_mean.assign(BN_MOMENTUM * moving_mean + (1.0 - BN_MOMENTUM) * mean)
+            moving_variance.assign(BN_MOMENTUM * moving_variance + (1.0 - BN_MOMENTUM) * unbiased)
+            return y
+        return (x - moving_mean) * ops.rsqrt(moving_variance + BN_EPSILON) * gamma + beta
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "stride": self.stride, "affine": self.affine}
+
+
+def _conv(x, kernel, stride=1, padding=0, dilation=1):
+    """Convolution with the reference's symmetric padding."""
+    if stride == 1:
+        return ops.conv(x, kernel, strides=1, padding="same", dilation_rate=dilation)
+    if padding:
+        x = _pad(x, padding)
+    return ops.conv(x, kernel, strides=stride, padding="valid", dilation_rate=dilation)
+
+
+def _depthwise(x, kernel, stride=1, padding=0, dilation=1):
+    if stride == 1:
+        return ops.depthwise_conv(x, kernel, strides=1, padding="same", dilation_rate=dilation)
+    if padding:
+        x = _pad(x, padding)
+    return ops.depthwise_conv(x, kernel, strides=stride, padding="valid", dilation_rate=dilation)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -66,63 +153,43 @@ class ReLUConvBN(Op):
         super().__init__(channels, stride, affine, **kwargs)
         self.kernel_size = kernel_size
         self.padding = padding
-        self.conv = keras.layers.Conv2D(
-            channels, kernel_size, strides=stride, padding="valid", use_bias=False, name=self.sub("conv")
-        )
-        self.bn = batch_norm(affine, self.sub("bn"))
+
+    def build_weights(self, in_channels):
+        k = self.kernel_size
+        self.conv_kernel = self.kernel("conv", (k, k, in_channels, self.channels))
+        self.norm_weights("bn", self.channels)
 
     def call(self, x, training=None):
-        x = ops.relu(x)
-        if self.padding:
-            x = _pad(x, self.padding)
-        return self.bn(self.conv(x), training=training)
+        x = _conv(ops.relu(x), self.conv_kernel, self.stride, self.padding)
+        return self.norm(x, "bn", training)
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": self.kernel_size, "padding": self.padding}
 
 
-class _DepthwisePointwise(keras.layers.Layer):
-    """Depthwise kxk (optionally dilated and strided) then pointwise 1x1, no biases."""
-
-    def __init__(self, channels, kernel_size, stride, dilation, name):
-        super().__init__(name=name)
-        self.stride = stride
-        self.padding = dilation * (kernel_size - 1) // 2
-        same = stride == 1
-        self.depthwise = keras.layers.DepthwiseConv2D(
-            kernel_size,
-            strides=stride,
-            padding="same" if same else "valid",
-            dilation_rate=dilation,
-            use_bias=False,
-            name=f"{name}__depthwise",
-        )
-        self.pointwise = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{name}__pointwise")
-
-    def build(self, input_shape):
-        self.built = True
-
-    def call(self, x):
-        if self.stride != 1:
-            x = _pad(x, self.padding)
-        return self.pointwise(self.depthwise(x))
-
-
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class SepConv(Op):
-    """The DARTS separable conv: (ReLU, depthwise kxk, pointwise, BN) twice; only the first is strided."""
+    """The DARTS separable conv: (ReLU, depthwise kxk, pointwise 1x1, BN) twice; only the first is strided."""
 
     def __init__(self, channels, stride=1, affine=True, kernel_size=3, **kwargs):
         super().__init__(channels, stride, affine, **kwargs)
         self.kernel_size = kernel_size
-        self.unit1 = _DepthwisePointwise(channels, kernel_size, stride, 1, self.sub("sep1"))
-        self.bn1 = batch_norm(affine, self.sub("bn1"))
-        self.unit2 = _DepthwisePointwise(channels, kernel_size, 1, 1, self.sub("sep2"))
-        self.bn2 = batch_norm(affine, self.sub("bn2"))
+
+    def build_weights(self, in_channels):
+        k = self.kernel_size
+        self.depthwise_1 = self.kernel("depthwise_1", (k, k, in_channels, 1))
+        self.pointwise_1 = self.kernel("pointwise_1", (1, 1, in_channels, in_channels))
+        self.norm_weights("bn_1", in_channels)
+        self.depthwise_2 = self.kernel("depthwise_2", (k, k, in_channels, 1))
+        self.pointwise_2 = self.kernel("pointwise_2", (1, 1, in_channels, self.channels))
+        self.norm_weights("bn_2", self.channels)
 
     def call(self, x, training=None):
-        x = self.bn1(self.unit1(ops.relu(x)), training=training)
-        return self.bn2(self.unit2(ops.relu(x)), training=training)
+        pad = (self.kernel_size - 1) // 2
+        x = _depthwise(ops.relu(x), self.depthwise_1, self.stride, pad)
+        x = self.norm(ops.conv(x, self.pointwise_1), "bn_1", training)
+        x = _depthwise(ops.relu(x), self.depthwise_2, 1, pad)
+        return self.norm(ops.conv(x, self.pointwise_2), "bn_2", training)
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": self.kernel_size}
@@ -136,11 +203,17 @@ class DilConv(Op):
         super().__init__(channels, stride, affine, **kwargs)
         self.kernel_size = kernel_size
         self.dilation = dilation
-        self.unit = _DepthwisePointwise(channels, kernel_size, stride, dilation, self.sub("dil"))
-        self.bn = batch_norm(affine, self.sub("bn"))
+
+    def build_weights(self, in_channels):
+        k = self.kernel_size
+        self.depthwise = self.kernel("depthwise", (k, k, in_channels, 1))
+        self.pointwise = self.kernel("pointwise", (1, 1, in_channels, self.channels))
+        self.norm_weights("bn", self.channels)
 
     def call(self, x, training=None):
-        return self.bn(self.unit(ops.relu(x)), training=training)
+        pad = self.dilation * (self.kernel_size - 1) // 2
+        x = _depthwise(ops.relu(x), self.depthwise, self.stride, pad, self.dilation)
+        return self.norm(ops.conv(x, self.pointwise), "bn", training)
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": self.kernel_size, "dilation": self.dilation}
@@ -196,15 +269,18 @@ class FactorizedReduce(Op):
         super().__init__(channels, stride, affine, **kwargs)
         if channels % 2:
             raise ValueError(f"FactorizedReduce needs an even channel count. Received: channels={channels}")
-        half = channels // 2
-        self.conv_1 = keras.layers.Conv2D(half, 1, strides=2, use_bias=False, name=self.sub("conv_1"))
-        self.conv_2 = keras.layers.Conv2D(half, 1, strides=2, use_bias=False, name=self.sub("conv_2"))
-        self.bn = batch_norm(affine, self.sub("bn"))
+
+    def build_weights(self, in_channels):
+        half = self.channels // 2
+        self.kernel_1 = self.kernel("conv_1", (1, 1, in_channels, half))
+        self.kernel_2 = self.kernel("conv_2", (1, 1, in_channels, half))
+        self.norm_weights("bn", self.channels)
 
     def call(self, x, training=None):
         x = ops.relu(x)
-        out = ops.concatenate([self.conv_1(x), self.conv_2(x[:, 1:, 1:, :])], axis=-1)
-        return self.bn(out, training=training)
+        left = ops.conv(x, self.kernel_1, strides=2, padding="valid")
+        right = ops.conv(x[:, 1:, 1:, :], self.kernel_2, strides=2, padding="valid")
+        return self.norm(ops.concatenate([left, right], axis=-1), "bn", training)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -214,7 +290,6 @@ class PoolBN(keras.layers.Layer):
     def __init__(self, op, **kwargs):
         super().__init__(**kwargs)
         self.op = op if isinstance(op, keras.layers.Layer) else keras.saving.deserialize_keras_object(op)
-        self.bn = batch_norm(False, f"{self.name}__bn")
         self.is_identity = False
         self.is_zero = False
 
@@ -222,7 +297,7 @@ class PoolBN(keras.layers.Layer):
         self.built = True
 
     def call(self, x, training=None):
-        return self.bn(self.op(x, training=training), training=training)
+        return batch_normalize(self.op(x, training=training))[0]
 
     def get_config(self):
         return {**super().get_config(), "op": keras.saving.serialize_keras_object(self.op)}

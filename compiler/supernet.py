@@ -89,7 +89,11 @@ class Supernet(keras.Model):
         return {t: ops.softmax(self.alphas[t], axis=-1) for t in CELL_TYPES}
 
     def call(self, inputs, training=None):
-        probabilities = self.arch_probabilities()
+        # Split each matrix into per-edge, per-op scalars once, shared by all
+        # cells of the type (slicing inside every MixedOp costs graph size).
+        probabilities = {
+            t: [ops.unstack(row) for row in ops.unstack(p, axis=0)] for t, p in self.arch_probabilities().items()
+        }
         s0 = s1 = self.stem_bn(self.stem_conv(inputs), training=training)
         for cell in self.cells:
             weights = probabilities["reduce" if cell.reduction else "normal"]

@@ -37,7 +37,7 @@ def _read_with_extends(path, chain=()):
     source = os.path.abspath(os.fspath(path))
     if source in chain:
         cycle = " -> ".join(os.path.basename(p) for p in (*chain, source))
-        raise SpecError.single(os.fspath(path), "$.extends", f"extends forms a cycle: {cycle}")
+        raise SpecError.single(chain[-1], "$.extends", f"extends forms a cycle: {cycle}")
     document = read_yaml_file(path)
     base_name = document.pop("extends", None)
     if base_name is None:

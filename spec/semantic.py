@@ -31,15 +31,21 @@ def operation_problems(operations, source, path):
     return problems
 
 
-def k_problems(k, source, path):
+def k_problems(k, nodes, source, path):
+    """k edges are kept per node, or all of a node's inputs where it has fewer.
+
+    The last intermediate node has the most predecessors (``nodes + 1``);
+    a k above that could not be met by any node.
+    """
     if k < 1:
         return [Problem(source, path, f"expected k >= 1, got {k}")]
-    if k > CELL_INPUTS:
+    most = CELL_INPUTS + nodes - 1
+    if k > most:
         return [
             Problem(
                 source,
                 path,
-                f"k={k} exceeds the {CELL_INPUTS} predecessors of the first intermediate node; expected k <= {CELL_INPUTS}",
+                f"k={k} exceeds the {most} predecessors of the last intermediate node; expected k <= {most}",
             )
         ]
     return []
@@ -137,7 +143,7 @@ def search_spec_problems(spec, source):
     network = space.network
     problems = []
     problems += operation_problems(space.operations, source, "$.search_space.operations")
-    problems += k_problems(space.k, source, "$.search_space.k")
+    problems += k_problems(space.k, space.nodes, source, "$.search_space.k")
     problems += layers_problems(network.layers, source, "$.search_space.network.layers")
     problems += reduction_problems(space.reduction_cells, network.layers, source, "$.search_space.reduction_cells")
     if not problems:

@@ -21,7 +21,7 @@ def schema_problems(kind, document, source):
     problems = []
     for error in errors:
         problems.extend(_describe(error, source))
-    return problems
+    return sorted(problems, key=lambda p: p.path)
 
 
 def _child_path(path, key):

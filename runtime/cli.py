@@ -1,0 +1,193 @@
+"""Command line: ``compile-and-search`` and ``keras-darts <step>``.
+
+Exit codes: 0 success, 2 bad input (one clear message, no traceback),
+1 any other failure, 130 interrupted.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_darts.spec import DataError, RunDirectoryError, SpecError  # noqa: E402
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _spec_arguments(parser):
+    parser.add_argument("spec", help="search-space spec (YAML)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a spec value, e.g. --set search.epochs=10 (repeatable)",
+    )
+
+
+def _run_arguments(parser):
+    parser.add_argument("--run-dir", help="where the run's artifacts go (default: runs/<spec name>)")
+    parser.add_argument("--overwrite", action="store_true", help="empty an existing run directory first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    from keras_darts.spec import load_spec
+
+    return load_spec(args.spec, overrides=args.overrides)
+
+
+def _run_dir(args, spec):
+    from keras_darts.runtime.rundir import default_run_dir
+
+    return args.run_dir or default_run_dir(spec)
+
+
+def _print_report(report):
+    from keras_darts.runtime.workflow import summary_lines
+
+    for line in summary_lines(report):
+        print(line)
+
+
+def cmd_compile_and_search(args):
+    spec = _load(args)
+    from keras_darts.runtime.workflow import run_compile_and_search
+
+    print(f"spec {spec.source}: valid ({spec.name}, {len(spec.search_space.operations)} ops, "
+          f"{spec.search_space.nodes} nodes, k={spec.search_space.k}, {spec.search.order} order)")
+    report = run_compile_and_search(
+        spec, _run_dir(args, spec), overwrite=args.overwrite, search_only=args.search_only,
+        progress=not args.no_progress,
+    )
+    _print_report(report)
+    return EXIT_OK
+
+
+def cmd_validate(args):
+    spec = _load(args)
+    space = spec.search_space
+    print(f"{spec.source}: valid")
+    print(f"  name: {spec.name}")
+    print(f"  operations: {', '.join(space.operations)}")
+    print(f"  nodes: {space.nodes}, k: {space.k}, reduction cells at {list(space.reduction_positions)} "
+          f"of {space.network.layers}")
+    print(f"  search: {spec.search.epochs} epochs, {spec.search.order} order; data: {spec.data.source}")
+    return EXIT_OK
+
+
+def cmd_search(args):
+    args.search_only = True
+    return cmd_compile_and_search(args)
+
+
+def cmd_retrain(args):
+    from keras_darts.runtime.data import load_image_data
+    from keras_darts.runtime.workflow import export_run, load_run_spec, retrain_run
+    from keras_darts.spec import load_derived
+
+    spec = load_run_spec(args.run_dir)
+    derived = load_derived(args.derived or os.path.join(args.run_dir, "derived.yaml"))
+    if os.path.exists(os.path.join(args.run_dir, "retrain")) and not args.overwrite:
+        raise RunDirectoryError(
+            f"{args.run_dir}: retrain/ exists already; pass --overwrite to replace it"
+        )
+    data = load_image_data(spec)
+    result = retrain_run(spec, derived, data, args.run_dir, progress=not args.no_progress)
+    print(f"retrain: {result.parameters} parameters, test accuracy {result.test_accuracy:.4f}")
+    print(f"retrained model:  {os.path.join(args.run_dir, 'retrain', 'model.keras')}")
+    if spec.export.enabled:
+        print(f"saved model:      {export_run(args.run_dir, model=result.model, data=data)}")
+    return EXIT_OK
+
+
+def cmd_export(args):
+    from keras_darts.runtime.workflow import export_run
+
+    print(f"saved model: {export_run(args.run_dir)}")
+    return EXIT_OK
+
+
+def cmd_show(args):
+    from keras_darts.spec import load_derived
+
+    derived = load_derived(args.derived)
+    from keras_darts.compiler import build_network, count_parameters
+
+    network = derived.network
+    print(f"{derived.name} ({derived.source})")
+    for cell_type, cell in derived.cells.items():
+        print(f"  {cell_type}:")
+        for n, node in enumerate(cell.nodes):
+            print(f"    node {n + 2}: " + ", ".join(f"{e.op} <- {e.input}" for e in node))
+        print(f"    output: concat {list(cell.concat)}")
+    model = build_network(derived)
+    print(f"  network: C={network.init_channels}, {network.layers} cells, reductions at "
+          f"{list(network.reduction_positions)}, input {list(network.input_shape)}, {network.num_classes} classes")
+    print(f"  parameters: {count_parameters(model)} (auxiliary head excluded)")
+    return EXIT_OK
+
+
+def _parser(prog, compile_only=False):
+    if compile_only:
+        parser = argparse.ArgumentParser(
+            prog=prog, description="Validate a DARTS search-space spec, compile it, search, derive, retrain and export."
+        )
+        _spec_arguments(parser)
+        _run_arguments(parser)
+        parser.add_argument("--search-only", action="store_true", help="stop after search and derivation")
+        parser.set_defaults(handler=cmd_compile_and_search)
+        return parser
+    parser = argparse.ArgumentParser(prog=prog, description="keras-darts: the steps of a DARTS run one by one.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("validate", help="check a spec and print what it describes")
+    _spec_arguments(p)
+    p.set_defaults(handler=cmd_validate)
+    p = commands.add_parser("search", help="search and derive (no retraining)")
+    _spec_arguments(p)
+    _run_arguments(p)
+    p.set_defaults(handler=cmd_search)
+    p = commands.add_parser("retrain", help="retrain a run's derived spec (or another) and export it")
+    p.add_argument("run_dir", help="a run directory made by search or compile-and-search")
+    p.add_argument("--derived", help="a derived spec file or published name (default: the run's derived.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing retrain/")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=cmd_retrain)
+    p = commands.add_parser("export", help="export a run's retrained model as a SavedModel")
+    p.add_argument("run_dir")
+    p.set_defaults(handler=cmd_export)
+    p = commands.add_parser("show", help="print a derived spec's cells and parameter count")
+    p.add_argument("derived", help="a derived spec file or published name (DARTS_V1, DARTS_V2)")
+    p.set_defaults(handler=cmd_show)
+    return parser
+
+
+def _run(parser, argv):
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.handler(args)
+    except (SpecError, DataError, RunDirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if os.environ.get("KERAS_DARTS_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(set KERAS_DARTS_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def compile_and_search_main(argv=None):
+    return _run(_parser("compile-and-search", compile_only=True), argv)
+
+
+def main(argv=None):
+    return _run(_parser("keras-darts"), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

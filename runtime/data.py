@@ -1,0 +1,278 @@
+"""Image data for search and retraining: one interface over every source.
+
+``load_image_data(spec)`` returns an ``ImageData`` of in-memory arrays
+(float32 images scaled to [0, 1], integer labels), from:
+
+* ``fashion_mnist_subset``: 3,000 + 1,000 Fashion-MNIST images shipped in the package;
+* ``fashion_mnist``: the full set from Debian's ``dataset-fashion-mnist``
+  (or IDX files in ``data.path``);
+* ``digits``: scikit-learn's 8x8 digits (1,797 images);
+* ``tfds``: any tensorflow-datasets image classification set by name
+  (``cifar10`` ...), downloaded if ``download`` is true, else from ``path``;
+* ``npz``: a file with ``x_train``, ``y_train``, ``x_test``, ``y_test``;
+* ``image_folder``: ``path/train/<class>/*`` and ``path/test/<class>/*``.
+
+``pipeline`` turns arrays into a shuffled, batched, augmented, prefetched
+``tf.data.Dataset`` of normalised ``(image, label)`` pairs.
+"""
+
+import dataclasses
+import gzip
+import logging
+import os
+from importlib import resources
+
+import numpy as np
+import tensorflow as tf
+
+from keras_darts.spec import DataError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclasses.dataclass
+class ImageData:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    mean: np.ndarray = None
+    std: np.ndarray = None
+
+    def __post_init__(self):
+        if self.mean is None:
+            self.mean = self.x_train.mean(axis=(0, 1, 2)).astype(np.float32)
+            self.std = np.maximum(self.x_train.std(axis=(0, 1, 2)), 1e-3).astype(np.float32)
+
+    @property
+    def image_shape(self):
+        return tuple(self.x_train.shape[1:])
+
+
+def _as_images(x, scale):
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.astype(np.float32) / np.float32(scale)
+
+
+def _read_idx(path, offset):
+    with gzip.open(path, "rb") as handle:
+        return np.frombuffer(handle.read(), np.uint8, offset=offset)
+
+
+def _fashion_mnist_subset(config):
+    resource = resources.files("keras_darts.runtime.builtin_data").joinpath("fashion_mnist_subset.npz")
+    with resources.as_file(resource) as path, np.load(path) as arrays:
+        return _from_arrays("fashion_mnist_subset", arrays, scale=255.0)
+
+
+def _fashion_mnist(config):
+    folder = config.path or FASHION_MNIST_DIR
+    files = {
+        "x_train": ("train-images-idx3-ubyte.gz", 16),
+        "y_train": ("train-labels-idx1-ubyte.gz", 8),
+        "x_test": ("t10k-images-idx3-ubyte.gz", 16),
+        "y_test": ("t10k-labels-idx1-ubyte.gz", 8),
+    }
+    missing = [name for name, _ in files.values() if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        raise DataError(
+            f"data.source fashion_mnist: {', '.join(missing)} not found in {folder}. Install them with "
+            "'apt-get install dataset-fashion-mnist' (Debian), point data.path at a folder holding the four "
+            "IDX files, or use data.source: fashion_mnist_subset (shipped with keras-darts)."
+        )
+    arrays = {key: _read_idx(os.path.join(folder, name), offset) for key, (name, offset) in files.items()}
+    arrays["x_train"] = arrays["x_train"].reshape(-1, 28, 28)
+    arrays["x_test"] = arrays["x_test"].reshape(-1, 28, 28)
+    return _from_arrays("fashion_mnist", arrays, scale=255.0)
+
+
+def _digits(config):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
+    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    return _from_arrays("digits", arrays, scale=16.0)
+
+
+def _tfds(config):
+    import tensorflow_datasets as tfds
+
+    try:
+        splits = tfds.load(
+            config.name,
+            split=["train", "test"],
+            as_supervised=True,
+            batch_size=-1,
+            data_dir=config.path,
+            download=config.download,
+        )
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"data.name: tensorflow-datasets has no dataset named {config.name!r}") from None
+    except (AssertionError, FileNotFoundError) as exc:
+        raise DataError(
+            f"data.source tfds: {config.name!r} is not prepared in {config.path or 'the default data_dir'} and "
+            f"data.download is false ({exc}). Set data.download: true on a machine with internet access, or "
+            "point data.path at a tensorflow-datasets data_dir that holds it."
+        ) from None
+    except ConnectionError as exc:
+        raise DataError(f"data.source tfds: downloading {config.name!r} failed: {exc}") from None
+    (x_train, y_train), (x_test, y_test) = [tuple(tfds.as_numpy(part)) for part in splits]
+    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    return _from_arrays(config.name, arrays, scale=255.0 if x_train.dtype == np.uint8 else 1.0)
+
+
+def _npz(config):
+    if not os.path.isfile(config.path):
+        raise DataError(f"data.path: {config.path} is not a file; expected an .npz with x_train, y_train, x_test, y_test")
+    try:
+        with np.load(config.path) as arrays:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+            if missing:
+                raise DataError(f"data.path: {config.path} lacks the arrays {', '.join(missing)}")
+            arrays = {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (ValueError, OSError) as exc:
+        raise DataError(f"data.path: {config.path} is not a readable .npz file ({exc})") from None
+    scale = 255.0 if arrays["x_train"].dtype == np.uint8 else 1.0
+    return _from_arrays(os.path.basename(config.path), arrays, scale=scale)
+
+
+def _image_folder(config, image_shape):
+    import keras
+
+    arrays = {}
+    class_names = None
+    for split in ("train", "test"):
+        folder = os.path.join(config.path, split)
+        if not os.path.isdir(folder):
+            raise DataError(f"data.path: expected a folder {folder} with one sub-folder of images per class")
+        dataset = keras.utils.image_dataset_from_directory(
+            folder,
+            image_size=image_shape[:2],
+            color_mode="grayscale" if image_shape[2] == 1 else "rgb",
+            batch_size=None,
+            shuffle=False,
+            class_names=class_names,
+        )
+        class_names = dataset.class_names
+        images, labels = zip(*dataset.as_numpy_iterator()) if len(dataset) else ((), ())
+        arrays[f"x_{split}"] = np.stack(images) if images else np.zeros((0, *image_shape), np.float32)
+        arrays[f"y_{split}"] = np.asarray(labels)
+    return _from_arrays(os.path.basename(os.path.normpath(config.path)), arrays, scale=255.0)
+
+
+def _from_arrays(name, arrays, scale):
+    x_train = _as_images(arrays["x_train"], scale)
+    x_test = _as_images(arrays["x_test"], scale)
+    y_train = np.asarray(arrays["y_train"]).astype(np.int32).reshape(-1)
+    y_test = np.asarray(arrays["y_test"]).astype(np.int32).reshape(-1)
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if x.ndim != 4:
+            raise DataError(f"{name}: x_{split} has shape {x.shape}; expected (examples, height, width[, channels])")
+        if len(x) != len(y):
+            raise DataError(f"{name}: x_{split} has {len(x)} examples but y_{split} has {len(y)} labels")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{name}: training images are {x_train.shape[1:]} but test images are {x_test.shape[1:]}")
+    num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    return ImageData(name, x_train, y_train, x_test, y_test, num_classes)
+
+
+def load_image_data(spec):
+    """Load ``spec.data`` and check it against the spec's network."""
+    config = spec.data
+    network = spec.search_space.network
+    loaders = {
+        "fashion_mnist_subset": _fashion_mnist_subset,
+        "fashion_mnist": _fashion_mnist,
+        "digits": _digits,
+        "tfds": _tfds,
+        "npz": _npz,
+        "image_folder": lambda c: _image_folder(c, network.input_shape),
+    }
+    data = loaders[config.source](config)
+    expected = tuple(network.input_shape)
+    if data.image_shape != expected:
+        raise DataError(
+            f"{spec.source}: $.search_space.network.input_shape is {list(expected)} but {data.name} images are "
+            f"{list(data.image_shape)}; set input_shape to {list(data.image_shape)}"
+        )
+    for split, labels in (("train", data.y_train), ("test", data.y_test)):
+        if len(labels) and (labels.min() < 0 or labels.max() >= network.num_classes):
+            raise DataError(
+                f"{spec.source}: $.search_space.network.num_classes is {network.num_classes} but {data.name} "
+                f"{split} labels range over [{labels.min()}, {labels.max()}]"
+            )
+    if config.max_train_examples is not None:
+        data.x_train = data.x_train[: config.max_train_examples]
+        data.y_train = data.y_train[: config.max_train_examples]
+    log.info("data %s: %d training, %d test images of %s", data.name, len(data.y_train), len(data.y_test),
+             data.image_shape)
+    return data
+
+
+def search_split(data, spec):
+    """Indices of the weight half and the alpha half of the training set.
+
+    The training set is permuted once with the search seed, then split at
+    ``train_portion``.
+    """
+    count = len(data.y_train)
+    order = np.random.default_rng(spec.search.seed).permutation(count)
+    split = int(np.floor(spec.data.train_portion * count))
+    batch = spec.data.batch_size
+    if min(split, count - split) < batch:
+        raise DataError(
+            f"{spec.source}: $.data.batch_size is {batch} but splitting {count} training examples at "
+            f"train_portion={spec.data.train_portion} leaves {split} and {count - split}; "
+            "each half needs at least one full batch"
+        )
+    return order[:split], order[split:]
+
+
+def _augment_fn(augment, image_shape, seed):
+    height, width, _ = image_shape
+
+    def augment_one(image, label):
+        if augment.random_crop:
+            pad = augment.random_crop
+            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+            image = tf.image.random_crop(image, image_shape, seed=seed)
+        if augment.horizontal_flip:
+            image = tf.image.random_flip_left_right(image, seed=seed)
+        if augment.cutout:
+            half = augment.cutout // 2
+            cy = tf.random.uniform((), 0, height, tf.int32, seed=seed)
+            cx = tf.random.uniform((), 0, width, tf.int32, seed=seed)
+            rows = tf.range(height)[:, None]
+            cols = tf.range(width)[None, :]
+            # The reference's square: rows [cy - L//2, cy + L//2), clipped to the image.
+            inside = (rows >= cy - half) & (rows < cy + half) & (cols >= cx - half) & (cols < cx + half)
+            image = image * tf.cast(~inside, image.dtype)[:, :, None]
+        return image, label
+
+    return augment_one
+
+
+def pipeline(data, x, y, batch_size, shuffle=False, augment=None, seed=None, drop_remainder=False):
+    """A ``tf.data`` pipeline of normalised ``(image, label)`` batches.
+
+    Cutout applies after normalisation (the cut square is zero, as in the reference).
+    """
+    x = (x - data.mean) / data.std
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+    if augment is not None and (augment.random_crop or augment.horizontal_flip or augment.cutout):
+        dataset = dataset.map(
+            _augment_fn(augment, data.image_shape, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

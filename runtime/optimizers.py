@@ -1,0 +1,143 @@
+"""The reference optimisers, stated exactly.
+
+Keras' SGD keeps its momentum buffer scaled by the learning rate and its
+``weight_decay`` is decoupled; DARTS' reference (PyTorch) does neither. These
+two small optimisers reproduce the reference semantics:
+
+SGD (weights), per step, on gradients ``g`` of the loss:
+    g <- g * min(1, clip / (||g||_2 + 1e-6))     (global norm, if clip is set)
+    d <- g + weight_decay * w                     (coupled L2)
+    m <- momentum * m + d                         (m = 0 before the first step)
+    w <- w - lr * m
+
+Adam (architecture), per step:
+    d <- g + weight_decay * a                     (coupled L2)
+    m1 <- b1 m1 + (1 - b1) d;  m2 <- b2 m2 + (1 - b2) d^2;  t <- t + 1
+    a <- a - lr / (1 - b1^t) * m1 / (sqrt(m2) / sqrt(1 - b2^t) + eps)
+
+Each optimiser is built on its own list of variables and only ever updates
+those: ``apply`` takes gradients in that list's order.
+"""
+
+import math
+
+import tensorflow as tf
+
+
+def cosine_learning_rate(epoch, epochs, maximum, minimum):
+    """The per-epoch cosine schedule: ``min + (max - min) (1 + cos(pi e / E)) / 2``."""
+    return minimum + (maximum - minimum) * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
+
+
+def clip_by_global_norm(gradients, max_norm):
+    """PyTorch's ``clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``."""
+    norm = tf.linalg.global_norm(gradients)
+    scale = tf.minimum(1.0, max_norm / (norm + 1e-6))
+    return [g * tf.cast(scale, g.dtype) for g in gradients], norm
+
+
+def _dense(gradients, variables):
+    return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(gradients, variables)]
+
+
+class _Optimizer(tf.Module):
+    def __init__(self, variables, name):
+        super().__init__(name=name)
+        self.variables_list = list(variables)
+        if not self.variables_list:
+            raise ValueError(f"{name} needs at least one variable to optimise.")
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+
+    def _check(self, gradients):
+        if len(gradients) != len(self.variables_list):
+            raise ValueError(
+                f"{self.name} was built on {len(self.variables_list)} variables. Received: {len(gradients)} gradients"
+            )
+
+    def _slots(self, suffix):
+        return [
+            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"{suffix}_{i}")
+            for i, v in enumerate(self.variables_list)
+        ]
+
+
+class CoupledSGD(_Optimizer):
+    """SGD with PyTorch momentum, coupled weight decay and global-norm clipping."""
+
+    def __init__(self, variables, momentum=0.9, weight_decay=3e-4, grad_clip=5.0, name="weights_optimizer"):
+        super().__init__(variables, name)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.momentum_buffers = self._slots("momentum")
+
+    @classmethod
+    def from_config(cls, variables, config, name="weights_optimizer"):
+        return cls(variables, config.momentum, config.weight_decay, config.grad_clip, name=name)
+
+    def apply(self, gradients, learning_rate):
+        """One real step; returns the gradient norm before clipping."""
+        self._check(gradients)
+        gradients = _dense(gradients, self.variables_list)
+        if self.grad_clip is not None:
+            gradients, norm = clip_by_global_norm(gradients, self.grad_clip)
+        else:
+            norm = tf.linalg.global_norm(gradients)
+        for variable, gradient, buffer in zip(self.variables_list, gradients, self.momentum_buffers):
+            direction = gradient + self.weight_decay * variable if self.weight_decay else gradient
+            # One fused kernel: buffer <- momentum * buffer + direction; w <- w - lr * buffer.
+            tf.raw_ops.ResourceApplyMomentum(
+                var=variable.handle,
+                accum=buffer.handle,
+                lr=tf.cast(learning_rate, variable.dtype),
+                grad=direction,
+                momentum=tf.cast(self.momentum, variable.dtype),
+            )
+        self.iterations.assign_add(1)
+        return norm
+
+    def virtual_step(self, values, gradients, learning_rate):
+        """The next SGD iterate from ``values`` without clipping (DARTS' unrolled step).
+
+        ``w' = w - lr * (momentum * m + g + weight_decay * w)``; no variable changes.
+        """
+        self._check(gradients)
+        gradients = _dense(gradients, self.variables_list)
+        return [
+            w - tf.cast(learning_rate, w.dtype) * (self.momentum * m + g + self.weight_decay * w)
+            for w, g, m in zip(values, gradients, self.momentum_buffers)
+        ]
+
+
+class CoupledAdam(_Optimizer):
+    """Adam with PyTorch's epsilon placement and coupled weight decay."""
+
+    def __init__(self, variables, beta_1=0.5, beta_2=0.999, epsilon=1e-8, weight_decay=1e-3, name="arch_optimizer"):
+        super().__init__(variables, name)
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.weight_decay = float(weight_decay)
+        self.first_moments = self._slots("m")
+        self.second_moments = self._slots("v")
+
+    @classmethod
+    def from_config(cls, variables, config, name="arch_optimizer"):
+        return cls(variables, config.beta_1, config.beta_2, config.epsilon, config.weight_decay, name=name)
+
+    def apply(self, gradients, learning_rate):
+        self._check(gradients)
+        gradients = _dense(gradients, self.variables_list)
+        step = self.iterations.assign_add(1)
+        t = tf.cast(step, tf.float32)
+        correction_1 = 1.0 - tf.pow(self.beta_1, t)
+        correction_2 = 1.0 - tf.pow(self.beta_2, t)
+        for variable, gradient, m1, m2 in zip(
+            self.variables_list, gradients, self.first_moments, self.second_moments
+        ):
+            direction = gradient + self.weight_decay * variable
+            m1.assign(self.beta_1 * m1 + (1.0 - self.beta_1) * direction)
+            m2.assign(self.beta_2 * m2 + (1.0 - self.beta_2) * tf.square(direction))
+            denominator = tf.sqrt(m2) / tf.cast(tf.sqrt(correction_2), m2.dtype) + self.epsilon
+            variable.assign_sub(tf.cast(learning_rate / correction_1, variable.dtype) * m1 / denominator)
+        return tf.linalg.global_norm(gradients)

@@ -1,0 +1,96 @@
+"""The run directory: where each artifact of a run goes, written atomically.
+
+    <run>/spec.yaml                 the resolved spec (extends and overrides applied)
+    <run>/data.json                 dataset name, shape, classes, normalisation
+    <run>/search/history.json|.csv  per-epoch losses, accuracies, learning rates, alphas, genotype
+    <run>/search/alphas.npz         final architecture parameters
+    <run>/search/derived/epoch_NNN.yaml
+    <run>/derived.yaml              the derived spec of the search's last epoch
+    <run>/retrain/model.keras, history.json|.csv, metrics.json
+    <run>/export/saved_model/
+"""
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+
+from keras_darts.spec import RunDirectoryError, dump_yaml
+
+MARKER = "spec.yaml"
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` via a temporary file and a rename: never a half-written file."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_yaml(path, document):
+    atomic_write_text(path, dump_yaml(document))
+
+
+def write_json(path, document):
+    atomic_write_text(path, json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def write_history_csv(path, history):
+    """Scalar columns of a list of per-epoch records as CSV."""
+    if not history:
+        return
+    columns = [k for k, v in history[0].items() if isinstance(v, (int, float, str))]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def default_run_dir(spec):
+    return os.path.join("runs", spec.name)
+
+
+def prepare_new_run(path, overwrite=False):
+    """Make ``path`` ready for a new run; refuse to clobber an earlier run's results.
+
+    A directory that exists and is not empty is only emptied with
+    ``overwrite=True``; otherwise ``RunDirectoryError``, and nothing is touched.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunDirectoryError(f"--run-dir: {path} exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path):
+        if not overwrite:
+            raise RunDirectoryError(
+                f"--run-dir: {path} already holds a run ({', '.join(sorted(os.listdir(path))[:4])}); "
+                "pass --overwrite to start over, or choose another --run-dir"
+            )
+        shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def require_run(path, *needed):
+    """Check that ``path`` is a run directory holding ``needed`` (relative paths)."""
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise RunDirectoryError(f"{path}: not a keras-darts run directory (no {MARKER})")
+    for item in needed:
+        if not os.path.exists(os.path.join(path, item)):
+            raise RunDirectoryError(f"{path}: {item} is missing; run the step that makes it first")
