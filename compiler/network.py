@@ -106,6 +106,9 @@ class DerivedNetwork(keras.Model):
         )
 
     def build(self, input_shape):
+        # Sublayers create their weights on first use: run one forward pass on
+        # zeros so that every weight exists (Keras builds before loading weights).
+        self.call(ops.zeros((1, *tuple(input_shape)[1:])), training=False)
         self.built = True
 
     @staticmethod

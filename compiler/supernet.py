@@ -11,7 +11,7 @@ from keras import ops
 
 from .cells import SearchCell
 from .graph import cell_edges
-from .ops import PACKAGE, batch_norm
+from .ops import PACKAGE, batch_normalize
 
 CELL_TYPES = ("normal", "reduce")
 ALPHA_STDDEV = 1e-3
@@ -48,7 +48,12 @@ class Supernet(keras.Model):
         self.stem_conv = keras.layers.Conv2D(
             stem_multiplier * init_channels, 3, padding="same", use_bias=False, name="stem__conv"
         )
-        self.stem_bn = batch_norm(True, "stem__bn")
+        # The stem BN is the search network's one affine BN. Like every BN
+        # in search it normalises with batch statistics in every pass, so it
+        # keeps no running averages: the supernet has no state but weights.
+        stem_channels = stem_multiplier * init_channels
+        self.stem_gamma = self.add_weight(shape=(stem_channels,), initializer="ones", name="stem__bn_gamma")
+        self.stem_beta = self.add_weight(shape=(stem_channels,), initializer="zeros", name="stem__bn_beta")
         self.cells = []
         channels = init_channels
         reduction_prev = False
@@ -72,6 +77,9 @@ class Supernet(keras.Model):
             )
 
     def build(self, input_shape):
+        # Sublayers create their weights on first use: run one forward pass on
+        # zeros so that every weight exists (Keras builds before loading weights).
+        self.call(ops.zeros((1, *tuple(input_shape)[1:])), training=False)
         self.built = True
 
     @property
@@ -94,7 +102,7 @@ class Supernet(keras.Model):
         probabilities = {
             t: [ops.unstack(row) for row in ops.unstack(p, axis=0)] for t, p in self.arch_probabilities().items()
         }
-        s0 = s1 = self.stem_bn(self.stem_conv(inputs), training=training)
+        s0 = s1 = batch_normalize(self.stem_conv(inputs), self.stem_gamma, self.stem_beta)[0]
         for cell in self.cells:
             weights = probabilities["reduce" if cell.reduction else "normal"]
             s0, s1 = s1, cell(s0, s1, weights, training=training)

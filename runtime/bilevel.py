@@ -14,13 +14,18 @@ One iteration on a (train batch, alpha batch) pair, as the reference does it:
      the virtual step with nested tapes.
 2. Weight step (SGD on w) on the same train batch with the updated alpha.
 
-Virtual and perturbed weights are evaluated with Keras ``stateless_call`` on
-substituted values: no copy of the model, no in-place perturbation. BN runs
-in training mode (batch statistics) in every pass.
+Every pass is a Keras ``stateless_call`` on substituted weight and alpha
+values: no copy of the model, no in-place perturbation. The passes are
+three small ``tf.function``s (loss; loss and all gradients; loss and alpha
+gradients), each traced once and called with different values, so a
+second-order iteration traces the network twice rather than five times.
+BN uses batch statistics in every pass.
 """
 
 import keras
 import tensorflow as tf
+
+from .optimizers import scalar
 
 
 def cross_entropy(labels, logits):
@@ -48,6 +53,8 @@ class Bilevel:
         self.weight_positions = [i for i, v in enumerate(self.trainable) if id(v) not in arch_ids]
         self.arch_vars = [self.trainable[i] for i in self.arch_positions]
         self.weight_vars = [self.trainable[i] for i in self.weight_positions]
+        if not self.arch_vars:
+            raise ValueError("The model has no architecture variables among its trainable variables.")
         if [id(v) for v in weights_optimizer.variables_list] != [id(v) for v in self.weight_vars]:
             raise ValueError("The weights optimiser must be built on the model's weight variables, in order.")
         if [id(v) for v in arch_optimizer.variables_list] != [id(v) for v in self.arch_vars]:
@@ -55,110 +62,142 @@ class Bilevel:
         self.weights_optimizer = weights_optimizer
         self.arch_optimizer = arch_optimizer
         self.hvp_epsilon = hvp_epsilon
+        image = tf.TensorSpec((None, *model.image_shape), model.arch_variables[0].dtype)
+        labels = tf.TensorSpec((None,), tf.int32)
+        weights = [tf.TensorSpec(v.shape, v.dtype) for v in self.weight_vars]
+        alphas = [tf.TensorSpec(v.shape, v.dtype) for v in self.arch_vars]
+        signature = [weights, alphas, image, labels]
+        # Kept as function calls (not inlined) so each body is optimised once.
+        compile_pass = lambda fn: tf.function(
+            fn, input_signature=signature, experimental_attributes={"_noinline": True}
+        )
+        self.loss_at = compile_pass(self._loss_at)
+        self.gradients_at = compile_pass(self._gradients_at)
+        self.alpha_gradients_at = compile_pass(self._alpha_gradients_at)
 
-    # -- passes ---------------------------------------------------------------
-    def logits(self, x, weights=None, alphas=None):
-        """Forward pass in training mode, on substituted weights and/or alphas if given."""
-        if weights is None and alphas is None:
-            return self.model(x, training=True)
-        values = [v.value for v in self.trainable]
-        for position, value in zip(self.weight_positions, weights or []):
+    # -- passes on substituted values -------------------------------------------
+    def logits(self, weights, alphas, x):
+        values = [None] * len(self.trainable)
+        for position, value in zip(self.weight_positions, weights):
             values[position] = value
-        for position, value in zip(self.arch_positions, alphas or []):
+        for position, value in zip(self.arch_positions, alphas):
             values[position] = value
         non_trainable = [v.value for v in self.model.non_trainable_variables]
         logits, _ = self.model.stateless_call(values, non_trainable, x, training=True)
         return logits
 
-    def loss(self, x, y, weights=None, alphas=None):
-        return cross_entropy(y, self.logits(x, weights, alphas))
+    def _loss_at(self, weights, alphas, x, y):
+        logits = self.logits(weights, alphas, x)
+        return cross_entropy(y, logits), accuracy(y, logits)
+
+    def _gradients_at(self, weights, alphas, x, y):
+        """Loss, accuracy, dL/dw and dL/da at the given values."""
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            tape.watch(alphas)
+            logits = self.logits(weights, alphas, x)
+            loss = cross_entropy(y, logits)
+        weight_grads, alpha_grads = tape.gradient(loss, [weights, alphas])
+        return loss, accuracy(y, logits), dense_gradients(weight_grads, weights), dense_gradients(alpha_grads, alphas)
+
+    def _alpha_gradients_at(self, weights, alphas, x, y):
+        """Loss, accuracy and dL/da only (no weight gradients are formed)."""
+        with tf.GradientTape() as tape:
+            tape.watch(alphas)
+            logits = self.logits(weights, alphas, x)
+            loss = cross_entropy(y, logits)
+        return loss, accuracy(y, logits), dense_gradients(tape.gradient(loss, alphas), alphas)
 
     def current_weights(self):
         return [v.value for v in self.weight_vars]
 
+    def current_alphas(self):
+        return [v.value for v in self.arch_vars]
+
+    def loss(self, x, y, weights=None, alphas=None):
+        weights = self.current_weights() if weights is None else weights
+        alphas = self.current_alphas() if alphas is None else alphas
+        return self.loss_at(weights, alphas, x, y)[0]
+
     # -- architecture gradients -------------------------------------------------
-    def first_order_gradient(self, x_val, y_val):
-        with tf.GradientTape() as tape:
-            logits = self.model(x_val, training=True)
-            loss = cross_entropy(y_val, logits)
-        return dense_gradients(tape.gradient(loss, self.arch_vars), self.arch_vars), loss, accuracy(y_val, logits)
+    # Each takes the current weight and alpha values, read once per iteration.
+    def first_order_gradient(self, x_val, y_val, weights=None, alphas=None):
+        weights = self.current_weights() if weights is None else weights
+        alphas = self.current_alphas() if alphas is None else alphas
+        loss, acc, gradient = self.alpha_gradients_at(weights, alphas, x_val, y_val)
+        return gradient, loss, acc
 
-    def virtual_weights(self, x_train, y_train, learning_rate):
+    def virtual_weights(self, x_train, y_train, learning_rate, weights=None, alphas=None):
         """``w'``: the next SGD iterate from the current weights, without clipping."""
-        with tf.GradientTape() as tape:
-            loss = self.loss(x_train, y_train)
-        gradients = tape.gradient(loss, self.weight_vars)
-        return self.weights_optimizer.virtual_step(self.current_weights(), gradients, learning_rate)
+        weights = self.current_weights() if weights is None else weights
+        alphas = self.current_alphas() if alphas is None else alphas
+        _, _, gradients, _ = self.gradients_at(weights, alphas, x_train, y_train)
+        return self.weights_optimizer.virtual_step(weights, gradients, learning_rate)
 
-    def finite_difference_terms(self, x_train, y_train, x_val, y_val, learning_rate):
+    def finite_difference_terms(self, x_train, y_train, x_val, y_val, learning_rate, weights=None, alphas=None):
         """Every quantity of the paper's formula, for the step and for inspection."""
-        unrolled = self.virtual_weights(x_train, y_train, learning_rate)
-        with tf.GradientTape() as tape:
-            tape.watch(unrolled)
-            logits = self.logits(x_val, weights=unrolled)
-            val_loss = cross_entropy(y_val, logits)
-        gradients = tape.gradient(val_loss, unrolled + self.arch_vars)
-        v = dense_gradients(gradients[: len(unrolled)], unrolled)
-        g1 = dense_gradients(gradients[len(unrolled):], self.arch_vars)
+        weights = self.current_weights() if weights is None else weights
+        alphas = self.current_alphas() if alphas is None else alphas
+        unrolled = self.virtual_weights(x_train, y_train, learning_rate, weights, alphas)
+        val_loss, val_acc, v, g1 = self.gradients_at(unrolled, alphas, x_val, y_val)
         radius = self.hvp_epsilon / tf.linalg.global_norm(v)
-        weights = self.current_weights()
-        plus = [w + tf.cast(radius, w.dtype) * d for w, d in zip(weights, v)]
-        minus = [w - tf.cast(radius, w.dtype) * d for w, d in zip(weights, v)]
-        grad_plus = self._alpha_gradient_at(x_train, y_train, plus)
-        grad_minus = self._alpha_gradient_at(x_train, y_train, minus)
+        step = tf.cast(radius, weights[0].dtype)
+        plus = [w + step * d for w, d in zip(weights, v)]
+        minus = [w - step * d for w, d in zip(weights, v)]
+        grad_plus = self.alpha_gradients_at(plus, alphas, x_train, y_train)[2]
+        grad_minus = self.alpha_gradients_at(minus, alphas, x_train, y_train)[2]
         hvp = [(p - m) / tf.cast(2.0 * radius, p.dtype) for p, m in zip(grad_plus, grad_minus)]
-        gradient = [g - tf.cast(learning_rate, g.dtype) * h for g, h in zip(g1, hvp)]
+        gradient = [g - scalar(learning_rate, g.dtype) * h for g, h in zip(g1, hvp)]
         return {
             "gradient": gradient,
             "g1": g1,
+            "v": v,
             "hvp": hvp,
             "grad_plus": grad_plus,
             "grad_minus": grad_minus,
             "radius": radius,
             "unrolled": unrolled,
             "val_loss": val_loss,
-            "val_accuracy": accuracy(y_val, logits),
+            "val_accuracy": val_acc,
         }
 
-    def _alpha_gradient_at(self, x, y, weights):
-        with tf.GradientTape() as tape:
-            loss = self.loss(x, y, weights=weights)
-        return dense_gradients(tape.gradient(loss, self.arch_vars), self.arch_vars)
-
-    def exact_gradient(self, x_train, y_train, x_val, y_val, learning_rate):
+    def exact_gradient(self, x_train, y_train, x_val, y_val, learning_rate, weights=None):
         """``d/da L_val(w'(a), a)`` by differentiating through the virtual step."""
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                train_loss = self.loss(x_train, y_train)
-            weight_gradients = inner.gradient(train_loss, self.weight_vars)
-            unrolled = self.weights_optimizer.virtual_step(self.current_weights(), weight_gradients, learning_rate)
-            logits = self.logits(x_val, weights=unrolled)
-            val_loss = cross_entropy(y_val, logits)
-        gradient = dense_gradients(outer.gradient(val_loss, self.arch_vars), self.arch_vars)
-        return gradient, val_loss, accuracy(y_val, logits)
+        weights = self.current_weights() if weights is None else weights
+        with tf.GradientTape() as tape:
+            alphas = self.current_alphas()
+            tape.watch(alphas)
+            _, _, weight_gradients, _ = self.gradients_at(weights, alphas, x_train, y_train)
+            unrolled = self.weights_optimizer.virtual_step(weights, weight_gradients, learning_rate)
+            val_loss, val_acc = self.loss_at(unrolled, alphas, x_val, y_val)
+        gradient = dense_gradients(tape.gradient(val_loss, alphas), alphas)
+        return gradient, val_loss, val_acc
 
-    def arch_gradient(self, order, mode, x_train, y_train, x_val, y_val, learning_rate):
+    def arch_gradient(self, order, mode, x_train, y_train, x_val, y_val, learning_rate, weights=None):
+        weights = self.current_weights() if weights is None else weights
         if order == "first":
-            return self.first_order_gradient(x_val, y_val)
+            return self.first_order_gradient(x_val, y_val, weights)
         if mode == "exact":
-            return self.exact_gradient(x_train, y_train, x_val, y_val, learning_rate)
-        terms = self.finite_difference_terms(x_train, y_train, x_val, y_val, learning_rate)
+            return self.exact_gradient(x_train, y_train, x_val, y_val, learning_rate, weights)
+        terms = self.finite_difference_terms(x_train, y_train, x_val, y_val, learning_rate, weights)
         return terms["gradient"], terms["val_loss"], terms["val_accuracy"]
 
     # -- steps ------------------------------------------------------------------
-    def weight_step(self, x_train, y_train, learning_rate):
-        with tf.GradientTape() as tape:
-            logits = self.model(x_train, training=True)
-            loss = cross_entropy(y_train, logits)
-        gradients = tape.gradient(loss, self.weight_vars)
+    def weight_step(self, x_train, y_train, learning_rate, weights=None):
+        weights = self.current_weights() if weights is None else weights
+        loss, acc, gradients, _ = self.gradients_at(weights, self.current_alphas(), x_train, y_train)
         norm = self.weights_optimizer.apply(gradients, learning_rate)
-        return loss, accuracy(y_train, logits), norm
+        return loss, acc, norm
 
     def iteration(self, order, mode, x_train, y_train, x_val, y_val, weights_lr, arch_lr):
         """Alpha step then weight step on the same train batch; returns the metrics."""
-        arch_grad, val_loss, val_acc = self.arch_gradient(order, mode, x_train, y_train, x_val, y_val, weights_lr)
+        weights = self.current_weights()  # unchanged by the alpha step: read once
+        arch_grad, val_loss, val_acc = self.arch_gradient(
+            order, mode, x_train, y_train, x_val, y_val, weights_lr, weights
+        )
         self.arch_optimizer.apply(arch_grad, arch_lr)
-        train_loss, train_acc, grad_norm = self.weight_step(x_train, y_train, weights_lr)
+        # The weight step reads the alphas after their update (automatic control dependencies).
+        train_loss, train_acc, grad_norm = self.weight_step(x_train, y_train, weights_lr, weights)
         return {
             "train_loss": train_loss,
             "train_accuracy": train_acc,
@@ -167,10 +206,11 @@ class Bilevel:
             "grad_norm": grad_norm,
         }
 
-    def compiled_iteration(self, order, mode, image_shape, label_dtype=tf.int32):
-        """The iteration as one ``tf.function``, traced once (batch size left open)."""
-        images = tf.TensorSpec((None, *image_shape), tf.float32)
-        labels = tf.TensorSpec((None,), label_dtype)
+    def compiled_iteration(self, order, mode):
+        """The whole iteration as one ``tf.function``, traced once (batch size left open)."""
+        dtype = self.arch_vars[0].dtype
+        images = tf.TensorSpec((None, *self.model.image_shape), dtype)
+        labels = tf.TensorSpec((None,), tf.int32)
         scalar = tf.TensorSpec((), tf.float32)
 
         @tf.function(input_signature=[images, labels, images, labels, scalar, scalar])
@@ -179,15 +219,8 @@ class Bilevel:
 
         return step
 
-    def compiled_evaluation(self, image_shape, label_dtype=tf.int32):
-        images = tf.TensorSpec((None, *image_shape), tf.float32)
-        labels = tf.TensorSpec((None,), label_dtype)
-
-        @tf.function(input_signature=[images, labels])
-        def evaluate(x, y):
-            logits = self.model(x, training=True)
-            return cross_entropy(y, logits) * tf.cast(tf.shape(y)[0], tf.float32), tf.reduce_sum(
-                tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
-            )
-
-        return evaluate
+    def evaluate_batch(self, x, y):
+        """Summed loss and number correct on one batch (training-mode BN, as in search)."""
+        loss, acc = self.loss_at(self.current_weights(), self.current_alphas(), x, y)
+        count = tf.cast(tf.shape(y)[0], tf.float32)
+        return loss * count, acc * count

@@ -32,8 +32,15 @@ def cosine_learning_rate(epoch, epochs, maximum, minimum):
 def clip_by_global_norm(gradients, max_norm):
     """PyTorch's ``clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``."""
     norm = tf.linalg.global_norm(gradients)
-    scale = tf.minimum(1.0, max_norm / (norm + 1e-6))
-    return [g * tf.cast(scale, g.dtype) for g in gradients], norm
+    scale = tf.cast(tf.minimum(1.0, max_norm / (norm + 1e-6)), gradients[0].dtype)
+    return [g * scale for g in gradients], norm
+
+
+def scalar(value, dtype):
+    """``value`` as a scalar tensor of ``dtype``; Python numbers go straight to it, not via float32."""
+    if isinstance(value, (int, float)):
+        return tf.constant(value, dtype)
+    return tf.cast(value, dtype)
 
 
 def _dense(gradients, variables):
@@ -83,15 +90,16 @@ class CoupledSGD(_Optimizer):
             gradients, norm = clip_by_global_norm(gradients, self.grad_clip)
         else:
             norm = tf.linalg.global_norm(gradients)
+        # Scalars are made once, not once per variable: a supernet has >1000 variables.
+        dtype = self.variables_list[0].dtype
+        lr = scalar(learning_rate, dtype)
+        momentum = tf.constant(self.momentum, dtype)
+        decay = tf.constant(self.weight_decay, dtype)
         for variable, gradient, buffer in zip(self.variables_list, gradients, self.momentum_buffers):
-            direction = gradient + self.weight_decay * variable if self.weight_decay else gradient
+            direction = gradient + decay * variable if self.weight_decay else gradient
             # One fused kernel: buffer <- momentum * buffer + direction; w <- w - lr * buffer.
             tf.raw_ops.ResourceApplyMomentum(
-                var=variable.handle,
-                accum=buffer.handle,
-                lr=tf.cast(learning_rate, variable.dtype),
-                grad=direction,
-                momentum=tf.cast(self.momentum, variable.dtype),
+                var=variable.handle, accum=buffer.handle, lr=lr, grad=direction, momentum=momentum
             )
         self.iterations.assign_add(1)
         return norm
@@ -103,10 +111,11 @@ class CoupledSGD(_Optimizer):
         """
         self._check(gradients)
         gradients = _dense(gradients, self.variables_list)
-        return [
-            w - tf.cast(learning_rate, w.dtype) * (self.momentum * m + g + self.weight_decay * w)
-            for w, g, m in zip(values, gradients, self.momentum_buffers)
-        ]
+        dtype = self.variables_list[0].dtype
+        lr = scalar(learning_rate, dtype)
+        momentum = tf.constant(self.momentum, dtype)
+        decay = tf.constant(self.weight_decay, dtype)
+        return [w - lr * (momentum * m + g + decay * w) for w, g, m in zip(values, gradients, self.momentum_buffers)]
 
 
 class CoupledAdam(_Optimizer):
@@ -129,15 +138,18 @@ class CoupledAdam(_Optimizer):
         self._check(gradients)
         gradients = _dense(gradients, self.variables_list)
         step = self.iterations.assign_add(1)
-        t = tf.cast(step, tf.float32)
-        correction_1 = 1.0 - tf.pow(self.beta_1, t)
-        correction_2 = 1.0 - tf.pow(self.beta_2, t)
+        dtype = self.variables_list[0].dtype
+        t = tf.cast(step, dtype)
+        beta_1 = tf.constant(self.beta_1, dtype)
+        beta_2 = tf.constant(self.beta_2, dtype)
+        decay = tf.constant(self.weight_decay, dtype)
+        step_size = scalar(learning_rate, dtype) / (1.0 - tf.pow(beta_1, t))
+        root_correction_2 = tf.sqrt(1.0 - tf.pow(beta_2, t))
         for variable, gradient, m1, m2 in zip(
             self.variables_list, gradients, self.first_moments, self.second_moments
         ):
-            direction = gradient + self.weight_decay * variable
-            m1.assign(self.beta_1 * m1 + (1.0 - self.beta_1) * direction)
-            m2.assign(self.beta_2 * m2 + (1.0 - self.beta_2) * tf.square(direction))
-            denominator = tf.sqrt(m2) / tf.cast(tf.sqrt(correction_2), m2.dtype) + self.epsilon
-            variable.assign_sub(tf.cast(learning_rate / correction_1, variable.dtype) * m1 / denominator)
+            direction = gradient + decay * variable
+            m1.assign(beta_1 * m1 + (1.0 - beta_1) * direction)
+            m2.assign(beta_2 * m2 + (1.0 - beta_2) * tf.square(direction))
+            variable.assign_sub(step_size * m1 / (tf.sqrt(m2) / root_correction_2 + self.epsilon))
         return tf.linalg.global_norm(gradients)

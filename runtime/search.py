@@ -78,8 +78,8 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
         "+".join(str(tuple(v.shape)) for v in bilevel.arch_vars), config.order,
         f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs, steps,
     )
-    step = bilevel.compiled_iteration(config.order, config.second_order_mode, data.image_shape)
-    evaluate = bilevel.compiled_evaluation(data.image_shape)
+    step = bilevel.compiled_iteration(config.order, config.second_order_mode)
+    evaluate = bilevel.evaluate_batch
     weights_cfg = config.weights_optimizer
     history = []
     derived = None

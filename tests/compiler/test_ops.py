@@ -1,0 +1,142 @@
+"""The DARTS ops: shapes, parameter counts by hand, and the reference's padding semantics."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_darts.compiler import build_op
+from keras_darts.compiler.ops import FactorizedReduce, ReLUConvBN, batch_normalize
+from keras_darts.spec import DARTS_CONV_OPERATIONS
+
+
+def trainable(layer):
+    return sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
+
+
+@pytest.mark.parametrize("name", DARTS_CONV_OPERATIONS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [8, 7])
+def test_output_shapes(name, stride, size):
+    if name == "skip_connect" and stride == 2 and size % 2:
+        pytest.skip("the factorized reduce needs an even size (the spec checks refuse odd sizes)")
+    op = build_op(name, 6, stride, affine=True, layer_name=f"op_{name}")
+    x = np.random.default_rng(0).normal(size=(2, size, size, 6)).astype("float32")
+    out = op(x, training=True)
+    expected = -(-size // stride)  # ceil
+    assert tuple(out.shape) == (2, expected, expected, 6)
+
+
+@pytest.mark.parametrize(
+    "name, affine, expected",
+    [
+        # sep_conv_3x3 on C=4: depthwise 3*3*4, pointwise 4*4, BN 2*4, twice.
+        ("sep_conv_3x3", True, 2 * (3 * 3 * 4 + 4 * 4 + 2 * 4)),
+        ("sep_conv_3x3", False, 2 * (3 * 3 * 4 + 4 * 4)),
+        ("sep_conv_5x5", True, 2 * (5 * 5 * 4 + 4 * 4 + 2 * 4)),
+        # dil_conv_5x5: one depthwise 5x5, pointwise, BN.
+        ("dil_conv_5x5", True, 5 * 5 * 4 + 4 * 4 + 2 * 4),
+        ("dil_conv_3x3", False, 3 * 3 * 4 + 4 * 4),
+        ("max_pool_3x3", True, 0),
+        ("avg_pool_3x3", True, 0),
+        ("skip_connect", True, 0),
+        ("none", True, 0),
+    ],
+)
+def test_parameter_counts(name, affine, expected):
+    op = build_op(name, 4, 1, affine=affine, layer_name="op")
+    op(np.zeros((1, 8, 8, 4), "float32"), training=True)
+    assert trainable(op) == expected
+
+
+def test_factorized_reduce_and_preprocessing_counts():
+    reduce = FactorizedReduce(4, affine=True, name="fr")
+    out = reduce(np.ones((2, 8, 8, 6), "float32"), training=True)
+    assert tuple(out.shape) == (2, 4, 4, 4)
+    assert trainable(reduce) == 2 * (6 * 2) + 2 * 4  # two 1x1 convs 6->2, BN on 4
+    pre = ReLUConvBN(4, affine=False, name="pre")
+    pre(np.ones((2, 8, 8, 6), "float32"), training=True)
+    assert trainable(pre) == 6 * 4
+
+
+def test_factorized_reduce_uses_both_pixel_offsets():
+    reduce = FactorizedReduce(2, affine=False, name="fr_offsets")
+    reduce.build((1, 4, 4, 1))
+    reduce.kernel_1.assign(np.ones((1, 1, 1, 1), "float32"))
+    reduce.kernel_2.assign(np.ones((1, 1, 1, 1), "float32"))
+    x = np.arange(16, dtype="float32").reshape(1, 4, 4, 1)
+    # Raw convolutions before BN: left samples (0,0),(0,2)..; right samples (1,1),(1,3)...
+    import keras.ops as ops
+
+    left = ops.conv(x, reduce.kernel_1, strides=2)
+    right = ops.conv(x[:, 1:, 1:, :], reduce.kernel_2, strides=2)
+    np.testing.assert_array_equal(np.asarray(left)[0, :, :, 0], [[0, 2], [8, 10]])
+    np.testing.assert_array_equal(np.asarray(right)[0, :, :, 0], [[5, 7], [13, 15]])
+
+
+def _reference_pool(x, stride, reduce):
+    """3x3 pooling with padding 1 on both sides, padded cells ignored (numpy, one channel)."""
+    size = x.shape[0]
+    out = -(-size // stride)
+    result = np.zeros((out, out))
+    for i in range(out):
+        for j in range(out):
+            r0, c0 = i * stride - 1, j * stride - 1
+            window = x[max(r0, 0):r0 + 3, max(c0, 0):c0 + 3]
+            result[i, j] = reduce(window)
+    return result
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name, reduce", [("avg_pool_3x3", np.mean), ("max_pool_3x3", np.max)])
+def test_pooling_matches_the_reference_padding(name, reduce, stride):
+    x = np.random.default_rng(1).normal(size=(6, 6)).astype("float32")
+    op = build_op(name, 1, stride, affine=True, layer_name="pool")
+    out = np.asarray(op(x[None, :, :, None]))[0, :, :, 0]
+    np.testing.assert_allclose(out, _reference_pool(x, stride, reduce), rtol=1e-6, atol=1e-6)
+
+
+def test_search_flavour_pools_are_followed_by_batch_norm():
+    op = build_op("avg_pool_3x3", 3, 1, affine=False, layer_name="pool_bn", search=True)
+    out = np.asarray(op(np.random.default_rng(2).normal(3.0, 2.0, size=(4, 6, 6, 3)).astype("float32")))
+    np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.var(axis=(0, 1, 2)), 1.0, atol=1e-3)
+    assert trainable(op) == 0
+
+
+def test_fused_and_formula_batch_norm_agree():
+    x = np.random.default_rng(3).normal(2.0, 3.0, size=(4, 5, 5, 3))
+    fused = batch_normalize(x.astype("float32"))
+    formula = batch_normalize(x.astype("float64"))  # float64 takes the formula path
+    for a, b in zip(fused, formula):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    n = 4 * 5 * 5
+    np.testing.assert_allclose(np.asarray(formula[2]), x.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-10)
+
+
+def test_derived_flavour_keeps_running_statistics():
+    op = build_op("sep_conv_3x3", 2, 1, affine=True, layer_name="sep")
+    x = np.random.default_rng(4).normal(size=(3, 6, 6, 2)).astype("float32")
+    op(x, training=True)
+    moving = [v for v in op.non_trainable_variables if "moving_mean" in v.path]
+    assert len(moving) == 2 and np.any(np.asarray(moving[0]) != 0.0)
+    inference = np.asarray(op(x, training=False))
+    assert np.all(np.isfinite(inference))
+
+
+def test_register_a_custom_op():
+    from keras_darts.compiler import register_op
+    from keras_darts.spec import known_conv_operations
+
+    @keras.saving.register_keras_serializable(package="tests")
+    class Conv1x1(keras.layers.Layer):
+        def __init__(self, channels, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv2D(channels, 1, name=f"{self.name}__conv")
+
+        def call(self, x, training=None):
+            return self.conv(x)
+
+    register_op("conv_1x1", lambda c, s, a, n: Conv1x1(c, name=n) if s == 1 else FactorizedReduce(c, s, a, name=n))
+    assert "conv_1x1" in known_conv_operations()
+    op = build_op("conv_1x1", 4, 1, affine=False, layer_name="custom")
+    assert tuple(op(np.zeros((1, 4, 4, 4), "float32")).shape) == (1, 4, 4, 4)

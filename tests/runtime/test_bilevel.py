@@ -1,0 +1,174 @@
+"""Second order is second order: the bilevel gradients against independent computations (float64)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_darts as kd
+from keras_darts.runtime.bilevel import Bilevel, cross_entropy
+from keras_darts.runtime.optimizers import CoupledAdam, CoupledSGD
+from tests.conftest import tiny_spec_document
+
+ETA = 0.05
+
+
+@pytest.fixture
+def float64():
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+
+
+def make_bilevel(grad_clip=5.0, seed=0):
+    # No max-pool: its kinks would spoil the finite-difference reference.
+    document = tiny_spec_document(operations=["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"])
+    spec = kd.load_spec(document)
+    keras.utils.set_random_seed(seed)
+    model = kd.build_supernet(spec, seed=seed)
+    for alpha in model.arch_variables:  # alphas far enough from uniform that ops differ
+        alpha.assign(np.random.default_rng(seed).normal(0, 0.5, size=alpha.shape))
+    return Bilevel(
+        model,
+        CoupledSGD(model.weight_variables, 0.9, 3e-4, grad_clip),
+        CoupledAdam(model.arch_variables, 0.5, 0.999, 1e-8, 1e-3),
+        hvp_epsilon=0.01,
+    )
+
+
+def batches(dtype="float64", seed=0):
+    rng = np.random.default_rng(seed)
+    make = lambda: (tf.constant(rng.normal(size=(6, 8, 8, 1)), dtype), tf.constant(rng.integers(0, 10, 6), tf.int32))
+    return make(), make()
+
+
+def eager_gradients(model, x, y, variables):
+    with tf.GradientTape() as tape:
+        loss = cross_entropy(y, model(x, training=True))
+    return [np.zeros(v.shape) if g is None else g.numpy() for g in tape.gradient(loss, variables)]
+
+
+def assign(variables, values):
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+
+
+def test_finite_difference_gradient_is_the_papers_formula(float64):
+    bilevel = make_bilevel()
+    model = bilevel.model
+    (xt, yt), (xv, yv) = batches()
+    bilevel.weight_step(xt, yt, ETA)  # a real step first, so the momentum term is not zero
+    terms = bilevel.finite_difference_terms(xt, yt, xv, yv, ETA)
+
+    # The formula, computed independently: eager passes on the model's own variables.
+    weights, alphas = bilevel.weight_vars, bilevel.arch_vars
+    w0 = [v.numpy() for v in weights]
+    momentum = [b.numpy() for b in bilevel.weights_optimizer.momentum_buffers]
+    gw = eager_gradients(model, xt, yt, weights)
+    unrolled = [w - ETA * (0.9 * m + g + 3e-4 * w) for w, m, g in zip(w0, momentum, gw)]
+    assign(weights, unrolled)
+    v = eager_gradients(model, xv, yv, weights)
+    g1 = eager_gradients(model, xv, yv, alphas)
+    radius = 0.01 / np.sqrt(sum(float((d**2).sum()) for d in v))
+    assign(weights, [w + radius * d for w, d in zip(w0, v)])
+    plus = eager_gradients(model, xt, yt, alphas)
+    assign(weights, [w - radius * d for w, d in zip(w0, v)])
+    minus = eager_gradients(model, xt, yt, alphas)
+    assign(weights, w0)
+    expected = [a - ETA * (p - m) / (2 * radius) for a, p, m in zip(g1, plus, minus)]
+
+    for got, want in zip(terms["gradient"], expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-7, atol=1e-12)
+    for got, want in zip(terms["unrolled"], unrolled):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-14)
+    assert float(terms["radius"]) == pytest.approx(radius, rel=1e-10)
+
+
+def test_perturbed_gradients_differ_so_second_order_is_not_first_order(float64):
+    bilevel = make_bilevel()
+    (xt, yt), (xv, yv) = batches()
+    terms = bilevel.finite_difference_terms(xt, yt, xv, yv, ETA)
+    plus = np.concatenate([g.numpy().ravel() for g in terms["grad_plus"]])
+    minus = np.concatenate([g.numpy().ravel() for g in terms["grad_minus"]])
+    assert np.max(np.abs(plus - minus)) > 1e-6 * np.max(np.abs(plus))
+    first, _, _ = bilevel.first_order_gradient(xv, yv)
+    second = np.concatenate([g.numpy().ravel() for g in terms["gradient"]])
+    first = np.concatenate([g.numpy().ravel() for g in first])
+    assert not np.allclose(first, second, rtol=1e-3)
+
+
+def test_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64):
+    bilevel = make_bilevel(seed=1)
+    model = bilevel.model
+    (xt, yt), (xv, yv) = batches(seed=1)
+    bilevel.weight_step(xt, yt, ETA)
+    exact, _, _ = bilevel.exact_gradient(xt, yt, xv, yv, ETA)
+
+    weights, alphas = bilevel.weight_vars, bilevel.arch_vars
+    w0 = [v.numpy() for v in weights]
+    a0 = [a.numpy() for a in alphas]
+    momentum = [b.numpy() for b in bilevel.weights_optimizer.momentum_buffers]
+
+    def unrolled_validation_loss(alpha_values):
+        assign(alphas, alpha_values)
+        gw = eager_gradients(model, xt, yt, weights)
+        assign(weights, [w - ETA * (0.9 * m + g + 3e-4 * w) for w, m, g in zip(w0, momentum, gw)])
+        loss = float(cross_entropy(yv, model(xv, training=True)))
+        assign(weights, w0)
+        assign(alphas, a0)
+        return loss
+
+    rng = np.random.default_rng(0)
+    h = 1e-6
+    for _ in range(8):
+        t = int(rng.integers(len(alphas)))
+        index = tuple(int(rng.integers(n)) for n in a0[t].shape)
+        up = [a.copy() for a in a0]
+        down = [a.copy() for a in a0]
+        up[t][index] += h
+        down[t][index] -= h
+        numeric = (unrolled_validation_loss(up) - unrolled_validation_loss(down)) / (2 * h)
+        assert exact[t].numpy()[index] == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def test_virtual_step_is_the_next_real_sgd_iterate_without_clipping(float64):
+    bilevel = make_bilevel(grad_clip=None)
+    (xt, yt), _ = batches()
+    bilevel.weight_step(xt, yt, ETA)
+    virtual = bilevel.virtual_weights(xt, yt, ETA)
+    bilevel.weight_step(xt, yt, ETA)
+    for variable, value in zip(bilevel.weight_vars, virtual):
+        np.testing.assert_allclose(variable.numpy(), value.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_each_optimiser_updates_only_its_own_variables():
+    bilevel = make_bilevel()
+    (xt, yt), (xv, yv) = batches("float32")
+    snapshot = lambda vs: [v.numpy().copy() for v in vs]
+    weights, alphas = snapshot(bilevel.weight_vars), snapshot(bilevel.arch_vars)
+    gradient, _, _ = bilevel.first_order_gradient(xv, yv)
+    bilevel.arch_optimizer.apply(gradient, 3e-4)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(weights, bilevel.weight_vars))
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(alphas, bilevel.arch_vars))
+    alphas = snapshot(bilevel.arch_vars)
+    bilevel.weight_step(xt, yt, ETA)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(alphas, bilevel.arch_vars))
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(weights, bilevel.weight_vars))
+    model = bilevel.model
+    with pytest.raises(ValueError, match="weights optimiser must be built on the model's weight variables"):
+        Bilevel(model, CoupledSGD(model.trainable_variables), CoupledAdam(model.arch_variables))
+
+
+def test_the_iteration_is_traced_once_and_takes_the_alpha_step_first():
+    bilevel = make_bilevel()
+    step = bilevel.compiled_iteration("second", "finite_difference")
+    (xt, yt), (xv, yv) = batches("float32")
+    before = [a.numpy().copy() for a in bilevel.arch_vars]
+    step(xt, yt, xv, yv, tf.constant(ETA, tf.float32), tf.constant(3e-4, tf.float32))
+    step(xt[:4], yt[:4], xv[:5], yv[:5], tf.constant(0.02, tf.float32), tf.constant(3e-4, tf.float32))
+    assert step.experimental_get_tracing_count() == 1
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, bilevel.arch_vars))
+    assert int(bilevel.arch_optimizer.iterations.numpy()) == 2
+    assert int(bilevel.weights_optimizer.iterations.numpy()) == 2

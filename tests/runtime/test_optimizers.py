@@ -1,0 +1,70 @@
+"""The reference optimiser semantics against plain numpy statements of them."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_darts.runtime.optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
+
+
+def test_cosine_schedule_is_the_reference_one():
+    # lr_e = 0.001 + 0.012 * (1 + cos(pi e / 50)) for the search defaults.
+    for epoch in (0, 1, 25, 49):
+        expected = 0.001 + 0.012 * (1 + math.cos(math.pi * epoch / 50))
+        assert cosine_learning_rate(epoch, 50, 0.025, 0.001) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sgd_has_pytorch_momentum_coupled_decay_and_clipping():
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(3, 2)), rng.normal(size=(4,))]
+    variables = [tf.Variable(w, dtype=tf.float64) for w in start]
+    optimizer = CoupledSGD(variables, momentum=0.9, weight_decay=0.01, grad_clip=1.0)
+    weights = [w.copy() for w in start]
+    buffers = [np.zeros_like(w) for w in start]
+    for lr in (0.1, 0.05, 0.02):  # the learning rate changes between steps, as per epoch
+        grads = [rng.normal(size=w.shape) * 3 for w in start]
+        norm = math.sqrt(sum(float((g**2).sum()) for g in grads))
+        scale = min(1.0, 1.0 / (norm + 1e-6))
+        for i in range(2):
+            direction = grads[i] * scale + 0.01 * weights[i]
+            buffers[i] = 0.9 * buffers[i] + direction
+            weights[i] = weights[i] - lr * buffers[i]
+        reported = optimizer.apply([tf.constant(g) for g in grads], lr)
+        assert float(reported) == pytest.approx(norm, rel=1e-12)
+        for variable, expected in zip(variables, weights):
+            np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-12)
+
+
+def test_sgd_virtual_step_does_not_touch_variables():
+    variables = [tf.Variable([1.0, 2.0], dtype=tf.float64)]
+    optimizer = CoupledSGD(variables, momentum=0.9, weight_decay=0.1, grad_clip=None)
+    optimizer.momentum_buffers[0].assign([1.0, 1.0])
+    virtual = optimizer.virtual_step([variables[0].value()], [tf.constant([0.5, 0.5], tf.float64)], 0.1)
+    # w - lr (0.9 m + g + wd w): 1 - 0.1 (0.9 + 0.5 + 0.1) = 0.85; 2 - 0.1 (0.9 + 0.5 + 0.2) = 1.84
+    np.testing.assert_allclose(virtual[0].numpy(), [0.85, 1.84], rtol=1e-12)
+    np.testing.assert_array_equal(variables[0].numpy(), [1.0, 2.0])
+    np.testing.assert_array_equal(optimizer.momentum_buffers[0].numpy(), [1.0, 1.0])
+
+
+def test_adam_has_pytorch_epsilon_and_coupled_decay():
+    rng = np.random.default_rng(1)
+    start = rng.normal(size=(5, 3)) * 1e-3
+    variable = tf.Variable(start, dtype=tf.float64)
+    optimizer = CoupledAdam([variable], beta_1=0.5, beta_2=0.999, epsilon=1e-8, weight_decay=1e-3)
+    a, m1, m2 = start.copy(), np.zeros_like(start), np.zeros_like(start)
+    for t in range(1, 4):
+        g = rng.normal(size=start.shape) * 1e-4
+        d = g + 1e-3 * a
+        m1 = 0.5 * m1 + 0.5 * d
+        m2 = 0.999 * m2 + 0.001 * d * d
+        a = a - 3e-4 / (1 - 0.5**t) * m1 / (np.sqrt(m2) / math.sqrt(1 - 0.999**t) + 1e-8)
+        optimizer.apply([tf.constant(g)], 3e-4)
+        np.testing.assert_allclose(variable.numpy(), a, rtol=1e-9)
+
+
+def test_optimisers_refuse_gradients_for_other_variables():
+    optimizer = CoupledSGD([tf.Variable([1.0])])
+    with pytest.raises(ValueError, match="was built on 1 variables. Received: 2 gradients"):
+        optimizer.apply([tf.constant([1.0]), tf.constant([1.0])], 0.1)

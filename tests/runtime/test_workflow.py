@@ -1,0 +1,119 @@
+"""A real search on built-in data, retraining, SavedModel export, and the CLI around them."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+import keras_darts as kd
+from keras_darts.runtime.cli import compile_and_search_main, main
+from keras_darts.spec import dump_yaml
+from tests.conftest import tiny_spec_document
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One complete compile-and-search run of the tiny spec on scikit-learn's digits."""
+    folder = tmp_path_factory.mktemp("run")
+    spec_path = folder / "tiny.yaml"
+    spec_path.write_text(dump_yaml(tiny_spec_document()))
+    run_dir = folder / "out"
+    code = compile_and_search_main([str(spec_path), "--run-dir", str(run_dir), "--no-progress"])
+    return code, spec_path, run_dir
+
+
+def test_compile_and_search_leaves_every_artifact(finished_run):
+    code, _, run_dir = finished_run
+    assert code == 0
+    for item in ("spec.yaml", "data.json", "derived.yaml", "search/history.json", "search/history.csv",
+                 "search/alphas.npz", "search/derived/epoch_001.yaml", "search/derived/epoch_002.yaml",
+                 "retrain/model.keras", "retrain/metrics.json", "export/saved_model/saved_model.pb"):
+        assert (run_dir / item).exists(), item
+
+
+def test_search_lowers_validation_loss_and_writes_a_valid_derived_spec(finished_run):
+    _, _, run_dir = finished_run
+    history = json.loads((run_dir / "search" / "history.json").read_text())
+    assert len(history) == 2
+    assert history[1]["val_loss"] < history[0]["val_loss"]
+    derived = kd.load_derived(str(run_dir / "derived.yaml"))  # validates against the schema
+    document = yaml.safe_load((run_dir / "derived.yaml").read_text())
+    assert document["origin"]["epoch"] == 2
+    assert document["origin"]["spec_name"] == "tiny"
+    final = np.load(run_dir / "search" / "alphas.npz")
+    np.testing.assert_allclose(np.asarray(document["origin"]["alphas"]["normal"]), final["normal"], rtol=1e-6)
+    # The derived cell is the derivation rule applied to the final alphas.
+    rederived = kd.derive_genotype({t: final[t] for t in ("normal", "reduce")}, derived.operations, 2, 2)
+    assert rederived == dict(derived.cells)
+
+
+def test_retrained_model_is_well_above_chance_and_exported_model_agrees(finished_run):
+    _, _, run_dir = finished_run
+    metrics = json.loads((run_dir / "retrain" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.2  # ten classes: chance is 0.1
+    import keras
+
+    from keras_darts.runtime.export import verify_saved_model
+
+    model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras"))
+    info = json.loads((run_dir / "data.json").read_text())
+    images = np.random.default_rng(0).uniform(0, 1, (5, 8, 8, 1)).astype("float32")
+    difference = verify_saved_model(str(run_dir / "export" / "saved_model"), model, images,
+                                    np.asarray(info["mean"], "float32"), np.asarray(info["std"], "float32"))
+    assert difference < 1e-5
+
+
+def test_existing_run_directory_is_not_touched(finished_run, capsys):
+    _, spec_path, run_dir = finished_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    code = compile_and_search_main([str(spec_path), "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --run-dir: {run_dir} already holds a run (")
+    assert "Traceback" not in err
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_bad_spec_exits_2_with_one_line_per_problem(tmp_path, capsys):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("version: 1\nname: bad\nsearch_space: {kind: conv_cell, k: 0, operations: [sep_conv_3x4]}\n")
+    run_dir = tmp_path / "run"
+    code = compile_and_search_main([str(spec), "--run-dir", str(run_dir)])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: {spec}: $.search_space.operations[0]: unknown operation 'sep_conv_3x4'; known operations: none, "
+        "max_pool_3x3, avg_pool_3x3, skip_connect, sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5 "
+        "(did you mean 'sep_conv_3x3'?)\n"
+        f"{spec}: $.search_space.k: expected k >= 1, got 0\n"
+    )
+    assert not run_dir.exists()
+
+
+def test_data_that_does_not_fit_the_spec_exits_2(tmp_path, capsys):
+    document = tiny_spec_document(network={"init_channels": 4, "layers": 3, "input_shape": [16, 16, 1],
+                                           "num_classes": 10})
+    spec = tmp_path / "mismatch.yaml"
+    spec.write_text(dump_yaml(document))
+    code = compile_and_search_main([str(spec), "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: {spec}: $.search_space.network.input_shape is [16, 16, 1] but digits images are [8, 8, 1]; "
+        "set input_shape to [8, 8, 1]\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_and_show(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(dump_yaml(tiny_spec_document()))
+    assert main(["validate", str(spec), "--set", "search.epochs=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"{spec}: valid" in out and "search: 4 epochs, second order" in out
+    assert main(["show", "DARTS_V2"]) == 0
+    out = capsys.readouterr().out
+    assert "node 5: skip_connect <- 0, dil_conv_3x3 <- 2" in out
+    assert "parameters: 3349342 (auxiliary head excluded)" in out
+    assert main(["validate", str(spec), "--set", "search.order=third"]) == 2
+    assert capsys.readouterr().err == f"error: {spec}: $.search.order: expected one of 'first', 'second'; got 'third'\n"
