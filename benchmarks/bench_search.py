@@ -1,0 +1,156 @@
+"""Time and memory of DARTS search iterations, measured in one run.
+
+For each configuration (SMALL: C=8, 5 cells, batch 16; PAPER: C=16, 8 cells,
+batch 64; both 32x32x3 inputs, 10 classes, the eight DARTS ops) and each mode
+(a plain forward+backward of the supernet, a first-order iteration, a
+second-order iteration by finite differences and exactly), a fresh Python
+process builds the supernet, runs warm-up iterations, then times iterations
+on synthetic inputs. It prints the median seconds per iteration, each mode's
+ratio to the plain forward+backward of the same configuration, the first-call
+(trace and graph optimisation) time and the process's peak resident memory;
+it writes everything, with the machine, to JSON.
+
+    python benchmarks/bench_search.py                     # SMALL and PAPER
+    python benchmarks/bench_search.py --configs SMALL --iterations 5
+
+Run it alone: other TensorFlow processes on the same cores make the figures
+worthless.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "SMALL": {"init_channels": 8, "layers": 5, "batch": 16},
+    "PAPER": {"init_channels": 16, "layers": 8, "batch": 64},
+}
+MODES = ["forward_backward", "first_order", "second_order_fd", "second_order_exact"]
+# The reference implementation measured on a machine of this kind (seconds per iteration).
+REFERENCE = {
+    "SMALL": {"forward_backward": 1.0, "first_order": 2.0, "second_order_fd": 4.5},
+    "PAPER": {"forward_backward": 9.9, "first_order": 21.2, "second_order_fd": 47.6},
+}
+
+
+def measure(config_name, mode, warmup, iterations):
+    """Runs inside the child process."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    import keras_darts as kd
+    from keras_darts.runtime.bilevel import cross_entropy
+    from keras_darts.runtime.search import build_search
+
+    config = CONFIGS[config_name]
+    spec = kd.load_spec({
+        "version": 1, "name": "bench",
+        "search_space": {"kind": "conv_cell", "network": {
+            "init_channels": config["init_channels"], "layers": config["layers"],
+            "input_shape": [32, 32, 3], "num_classes": 10}},
+        "retrain": {"enabled": False},
+    })
+    bilevel = build_search(spec)
+    batch = config["batch"]
+    x = tf.random.normal((batch, 32, 32, 3))
+    y = tf.random.uniform((batch,), 0, 10, tf.int32)
+    lr = tf.constant(0.025, tf.float32)
+    arch_lr = tf.constant(3e-4, tf.float32)
+    model = bilevel.model
+    if mode == "forward_backward":
+        @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3)), tf.TensorSpec((None,), tf.int32)])
+        def run(x, y):
+            with tf.GradientTape() as tape:
+                loss = cross_entropy(y, model(x, training=True))
+            return tape.gradient(loss, model.trainable_variables)
+
+        call = lambda: run(x, y)
+    else:
+        order = "first" if mode == "first_order" else "second"
+        step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
+        call = lambda: step(x, y, x, y, lr, arch_lr)
+
+    def timed():
+        started = time.perf_counter()
+        result = call()
+        tf.nest.map_structure(lambda t: t.numpy(), result)
+        return time.perf_counter() - started
+
+    first_call = timed()
+    for _ in range(warmup - 1):
+        timed()
+    times = [timed() for _ in range(iterations)]
+    tracing = getattr(run if mode == "forward_backward" else step, "experimental_get_tracing_count")()
+    return {
+        "config": config_name,
+        "mode": mode,
+        "median_seconds": statistics.median(times),
+        "times": times,
+        "first_call_seconds": first_call,
+        "traces": tracing,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def machine():
+    import tensorflow as tf
+
+    return {
+        "cores": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "devices": [d.device_type for d in tf.config.list_physical_devices()],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--output", default="benchmarks/results.json")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations)))
+        return
+    results = []
+    for config in args.configs:
+        for mode in args.modes:
+            command = [sys.executable, __file__, "--child", config, mode,
+                       "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            if done.returncode != 0:
+                print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"measured {config} {mode}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
+    report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE}
+    header = f"{'config':7s} {'mode':20s} {'s/iter':>8s} {'x fwd+bwd':>9s} {'reference':>9s} {'x faster':>8s} " \
+             f"{'first call':>10s} {'peak GiB':>8s}"
+    print(header)
+    for row in results:
+        base = next((r["median_seconds"] for r in results
+                     if r["config"] == row["config"] and r["mode"] == "forward_backward"), None)
+        ratio = f"{row['median_seconds'] / base:9.2f}" if base else f"{'-':>9s}"
+        reference = REFERENCE[row["config"]].get(row["mode"])
+        ref_text = f"{reference:9.1f}" if reference else f"{'-':>9s}"
+        faster = f"{reference / row['median_seconds']:8.2f}" if reference else f"{'-':>8s}"
+        print(f"{row['config']:7s} {row['mode']:20s} {row['median_seconds']:8.3f} {ratio} {ref_text} {faster} "
+              f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f}")
+    print(f"machine: {json.dumps(report['machine'])}")
+    with open(args.output, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"written: {args.output}")
+
+
+if __name__ == "__main__":
+    main()
