@@ -15,7 +15,12 @@ import dataclasses
 import keras
 from keras import ops
 
-from keras_darts.spec import DARTS_CONV_OPERATIONS, ZERO_OPERATION, register_conv_operation_name
+from keras_darts.spec import (
+    DARTS_CONV_OPERATIONS,
+    ZERO_OPERATION,
+    register_conv_operation_name,
+    unregister_conv_operation_name,
+)
 
 PACKAGE = "keras_darts"
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
@@ -334,6 +339,12 @@ def register_op(name, factory, batch_norm_in_search=False, parameter_free=False)
         raise ValueError(f"factory must be callable. Received: factory={factory!r}")
     register_conv_operation_name(name)
     _REGISTRY[name] = OpDefinition(name, factory, batch_norm_in_search, parameter_free)
+
+
+def unregister_op(name):
+    """Remove an op registered with ``register_op``; built-in ops stay."""
+    unregister_conv_operation_name(name)
+    _REGISTRY.pop(name, None)
 
 
 def op_definition(name):

@@ -29,8 +29,8 @@ def __getattr__(name):
     # that validating a spec stays fast.
     import importlib
 
-    if name in ("build_supernet", "build_network", "derive_genotype", "register_op", "count_parameters",
-                "derived_spec_from_search"):
+    if name in ("build_supernet", "build_network", "derive_genotype", "register_op", "unregister_op",
+                "count_parameters", "derived_spec_from_search"):
         return getattr(importlib.import_module("keras_darts.compiler"), name)
     raise AttributeError(f"module 'keras_darts' has no attribute {name!r}")
 
@@ -49,4 +49,5 @@ __all__ = [
     "load_derived",
     "load_spec",
     "register_op",
+    "unregister_op",
 ]

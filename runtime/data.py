@@ -112,7 +112,6 @@ def _tfds(config):
             config.name,
             split=["train", "test"],
             as_supervised=True,
-            batch_size=-1,
             data_dir=config.path,
             download=config.download,
         )
@@ -126,7 +125,14 @@ def _tfds(config):
         ) from None
     except ConnectionError as exc:
         raise DataError(f"data.source tfds: downloading {config.name!r} failed: {exc}") from None
-    (x_train, y_train), (x_test, y_test) = [tuple(tfds.as_numpy(part)) for part in splits]
+    def to_arrays(dataset):
+        # In batches rather than batch_size=-1, which tfds' mock data cannot serve.
+        parts = list(tfds.as_numpy(dataset.batch(4096)))
+        if not parts:
+            raise DataError(f"data.source tfds: a split of {config.name!r} is empty")
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    (x_train, y_train), (x_test, y_test) = [to_arrays(part) for part in splits]
     arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     return _from_arrays(config.name, arrays, scale=255.0 if x_train.dtype == np.uint8 else 1.0)
 

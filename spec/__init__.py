@@ -31,5 +31,11 @@ from .model import (
     reduction_positions,
     to_plain,
 )
-from .operations import DARTS_CONV_OPERATIONS, ZERO_OPERATION, known_conv_operations, register_conv_operation_name
+from .operations import (
+    DARTS_CONV_OPERATIONS,
+    ZERO_OPERATION,
+    known_conv_operations,
+    register_conv_operation_name,
+    unregister_conv_operation_name,
+)
 from .yaml_io import dump_yaml, read_yaml_file

@@ -29,6 +29,13 @@ def register_conv_operation_name(name):
     _conv_operation_names[name] = None
 
 
+def unregister_conv_operation_name(name):
+    """Forget a name added with ``register_conv_operation_name`` (built-in names stay)."""
+    if name in DARTS_CONV_OPERATIONS:
+        raise ValueError(f"Built-in ops cannot be unregistered. Received: name={name!r}")
+    _conv_operation_names.pop(name, None)
+
+
 def known_conv_operations():
     """All conv op names, built-in ones first in DARTS order."""
     return tuple(_conv_operation_names)

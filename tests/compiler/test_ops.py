@@ -4,6 +4,8 @@ import keras
 import numpy as np
 import pytest
 
+import keras_darts as kd
+
 from keras_darts.compiler import build_op
 from keras_darts.compiler.ops import FactorizedReduce, ReLUConvBN, batch_normalize
 from keras_darts.spec import DARTS_CONV_OPERATIONS
@@ -136,7 +138,18 @@ def test_register_a_custom_op():
         def call(self, x, training=None):
             return self.conv(x)
 
+    from keras_darts.compiler import unregister_op
+
     register_op("conv_1x1", lambda c, s, a, n: Conv1x1(c, name=n) if s == 1 else FactorizedReduce(c, s, a, name=n))
-    assert "conv_1x1" in known_conv_operations()
-    op = build_op("conv_1x1", 4, 1, affine=False, layer_name="custom")
-    assert tuple(op(np.zeros((1, 4, 4, 4), "float32")).shape) == (1, 4, 4, 4)
+    try:
+        assert "conv_1x1" in known_conv_operations()
+        op = build_op("conv_1x1", 4, 1, affine=False, layer_name="custom")
+        assert tuple(op(np.zeros((1, 4, 4, 4), "float32")).shape) == (1, 4, 4, 4)
+        spec = kd.load_spec({"version": 1, "name": "x", "retrain": {"enabled": False},
+                             "search_space": {"kind": "conv_cell", "operations": ["none", "conv_1x1"]}})
+        assert spec.search_space.operations == ("none", "conv_1x1")
+    finally:
+        unregister_op("conv_1x1")
+    assert "conv_1x1" not in known_conv_operations()
+    with pytest.raises(ValueError, match="Built-in ops cannot be unregistered"):
+        unregister_op("sep_conv_3x3")
