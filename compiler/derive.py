@@ -10,7 +10,7 @@ edge is listed first; the cell output concatenates all intermediate nodes.
 
 import numpy as np
 
-from keras_darts.spec import ZERO_OPERATION, CellGenotype, DerivedSpec, Edge, check_derived, derived_from_document
+from keras_darts.spec import ZERO_OPERATION, CellGenotype, Edge, derived_from_document
 
 from .graph import cell_edges
 
@@ -91,6 +91,3 @@ def derived_spec_from_search(spec, alphas, retrain=True, origin=None):
         document["origin"] = origin
     return derived_from_document(document, source=f"<derived from {spec.source}>")
 
-
-__all__ = ["derive_cell", "derive_genotype", "derived_spec_from_search", "softmax", "CellGenotype", "DerivedSpec",
-           "check_derived"]

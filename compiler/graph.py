@@ -86,4 +86,5 @@ def incoming_edges(graph, node):
 
 
 def concat_nodes(graph):
-    return sorted((u for u, _ in graph.in_edges(OUTPUT_NODE)), key=lambda n: (str(type(n)), n))
+    """The nodes the cell output concatenates, in node order."""
+    return sorted(u for u, _ in graph.in_edges(OUTPUT_NODE))

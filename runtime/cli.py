@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input (one clear message, no traceback),
 import argparse
 import logging
 import os
+import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -87,11 +88,12 @@ def cmd_retrain(args):
 
     spec = load_run_spec(args.run_dir)
     derived = load_derived(args.derived or os.path.join(args.run_dir, "derived.yaml"))
-    if os.path.exists(os.path.join(args.run_dir, "retrain")) and not args.overwrite:
-        raise RunDirectoryError(
-            f"{args.run_dir}: retrain/ exists already; pass --overwrite to replace it"
-        )
+    retrain_dir = os.path.join(args.run_dir, "retrain")
+    if os.path.exists(retrain_dir) and not args.overwrite:
+        raise RunDirectoryError(f"{args.run_dir}: retrain/ exists already; pass --overwrite to replace it")
     data = load_image_data(spec)
+    if os.path.exists(retrain_dir):
+        shutil.rmtree(retrain_dir)
     result = retrain_run(spec, derived, data, args.run_dir, progress=not args.no_progress)
     print(f"retrain: {result.parameters} parameters, test accuracy {result.test_accuracy:.4f}")
     print(f"retrained model:  {os.path.join(args.run_dir, 'retrain', 'model.keras')}")

@@ -1,7 +1,6 @@
 """The whole path for one run directory: search -> derived spec -> retrain -> SavedModel."""
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -61,10 +60,29 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
     return report
 
 
+def derived_for_run(spec, derived):
+    """``derived``'s cells stacked into the network ``spec`` retrains (its data, channels, depth, head)."""
+    from keras_darts.spec import derived_with_network
+
+    space = spec.search_space
+    return derived_with_network(
+        derived,
+        input_shape=list(space.network.input_shape),
+        num_classes=space.network.num_classes,
+        stem_multiplier=space.network.stem_multiplier,
+        reduction_cells=space.reduction_cells,
+        init_channels=spec.retrain.init_channels,
+        layers=spec.retrain.layers,
+        stem=spec.retrain.stem,
+        auxiliary=spec.retrain.auxiliary,
+        drop_path_prob=spec.retrain.drop_path_prob,
+    )
+
+
 def retrain_run(spec, derived, data, run_dir, progress=False):
     from .retrain import retrain
 
-    return retrain(spec, derived, data, run_dir=run_dir, progress=progress)
+    return retrain(spec, derived_for_run(spec, derived), data, run_dir=run_dir, progress=progress)
 
 
 def export_run(run_dir, model=None, data=None):
@@ -112,6 +130,3 @@ def summary_lines(report):
         lines.append(f"{name + ':':18s}{path}")
     return lines
 
-
-def to_json(report):
-    return json.dumps({k: v for k, v in report.artifacts.items()})

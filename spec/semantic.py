@@ -3,6 +3,7 @@
 import difflib
 
 from .errors import Problem
+from .model import reduction_positions
 from .operations import ZERO_OPERATION, known_conv_operations
 
 # The two cell inputs every intermediate node may draw from, at the least.
@@ -162,8 +163,6 @@ def search_spec_problems(spec, source):
                 for p in retrain_reductions
             ]
             if not problems:
-                from .model import reduction_positions
-
                 problems += [
                     Problem(p.source, "$.retrain", p.message)
                     for p in feature_map_problems(

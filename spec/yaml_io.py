@@ -4,7 +4,7 @@ import os
 
 import yaml
 
-from .errors import Problem, SpecError
+from .errors import SpecError
 
 # Expanded size above which a document is refused (alias bombs).
 MAX_DOCUMENT_NODES = 200_000

@@ -47,7 +47,8 @@ def batches(dtype="float64", seed=0):
 def eager_gradients(model, x, y, variables):
     with tf.GradientTape() as tape:
         loss = cross_entropy(y, model(x, training=True))
-    return [np.zeros(v.shape) if g is None else g.numpy() for g in tape.gradient(loss, variables)]
+    gradients = tape.gradient(loss, variables)
+    return [np.zeros(v.shape) if g is None else g.numpy() for g, v in zip(gradients, variables)]
 
 
 def assign(variables, values):

@@ -1,7 +1,6 @@
 """A real search on built-in data, retraining, SavedModel export, and the CLI around them."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -74,6 +73,23 @@ def test_existing_run_directory_is_not_touched(finished_run, capsys):
     assert err.startswith(f"error: --run-dir: {run_dir} already holds a run (")
     assert "Traceback" not in err
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_retrain_a_published_cell_on_the_runs_data(finished_run, capsys):
+    _, _, run_dir = finished_run
+    assert main(["retrain", str(run_dir), "--derived", "DARTS_V2", "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: {run_dir}: retrain/ exists already; pass --overwrite to replace it\n"
+    assert main(["retrain", str(run_dir), "--derived", "DARTS_V2", "--overwrite", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "retrain: " in out and "saved model:" in out
+    import keras
+
+    model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras"))
+    network = model.derived.network
+    # The published cells, in the network the run's spec retrains: 8x8x1 digits, C=4, 3 cells.
+    assert (list(network.input_shape), network.num_classes, network.init_channels, network.layers) == [
+        [8, 8, 1], 10, 4, 3]
+    assert model.derived.cells == kd.load_derived("DARTS_V2").cells
 
 
 def test_bad_spec_exits_2_with_one_line_per_problem(tmp_path, capsys):
