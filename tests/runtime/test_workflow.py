@@ -87,8 +87,8 @@ def test_retrain_a_published_cell_on_the_runs_data(finished_run, capsys):
     model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras"))
     network = model.derived.network
     # The published cells, in the network the run's spec retrains: 8x8x1 digits, C=4, 3 cells.
-    assert (list(network.input_shape), network.num_classes, network.init_channels, network.layers) == [
-        [8, 8, 1], 10, 4, 3]
+    assert (list(network.input_shape), network.num_classes, network.init_channels, network.layers) == (
+        [8, 8, 1], 10, 4, 3)
     assert model.derived.cells == kd.load_derived("DARTS_V2").cells
 
 
