@@ -89,6 +89,8 @@ def export_run(run_dir, model=None, data=None):
     """Export ``run_dir``'s retrained model as a SavedModel and verify it in a fresh process."""
     import keras
 
+    import keras_darts.compiler  # noqa: F401 - registers the custom layers model.keras refers to
+
     from .export import export_saved_model, verify_saved_model, write_signature_note
 
     info = rundir.read_json(os.path.join(run_dir, "data.json"))

@@ -1,6 +1,7 @@
 """A real search on built-in data, retraining, SavedModel export, and the CLI around them."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -62,6 +63,20 @@ def test_retrained_model_is_well_above_chance_and_exported_model_agrees(finished
     difference = verify_saved_model(str(run_dir / "export" / "saved_model"), model, images,
                                     np.asarray(info["mean"], "float32"), np.asarray(info["std"], "float32"))
     assert difference < 1e-5
+
+
+def test_export_command_in_a_fresh_process(finished_run):
+    import shutil
+    import subprocess
+    import sys
+
+    _, _, run_dir = finished_run
+    shutil.rmtree(run_dir / "export")
+    done = subprocess.run([sys.executable, "-m", "keras_darts.runtime.cli", "export", str(run_dir)],
+                          capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == f"saved model: {run_dir / 'export' / 'saved_model'}\n"
+    assert (run_dir / "export" / "saved_model" / "saved_model.pb").exists()
 
 
 def test_existing_run_directory_is_not_touched(finished_run, capsys):
