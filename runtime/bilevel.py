@@ -143,8 +143,11 @@ class Bilevel:
         radius = self.hvp_epsilon / tf.linalg.global_norm(v)
         step = tf.cast(radius, weights[0].dtype)
         plus = [w + step * d for w, d in zip(weights, v)]
-        minus = [w - step * d for w, d in zip(weights, v)]
         grad_plus = self.alpha_gradients_at(plus, alphas, x_train, y_train)[2]
+        # The two perturbed passes are independent; run them one after the
+        # other so that only one holds its activations at a time.
+        with tf.control_dependencies(grad_plus):
+            minus = [w - step * d for w, d in zip(weights, v)]
         grad_minus = self.alpha_gradients_at(minus, alphas, x_train, y_train)[2]
         hvp = [(p - m) / tf.cast(2.0 * radius, p.dtype) for p, m in zip(grad_plus, grad_minus)]
         gradient = [g - scalar(learning_rate, g.dtype) * h for g, h in zip(g1, hvp)]

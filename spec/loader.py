@@ -49,6 +49,17 @@ def _read_with_extends(path, chain=()):
     return deep_merge(base, document)
 
 
+def integral_floats_to_int(value):
+    """``2.0`` -> ``2`` throughout: JSON Schema counts 2.0 as an integer, Python code does not."""
+    if isinstance(value, dict):
+        return {k: integral_floats_to_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [integral_floats_to_int(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def parse_overrides(overrides):
     """``["a.b=1", ...]`` or ``{"a.b": 1}`` -> nested mapping; values are YAML scalars."""
     if overrides is None:
@@ -96,7 +107,7 @@ def load_spec(path_or_dict, overrides=None):
     else:
         source = os.fspath(path_or_dict)
         document = _read_with_extends(source)
-    document = deep_merge(document, parse_overrides(overrides))
+    document = integral_floats_to_int(deep_merge(document, parse_overrides(overrides)))
     problems = schema_problems("search_space", document, source)
     if problems:
         raise SpecError(problems)
@@ -116,7 +127,7 @@ def builtin_derived_names():
 
 def derived_from_document(document, source="<dict>"):
     """Validate a derived-spec mapping and freeze it into a ``DerivedSpec``."""
-    document = require_mapping(document, source)
+    document = integral_floats_to_int(require_mapping(document, source))
     problems = schema_problems("derived", document, source)
     if problems:
         raise SpecError(problems)

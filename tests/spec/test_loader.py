@@ -226,3 +226,12 @@ def test_example_specs_validate():
     assert names
     for name in names:
         load_spec(os.path.join(root, name))
+
+
+def test_integral_floats_become_integers():
+    spec = load_spec({"version": 1.0, "name": "x", "retrain": {"enabled": False},
+                      "search_space": {"kind": "conv_cell", "k": 2.0, "network": {"input_shape": [28.0, 28, 1],
+                                                                                  "layers": 5}}})
+    assert spec.search_space.k == 2 and isinstance(spec.search_space.k, int)
+    assert spec.search_space.network.input_shape == (28, 28, 1)
+    assert all(isinstance(d, int) for d in spec.search_space.network.input_shape)
