@@ -46,7 +46,7 @@ def measure(config_name, mode, warmup, iterations):
 
     import keras_darts as kd
     from keras_darts.runtime.bilevel import cross_entropy
-    from keras_darts.runtime.search import build_search
+    from keras_darts.runtime.search_loop import build_search
 
     config = CONFIGS[config_name]
     spec = kd.load_spec({

@@ -1,12 +1,34 @@
 """Everything that runs: the bilevel search, retraining, export and the CLI.
 
 The only layer that touches ``tf.GradientTape``, ``tf.function`` and files.
+Its API is loaded on first use, so the CLI can report a bad spec without
+starting TensorFlow.
 """
 
-from .bilevel import Bilevel
-from .data import ImageData, load_image_data, pipeline
-from .export import export_saved_model, verify_saved_model
-from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
-from .retrain import retrain
-from .search import build_search, search
-from .workflow import export_run, run_compile_and_search
+import importlib
+
+_API = {
+    "Bilevel": "bilevel",
+    "ImageData": "data",
+    "load_image_data": "data",
+    "pipeline": "data",
+    "export_saved_model": "export",
+    "verify_saved_model": "export",
+    "CoupledAdam": "optimizers",
+    "CoupledSGD": "optimizers",
+    "cosine_learning_rate": "optimizers",
+    "retrain": "retraining",
+    "build_search": "search_loop",
+    "search": "search_loop",
+    "export_run": "workflow",
+    "run_compile_and_search": "workflow",
+}
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_API)

@@ -40,7 +40,7 @@ def write_run_header(spec, data, run_dir):
 def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, progress=False):
     """Validate-compile-search-derive, then retrain and export as the spec asks."""
     from .data import load_image_data
-    from .search import search
+    from .search_loop import search
 
     data = load_image_data(spec)  # fails before anything is written
     rundir.prepare_new_run(run_dir, overwrite=overwrite)
@@ -80,7 +80,7 @@ def derived_for_run(spec, derived):
 
 
 def retrain_run(spec, derived, data, run_dir, progress=False):
-    from .retrain import retrain
+    from .retraining import retrain
 
     return retrain(spec, derived_for_run(spec, derived), data, run_dir=run_dir, progress=progress)
 

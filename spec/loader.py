@@ -110,13 +110,37 @@ def load_spec(path_or_dict, overrides=None):
     document = integral_floats_to_int(deep_merge(document, parse_overrides(overrides)))
     problems = schema_problems("search_space", document, source)
     if problems:
-        raise SpecError(problems)
+        raise SpecError(problems + _semantic_problems_beside(problems, document, source))
     spec = from_mapping(Spec, document)
     spec = dataclasses.replace(spec, source=source, document=document, sha256=canonical_sha256(document))
     problems = search_spec_problems(spec, source)
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _top_level_key(path):
+    return path[2:].split(".")[0].split("[")[0] if path.startswith("$.") else path
+
+
+def _semantic_problems_beside(schema_errors, document, source):
+    """Semantic problems of the sections the schema accepted, so one run reports both kinds.
+
+    Sections with schema errors are left out (``retrain`` as if disabled);
+    without a valid ``search_space`` there is nothing to check.
+    """
+    broken = {_top_level_key(p.path) for p in schema_errors}
+    if "search_space" in broken or not isinstance(document.get("search_space"), dict):
+        return []
+    kept = {k: v for k, v in document.items() if k not in broken}
+    kept.update(version=1, name="spec")
+    if "retrain" in broken:
+        kept["retrain"] = {"enabled": False}
+    try:
+        spec = from_mapping(Spec, kept)
+    except (TypeError, ValueError):
+        return []
+    return [p for p in search_spec_problems(spec, source) if _top_level_key(p.path) not in broken]
 
 
 def builtin_derived_names():

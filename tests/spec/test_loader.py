@@ -235,3 +235,31 @@ def test_integral_floats_become_integers():
     assert spec.search_space.k == 2 and isinstance(spec.search_space.k, int)
     assert spec.search_space.network.input_shape == (28, 28, 1)
     assert all(isinstance(d, int) for d in spec.search_space.network.input_shape)
+
+
+def test_semantic_problems_are_reported_beside_schema_errors(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        version: 1
+        name: typo
+        search_space:
+          kind: conv_cell
+          operations: [none, sep_conv_3x3, dil_conv3x3]
+          reduction_cells: [2, 8]
+          network: {layers: 8}
+        search: {epochs: 10, oder: second}
+        retrain: {layers: zero}
+        """,
+    )
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    assert messages(excinfo) == [
+        f"{path}: $.retrain.layers: expected integer, got string 'zero'",
+        f"{path}: $.search.oder: unknown key 'oder'; expected one of: arch_optimizer, epochs, hvp_epsilon, order, "
+        "second_order_mode, seed, steps_per_epoch, weights_optimizer (did you mean 'order'?)",
+        f"{path}: $.search_space.operations[2]: unknown operation 'dil_conv3x3'; known operations: none, "
+        "max_pool_3x3, avg_pool_3x3, skip_connect, sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5 "
+        "(did you mean 'dil_conv_3x3'?)",
+        f"{path}: $.search_space.reduction_cells[1]: expected a cell position in [0, 8), got 8",
+    ]
