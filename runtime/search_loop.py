@@ -79,6 +79,7 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
         f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs, steps,
     )
     step = bilevel.compiled_iteration(config.order, config.second_order_mode)
+    log.info("the first iteration builds and optimises the step's graph; on a CPU this takes a minute or more")
     evaluate = bilevel.evaluate_batch
     weights_cfg = config.weights_optimizer
     history = []
