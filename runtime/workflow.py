@@ -93,6 +93,7 @@ def export_run(run_dir, model=None, data=None):
 
     from .export import export_saved_model, verify_saved_model, write_signature_note
 
+    rundir.require_run(run_dir, "data.json")
     info = rundir.read_json(os.path.join(run_dir, "data.json"))
     mean = np.asarray(info["mean"], np.float32)
     std = np.asarray(info["std"], np.float32)

@@ -79,6 +79,11 @@ def test_export_command_in_a_fresh_process(finished_run):
     assert (run_dir / "export" / "saved_model" / "saved_model.pb").exists()
 
 
+def test_export_of_a_directory_that_is_not_a_run_exits_2(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: not a keras-darts run directory (no spec.yaml)\n"
+
+
 def test_existing_run_directory_is_not_touched(finished_run, capsys):
     _, spec_path, run_dir = finished_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
