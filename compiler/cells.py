@@ -60,6 +60,25 @@ class _Wiring:
         self.steps = steps
 
 
+class _Cell(keras.layers.Layer):
+    """What both cells share: two preprocessed inputs, nodes summed in the
+    wiring's order, the output concatenating ``self.concat``."""
+
+    def build(self, *args, **kwargs):
+        self.built = True
+
+    def evaluate(self, s0, s1, training, edge):
+        """Run the cell; ``edge(state, layer index, extra)`` gives one edge's term."""
+        states = {0: self.preprocess0(s0, training=training), 1: self.preprocess1(s1, training=training)}
+        for node, inputs in self.wiring.steps:
+            total = None
+            for source, layer, extra in inputs:
+                term = edge(states[source], layer, extra)
+                total = term if total is None else total + term
+            states[node] = total
+        return ops.concatenate([states[n] for n in self.concat], axis=-1)
+
+
 def _preprocessing(channels, reduction_prev, affine, prefix):
     if reduction_prev:
         pre0 = FactorizedReduce(channels, 2, affine, name=f"{prefix}__preprocess0")
@@ -70,7 +89,7 @@ def _preprocessing(channels, reduction_prev, affine, prefix):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class SearchCell(keras.layers.Layer):
+class SearchCell(_Cell):
     """A search cell: every intermediate node sums MixedOps over all predecessors.
 
     ``call(s0, s1, weights)`` takes the outputs of the previous two cells and
@@ -99,18 +118,10 @@ class SearchCell(keras.layers.Layer):
         self.wiring = _Wiring(steps)
         self.concat = tuple(concat_nodes(self.graph))
 
-    def build(self, *args, **kwargs):
-        self.built = True
-
     def call(self, s0, s1, weights, training=None):
-        states = {0: self.preprocess0(s0, training=training), 1: self.preprocess1(s1, training=training)}
-        for node, inputs in self.wiring.steps:
-            total = None
-            for source, layer, row in inputs:
-                term = self.mixed_ops[layer](states[source], weights[row], training=training)
-                total = term if total is None else total + term
-            states[node] = total
-        return ops.concatenate([states[n] for n in self.concat], axis=-1)
+        return self.evaluate(
+            s0, s1, training, lambda x, layer, row: self.mixed_ops[layer](x, weights[row], training=training)
+        )
 
     def get_config(self):
         return {
@@ -129,7 +140,7 @@ def genotype_from_config(config):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class DerivedCell(keras.layers.Layer):
+class DerivedCell(_Cell):
     """A derived cell: each node sums its chosen ops; affine BN, no BN after pools.
 
     In training, with ``drop_path_rate > 0``, each op output except the
@@ -161,9 +172,6 @@ class DerivedCell(keras.layers.Layer):
         self.concat = tuple(concat_nodes(self.graph))
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def build(self, *args, **kwargs):
-        self.built = True
-
     def _drop_path(self, x, rate):
         keep = 1.0 - rate
         batch = ops.shape(x)[0]
@@ -171,17 +179,13 @@ class DerivedCell(keras.layers.Layer):
         return x / ops.cast(keep, x.dtype) * mask
 
     def call(self, s0, s1, drop_path_rate=None, training=None):
-        states = {0: self.preprocess0(s0, training=training), 1: self.preprocess1(s1, training=training)}
         drop = training and drop_path_rate is not None
-        for node, inputs in self.wiring.steps:
-            total = None
-            for source, layer, is_identity in inputs:
-                h = self.all_ops[layer](states[source], training=training)
-                if drop and not is_identity:
-                    h = self._drop_path(h, drop_path_rate)
-                total = h if total is None else total + h
-            states[node] = total
-        return ops.concatenate([states[n] for n in self.concat], axis=-1)
+
+        def edge(x, layer, is_identity):
+            h = self.all_ops[layer](x, training=training)
+            return self._drop_path(h, drop_path_rate) if drop and not is_identity else h
+
+        return self.evaluate(s0, s1, training, edge)
 
     def get_config(self):
         return {

@@ -78,11 +78,23 @@ def node_order(graph):
 
 def incoming_edges(graph, node):
     """Edges into ``node``, sorted by their ``index`` (search) or ``order`` (derived)."""
-    if graph.is_multigraph():
-        edges = [(u, v, data) for u, v, data in graph.in_edges(node, data=True)]
-        return sorted(edges, key=lambda e: e[2]["order"])
-    edges = [(u, v, data) for u, v, data in graph.in_edges(node, data=True)]
-    return sorted(edges, key=lambda e: e[2]["index"])
+    key = "order" if graph.is_multigraph() else "index"
+    return sorted(graph.in_edges(node, data=True), key=lambda edge: edge[2][key])
+
+
+def cell_schedule(layers, reduction_positions, init_channels, reduction_prev=False):
+    """``(position, channels, reduction, reduction_prev)`` for each cell of a network.
+
+    Channels double at every reduction cell; ``reduction_prev`` tells a cell
+    that its first input comes from a reduction (or a stem that reduces).
+    """
+    channels = init_channels
+    for position in range(layers):
+        reduction = position in reduction_positions
+        if reduction:
+            channels *= 2
+        yield position, channels, reduction, reduction_prev
+        reduction_prev = reduction
 
 
 def concat_nodes(graph):

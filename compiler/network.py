@@ -13,6 +13,7 @@ from keras import ops
 from keras_darts.spec import check_derived, derived_from_document, derived_with_network
 
 from .cells import DerivedCell
+from .graph import cell_schedule
 from .ops import PACKAGE, batch_norm
 
 
@@ -83,19 +84,15 @@ class DerivedNetwork(keras.Model):
             ]
             self.stem1 = [keras.layers.ReLU(name="stem1__relu"), *_conv_bn(channels, 3, 2, "stem1", padding=1)]
             reduction_prev = True
-        self.cells = []
-        for position in range(network.layers):
-            reduction = position in self.positions
-            if reduction:
-                channels *= 2
-            cell_type = "reduce" if reduction else "normal"
-            self.cells.append(
-                DerivedCell(
-                    derived.cells[cell_type], channels, reduction, reduction_prev,
-                    seed=None if seed is None else seed + position, name=f"cell_{position:02d}",
-                )
+        self.cells = [
+            DerivedCell(
+                derived.cells["reduce" if reduction else "normal"], cell_channels, reduction, cell_reduction_prev,
+                seed=None if seed is None else seed + position, name=f"cell_{position:02d}",
             )
-            reduction_prev = reduction
+            for position, cell_channels, reduction, cell_reduction_prev in cell_schedule(
+                network.layers, self.positions, channels, reduction_prev
+            )
+        ]
         self.auxiliary_head = (
             AuxiliaryHead(network.num_classes, network.stem, name="auxiliary_head") if self.aux_position is not None else None
         )
@@ -148,7 +145,7 @@ def build_network(derived, seed=None, **overrides):
         derived = derived_from_document(derived)
     derived = derived_with_network(derived, **overrides) if overrides else check_derived(derived)
     model = DerivedNetwork(derived, seed=seed)
-    model(ops.zeros((1, *derived.network.input_shape)), training=False)
+    model.build((None, *derived.network.input_shape))
     return model
 
 

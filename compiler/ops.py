@@ -133,21 +133,13 @@ class Op(keras.layers.Layer):
         return {**super().get_config(), "channels": self.channels, "stride": self.stride, "affine": self.affine}
 
 
-def _conv(x, kernel, stride=1, padding=0, dilation=1):
-    """Convolution with the reference's symmetric padding."""
+def _symmetric(convolution, x, kernel, stride=1, padding=0, dilation=1):
+    """``ops.conv`` or ``ops.depthwise_conv`` with the reference's symmetric padding."""
     if stride == 1:
-        return ops.conv(x, kernel, strides=1, padding="same", dilation_rate=dilation)
+        return convolution(x, kernel, strides=1, padding="same", dilation_rate=dilation)
     if padding:
         x = _pad(x, padding)
-    return ops.conv(x, kernel, strides=stride, padding="valid", dilation_rate=dilation)
-
-
-def _depthwise(x, kernel, stride=1, padding=0, dilation=1):
-    if stride == 1:
-        return ops.depthwise_conv(x, kernel, strides=1, padding="same", dilation_rate=dilation)
-    if padding:
-        x = _pad(x, padding)
-    return ops.depthwise_conv(x, kernel, strides=stride, padding="valid", dilation_rate=dilation)
+    return convolution(x, kernel, strides=stride, padding="valid", dilation_rate=dilation)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -165,7 +157,7 @@ class ReLUConvBN(Op):
         self.norm_weights("bn", self.channels)
 
     def call(self, x, training=None):
-        x = _conv(ops.relu(x), self.conv_kernel, self.stride, self.padding)
+        x = _symmetric(ops.conv, ops.relu(x), self.conv_kernel, self.stride, self.padding)
         return self.norm(x, "bn", training)
 
     def get_config(self):
@@ -191,9 +183,9 @@ class SepConv(Op):
 
     def call(self, x, training=None):
         pad = (self.kernel_size - 1) // 2
-        x = _depthwise(ops.relu(x), self.depthwise_1, self.stride, pad)
+        x = _symmetric(ops.depthwise_conv, ops.relu(x), self.depthwise_1, self.stride, pad)
         x = self.norm(ops.conv(x, self.pointwise_1), "bn_1", training)
-        x = _depthwise(ops.relu(x), self.depthwise_2, 1, pad)
+        x = _symmetric(ops.depthwise_conv, ops.relu(x), self.depthwise_2, 1, pad)
         return self.norm(ops.conv(x, self.pointwise_2), "bn_2", training)
 
     def get_config(self):
@@ -217,7 +209,7 @@ class DilConv(Op):
 
     def call(self, x, training=None):
         pad = self.dilation * (self.kernel_size - 1) // 2
-        x = _depthwise(ops.relu(x), self.depthwise, self.stride, pad, self.dilation)
+        x = _symmetric(ops.depthwise_conv, ops.relu(x), self.depthwise, self.stride, pad, self.dilation)
         return self.norm(ops.conv(x, self.pointwise), "bn", training)
 
     def get_config(self):
@@ -314,20 +306,18 @@ class OpDefinition:
 
     ``factory(channels, stride, affine, name)`` returns a Keras layer.
     ``batch_norm_in_search`` adds a non-affine BN after it in the search
-    network (the reference does this for pooling). ``parameter_free`` marks
-    ops with no weights (for collapse diagnostics).
+    network (the reference does this for pooling).
     """
 
     name: str
     factory: object
     batch_norm_in_search: bool = False
-    parameter_free: bool = False
 
 
 _REGISTRY = {}
 
 
-def register_op(name, factory, batch_norm_in_search=False, parameter_free=False):
+def register_op(name, factory, batch_norm_in_search=False):
     """Register a candidate op under ``name`` for use in YAML specs.
 
     ``factory(channels, stride, affine, name)`` must return a Keras layer
@@ -338,7 +328,7 @@ def register_op(name, factory, batch_norm_in_search=False, parameter_free=False)
     if not callable(factory):
         raise ValueError(f"factory must be callable. Received: factory={factory!r}")
     register_conv_operation_name(name)
-    _REGISTRY[name] = OpDefinition(name, factory, batch_norm_in_search, parameter_free)
+    _REGISTRY[name] = OpDefinition(name, factory, batch_norm_in_search)
 
 
 def unregister_op(name):
@@ -370,10 +360,10 @@ def _skip(channels, stride, affine, name):
 
 
 def _register_builtins():
-    register_op(ZERO_OPERATION, lambda c, s, a, n: Zero(c, s, a, name=n), parameter_free=True)
-    register_op("max_pool_3x3", lambda c, s, a, n: MaxPool3x3(c, s, a, name=n), True, True)
-    register_op("avg_pool_3x3", lambda c, s, a, n: AvgPool3x3(c, s, a, name=n), True, True)
-    register_op("skip_connect", _skip, parameter_free=True)
+    register_op(ZERO_OPERATION, lambda c, s, a, n: Zero(c, s, a, name=n))
+    register_op("max_pool_3x3", lambda c, s, a, n: MaxPool3x3(c, s, a, name=n), batch_norm_in_search=True)
+    register_op("avg_pool_3x3", lambda c, s, a, n: AvgPool3x3(c, s, a, name=n), batch_norm_in_search=True)
+    register_op("skip_connect", _skip)
     for k in (3, 5):
         register_op(f"sep_conv_{k}x{k}", lambda c, s, a, n, k=k: SepConv(c, s, a, kernel_size=k, name=n))
     for k in (3, 5):

@@ -10,7 +10,7 @@ import keras
 from keras import ops
 
 from .cells import SearchCell
-from .graph import cell_edges
+from .graph import cell_edges, cell_schedule
 from .ops import PACKAGE, batch_normalize
 
 CELL_TYPES = ("normal", "reduce")
@@ -54,17 +54,12 @@ class Supernet(keras.Model):
         stem_channels = stem_multiplier * init_channels
         self.stem_gamma = self.add_weight(shape=(stem_channels,), initializer="ones", name="stem__bn_gamma")
         self.stem_beta = self.add_weight(shape=(stem_channels,), initializer="zeros", name="stem__bn_beta")
-        self.cells = []
-        channels = init_channels
-        reduction_prev = False
-        for position in range(layers):
-            reduction = position in self.reduction_positions
-            if reduction:
-                channels *= 2
-            self.cells.append(
-                SearchCell(self.operations, nodes, channels, reduction, reduction_prev, name=f"cell_{position:02d}")
+        self.cells = [
+            SearchCell(self.operations, nodes, channels, reduction, reduction_prev, name=f"cell_{position:02d}")
+            for position, channels, reduction, reduction_prev in cell_schedule(
+                layers, self.reduction_positions, init_channels
             )
-            reduction_prev = reduction
+        ]
         self.global_pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
         self.classifier = keras.layers.Dense(num_classes, name="classifier")
         self.alphas = {}
@@ -138,5 +133,5 @@ def build_supernet(spec, seed=None):
         stem_multiplier=network.stem_multiplier,
         seed=spec.search.seed if seed is None else seed,
     )
-    model(ops.zeros((1, *network.input_shape)), training=False)
+    model.build((None, *network.input_shape))
     return model
