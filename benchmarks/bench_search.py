@@ -45,7 +45,7 @@ def measure(config_name, mode, warmup, iterations):
     import tensorflow as tf
 
     import keras_darts as kd
-    from keras_darts.runtime.bilevel import cross_entropy
+    from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
 
     config = CONFIGS[config_name]

@@ -68,24 +68,13 @@ def derived_spec_from_search(spec, alphas, retrain=True, origin=None):
     """
     space = spec.search_space
     genotype = derive_genotype(alphas, space.operations, space.nodes, space.k)
-    network = space.network
     document = {
         "version": 1,
         "kind": space.kind,
         "name": spec.name,
         "operations": list(space.operations),
         "cells": {t: c.to_document() for t, c in genotype.items()},
-        "network": {
-            "init_channels": spec.retrain.init_channels if retrain else network.init_channels,
-            "layers": spec.retrain.layers if retrain else network.layers,
-            "stem_multiplier": network.stem_multiplier,
-            "reduction_cells": space.reduction_cells if space.reduction_cells == "thirds" else list(space.reduction_cells),
-            "input_shape": list(network.input_shape),
-            "num_classes": network.num_classes,
-            "stem": spec.retrain.stem if retrain else "cifar",
-            "auxiliary": spec.retrain.auxiliary if retrain else False,
-            "drop_path_prob": spec.retrain.drop_path_prob if retrain else 0.0,
-        },
+        "network": spec.derived_network(retrain),
     }
     if origin:
         document["origin"] = origin

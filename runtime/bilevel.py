@@ -23,19 +23,10 @@ five times.
 BN uses batch statistics in every pass.
 """
 
-import keras
 import tensorflow as tf
 
+from .metrics import accuracy, cross_entropy
 from .optimizers import scalar
-
-
-def cross_entropy(labels, logits):
-    return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
-
-
-def accuracy(labels, logits):
-    predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
-    return tf.reduce_mean(tf.cast(tf.equal(predicted, labels), tf.float32))
 
 
 def dense_gradients(gradients, variables):
@@ -68,18 +59,15 @@ class Bilevel:
         weights = [tf.TensorSpec(v.shape, v.dtype) for v in self.weight_vars]
         alphas = [tf.TensorSpec(v.shape, v.dtype) for v in self.arch_vars]
         signature = [weights, alphas, image, labels]
-        # Kept as function calls (not inlined) so each body is optimised once.
-        compile_pass = lambda fn: tf.function(
-            fn, input_signature=signature, experimental_attributes={"_noinline": True}
-        )
+
+        def compile_pass(fn, input_signature=signature):
+            # Kept as function calls (not inlined) so each body is optimised once.
+            return tf.function(fn, input_signature=input_signature, experimental_attributes={"_noinline": True})
+
         self.loss_at = compile_pass(self._loss_at)
         self.gradients_at = compile_pass(self._gradients_at)
         self.alpha_gradients_at = compile_pass(self._alpha_gradients_at)
-        self.mixed_hvp_at = tf.function(
-            self._mixed_hvp_at,
-            input_signature=[weights, alphas, weights, image, labels],
-            experimental_attributes={"_noinline": True},
-        )
+        self.mixed_hvp_at = compile_pass(self._mixed_hvp_at, [weights, alphas, weights, image, labels])
 
     # -- passes on substituted values -------------------------------------------
     def logits(self, weights, alphas, x):
@@ -119,11 +107,6 @@ class Bilevel:
 
     def current_alphas(self):
         return [v.value for v in self.arch_vars]
-
-    def loss(self, x, y, weights=None, alphas=None):
-        weights = self.current_weights() if weights is None else weights
-        alphas = self.current_alphas() if alphas is None else alphas
-        return self.loss_at(weights, alphas, x, y)[0]
 
     # -- architecture gradients -------------------------------------------------
     # Each takes the current weight and alpha values, read once per iteration.

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from keras_darts.compiler import build_network, count_parameters
 
 from . import rundir
-from .bilevel import cross_entropy
+from .metrics import correct_count, cross_entropy, evaluate
 from .data import pipeline
 from .optimizers import CoupledSGD, cosine_learning_rate
 
@@ -51,8 +51,7 @@ def make_train_step(model, optimizer, auxiliary_weight, image_shape):
                 loss = cross_entropy(y, logits)
         gradients = tape.gradient(loss, optimizer.variables_list)
         optimizer.apply(gradients, learning_rate)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32))
-        return loss, correct
+        return loss, correct_count(y, logits)
 
     return train_step
 
@@ -62,20 +61,9 @@ def make_eval_step(model, image_shape):
     def eval_step(x, y):
         logits = model(x, training=False)
         loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32))
-        return loss, correct
+        return loss, correct_count(y, logits)
 
     return eval_step
-
-
-def evaluate(eval_step, dataset, progress=False, desc="evaluate"):
-    total_loss = total_correct = count = 0.0
-    for x, y in tqdm(dataset, desc=desc, disable=not progress, leave=False, unit="batch"):
-        loss, correct = eval_step(x, y)
-        total_loss += float(loss)
-        total_correct += float(correct)
-        count += int(y.shape[0])
-    return total_loss / count, total_correct / count
 
 
 def retrain(spec, derived, data, run_dir=None, progress=False):

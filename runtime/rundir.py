@@ -1,4 +1,8 @@
-"""The run directory: where each artifact of a run goes, written atomically.
+"""The run directory: where each artifact of a run goes.
+
+Spec, data, history, derived-spec and alpha files are written atomically
+(temporary file and rename); the Keras model and the SavedModel are written
+by Keras and TensorFlow.
 
     <run>/spec.yaml                 the resolved spec (extends and overrides applied)
     <run>/data.json                 dataset name, shape, classes, normalisation
@@ -17,19 +21,22 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+
 from keras_darts.spec import RunDirectoryError, dump_yaml
 
 MARKER = "spec.yaml"
 
 
-def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` via a temporary file and a rename: never a half-written file."""
+def atomic_write(path, write, mode="w"):
+    """Write ``path`` through ``write(handle)`` into a temporary file, then rename:
+    a crash leaves the old file or the new one, never half of one."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        with os.fdopen(handle, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as out:
+            write(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -37,6 +44,14 @@ def atomic_write_text(path, text):
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda out: out.write(text))
+
+
+def write_npz(path, arrays):
+    atomic_write(path, lambda out: np.savez(out, **arrays), mode="wb")
 
 
 def write_yaml(path, document):

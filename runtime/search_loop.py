@@ -16,6 +16,7 @@ from keras_darts.compiler.derive import softmax
 from . import rundir
 from .bilevel import Bilevel
 from .data import load_image_data, pipeline, search_split
+from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,6 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
     )
     step = bilevel.compiled_iteration(config.order, config.second_order_mode)
     log.info("the first iteration builds and optimises the step's graph; on a CPU this takes a minute or more")
-    evaluate = bilevel.evaluate_batch
     weights_cfg = config.weights_optimizer
     history = []
     derived = None
@@ -100,12 +100,7 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
             bar.update(1)
             bar.set_postfix(loss=f"{sums['train_loss'] / (i + 1):.3f}")
         bar.close()
-        total_loss = total_correct = count = 0.0
-        for x, y in eval_ds:
-            loss_sum, correct = evaluate(x, y)
-            total_loss += float(loss_sum)
-            total_correct += float(correct)
-            count += int(y.shape[0])
+        val_loss, val_accuracy = evaluate(bilevel.evaluate_batch, eval_ds)
         alphas = {t: model.alphas[t].numpy() for t in CELL_TYPES}
         origin = {
             "spec_name": spec.name,
@@ -121,8 +116,8 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
             "epoch": epoch + 1,
             "learning_rate": lr,
             **{key: value / max(steps, 1) for key, value in sums.items()},
-            "val_loss": total_loss / count,
-            "val_accuracy": total_correct / count,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
             "seconds": time.perf_counter() - started,
             "genotype": genotype_text(derived),
             "alpha_softmax": {t: softmax(a).round(4).tolist() for t, a in alphas.items()},
@@ -135,14 +130,15 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
         )
         log.info("genotype: %s", record["genotype"])
         if run_dir:
+            derived_document = derived.to_document()
             rundir.write_yaml(os.path.join(run_dir, "search", "derived", f"epoch_{epoch + 1:03d}.yaml"),
-                              derived.to_document())
+                              derived_document)
             rundir.write_json(os.path.join(run_dir, "search", "history.json"), history)
             rundir.write_history_csv(os.path.join(run_dir, "search", "history.csv"), history)
         if on_epoch:
             on_epoch(record)
-    alphas = {t: model.alphas[t].numpy() for t in CELL_TYPES}
+    # ``alphas`` and ``derived`` are those of the last epoch: the search's result.
     if run_dir:
-        np.savez(os.path.join(run_dir, "search", "alphas.npz"), **alphas)
-        rundir.write_yaml(os.path.join(run_dir, "derived.yaml"), derived.to_document())
+        rundir.write_npz(os.path.join(run_dir, "search", "alphas.npz"), alphas)
+        rundir.write_yaml(os.path.join(run_dir, "derived.yaml"), derived_document)
     return SearchResult(derived=derived, alphas=alphas, history=history, model=model)

@@ -64,19 +64,7 @@ def derived_for_run(spec, derived):
     """``derived``'s cells stacked into the network ``spec`` retrains (its data, channels, depth, head)."""
     from keras_darts.spec import derived_with_network
 
-    space = spec.search_space
-    return derived_with_network(
-        derived,
-        input_shape=list(space.network.input_shape),
-        num_classes=space.network.num_classes,
-        stem_multiplier=space.network.stem_multiplier,
-        reduction_cells=space.reduction_cells,
-        init_channels=spec.retrain.init_channels,
-        layers=spec.retrain.layers,
-        stem=spec.retrain.stem,
-        auxiliary=spec.retrain.auxiliary,
-        drop_path_prob=spec.retrain.drop_path_prob,
-    )
+    return derived_with_network(derived, **spec.derived_network(retrain=True))
 
 
 def retrain_run(spec, derived, data, run_dir, progress=False):

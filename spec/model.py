@@ -135,6 +135,35 @@ class Spec:
     document: typing.Any = dataclasses.field(default=None, compare=False, repr=False)
     sha256: str = ""
 
+    def derived_network(self, retrain=True):
+        """The ``network`` of a derived spec for this spec's data and cell layout.
+
+        ``retrain=True`` takes channels, depth, stem, auxiliary head and
+        drop-path from the ``retrain`` block, otherwise the search network's.
+        """
+        space = self.search_space
+        network = space.network
+        settings = {
+            "init_channels": network.init_channels,
+            "layers": network.layers,
+            "stem_multiplier": network.stem_multiplier,
+            "reduction_cells": space.reduction_cells if space.reduction_cells == "thirds" else list(space.reduction_cells),
+            "input_shape": list(network.input_shape),
+            "num_classes": network.num_classes,
+            "stem": "cifar",
+            "auxiliary": False,
+            "drop_path_prob": 0.0,
+        }
+        if retrain:
+            settings.update(
+                init_channels=self.retrain.init_channels,
+                layers=self.retrain.layers,
+                stem=self.retrain.stem,
+                auxiliary=self.retrain.auxiliary,
+                drop_path_prob=self.retrain.drop_path_prob,
+            )
+        return settings
+
 
 @frozen
 class Edge:

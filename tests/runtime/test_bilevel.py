@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 import keras_darts as kd
-from keras_darts.runtime.bilevel import Bilevel, cross_entropy
+from keras_darts.runtime.bilevel import Bilevel
+from keras_darts.runtime.metrics import cross_entropy
 from keras_darts.runtime.optimizers import CoupledAdam, CoupledSGD
 from tests.conftest import tiny_spec_document
 

@@ -1,0 +1,29 @@
+"""Losses and metrics shared by search and retraining."""
+
+import keras
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+
+def cross_entropy(labels, logits):
+    return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+
+
+def correct_count(labels, logits):
+    predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+    return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+
+
+def accuracy(labels, logits):
+    return correct_count(labels, logits) / tf.cast(tf.shape(labels)[0], tf.float32)
+
+
+def evaluate(step, dataset, progress=False, desc="evaluate"):
+    """Mean loss and accuracy over ``dataset``; ``step(x, y)`` returns (summed loss, number correct)."""
+    total_loss = total_correct = count = 0.0
+    for x, y in tqdm(dataset, desc=desc, disable=not progress, leave=False, unit="batch"):
+        loss, correct = step(x, y)
+        total_loss += float(loss)
+        total_correct += float(correct)
+        count += int(y.shape[0])
+    return total_loss / count, total_correct / count
