@@ -74,7 +74,7 @@ def measure(config_name, mode, warmup, iterations):
     else:
         order = "first" if mode == "first_order" else "second"
         step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
-        call = lambda: step(x, y, x, y, lr, arch_lr)
+        call = lambda: step((x, y), (x, y), lr, arch_lr)
 
     def timed():
         started = time.perf_counter()

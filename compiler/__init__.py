@@ -7,5 +7,13 @@ from .cells import DerivedCell, MixedOp, SearchCell
 from .derive import derive_cell, derive_genotype, derived_spec_from_search
 from .graph import build_cell_graph, build_derived_graph, cell_edges
 from .network import AuxiliaryHead, DerivedNetwork, build_network, count_parameters
+from .recurrent import (
+    DerivedLanguageModel,
+    RecurrentCell,
+    RecurrentSupernet,
+    build_language_model,
+    build_recurrent_supernet,
+    derive_recurrent_cell,
+)
 from .ops import OpDefinition, build_op, op_definition, register_op, unregister_op
 from .supernet import CELL_TYPES, Supernet, build_supernet

@@ -21,14 +21,15 @@ def softmax(matrix):
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def derive_cell(alpha, operations, nodes, k):
-    """The ``CellGenotype`` of one cell type from its (edges x ops) alpha matrix."""
+def rank_edges(alpha, operations, edges, targets, k):
+    """DARTS' rule over ``edges`` (``(source, target)`` per alpha row): per target, its k best edges.
+
+    Returns one tuple of ``Edge`` per target, strongest first.
+    """
     alpha = np.asarray(alpha)
-    edges = cell_edges(nodes)
     if alpha.shape != (len(edges), len(operations)):
         raise ValueError(
-            f"alpha must have shape (edges, ops) = ({len(edges)}, {len(operations)}) for {nodes} nodes. "
-            f"Received: shape={alpha.shape}"
+            f"alpha must have shape (edges, ops) = ({len(edges)}, {len(operations)}). Received: shape={alpha.shape}"
         )
     if k < 1:
         raise ValueError(f"k must be at least 1. Received: k={k}")
@@ -37,7 +38,7 @@ def derive_cell(alpha, operations, nodes, k):
     if not candidates:
         raise ValueError(f"operations must include one other than '{ZERO_OPERATION}'. Received: {list(operations)}")
     chosen_nodes = []
-    for target in range(2, 2 + nodes):
+    for target in targets:
         rows = [(row, source) for row, (source, t) in enumerate(edges) if t == target]
         strength = [max(probabilities[row, o] for o in candidates) for row, _ in rows]
         # A stable sort on -strength keeps the earlier input first among ties;
@@ -52,15 +53,30 @@ def derive_cell(alpha, operations, nodes, k):
                     best = o
             chosen.append(Edge(operations[best], source))
         chosen_nodes.append(tuple(chosen))
-    return CellGenotype(nodes=tuple(chosen_nodes), concat=tuple(range(2, 2 + nodes)))
+    return tuple(chosen_nodes)
+
+
+def derive_cell(alpha, operations, nodes, k):
+    """The ``CellGenotype`` of one convolutional cell type from its (edges x ops) alpha matrix."""
+    chosen = rank_edges(alpha, operations, cell_edges(nodes), range(2, 2 + nodes), k)
+    return CellGenotype(nodes=chosen, concat=tuple(range(2, 2 + nodes)))
 
 
 def derive_genotype(alphas, operations, nodes, k):
-    """``{cell type: CellGenotype}`` from ``{cell type: (edges x ops) array}``."""
-    return {cell_type: derive_cell(alpha, operations, nodes, k) for cell_type, alpha in alphas.items()}
+    """``{cell type: CellGenotype}`` from ``{cell type: (edges x ops) array}``.
+
+    The cell type ``recurrent`` is derived as a recurrent cell, the others as
+    convolutional cells.
+    """
+    from .recurrent import CELL_TYPE, derive_recurrent_cell
+
+    return {
+        cell_type: (derive_recurrent_cell if cell_type == CELL_TYPE else derive_cell)(alpha, operations, nodes, k)
+        for cell_type, alpha in alphas.items()
+    }
 
 
-def derived_spec_from_search(spec, alphas, retrain=True, origin=None):
+def derived_spec_from_search(spec, alphas, retrain=True, origin=None, **network):
     """The derived spec a search produced, with the network it will be retrained as.
 
     ``retrain=True`` takes channels, depth, stem and auxiliary head from the
@@ -74,7 +90,7 @@ def derived_spec_from_search(spec, alphas, retrain=True, origin=None):
         "name": spec.name,
         "operations": list(space.operations),
         "cells": {t: c.to_document() for t, c in genotype.items()},
-        "network": spec.derived_network(retrain),
+        "network": {**spec.derived_network(retrain), **network},
     }
     if origin:
         document["origin"] = origin

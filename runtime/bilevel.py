@@ -21,12 +21,27 @@ mixed Hessian-vector product), each traced once and called with different
 values, so a second-order iteration traces the network twice rather than
 five times.
 BN uses batch statistics in every pass.
+
+What a pass computes on a batch is the ``objective``'s business: image
+classification (a batch is ``(images, labels)``) or language modelling (a
+batch is ``(tokens, targets, hidden state, seed)``; each pass returns the
+hidden state it ends in, and draws its own dropout masks from the seed and
+the pass number, as the reference samples fresh masks in every pass). The
+recurrent variant (``unrolled_clip``) clips the virtual step's gradient and
+``v`` to the weight optimiser's clipping norm and scales the Hessian-vector
+product by the virtual step's clipping coefficient, as the reference's
+recurrent search does.
 """
+
+import functools
 
 import tensorflow as tf
 
-from .metrics import accuracy, cross_entropy
-from .optimizers import scalar
+from .objectives import ImageClassification
+from .optimizers import clip_by_global_norm, scalar
+
+# Pass numbers: each pass of an iteration draws its own dropout masks.
+PASS_VIRTUAL, PASS_PLUS, PASS_MINUS, PASS_WEIGHTS, PASS_VALIDATION = range(5)
 
 
 def dense_gradients(gradients, variables):
@@ -34,10 +49,16 @@ def dense_gradients(gradients, variables):
     return [tf.zeros_like(v) if g is None else g for g, v in zip(gradients, variables)]
 
 
+def clip_coefficient(norm, max_norm):
+    """PyTorch's clipping factor ``min(1, max_norm / (norm + 1e-6))``."""
+    return tf.minimum(1.0, max_norm / (norm + 1e-6))
+
+
 class Bilevel:
     """The search model's variables, partitioned once by identity, and the passes over them."""
 
-    def __init__(self, model, weights_optimizer, arch_optimizer, hvp_epsilon=0.01):
+    def __init__(self, model, weights_optimizer, arch_optimizer, hvp_epsilon=0.01, objective=None,
+                 unrolled_clip=None):
         self.model = model
         self.trainable = list(model.trainable_variables)
         arch_ids = {id(v) for v in model.arch_variables}
@@ -54,11 +75,12 @@ class Bilevel:
         self.weights_optimizer = weights_optimizer
         self.arch_optimizer = arch_optimizer
         self.hvp_epsilon = hvp_epsilon
-        image = tf.TensorSpec((None, *model.image_shape), model.arch_variables[0].dtype)
-        labels = tf.TensorSpec((None,), tf.int32)
+        self.objective = objective or ImageClassification(model)
+        self.unrolled_clip = unrolled_clip
+        batch = self.objective.batch_signature()
         weights = [tf.TensorSpec(v.shape, v.dtype) for v in self.weight_vars]
         alphas = [tf.TensorSpec(v.shape, v.dtype) for v in self.arch_vars]
-        signature = [weights, alphas, image, labels]
+        signature = [weights, alphas, batch]
 
         def compile_pass(fn, input_signature=signature):
             # Kept as function calls (not inlined) so each body is optimised once.
@@ -67,40 +89,51 @@ class Bilevel:
         self.loss_at = compile_pass(self._loss_at)
         self.gradients_at = compile_pass(self._gradients_at)
         self.alpha_gradients_at = compile_pass(self._alpha_gradients_at)
-        self.mixed_hvp_at = compile_pass(self._mixed_hvp_at, [weights, alphas, weights, image, labels])
+        self.mixed_hvp_at = compile_pass(self._mixed_hvp_at, [weights, alphas, weights, batch])
+        # The real weight step may add regularisers the other passes leave out.
+        if self.objective.regularized:
+            self.step_gradients_at = compile_pass(functools.partial(self._gradients_at, regularize=True))
+        else:
+            self.step_gradients_at = self.gradients_at
 
     # -- passes on substituted values -------------------------------------------
-    def logits(self, weights, alphas, x):
+    def forward(self, weights, alphas):
+        """The model as a function of its inputs, with ``weights`` and ``alphas`` substituted."""
         values = [None] * len(self.trainable)
         for position, value in zip(self.weight_positions, weights):
             values[position] = value
         for position, value in zip(self.arch_positions, alphas):
             values[position] = value
         non_trainable = [v.value for v in self.model.non_trainable_variables]
-        logits, _ = self.model.stateless_call(values, non_trainable, x, training=True)
-        return logits
 
-    def _loss_at(self, weights, alphas, x, y):
-        logits = self.logits(weights, alphas, x)
-        return cross_entropy(y, logits), accuracy(y, logits)
+        def call(*args, **kwargs):
+            outputs, _ = self.model.stateless_call(values, non_trainable, *args, **kwargs)
+            return outputs
 
-    def _gradients_at(self, weights, alphas, x, y):
-        """Loss, accuracy, dL/dw and dL/da at the given values."""
+        return call
+
+    def _loss_at(self, weights, alphas, batch):
+        """Loss, metric and end state on one batch, in evaluation mode."""
+        _, loss, metric, state = self.objective.loss(self.forward(weights, alphas), batch, training=False)
+        return loss, metric, state
+
+    def _gradients_at(self, weights, alphas, batch, regularize=False):
+        """Loss, metric, dL/dw, dL/da and end state at the given values."""
         with tf.GradientTape() as tape:
             tape.watch(weights)
             tape.watch(alphas)
-            logits = self.logits(weights, alphas, x)
-            loss = cross_entropy(y, logits)
-        weight_grads, alpha_grads = tape.gradient(loss, [weights, alphas])
-        return loss, accuracy(y, logits), dense_gradients(weight_grads, weights), dense_gradients(alpha_grads, alphas)
+            value, loss, metric, state = self.objective.loss(
+                self.forward(weights, alphas), batch, training=True, regularize=regularize
+            )
+        weight_grads, alpha_grads = tape.gradient(value, [weights, alphas])
+        return loss, metric, dense_gradients(weight_grads, weights), dense_gradients(alpha_grads, alphas), state
 
-    def _alpha_gradients_at(self, weights, alphas, x, y):
-        """Loss, accuracy and dL/da only (no weight gradients are formed)."""
+    def _alpha_gradients_at(self, weights, alphas, batch):
+        """Loss, metric, dL/da and end state (no weight gradients are formed)."""
         with tf.GradientTape() as tape:
             tape.watch(alphas)
-            logits = self.logits(weights, alphas, x)
-            loss = cross_entropy(y, logits)
-        return loss, accuracy(y, logits), dense_gradients(tape.gradient(loss, alphas), alphas)
+            value, loss, metric, state = self.objective.loss(self.forward(weights, alphas), batch, training=True)
+        return loss, metric, dense_gradients(tape.gradient(value, alphas), alphas), state
 
     def current_weights(self):
         return [v.value for v in self.weight_vars]
@@ -108,38 +141,56 @@ class Bilevel:
     def current_alphas(self):
         return [v.value for v in self.arch_vars]
 
+    def _pass(self, batch, number):
+        return self.objective.for_pass(batch, number)
+
     # -- architecture gradients -------------------------------------------------
-    # Each takes the current weight and alpha values, read once per iteration.
-    def first_order_gradient(self, x_val, y_val, weights=None, alphas=None):
+    # Each takes the current weight and alpha values, read once per iteration,
+    # and returns (gradient, validation loss, validation metric, validation end state).
+    def first_order_gradient(self, val, weights=None, alphas=None):
         weights = self.current_weights() if weights is None else weights
         alphas = self.current_alphas() if alphas is None else alphas
-        loss, acc, gradient = self.alpha_gradients_at(weights, alphas, x_val, y_val)
-        return gradient, loss, acc
+        loss, metric, gradient, state = self.alpha_gradients_at(weights, alphas, self._pass(val, PASS_VALIDATION))
+        return gradient, loss, metric, state
 
-    def virtual_weights(self, x_train, y_train, learning_rate, weights=None, alphas=None):
-        """``w'``: the next SGD iterate from the current weights, without clipping."""
+    def virtual_step(self, train, learning_rate, weights=None, alphas=None):
+        """``(w', c)``: the next SGD iterate from the current weights, without the real step's clipping.
+
+        With ``unrolled_clip`` the gradient is clipped first and ``c`` is its
+        clipping coefficient; otherwise ``c`` is 1.
+        """
         weights = self.current_weights() if weights is None else weights
         alphas = self.current_alphas() if alphas is None else alphas
-        _, _, gradients, _ = self.gradients_at(weights, alphas, x_train, y_train)
-        return self.weights_optimizer.virtual_step(weights, gradients, learning_rate)
+        gradients = self.gradients_at(weights, alphas, self._pass(train, PASS_VIRTUAL))[2]
+        coefficient = tf.constant(1.0, tf.float32)
+        if self.unrolled_clip is not None:
+            coefficient = clip_coefficient(tf.linalg.global_norm(gradients), self.unrolled_clip)
+            gradients = [g * tf.cast(coefficient, g.dtype) for g in gradients]
+        return self.weights_optimizer.virtual_step(weights, gradients, learning_rate), coefficient
 
-    def finite_difference_terms(self, x_train, y_train, x_val, y_val, learning_rate, weights=None, alphas=None):
+    def virtual_weights(self, train, learning_rate, weights=None, alphas=None):
+        """``w'`` alone (see ``virtual_step``)."""
+        return self.virtual_step(train, learning_rate, weights, alphas)[0]
+
+    def finite_difference_terms(self, train, val, learning_rate, weights=None, alphas=None):
         """Every quantity of the paper's formula, for the step and for inspection."""
         weights = self.current_weights() if weights is None else weights
         alphas = self.current_alphas() if alphas is None else alphas
-        unrolled = self.virtual_weights(x_train, y_train, learning_rate, weights, alphas)
-        val_loss, val_acc, v, g1 = self.gradients_at(unrolled, alphas, x_val, y_val)
+        unrolled, coefficient = self.virtual_step(train, learning_rate, weights, alphas)
+        val_loss, val_metric, v, g1, val_state = self.gradients_at(unrolled, alphas, self._pass(val, PASS_VALIDATION))
+        if self.unrolled_clip is not None:
+            v = clip_by_global_norm(v, self.unrolled_clip)[0]
         radius = self.hvp_epsilon / tf.linalg.global_norm(v)
         step = tf.cast(radius, weights[0].dtype)
         plus = [w + step * d for w, d in zip(weights, v)]
-        grad_plus = self.alpha_gradients_at(plus, alphas, x_train, y_train)[2]
+        grad_plus = self.alpha_gradients_at(plus, alphas, self._pass(train, PASS_PLUS))[2]
         # The two perturbed passes are independent; run them one after the
         # other so that only one holds its activations at a time.
         with tf.control_dependencies(grad_plus):
             minus = [w - step * d for w, d in zip(weights, v)]
-        grad_minus = self.alpha_gradients_at(minus, alphas, x_train, y_train)[2]
+        grad_minus = self.alpha_gradients_at(minus, alphas, self._pass(train, PASS_MINUS))[2]
         hvp = [(p - m) / tf.cast(2.0 * radius, p.dtype) for p, m in zip(grad_plus, grad_minus)]
-        gradient = [g - scalar(learning_rate, g.dtype) * h for g, h in zip(g1, hvp)]
+        gradient = [g - scalar(learning_rate, g.dtype) * tf.cast(coefficient, g.dtype) * h for g, h in zip(g1, hvp)]
         return {
             "gradient": gradient,
             "g1": g1,
@@ -149,87 +200,98 @@ class Bilevel:
             "grad_minus": grad_minus,
             "radius": radius,
             "unrolled": unrolled,
+            "clip_coefficient": coefficient,
             "val_loss": val_loss,
-            "val_accuracy": val_acc,
+            "val_metric": val_metric,
+            "val_state": val_state,
         }
 
-    def exact_gradient(self, x_train, y_train, x_val, y_val, learning_rate, weights=None):
+    def exact_gradient(self, train, val, learning_rate, weights=None):
         """``d/da L_val(w'(a), a)``, exactly.
 
-        With ``w'(a) = w - eta (m + dL_train(w, a)/dw + wd w)`` the chain rule
-        gives ``g1 - eta * d/da [dL_train(w, a)/dw . v]`` where ``g1`` and ``v``
-        are the alpha and weight gradients of L_val at ``w'``; the bracket is a
-        mixed Hessian-vector product, taken by double back-propagation inside
-        one traced function (cheaper to build than differentiating through the
+        With ``w'(a) = w - eta (m + c dL_train(w, a)/dw + wd w)`` the chain rule
+        gives ``g1 - eta c d/da [dL_train(w, a)/dw . v]`` where ``g1`` and ``v``
+        are the alpha and weight gradients of L_val at ``w'`` (``c``, the
+        recurrent variant's clipping coefficient, held constant; 1 otherwise);
+        the bracket is a mixed Hessian-vector product, taken by double
+        back-propagation inside one traced function on the virtual step's batch
+        and dropout masks (cheaper to build than differentiating through the
         calls of the other passes).
         """
         weights = self.current_weights() if weights is None else weights
         alphas = self.current_alphas()
-        unrolled = self.virtual_weights(x_train, y_train, learning_rate, weights, alphas)
-        val_loss, val_acc, v, g1 = self.gradients_at(unrolled, alphas, x_val, y_val)
-        hvp = self.mixed_hvp_at(weights, alphas, v, x_train, y_train)
-        gradient = [g - scalar(learning_rate, g.dtype) * h for g, h in zip(g1, hvp)]
-        return gradient, val_loss, val_acc
+        unrolled, coefficient = self.virtual_step(train, learning_rate, weights, alphas)
+        val_loss, val_metric, v, g1, val_state = self.gradients_at(unrolled, alphas, self._pass(val, PASS_VALIDATION))
+        hvp = self.mixed_hvp_at(weights, alphas, v, self._pass(train, PASS_VIRTUAL))
+        gradient = [g - scalar(learning_rate, g.dtype) * tf.cast(coefficient, g.dtype) * h for g, h in zip(g1, hvp)]
+        return gradient, val_loss, val_metric, val_state
 
-    def _mixed_hvp_at(self, weights, alphas, vector, x, y):
+    def _mixed_hvp_at(self, weights, alphas, vector, batch):
         """``d/da [dL(w, a)/dw . vector]`` by double back-propagation."""
         with tf.GradientTape() as outer:
             outer.watch(alphas)
             with tf.GradientTape() as inner:
                 inner.watch(weights)
-                loss = cross_entropy(y, self.logits(weights, alphas, x))
-            weight_grads = dense_gradients(inner.gradient(loss, weights), weights)
+                value = self.objective.loss(self.forward(weights, alphas), batch, training=True)[0]
+            weight_grads = dense_gradients(inner.gradient(value, weights), weights)
             dot = tf.add_n([tf.reduce_sum(g * d) for g, d in zip(weight_grads, vector)])
         return dense_gradients(outer.gradient(dot, alphas), alphas)
 
-    def arch_gradient(self, order, mode, x_train, y_train, x_val, y_val, learning_rate, weights=None):
+    def arch_gradient(self, order, mode, train, val, learning_rate, weights=None):
         weights = self.current_weights() if weights is None else weights
         if order == "first":
-            return self.first_order_gradient(x_val, y_val, weights)
+            return self.first_order_gradient(val, weights)
         if mode == "exact":
-            return self.exact_gradient(x_train, y_train, x_val, y_val, learning_rate, weights)
-        terms = self.finite_difference_terms(x_train, y_train, x_val, y_val, learning_rate, weights)
-        return terms["gradient"], terms["val_loss"], terms["val_accuracy"]
+            return self.exact_gradient(train, val, learning_rate, weights)
+        terms = self.finite_difference_terms(train, val, learning_rate, weights)
+        return terms["gradient"], terms["val_loss"], terms["val_metric"], terms["val_state"]
 
     # -- steps ------------------------------------------------------------------
-    def weight_step(self, x_train, y_train, learning_rate, weights=None):
+    def weight_step(self, train, learning_rate, weights=None):
+        """One real SGD step; returns (loss, metric, gradient norm, end state)."""
         weights = self.current_weights() if weights is None else weights
-        loss, acc, gradients, _ = self.gradients_at(weights, self.current_alphas(), x_train, y_train)
-        norm = self.weights_optimizer.apply(gradients, learning_rate)
-        return loss, acc, norm
-
-    def iteration(self, order, mode, x_train, y_train, x_val, y_val, weights_lr, arch_lr):
-        """Alpha step then weight step on the same train batch; returns the metrics."""
-        weights = self.current_weights()  # unchanged by the alpha step: read once
-        arch_grad, val_loss, val_acc = self.arch_gradient(
-            order, mode, x_train, y_train, x_val, y_val, weights_lr, weights
+        loss, metric, gradients, _, state = self.step_gradients_at(
+            weights, self.current_alphas(), self._pass(train, PASS_WEIGHTS)
         )
+        norm = self.weights_optimizer.apply(gradients, learning_rate)
+        return loss, metric, norm, state
+
+    def iteration(self, order, mode, train, val, weights_lr, arch_lr):
+        """Alpha step then weight step on the same train batch.
+
+        Returns ``(metrics, train end state, validation end state)``.
+        """
+        weights = self.current_weights()  # unchanged by the alpha step: read once
+        arch_grad, val_loss, val_metric, val_state = self.arch_gradient(order, mode, train, val, weights_lr, weights)
         self.arch_optimizer.apply(arch_grad, arch_lr)
         # The weight step reads the alphas after their update (automatic control dependencies).
-        train_loss, train_acc, grad_norm = self.weight_step(x_train, y_train, weights_lr, weights)
-        return {
+        train_loss, train_metric, grad_norm, train_state = self.weight_step(train, weights_lr, weights)
+        metric = self.objective.metric_name
+        metrics = {
             "train_loss": train_loss,
-            "train_accuracy": train_acc,
+            f"train_{metric}": train_metric,
             "arch_loss": val_loss,
-            "arch_accuracy": val_acc,
+            f"arch_{metric}": val_metric,
             "grad_norm": grad_norm,
         }
+        return metrics, train_state, val_state
 
     def compiled_iteration(self, order, mode):
-        """The whole iteration as one ``tf.function``, traced once (batch size left open)."""
-        dtype = self.arch_vars[0].dtype
-        images = tf.TensorSpec((None, *self.model.image_shape), dtype)
-        labels = tf.TensorSpec((None,), tf.int32)
-        scalar = tf.TensorSpec((), tf.float32)
+        """The whole iteration as one ``tf.function``, traced once (batch and sequence sizes left open).
 
-        @tf.function(input_signature=[images, labels, images, labels, scalar, scalar])
-        def step(x_train, y_train, x_val, y_val, weights_lr, arch_lr):
-            return self.iteration(order, mode, x_train, y_train, x_val, y_val, weights_lr, arch_lr)
+        ``step(train, val, weights_lr, arch_lr)`` with batches as tuples.
+        """
+        batch = self.objective.batch_signature()
+        scalar_spec = tf.TensorSpec((), tf.float32)
+
+        @tf.function(input_signature=[batch, batch, scalar_spec, scalar_spec])
+        def step(train, val, weights_lr, arch_lr):
+            return self.iteration(order, mode, train, val, weights_lr, arch_lr)
 
         return step
 
-    def evaluate_batch(self, x, y):
-        """Summed loss and number correct on one batch (training-mode BN, as in search)."""
-        loss, acc = self.loss_at(self.current_weights(), self.current_alphas(), x, y)
-        count = tf.cast(tf.shape(y)[0], tf.float32)
-        return loss * count, acc * count
+    def evaluate_batch(self, batch):
+        """``(summed loss, summed metric, count, end state)`` of one batch in evaluation mode."""
+        loss, metric, state = self.loss_at(self.current_weights(), self.current_alphas(), batch)
+        count = self.objective.count(batch)
+        return loss * count, metric * count, count, state

@@ -93,14 +93,14 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
         for i, ((x_t, y_t), (x_v, y_v)) in enumerate(zip(weights_ds, alphas_ds)):
             if i >= steps:
                 break
-            metrics = step(x_t, y_t, x_v, y_v, tf.constant(lr, tf.float32),
-                           tf.constant(config.arch_optimizer.learning_rate, tf.float32))
+            metrics, _, _ = step((x_t, y_t), (x_v, y_v), tf.constant(lr, tf.float32),
+                                 tf.constant(config.arch_optimizer.learning_rate, tf.float32))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['train_loss'] / (i + 1):.3f}")
         bar.close()
-        val_loss, val_accuracy = evaluate(bilevel.evaluate_batch, eval_ds)
+        val_loss, val_accuracy = evaluate(lambda x, y: bilevel.evaluate_batch((x, y))[:2], eval_ds)
         alphas = {t: model.alphas[t].numpy() for t in CELL_TYPES}
         origin = {
             "spec_name": spec.name,

@@ -14,7 +14,16 @@ import os
 from importlib import resources
 
 from .errors import Problem, SpecError
-from .model import CellGenotype, DerivedNetworkConfig, DerivedSpec, Edge, Spec, from_mapping
+from .model import (
+    CellGenotype,
+    DerivedLanguageModelConfig,
+    DerivedNetworkConfig,
+    DerivedSpec,
+    Edge,
+    RecurrentSpec,
+    Spec,
+    from_mapping,
+)
 from .semantic import derived_spec_problems, search_spec_problems
 from .validation import schema_problems
 from .yaml_io import parse_yaml_text, read_yaml_file, require_mapping
@@ -111,12 +120,20 @@ def load_spec(path_or_dict, overrides=None):
     problems = schema_problems("search_space", document, source)
     if problems:
         raise SpecError(problems + _semantic_problems_beside(problems, document, source))
-    spec = from_mapping(Spec, document)
+    spec = from_mapping(spec_class(document), document)
     spec = dataclasses.replace(spec, source=source, document=document, sha256=canonical_sha256(document))
     problems = search_spec_problems(spec, source)
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def spec_class(document):
+    """``RecurrentSpec`` for a recurrent search space, else ``Spec``."""
+    space = document.get("search_space")
+    if isinstance(space, dict) and space.get("kind") == "recurrent_cell":
+        return RecurrentSpec
+    return Spec
 
 
 def _top_level_key(path):
@@ -137,7 +154,7 @@ def _semantic_problems_beside(schema_errors, document, source):
     if "retrain" in broken:
         kept["retrain"] = {"enabled": False}
     try:
-        spec = from_mapping(Spec, kept)
+        spec = from_mapping(spec_class(kept), kept)
     except (TypeError, ValueError):
         return []
     return [p for p in search_spec_problems(spec, source) if _top_level_key(p.path) not in broken]
@@ -155,12 +172,15 @@ def derived_from_document(document, source="<dict>"):
     problems = schema_problems("derived", document, source)
     if problems:
         raise SpecError(problems)
+    recurrent = document["kind"] == "recurrent_cell"
+    first_node = 1 if recurrent else 2
     cells = {}
     for cell_type, cell in document["cells"].items():
         nodes = tuple(tuple(Edge(e["op"], e["input"]) for e in node) for node in cell["nodes"])
-        concat = tuple(cell.get("concat", range(2, 2 + len(nodes))))
+        concat = tuple(cell.get("concat", range(first_node, first_node + len(nodes))))
         cells[cell_type] = CellGenotype(nodes=nodes, concat=concat)
-    network = from_mapping(DerivedNetworkConfig, document["network"])
+    network_class = DerivedLanguageModelConfig if recurrent else DerivedNetworkConfig
+    network = from_mapping(network_class, document["network"])
     derived = DerivedSpec(
         version=document["version"],
         kind=document["kind"],
@@ -201,7 +221,7 @@ def load_derived(path_or_name):
 
 def derived_with_network(derived, **overrides):
     """A copy of ``derived`` whose network settings are replaced, then checked."""
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(DerivedNetworkConfig)}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(type(derived.network))}
     if unknown:
         raise SpecError(
             [Problem(derived.source, f"$.network.{name}", "unknown network setting") for name in sorted(unknown)]

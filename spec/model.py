@@ -7,7 +7,7 @@ evaluation); a YAML spec only states what differs.
 import dataclasses
 import typing
 
-from .operations import DARTS_CONV_OPERATIONS
+from .operations import DARTS_CONV_OPERATIONS, DARTS_RECURRENT_OPERATIONS
 
 frozen = dataclasses.dataclass(frozen=True)
 
@@ -165,6 +165,150 @@ class Spec:
         return settings
 
 
+# -- recurrent cells (the Penn Treebank setting) -------------------------------
+
+
+@frozen
+class LanguageModelConfig:
+    """The language model around a recurrent cell; defaults are the reference search's.
+
+    Dropouts, in the reference's terms: ``dropout_output`` (dropout), locked on
+    the cell outputs; ``dropout_hidden`` (dropouth), on the hidden state inside
+    the cell; ``dropout_cell_input`` (dropoutx), on the cell's input; and
+    ``dropout_embedding`` (dropouti), locked on the embedded tokens;
+    ``dropout_words`` (dropoute) drops whole rows of the embedding matrix.
+    """
+
+    embedding_size: int = 300
+    hidden_size: int = 300
+    dropout_output: float = 0.75
+    dropout_hidden: float = 0.25
+    dropout_cell_input: float = 0.75
+    dropout_embedding: float = 0.2
+    dropout_words: float = 0.0
+    tie_weights: bool = True
+    init_range: float = 0.04
+
+
+@frozen
+class RecurrentSearchSpace:
+    kind: str = "recurrent_cell"
+    operations: tuple = DARTS_RECURRENT_OPERATIONS
+    nodes: int = 8
+    k: int = 1
+    highway: bool = True
+    output: str = "mean"
+    batch_norm: bool = True
+    network: LanguageModelConfig = LanguageModelConfig()
+
+
+@frozen
+class TextDataConfig:
+    """Token streams for language modelling (``bptt`` steps of ``batch_size`` streams)."""
+
+    source: str = "ptb"
+    path: typing.Optional[str] = None
+    batch_size: int = 256
+    eval_batch_size: int = 10
+    bptt: int = 35
+    variable_length: bool = True
+    max_vocabulary: typing.Optional[int] = None
+    max_train_tokens: typing.Optional[int] = None
+    max_eval_tokens: typing.Optional[int] = None
+
+
+@frozen
+class RecurrentSearchConfig:
+    """The reference recurrent search: plain SGD (lr 20, clip 0.25), Adam (0.9, 0.999) on alpha."""
+
+    epochs: int = 50
+    order: str = "second"
+    second_order_mode: str = "finite_difference"
+    hvp_epsilon: float = 0.01
+    seed: int = 3
+    steps_per_epoch: typing.Optional[int] = None
+    activation_regularization: float = 0.0
+    temporal_activation_regularization: float = 1e-3
+    weights_optimizer: SGDConfig = SGDConfig(
+        learning_rate=20.0, learning_rate_min=20.0, momentum=0.0, weight_decay=5e-7, grad_clip=0.25
+    )
+    arch_optimizer: AdamConfig = AdamConfig(learning_rate=3e-3, beta_1=0.9, weight_decay=1e-3)
+
+
+@frozen
+class RecurrentRetrainConfig:
+    """The reference evaluation: 850 units, SGD lr 20 switching to averaged SGD when validation stalls."""
+
+    enabled: bool = True
+    epochs: int = 8000
+    batch_size: int = 64
+    embedding_size: int = 850
+    hidden_size: int = 850
+    dropout_output: float = 0.75
+    dropout_hidden: float = 0.25
+    dropout_cell_input: float = 0.75
+    dropout_embedding: float = 0.2
+    dropout_words: float = 0.1
+    seed: int = 1267
+    learning_rate: float = 20.0
+    weight_decay: float = 8e-7
+    grad_clip: typing.Optional[float] = 0.25
+    activation_regularization: float = 0.0
+    temporal_activation_regularization: float = 1e-3
+    averaging: bool = True
+    nonmono: int = 5
+
+
+@frozen
+class RecurrentSpec:
+    """A validated recurrent search-space spec (``search_space.kind: recurrent_cell``)."""
+
+    version: int
+    name: str
+    search_space: RecurrentSearchSpace
+    data: TextDataConfig = TextDataConfig()
+    search: RecurrentSearchConfig = RecurrentSearchConfig()
+    retrain: RecurrentRetrainConfig = RecurrentRetrainConfig()
+    export: ExportConfig = ExportConfig()
+    source: str = "<dict>"
+    document: typing.Any = dataclasses.field(default=None, compare=False, repr=False)
+    sha256: str = ""
+
+    def derived_network(self, retrain=True):
+        """The ``network`` of a derived spec: the language model, sized for retraining or as searched."""
+        space = self.search_space
+        settings = {**to_plain(space.network), "highway": space.highway, "output": space.output}
+        if retrain:
+            for key in LANGUAGE_MODEL_RETRAIN_KEYS:
+                settings[key] = getattr(self.retrain, key)
+        return settings
+
+
+# The language-model settings a retrain block restates for the evaluation model.
+LANGUAGE_MODEL_RETRAIN_KEYS = (
+    "embedding_size", "hidden_size", "dropout_output", "dropout_hidden", "dropout_cell_input",
+    "dropout_embedding", "dropout_words",
+)
+
+
+@frozen
+class DerivedLanguageModelConfig:
+    """The language model a derived recurrent cell is used in (vocabulary from the data)."""
+
+    embedding_size: int
+    hidden_size: int
+    dropout_output: float = 0.75
+    dropout_hidden: float = 0.25
+    dropout_cell_input: float = 0.75
+    dropout_embedding: float = 0.2
+    dropout_words: float = 0.1
+    tie_weights: bool = True
+    init_range: float = 0.04
+    highway: bool = True
+    output: str = "mean"
+    vocabulary_size: typing.Optional[int] = None
+
+
 @frozen
 class Edge:
     op: str
@@ -173,7 +317,12 @@ class Edge:
 
 @frozen
 class CellGenotype:
-    """The discrete cell: ``nodes[n]`` lists the edges into node ``n + 2``."""
+    """The discrete cell: ``nodes[n]`` lists the edges into intermediate node ``n``.
+
+    A convolutional cell numbers its two inputs 0 and 1 and its intermediate
+    nodes from 2; a recurrent cell numbers its fixed node 0 and its searched
+    nodes from 1.
+    """
 
     nodes: tuple
     concat: tuple

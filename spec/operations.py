@@ -16,6 +16,8 @@ DARTS_CONV_OPERATIONS = (
     "dil_conv_5x5",
 )
 
+DARTS_RECURRENT_OPERATIONS = ("none", "tanh", "relu", "sigmoid", "identity")
+
 # The operation that outputs zeros: a search candidate, never derived.
 ZERO_OPERATION = "none"
 
@@ -39,3 +41,8 @@ def unregister_conv_operation_name(name):
 def known_conv_operations():
     """All conv op names, built-in ones first in DARTS order."""
     return tuple(_conv_operation_names)
+
+
+def known_recurrent_operations():
+    """The activations a recurrent cell's edges may apply."""
+    return DARTS_RECURRENT_OPERATIONS

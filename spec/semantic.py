@@ -4,15 +4,15 @@ import difflib
 
 from .errors import Problem
 from .model import reduction_positions
-from .operations import ZERO_OPERATION, known_conv_operations
+from .operations import ZERO_OPERATION, known_conv_operations, known_recurrent_operations
 
 # The two cell inputs every intermediate node may draw from, at the least.
 CELL_INPUTS = 2
 
 
-def operation_problems(operations, source, path):
+def operation_problems(operations, source, path, known=None):
     problems = []
-    known = known_conv_operations()
+    known = known_conv_operations() if known is None else known
     seen = set()
     for index, name in enumerate(operations):
         where = f"{path}[{index}]"
@@ -140,6 +140,8 @@ def feature_map_problems(input_shape, layers, positions, stem, auxiliary, source
 
 
 def search_spec_problems(spec, source):
+    if spec.search_space.kind == "recurrent_cell":
+        return recurrent_spec_problems(spec, source)
     space = spec.search_space
     network = space.network
     problems = []
@@ -180,6 +182,8 @@ def search_spec_problems(spec, source):
 
 
 def derived_spec_problems(derived, source):
+    if derived.kind == "recurrent_cell":
+        return derived_recurrent_problems(derived, source)
     problems = []
     known = known_conv_operations()
     problems += operation_problems(derived.operations, source, "$.operations")
@@ -225,4 +229,81 @@ def derived_spec_problems(derived, source):
             network.input_shape, network.layers, network.reduction_positions, network.stem, network.auxiliary,
             source, "$.network",
         )
+    return problems
+
+
+def tie_problems(embedding_size, hidden_size, tie_weights, source, path):
+    """A tied decoder reuses the embedding matrix, so the cell's output must have its width."""
+    if tie_weights and embedding_size != hidden_size:
+        return [
+            Problem(
+                source,
+                path,
+                f"tied weights need embedding_size == hidden_size, got {embedding_size} and {hidden_size}",
+            )
+        ]
+    return []
+
+
+def recurrent_spec_problems(spec, source):
+    space = spec.search_space
+    network = space.network
+    problems = operation_problems(space.operations, source, "$.search_space.operations", known_recurrent_operations())
+    if space.k < 1:
+        problems.append(Problem(source, "$.search_space.k", f"expected k >= 1, got {space.k}"))
+    elif space.k > space.nodes:
+        problems.append(
+            Problem(
+                source,
+                "$.search_space.k",
+                f"k={space.k} exceeds the {space.nodes} predecessors of the last node; expected k <= {space.nodes}",
+            )
+        )
+    problems += tie_problems(
+        network.embedding_size, network.hidden_size, network.tie_weights, source, "$.search_space.network"
+    )
+    if spec.retrain.enabled:
+        problems += [
+            Problem(p.source, p.path, p.message + " (retrain)")
+            for p in tie_problems(
+                spec.retrain.embedding_size, spec.retrain.hidden_size, network.tie_weights, source, "$.retrain"
+            )
+        ]
+    if spec.data.source == "text_files" and not spec.data.path:
+        problems.append(Problem(source, "$.data.path", "data source 'text_files' needs a path"))
+    return problems
+
+
+def derived_recurrent_problems(derived, source):
+    problems = operation_problems(derived.operations, source, "$.operations", known_recurrent_operations())
+    cell = derived.cells["recurrent"]
+    base = "$.cells.recurrent"
+    for n, node in enumerate(cell.nodes):
+        node_id = n + 1
+        for e, edge in enumerate(node):
+            where = f"{base}.nodes[{n}][{e}]"
+            if edge.op == ZERO_OPERATION:
+                problems.append(Problem(source, f"{where}.op", f"'{ZERO_OPERATION}' cannot be a derived operation"))
+            elif edge.op not in derived.operations:
+                problems.append(
+                    Problem(
+                        source,
+                        f"{where}.op",
+                        f"operation '{edge.op}' is not in this spec's operations ({', '.join(derived.operations)})",
+                    )
+                )
+            if edge.input >= node_id:
+                problems.append(
+                    Problem(source, f"{where}.input", f"node {node_id} can only take inputs 0..{node_id - 1}, got {edge.input}")
+                )
+    last = len(cell.nodes)
+    seen = set()
+    for c, index in enumerate(cell.concat):
+        if index > last:
+            problems.append(Problem(source, f"{base}.concat[{c}]", f"expected a node in 0..{last}, got {index}"))
+        if index in seen:
+            problems.append(Problem(source, f"{base}.concat[{c}]", f"node {index} is averaged twice"))
+        seen.add(index)
+    network = derived.network
+    problems += tie_problems(network.embedding_size, network.hidden_size, network.tie_weights, source, "$.network")
     return problems

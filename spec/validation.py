@@ -7,20 +7,31 @@ from .. import schemas
 from .errors import Problem
 from .yaml_io import json_type
 
-# Keys that belong to the recurrent cell kind, named when they turn up in a
-# conv_cell search space so the user learns why they are refused.
-RECURRENT_ONLY_KEYS = frozenset(
-    {"highway", "output", "batch_norm", "embedding_size", "hidden_size", "bptt",
-     "dropout", "dropout_hidden", "dropout_input", "dropout_embedding", "tie_weights"}
-)
+# Keys that belong to the other cell kind, named when they turn up so the
+# user learns why they are refused: (path, key) -> the kind that has it.
+OTHER_KIND_KEYS = {
+    **{("$.search_space", key): "recurrent_cell" for key in ("highway", "output", "batch_norm")},
+    **{("$.search_space.network", key): "recurrent_cell" for key in (
+        "embedding_size", "hidden_size", "dropout_output", "dropout_hidden", "dropout_cell_input",
+        "dropout_embedding", "dropout_words", "tie_weights", "init_range")},
+    **{("$.data", key): "recurrent_cell" for key in ("bptt", "eval_batch_size", "variable_length",
+                                                      "max_vocabulary", "max_train_tokens", "max_eval_tokens")},
+    ("$.search_space", "reduction_cells"): "conv_cell",
+    **{("$.search_space.network", key): "conv_cell" for key in (
+        "init_channels", "layers", "stem_multiplier", "input_shape", "num_classes")},
+    **{("$.data", key): "conv_cell" for key in ("name", "download", "train_portion", "max_train_examples",
+                                                 "augment")},
+}
 
 
 def schema_problems(kind, document, source):
     """All schema violations of ``document`` against schema ``kind``, sorted by path."""
     errors = sorted(schemas.validator(kind).iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
+    space = document.get("search_space") if isinstance(document, dict) else None
+    space_kind = space.get("kind") if isinstance(space, dict) else None
     problems = []
     for error in errors:
-        problems.extend(_describe(error, source))
+        problems.extend(_describe(error, source, space_kind))
     return sorted(problems, key=lambda p: p.path)
 
 
@@ -28,7 +39,7 @@ def _child_path(path, key):
     return f"{path}.{key}" if key.isidentifier() else f"{path}[{key!r}]"
 
 
-def _describe(error, source):
+def _describe(error, source, space_kind=None):
     path = error.json_path
     schema = error.schema
     value = error.instance
@@ -38,8 +49,9 @@ def _describe(error, source):
         out = []
         for key in sorted(set(value) - set(allowed), key=str):
             key = str(key)
-            if path == "$.search_space" and key in RECURRENT_ONLY_KEYS:
-                message = f"unknown key '{key}': it is an option of kind 'recurrent_cell', not 'conv_cell'"
+            other = OTHER_KIND_KEYS.get((path, key))
+            if other and space_kind in ("conv_cell", "recurrent_cell") and other != space_kind:
+                message = f"unknown key '{key}': it is an option of kind '{other}', not '{space_kind}'"
             else:
                 message = f"unknown key '{key}'; expected one of: {', '.join(allowed)}"
                 close = difflib.get_close_matches(key, allowed, n=1)

@@ -70,5 +70,5 @@ def test_three_nodes_without_none_in_the_op_set():
 
 
 def test_shape_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"alpha must have shape \(edges, ops\) = \(5, 4\) for 2 nodes"):
+    with pytest.raises(ValueError, match=r"alpha must have shape \(edges, ops\) = \(5, 4\)"):
         derive_cell(np.zeros((4, 4)), OPS, nodes=2, k=2)

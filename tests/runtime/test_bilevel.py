@@ -61,8 +61,8 @@ def test_finite_difference_gradient_is_the_papers_formula(float64):
     bilevel = make_bilevel()
     model = bilevel.model
     (xt, yt), (xv, yv) = batches()
-    bilevel.weight_step(xt, yt, ETA)  # a real step first, so the momentum term is not zero
-    terms = bilevel.finite_difference_terms(xt, yt, xv, yv, ETA)
+    bilevel.weight_step((xt, yt), ETA)  # a real step first, so the momentum term is not zero
+    terms = bilevel.finite_difference_terms((xt, yt), (xv, yv), ETA)
 
     # The formula, computed independently: eager passes on the model's own variables.
     weights, alphas = bilevel.weight_vars, bilevel.arch_vars
@@ -91,11 +91,11 @@ def test_finite_difference_gradient_is_the_papers_formula(float64):
 def test_perturbed_gradients_differ_so_second_order_is_not_first_order(float64):
     bilevel = make_bilevel()
     (xt, yt), (xv, yv) = batches()
-    terms = bilevel.finite_difference_terms(xt, yt, xv, yv, ETA)
+    terms = bilevel.finite_difference_terms((xt, yt), (xv, yv), ETA)
     plus = np.concatenate([g.numpy().ravel() for g in terms["grad_plus"]])
     minus = np.concatenate([g.numpy().ravel() for g in terms["grad_minus"]])
     assert np.max(np.abs(plus - minus)) > 1e-6 * np.max(np.abs(plus))
-    first, _, _ = bilevel.first_order_gradient(xv, yv)
+    first, _, _, _ = bilevel.first_order_gradient((xv, yv))
     second = np.concatenate([g.numpy().ravel() for g in terms["gradient"]])
     first = np.concatenate([g.numpy().ravel() for g in first])
     assert not np.allclose(first, second, rtol=1e-3)
@@ -105,8 +105,8 @@ def test_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64):
     bilevel = make_bilevel(seed=1)
     model = bilevel.model
     (xt, yt), (xv, yv) = batches(seed=1)
-    bilevel.weight_step(xt, yt, ETA)
-    exact, _, _ = bilevel.exact_gradient(xt, yt, xv, yv, ETA)
+    bilevel.weight_step((xt, yt), ETA)
+    exact, _, _, _ = bilevel.exact_gradient((xt, yt), (xv, yv), ETA)
 
     weights, alphas = bilevel.weight_vars, bilevel.arch_vars
     w0 = [v.numpy() for v in weights]
@@ -138,9 +138,9 @@ def test_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64):
 def test_virtual_step_is_the_next_real_sgd_iterate_without_clipping(float64):
     bilevel = make_bilevel(grad_clip=None)
     (xt, yt), _ = batches()
-    bilevel.weight_step(xt, yt, ETA)
-    virtual = bilevel.virtual_weights(xt, yt, ETA)
-    bilevel.weight_step(xt, yt, ETA)
+    bilevel.weight_step((xt, yt), ETA)
+    virtual = bilevel.virtual_weights((xt, yt), ETA)
+    bilevel.weight_step((xt, yt), ETA)
     for variable, value in zip(bilevel.weight_vars, virtual):
         np.testing.assert_allclose(variable.numpy(), value.numpy(), rtol=1e-10, atol=1e-14)
 
@@ -150,12 +150,12 @@ def test_each_optimiser_updates_only_its_own_variables():
     (xt, yt), (xv, yv) = batches("float32")
     snapshot = lambda vs: [v.numpy().copy() for v in vs]
     weights, alphas = snapshot(bilevel.weight_vars), snapshot(bilevel.arch_vars)
-    gradient, _, _ = bilevel.first_order_gradient(xv, yv)
+    gradient, _, _, _ = bilevel.first_order_gradient((xv, yv))
     bilevel.arch_optimizer.apply(gradient, 3e-4)
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(weights, bilevel.weight_vars))
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(alphas, bilevel.arch_vars))
     alphas = snapshot(bilevel.arch_vars)
-    bilevel.weight_step(xt, yt, ETA)
+    bilevel.weight_step((xt, yt), ETA)
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(alphas, bilevel.arch_vars))
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(weights, bilevel.weight_vars))
     model = bilevel.model
@@ -168,8 +168,8 @@ def test_the_iteration_is_traced_once_and_takes_the_alpha_step_first():
     step = bilevel.compiled_iteration("second", "finite_difference")
     (xt, yt), (xv, yv) = batches("float32")
     before = [a.numpy().copy() for a in bilevel.arch_vars]
-    step(xt, yt, xv, yv, tf.constant(ETA, tf.float32), tf.constant(3e-4, tf.float32))
-    step(xt[:4], yt[:4], xv[:5], yv[:5], tf.constant(0.02, tf.float32), tf.constant(3e-4, tf.float32))
+    step((xt, yt), (xv, yv), tf.constant(ETA, tf.float32), tf.constant(3e-4, tf.float32))
+    step((xt[:4], yt[:4]), (xv[:5], yv[:5]), tf.constant(0.02, tf.float32), tf.constant(3e-4, tf.float32))
     assert step.experimental_get_tracing_count() == 1
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, bilevel.arch_vars))
     assert int(bilevel.arch_optimizer.iterations.numpy()) == 2
@@ -182,17 +182,17 @@ def test_compiled_iteration_equals_the_steps_taken_one_by_one(order):
     (xt, yt), (xv, yv) = batches("float32")
     compiled = make_bilevel(seed=4)
     step = compiled.compiled_iteration(order, "finite_difference")
-    step(xt, yt, xv, yv, tf.constant(ETA, tf.float32), tf.constant(3e-4, tf.float32))
+    step((xt, yt), (xv, yv), tf.constant(ETA, tf.float32), tf.constant(3e-4, tf.float32))
 
     manual = make_bilevel(seed=4)
-    gradient, _, _ = manual.arch_gradient(order, "finite_difference", xt, yt, xv, yv, ETA)
+    gradient, _, _, _ = manual.arch_gradient(order, "finite_difference", (xt, yt), (xv, yv), ETA)
     manual.arch_optimizer.apply(gradient, 3e-4)
-    manual.weight_step(xt, yt, ETA)
+    manual.weight_step((xt, yt), ETA)
 
     for got, want in zip(compiled.arch_vars + compiled.weight_vars, manual.arch_vars + manual.weight_vars):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2e-4, atol=1e-6)
     # And the alphas did move, so the comparison above could have failed.
     stale = make_bilevel(seed=4)
-    stale.weight_step(xt, yt, ETA)
+    stale.weight_step((xt, yt), ETA)
     assert any(not np.allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-6)
                for a, b in zip(compiled.weight_vars, stale.weight_vars))

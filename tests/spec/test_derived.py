@@ -6,7 +6,7 @@ from keras_darts.spec import SpecError, builtin_derived_names, derived_from_docu
 
 
 def test_published_genotypes_load_by_name():
-    assert builtin_derived_names() == ["DARTS_V1", "DARTS_V2"]
+    assert builtin_derived_names() == ["DARTS_V1", "DARTS_V1_RNN", "DARTS_V2", "DARTS_V2_RNN"]
     v2 = load_derived("DARTS_V2")
     normal = [[(e.op, e.input) for e in node] for node in v2.cells["normal"].nodes]
     assert normal == [
@@ -28,7 +28,7 @@ def test_round_trip_through_a_document():
 def test_unknown_name_lists_the_published_ones():
     with pytest.raises(SpecError) as excinfo:
         load_derived("DARTS_V3")
-    assert str(excinfo.value) == "DARTS_V3: $: no such file or published architecture; published ones: DARTS_V1, DARTS_V2"
+    assert str(excinfo.value) == "DARTS_V3: $: no such file or published architecture; published ones: DARTS_V1, DARTS_V1_RNN, DARTS_V2, DARTS_V2_RNN"
 
 
 def test_derived_semantic_errors():
