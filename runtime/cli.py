@@ -82,8 +82,7 @@ def cmd_search(args):
 
 
 def cmd_retrain(args):
-    from keras_darts.runtime.data import load_image_data
-    from keras_darts.runtime.workflow import export_run, load_run_spec, retrain_run
+    from keras_darts.runtime.workflow import export_run, load_data, load_run_spec, retrain_run, retrain_summary
     from keras_darts.spec import load_derived
 
     spec = load_run_spec(args.run_dir)
@@ -91,11 +90,11 @@ def cmd_retrain(args):
     retrain_dir = os.path.join(args.run_dir, "retrain")
     if os.path.exists(retrain_dir) and not args.overwrite:
         raise RunDirectoryError(f"{args.run_dir}: retrain/ exists already; pass --overwrite to replace it")
-    data = load_image_data(spec)
+    data = load_data(spec)
     if os.path.exists(retrain_dir):
         shutil.rmtree(retrain_dir)
     result = retrain_run(spec, derived, data, args.run_dir, progress=not args.no_progress)
-    print(f"retrain: {result.parameters} parameters, test accuracy {result.test_accuracy:.4f}")
+    print(retrain_summary(result))
     print(f"retrained model:  {os.path.join(args.run_dir, 'retrain', 'model.keras')}")
     if spec.export.enabled:
         print(f"saved model:      {export_run(args.run_dir, model=result.model, data=data)}")
@@ -113,15 +112,23 @@ def cmd_show(args):
     from keras_darts.spec import load_derived
 
     derived = load_derived(args.derived)
-    from keras_darts.compiler import build_network, count_parameters
+    from keras_darts.compiler import build_language_model, build_network, count_parameters
 
     network = derived.network
+    recurrent = derived.kind == "recurrent_cell"
+    first = 1 if recurrent else 2
     print(f"{derived.name} ({derived.source})")
     for cell_type, cell in derived.cells.items():
         print(f"  {cell_type}:")
         for n, node in enumerate(cell.nodes):
-            print(f"    node {n + 2}: " + ", ".join(f"{e.op} <- {e.input}" for e in node))
-        print(f"    output: concat {list(cell.concat)}")
+            print(f"    node {n + first}: " + ", ".join(f"{e.op} <- {e.input}" for e in node))
+        print(f"    output: {'mean of' if recurrent else 'concat'} {list(cell.concat)}")
+    if recurrent:
+        print(f"  language model: embedding {network.embedding_size}, hidden {network.hidden_size}, "
+              f"vocabulary {network.vocabulary_size}, tied weights {str(network.tie_weights).lower()}")
+        if network.vocabulary_size:
+            print(f"  parameters: {count_parameters(build_language_model(derived))}")
+        return EXIT_OK
     model = build_network(derived)
     print(f"  network: C={network.init_channels}, {network.layers} cells, reductions at "
           f"{list(network.reduction_positions)}, input {list(network.input_shape)}, {network.num_classes} classes")

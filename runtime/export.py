@@ -78,3 +78,84 @@ def write_signature_note(path, image_shape, num_classes):
     }
     with open(os.path.join(path, "keras_darts_signature.json"), "w", encoding="utf-8") as handle:
         json.dump(note, handle, indent=2)
+
+
+# -- language models -----------------------------------------------------------------
+# serving_default: ``tokens`` int32 (batch, time) and ``hidden`` float32
+# (batch, hidden_size) -> ``log_probabilities`` (batch, time, vocabulary) of
+# each next token and ``hidden``, the state after the last token. Start a
+# stream with zeros and feed each call's ``hidden`` into the next to run it
+# statefully over text of any length.
+
+
+def export_language_model(model, path):
+    """Write a language model as a SavedModel at ``path`` with a stateful-use serving signature."""
+    hidden_size = model.hidden_size
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None), tf.int32, name="tokens"),
+                                  tf.TensorSpec((None, hidden_size), tf.float32, name="hidden")])
+    def serve(tokens, hidden):
+        logits, last, _, _ = model(tokens, hidden, training=False)
+        return {"log_probabilities": tf.nn.log_softmax(logits, axis=-1), "hidden": last}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, serve)
+    archive.write_out(path, verbose=False)
+    return path
+
+
+_CHECK_LANGUAGE = """
+import sys
+import numpy as np, tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+tokens = np.load(sys.argv[2])
+serve = loaded.signatures["{signature}"]
+hidden = tf.zeros((tokens.shape[0], int(sys.argv[4])))
+outputs = []
+for start in range(0, tokens.shape[1], 3):  # in pieces, carrying the state
+    result = serve(tokens=tf.constant(tokens[:, start:start + 3]), hidden=hidden)
+    outputs.append(result["log_probabilities"].numpy())
+    hidden = result["hidden"]
+np.save(sys.argv[3], np.concatenate(outputs, axis=1))
+"""
+
+
+def verify_language_model(path, model, tokens, atol=1e-4):
+    """Run the SavedModel in a fresh process, statefully in pieces, against Keras on the whole sequence."""
+    tokens = np.asarray(tokens, np.int32)
+    hidden = tf.zeros((tokens.shape[0], model.hidden_size))
+    expected = tf.nn.log_softmax(model(tokens, hidden, training=False)[0], axis=-1).numpy()
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = os.path.join(folder, "tokens.npy")
+        outputs = os.path.join(folder, "log_probabilities.npy")
+        np.save(inputs, tokens)
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        subprocess.run(
+            [sys.executable, "-c", _CHECK_LANGUAGE.format(signature=SIGNATURE), path, inputs, outputs,
+             str(model.hidden_size)],
+            check=True, env=env, capture_output=True,
+        )
+        actual = np.load(outputs)
+    difference = float(np.max(np.abs(actual - expected)))
+    if difference > atol:
+        raise AssertionError(f"SavedModel at {path} differs from the Keras model by {difference} (> {atol})")
+    return difference
+
+
+def write_language_signature_note(path, hidden_size, vocabulary):
+    note = {
+        "signature": SIGNATURE,
+        "inputs": {
+            "tokens": {"dtype": "int32", "shape": [None, None], "vocabulary": "vocabulary.txt"},
+            "hidden": {"dtype": "float32", "shape": [None, hidden_size], "start": "zeros"},
+        },
+        "outputs": {
+            "log_probabilities": {"dtype": "float32", "shape": [None, None, len(vocabulary)]},
+            "hidden": {"dtype": "float32", "shape": [None, hidden_size], "use": "feed into the next call"},
+        },
+    }
+    with open(os.path.join(path, "keras_darts_signature.json"), "w", encoding="utf-8") as handle:
+        json.dump(note, handle, indent=2)
+    with open(os.path.join(path, "vocabulary.txt"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(vocabulary) + "\n")

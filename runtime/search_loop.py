@@ -56,6 +56,10 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
 
     Returns a ``SearchResult`` with the derived spec of the last epoch.
     """
+    if spec.search_space.kind == "recurrent_cell":
+        from .language_search import search_language_model
+
+        return search_language_model(spec, run_dir=run_dir, data=data, progress=progress, on_epoch=on_epoch)
     config = spec.search
     keras.utils.set_random_seed(config.seed)
     data = data or load_image_data(spec)
@@ -102,16 +106,8 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
         bar.close()
         val_loss, val_accuracy = evaluate(lambda x, y: bilevel.evaluate_batch((x, y))[:2], eval_ds)
         alphas = {t: model.alphas[t].numpy() for t in CELL_TYPES}
-        origin = {
-            "spec_name": spec.name,
-            "spec_sha256": spec.sha256,
-            "seed": config.seed,
-            "epoch": epoch + 1,
-            "order": config.order,
-            "source": spec.source,
-            "alphas": {t: a.tolist() for t, a in alphas.items()},
-        }
-        derived = derived_spec_from_search(spec, alphas, retrain=spec.retrain.enabled, origin=origin)
+        derived = derived_spec_from_search(spec, alphas, retrain=spec.retrain.enabled,
+                                           origin=search_origin(spec, epoch, alphas))
         record = {
             "epoch": epoch + 1,
             "learning_rate": lr,
@@ -129,16 +125,38 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
             record["val_loss"], record["val_accuracy"], lr, record["seconds"],
         )
         log.info("genotype: %s", record["genotype"])
-        if run_dir:
-            derived_document = derived.to_document()
-            rundir.write_yaml(os.path.join(run_dir, "search", "derived", f"epoch_{epoch + 1:03d}.yaml"),
-                              derived_document)
-            rundir.write_json(os.path.join(run_dir, "search", "history.json"), history)
-            rundir.write_history_csv(os.path.join(run_dir, "search", "history.csv"), history)
+        write_epoch(run_dir, epoch, derived, history)
         if on_epoch:
             on_epoch(record)
-    # ``alphas`` and ``derived`` are those of the last epoch: the search's result.
+    return finish_search(run_dir, derived, alphas, history, model)
+
+
+def search_origin(spec, epoch, alphas):
+    """The ``origin`` block of a derived spec written after ``epoch`` epochs."""
+    config = spec.search
+    return {
+        "spec_name": spec.name,
+        "spec_sha256": spec.sha256,
+        "seed": config.seed,
+        "epoch": epoch + 1,
+        "order": config.order,
+        "source": spec.source,
+        "alphas": {t: a.tolist() for t, a in alphas.items()},
+    }
+
+
+def write_epoch(run_dir, epoch, derived, history):
+    """The epoch's derived spec and the history so far, under ``run_dir/search``."""
+    if not run_dir:
+        return
+    rundir.write_yaml(os.path.join(run_dir, "search", "derived", f"epoch_{epoch + 1:03d}.yaml"), derived.to_document())
+    rundir.write_json(os.path.join(run_dir, "search", "history.json"), history)
+    rundir.write_history_csv(os.path.join(run_dir, "search", "history.csv"), history)
+
+
+def finish_search(run_dir, derived, alphas, history, model):
+    """The last epoch's alphas and derived spec are the search's result."""
     if run_dir:
         rundir.write_npz(os.path.join(run_dir, "search", "alphas.npz"), alphas)
-        rundir.write_yaml(os.path.join(run_dir, "derived.yaml"), derived_document)
+        rundir.write_yaml(os.path.join(run_dir, "derived.yaml"), derived.to_document())
     return SearchResult(derived=derived, alphas=alphas, history=history, model=model)

@@ -21,8 +21,27 @@ class RunReport:
     retrain: object = None
 
 
+def is_recurrent(spec):
+    return spec.search_space.kind == "recurrent_cell"
+
+
+def load_data(spec):
+    """The spec's data: images for a convolutional search, text for a recurrent one."""
+    if is_recurrent(spec):
+        from .text_data import load_text_data
+
+        return load_text_data(spec)
+    from .data import load_image_data
+
+    return load_image_data(spec)
+
+
 def write_run_header(spec, data, run_dir):
     rundir.atomic_write_text(os.path.join(run_dir, rundir.MARKER), dump_yaml(spec.document))
+    if is_recurrent(spec):
+        rundir.write_json(os.path.join(run_dir, "data.json"), {"task": "language_model", **data.to_document()})
+        rundir.atomic_write_text(os.path.join(run_dir, "vocabulary.txt"), "\n".join(data.vocabulary) + "\n")
+        return
     rundir.write_json(
         os.path.join(run_dir, "data.json"),
         {
@@ -39,10 +58,9 @@ def write_run_header(spec, data, run_dir):
 
 def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, progress=False):
     """Validate-compile-search-derive, then retrain and export as the spec asks."""
-    from .data import load_image_data
     from .search_loop import search
 
-    data = load_image_data(spec)  # fails before anything is written
+    data = load_data(spec)  # fails before anything is written
     rundir.prepare_new_run(run_dir, overwrite=overwrite)
     write_run_header(spec, data, run_dir)
     report = RunReport(run_dir)
@@ -55,19 +73,31 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
     report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress)
     report.artifacts["retrained model"] = os.path.join(run_dir, "retrain", "model.keras")
     report.artifacts["test metrics"] = os.path.join(run_dir, "retrain", "metrics.json")
-    if spec.export.enabled:
+    if spec.export.enabled and is_recurrent(spec):
+        report.artifacts["saved model"] = export_run(run_dir, model=report.retrain.model, data=data)
+    elif spec.export.enabled:
         report.artifacts["saved model"] = export_run(run_dir, model=report.retrain.model, data=data)
     return report
 
 
-def derived_for_run(spec, derived):
-    """``derived``'s cells stacked into the network ``spec`` retrains (its data, channels, depth, head)."""
-    from keras_darts.spec import derived_with_network
+def derived_for_run(spec, derived, **network):
+    """``derived``'s cells in the network ``spec`` retrains (its data, channels, depth, head or LM sizes)."""
+    from keras_darts.spec import SpecError, derived_with_network
 
-    return derived_with_network(derived, **spec.derived_network(retrain=True))
+    if derived.kind != spec.search_space.kind:
+        raise SpecError.single(
+            derived.source, "$.kind",
+            f"a derived spec of kind '{derived.kind}' cannot be retrained by a '{spec.search_space.kind}' spec",
+        )
+    return derived_with_network(derived, **spec.derived_network(retrain=True), **network)
 
 
 def retrain_run(spec, derived, data, run_dir, progress=False):
+    if is_recurrent(spec):
+        from .language_retraining import retrain_language_model
+
+        derived = derived_for_run(spec, derived, vocabulary_size=data.vocabulary_size)
+        return retrain_language_model(spec, derived, data, run_dir=run_dir, progress=progress)
     from .retraining import retrain
 
     return retrain(spec, derived_for_run(spec, derived), data, run_dir=run_dir, progress=progress)
@@ -83,6 +113,8 @@ def export_run(run_dir, model=None, data=None):
 
     rundir.require_run(run_dir, "data.json")
     info = rundir.read_json(os.path.join(run_dir, "data.json"))
+    if info.get("task") == "language_model":
+        return _export_language_model(run_dir, model, data)
     mean = np.asarray(info["mean"], np.float32)
     std = np.asarray(info["std"], np.float32)
     if model is None:
@@ -100,6 +132,28 @@ def export_run(run_dir, model=None, data=None):
     return path
 
 
+def _export_language_model(run_dir, model=None, data=None):
+    import keras
+
+    from .export import export_language_model, verify_language_model, write_language_signature_note
+
+    if model is None:
+        rundir.require_run(run_dir, os.path.join("retrain", "model.keras"))
+        model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
+    with open(os.path.join(run_dir, "vocabulary.txt"), encoding="utf-8") as handle:
+        vocabulary = handle.read().splitlines()
+    path = os.path.join(run_dir, "export", "saved_model")
+    export_language_model(model, path)
+    write_language_signature_note(path, model.hidden_size, vocabulary)
+    if data is not None:
+        sample = data.test[: 4 * 12].reshape(4, 12)
+    else:
+        sample = np.random.default_rng(0).integers(0, len(vocabulary), (4, 12))
+    difference = verify_language_model(path, model, sample)
+    log.info("SavedModel verified in a fresh process, run statefully in pieces: max |difference| %.2e", difference)
+    return path
+
+
 def load_run_spec(run_dir):
     from keras_darts.spec import load_spec
 
@@ -111,13 +165,21 @@ def summary_lines(report):
     lines = []
     if report.search and report.search.history:
         last = report.search.history[-1]
-        lines.append(f"search: {len(report.search.history)} epochs, final val accuracy {last['val_accuracy']:.4f}")
+        if "val_perplexity" in last:
+            measure = f"final val perplexity {last['val_perplexity']:.2f}"
+        else:
+            measure = f"final val accuracy {last['val_accuracy']:.4f}"
+        lines.append(f"search: {len(report.search.history)} epochs, {measure}")
         lines.append(f"genotype: {last['genotype']}")
     if report.retrain:
-        lines.append(
-            f"retrain: {report.retrain.parameters} parameters, test accuracy {report.retrain.test_accuracy:.4f}"
-        )
+        lines.append(retrain_summary(report.retrain))
     for name, path in report.artifacts.items():
         lines.append(f"{name + ':':18s}{path}")
     return lines
 
+
+
+def retrain_summary(result):
+    if hasattr(result, "test_perplexity"):
+        return f"retrain: {result.parameters} parameters, test perplexity {result.test_perplexity:.2f}"
+    return f"retrain: {result.parameters} parameters, test accuracy {result.test_accuracy:.4f}"
