@@ -70,8 +70,14 @@ def cmd_validate(args):
     print(f"{spec.source}: valid")
     print(f"  name: {spec.name}")
     print(f"  operations: {', '.join(space.operations)}")
-    print(f"  nodes: {space.nodes}, k: {space.k}, reduction cells at {list(space.reduction_positions)} "
-          f"of {space.network.layers}")
+    if space.kind == "recurrent_cell":
+        network = space.network
+        print(f"  recurrent cell: {space.nodes} nodes, k: {space.k}, highway {str(space.highway).lower()}, "
+              f"output {space.output}; language model: embedding {network.embedding_size}, "
+              f"hidden {network.hidden_size}")
+    else:
+        print(f"  nodes: {space.nodes}, k: {space.k}, reduction cells at {list(space.reduction_positions)} "
+              f"of {space.network.layers}")
     print(f"  search: {spec.search.epochs} epochs, {spec.search.order} order; data: {spec.data.source}")
     return EXIT_OK
 
@@ -82,11 +88,19 @@ def cmd_search(args):
 
 
 def cmd_retrain(args):
-    from keras_darts.runtime.workflow import export_run, load_data, load_run_spec, retrain_run, retrain_summary
+    from keras_darts.runtime.workflow import (
+        check_retrainable,
+        export_run,
+        load_data,
+        load_run_spec,
+        retrain_run,
+        retrain_summary,
+    )
     from keras_darts.spec import load_derived
 
     spec = load_run_spec(args.run_dir)
     derived = load_derived(args.derived or os.path.join(args.run_dir, "derived.yaml"))
+    check_retrainable(spec, derived)  # before anything in the run directory is touched
     retrain_dir = os.path.join(args.run_dir, "retrain")
     if os.path.exists(retrain_dir) and not args.overwrite:
         raise RunDirectoryError(f"{args.run_dir}: retrain/ exists already; pass --overwrite to replace it")

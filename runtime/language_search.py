@@ -6,8 +6,11 @@ streams whose hidden states are carried from window to window (truncated
 back-propagation through time) and reset each epoch. Windows have the
 reference's random lengths around ``bptt``, and each step's learning rate
 (and the virtual step's eta) is scaled by ``length / bptt``. After each epoch
-the validation split is evaluated (``eval_batch_size`` streams, windows of
-``bptt``, no dropout) and reported as perplexity.
+the validation split is evaluated (windows of ``bptt``, no dropout) and
+reported as perplexity. The search cell's BN normalises with the statistics
+of the streams in every pass (it keeps no running averages), so this
+evaluation reads ``batch_size`` streams, not ``eval_batch_size``: over a
+handful of streams, batch statistics would distort the result.
 """
 
 import logging
@@ -126,7 +129,7 @@ def search_language_model(spec, run_dir=None, data=None, progress=False, on_epoc
             bar.set_postfix(ppl=f"{math.exp(min(sums['train_loss'] / tokens, 700.0)):.1f}")
         bar.close()
         val_loss, val_perplexity = evaluate_perplexity(
-            loss_fn, data.valid, settings.eval_batch_size, settings.bptt, hidden_size
+            loss_fn, data.valid, settings.batch_size, settings.bptt, hidden_size
         )
         alphas = {CELL_TYPE: model.alpha.numpy()}
         derived = derived_spec_from_search(

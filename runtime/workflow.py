@@ -82,14 +82,26 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
 
 def derived_for_run(spec, derived, **network):
     """``derived``'s cells in the network ``spec`` retrains (its data, channels, depth, head or LM sizes)."""
-    from keras_darts.spec import SpecError, derived_with_network
+    from keras_darts.spec import derived_with_network
 
-    if derived.kind != spec.search_space.kind:
-        raise SpecError.single(
-            derived.source, "$.kind",
-            f"a derived spec of kind '{derived.kind}' cannot be retrained by a '{spec.search_space.kind}' spec",
-        )
+    check_retrainable(spec, derived)
     return derived_with_network(derived, **spec.derived_network(retrain=True), **network)
+
+
+def check_retrainable(spec, derived):
+    """Raise ``SpecError`` unless ``spec`` can retrain ``derived`` (same cell kind and operations)."""
+    from keras_darts.spec import SpecError
+
+    space = spec.search_space
+    if derived.kind != space.kind:
+        raise SpecError.single(
+            derived.source, "$.kind", f"a derived spec of kind '{derived.kind}' cannot be retrained by a '{space.kind}' spec"
+        )
+    unknown = sorted({e.op for cell in derived.cells.values() for node in cell.nodes for e in node} - set(space.operations))
+    if unknown and space.kind == "recurrent_cell":
+        raise SpecError.single(
+            derived.source, "$.cells", f"operations {', '.join(unknown)} are not in the spec's operations"
+        )
 
 
 def retrain_run(spec, derived, data, run_dir, progress=False):

@@ -37,3 +37,38 @@ def tiny_document():
 @pytest.fixture
 def fixtures_dir():
     return FIXTURES
+
+
+def tiny_recurrent_document(text_dir, **network):
+    """A recurrent search space small enough to search in seconds, on text files in ``text_dir``."""
+    lm = {"embedding_size": 8, "hidden_size": 8, "dropout_output": 0.1, "dropout_hidden": 0.1,
+          "dropout_cell_input": 0.1, "dropout_embedding": 0.1}
+    lm.update(network)
+    return {
+        "version": 1,
+        "name": "tiny-rnn",
+        "search_space": {"kind": "recurrent_cell", "nodes": 3, "network": lm},
+        "data": {"source": "text_files", "path": str(text_dir), "batch_size": 16, "eval_batch_size": 2, "bptt": 6},
+        "search": {"epochs": 1, "seed": 5},
+        "retrain": {"epochs": 1, "batch_size": 4, "embedding_size": 8, "hidden_size": 8, "dropout_words": 0.0},
+    }
+
+
+def write_cyclic_corpus(folder, vocabulary=12, lines=(400, 100, 30), seed=0):
+    """Three splits of lines in which each word is followed by the next one modulo ``vocabulary``."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in zip(("train", "valid", "test"), lines):
+        text = []
+        for _ in range(count):
+            start = rng.randrange(vocabulary)
+            text.append(" ".join(f"w{(start + k) % vocabulary}" for k in range(rng.randint(3, 8))))
+        (folder / f"{split}.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def cyclic_corpus(tmp_path):
+    return write_cyclic_corpus(tmp_path / "corpus")
