@@ -1,7 +1,9 @@
 """Time and memory of DARTS search iterations, measured in one run.
 
 For each configuration (SMALL: C=8, 5 cells, batch 16; PAPER: C=16, 8 cells,
-batch 64; both 32x32x3 inputs, 10 classes, the eight DARTS ops) and each mode
+batch 64; both 32x32x3 inputs, 10 classes, the eight DARTS ops; RNN: the
+recurrent cell with 8 nodes, 64 units, 16 streams, bptt 35, a vocabulary of
+1,000) and each mode
 (a plain forward+backward of the supernet, a first-order iteration, a
 second-order iteration by finite differences and exactly), a fresh Python
 process builds the supernet, runs warm-up iterations, then times iterations
@@ -10,7 +12,7 @@ ratio to the plain forward+backward of the same configuration, the first-call
 (trace and graph optimisation) time and the process's peak resident memory;
 it writes everything, with the machine, to JSON.
 
-    python benchmarks/bench_search.py                     # SMALL and PAPER
+    python benchmarks/bench_search.py                     # SMALL, PAPER and RNN
     python benchmarks/bench_search.py --configs SMALL --iterations 5
 
 Run it alone: other TensorFlow processes on the same cores make the figures
@@ -30,13 +32,52 @@ import time
 CONFIGS = {
     "SMALL": {"init_channels": 8, "layers": 5, "batch": 16},
     "PAPER": {"init_channels": 16, "layers": 8, "batch": 64},
+    "RNN": {"hidden": 64, "batch": 16, "bptt": 35, "vocabulary": 1000},
 }
 MODES = ["forward_backward", "first_order", "second_order_fd", "second_order_exact"]
 # The reference implementation measured on a machine of this kind (seconds per iteration).
 REFERENCE = {
     "SMALL": {"forward_backward": 1.0, "first_order": 2.0, "second_order_fd": 4.5},
     "PAPER": {"forward_backward": 9.9, "first_order": 21.2, "second_order_fd": 47.6},
+    "RNN": {"first_order": 0.45, "second_order_fd": 1.0},
 }
+
+
+def recurrent_step(config, mode):
+    """The RNN configuration's callable for ``mode`` and the tf.function it runs."""
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_darts as kd
+    from keras_darts.runtime.language_search import build_language_search
+
+    size = config["hidden"]
+    spec = kd.load_spec({
+        "version": 1, "name": "bench",
+        "search_space": {"kind": "recurrent_cell", "network": {"embedding_size": size, "hidden_size": size}},
+        "data": {"source": "text_files", "path": ".", "batch_size": config["batch"], "bptt": config["bptt"]},
+        "retrain": {"enabled": False},
+    })
+    bilevel = build_language_search(spec, config["vocabulary"])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config["vocabulary"], (config["batch"], config["bptt"] + 1))
+    batch = (tf.constant(tokens[:, :-1], tf.int32), tf.constant(tokens[:, 1:], tf.int32),
+             tf.zeros((config["batch"], size)), tf.constant([0, 0], tf.int32))
+    lr = tf.constant(20.0, tf.float32)
+    arch_lr = tf.constant(3e-3, tf.float32)
+    if mode == "forward_backward":
+        signature = bilevel.objective.batch_signature()
+
+        @tf.function(input_signature=[signature])
+        def run(batch):
+            with tf.GradientTape() as tape:
+                value = bilevel.objective.loss(bilevel.model, batch, training=True)[0]
+            return tape.gradient(value, bilevel.model.trainable_variables)
+
+        return (lambda: run(batch)), run
+    order = "first" if mode == "first_order" else "second"
+    step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
+    return (lambda: step(batch, batch, lr, arch_lr)), step
 
 
 def measure(config_name, mode, warmup, iterations):
@@ -49,6 +90,9 @@ def measure(config_name, mode, warmup, iterations):
     from keras_darts.runtime.search_loop import build_search
 
     config = CONFIGS[config_name]
+    if config_name == "RNN":
+        call, function = recurrent_step(config, mode)
+        return timed_run(config_name, mode, call, function, warmup, iterations)
     spec = kd.load_spec({
         "version": 1, "name": "bench",
         "search_space": {"kind": "conv_cell", "network": {
@@ -76,6 +120,12 @@ def measure(config_name, mode, warmup, iterations):
         step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
         call = lambda: step((x, y), (x, y), lr, arch_lr)
 
+    return timed_run(config_name, mode, call, run if mode == "forward_backward" else step, warmup, iterations)
+
+
+def timed_run(config_name, mode, call, function, warmup, iterations):
+    import tensorflow as tf
+
     def timed():
         started = time.perf_counter()
         result = call()
@@ -86,7 +136,7 @@ def measure(config_name, mode, warmup, iterations):
     for _ in range(warmup - 1):
         timed()
     times = [timed() for _ in range(iterations)]
-    tracing = getattr(run if mode == "forward_backward" else step, "experimental_get_tracing_count")()
+    tracing = function.experimental_get_tracing_count()
     return {
         "config": config_name,
         "mode": mode,
