@@ -156,6 +156,34 @@ class RecurrentCell(keras.layers.Layer):
         gate, candidate = ops.split(projection, 2, axis=-1)
         return state + ops.sigmoid(gate) * (activation(candidate) - state)
 
+    def _mixed_node(self, states, edges, kernel, probabilities, masks):
+        """A search node: every predecessor projected in one matmul, ops mixed by their probabilities.
+
+        ``sum_j sum_o p_jo (s_j + c_j (f_o(g_j) - s_j))`` is computed as
+        ``sum_j [(sum_o p_jo) (1 - c_j) s_j + c_j sum_o p_jo f_o(g_j)]``
+        over the ops other than ``none`` (highway) or ``sum_j sum_o p_jo f_o(s_j W)``.
+        """
+        rows = [data["index"] for _, _, data in edges]
+        stacked = ops.stack([states[source] for source, _, _ in edges])  # (predecessors, batch, hidden)
+        stacked_in = stacked * masks["hidden"] if "hidden" in masks else stacked
+        projection = ops.matmul(stacked_in, kernel)
+        node_probabilities = ops.take(probabilities, rows, axis=0)  # (predecessors, ops)
+        if self.highway:
+            gate, candidate = ops.split(projection, 2, axis=-1)
+        else:
+            candidate = projection
+        mixed = None
+        weight_sum = None
+        for o, name in self.active:
+            p = ops.reshape(node_probabilities[:, o], (-1, 1, 1))
+            term = p * ACTIVATIONS[name](candidate)
+            mixed = term if mixed is None else mixed + term
+            weight_sum = p if weight_sum is None else weight_sum + p
+        if not self.highway:
+            return ops.sum(mixed, axis=0)
+        gate = ops.sigmoid(gate)
+        return ops.sum(weight_sum * (1.0 - gate) * stacked + gate * mixed, axis=0)
+
     def step(self, x, h, kernels, probabilities=None, masks=None):
         masks = masks or {}
         x_in = x * masks["cell_input"] if "cell_input" in masks else x
@@ -170,18 +198,15 @@ class RecurrentCell(keras.layers.Layer):
             s0 = _normalize(s0)
         states = {0: s0}
         for node, kernel in zip(self.order, kernels[1:]):
-            total = None
-            for source, _, data in incoming_edges(self.graph, node):
-                state = states[source]
-                state_in = state * masks["hidden"] if "hidden" in masks else state
-                projection = ops.matmul(state_in, kernel)
-                if self.genotype is None:
-                    row = probabilities[data["index"]]
-                    for o, name in self.active:
-                        term = row[o] * self._edge(state, projection, ACTIVATIONS[name])
-                        total = term if total is None else total + term
-                else:
-                    term = self._edge(state, projection, ACTIVATIONS[data["op"]])
+            edges = incoming_edges(self.graph, node)
+            if self.genotype is None:
+                total = self._mixed_node(states, edges, kernel, probabilities, masks)
+            else:
+                total = None
+                for source, _, data in edges:
+                    state = states[source]
+                    state_in = state * masks["hidden"] if "hidden" in masks else state
+                    term = self._edge(state, ops.matmul(state_in, kernel), ACTIVATIONS[data["op"]])
                     total = term if total is None else total + term
             states[node] = _normalize(total) if self.batch_norm else total
         if self.output_mode == "last":
@@ -197,12 +222,9 @@ class RecurrentCell(keras.layers.Layer):
     def call(self, inputs, initial_state, probabilities=None, masks=None):
         """``inputs`` (time, batch, input_size) -> (outputs (time, batch, hidden), last state)."""
         kernels = self.kernels()
-        rows = None
-        if probabilities is not None:
-            rows = [ops.unstack(row) for row in ops.unstack(probabilities, axis=0)]
 
         def advance(h, x):
-            h = self.step(x, h, kernels, rows, masks)
+            h = self.step(x, h, kernels, probabilities, masks)
             return h, h
 
         last, outputs = ops.scan(advance, initial_state, inputs)
