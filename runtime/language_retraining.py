@@ -67,6 +67,11 @@ def make_language_eval_step(model, objective):
     return eval_step
 
 
+def validation_stalled(previous, current, nonmono):
+    """The reference's switch to averaging: worse than the best of all but the last ``nonmono`` losses."""
+    return len(previous) > nonmono and current > min(previous[:-nonmono])
+
+
 class IterateAverage:
     """The running mean of a model's weights over the steps since ``start``."""
 
@@ -143,8 +148,7 @@ def retrain_language_model(spec, derived, data, run_dir=None, progress=False):
             best = (val_loss, [v.numpy() for v in model.variables])
         if average is not None:
             average.swap()
-        if (config.averaging and average is None and len(val_losses) > config.nonmono
-                and val_loss > min(val_losses[: -config.nonmono])):
+        if config.averaging and average is None and validation_stalled(val_losses, val_loss, config.nonmono):
             average = IterateAverage(model.trainable_variables)
             switched = epoch + 1
             log.info("validation stalled: switching to averaged SGD after epoch %d", switched)

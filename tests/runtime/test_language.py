@@ -278,3 +278,21 @@ def test_king_james_bible_is_a_licence_safe_corpus():
     assert data.vocabulary_size == 10_000 and data.vocabulary[-1] == UNK
     words = [data.vocabulary[i] for i in data.train[:6]]
     assert words == ["in", "the", "beginning", "god", "created", "the"]
+
+
+def test_averaged_sgd_switches_when_validation_stalls_and_averages_the_iterates():
+    from keras_darts.runtime.language_retraining import IterateAverage, validation_stalled
+
+    assert not validation_stalled([5.0, 4.0, 3.0], 3.5, 2)  # better than min([5.0])
+    assert validation_stalled([5.0, 4.0, 3.0], 5.5, 2)  # worse than min([5.0]) = 5.0
+    assert not validation_stalled([5.0, 4.0, 3.0], 4.5, 2)
+    assert not validation_stalled([5.0, 4.0], 9.0, 2)  # needs more than nonmono epochs
+    variable = tf.Variable([0.0, 0.0])
+    average = IterateAverage([variable])
+    for value in ([1.0, 2.0], [3.0, 4.0], [8.0, 0.0]):
+        variable.assign(value)
+        average.update()
+    average.swap()
+    np.testing.assert_allclose(variable.numpy(), [4.0, 2.0])  # the mean of the three iterates
+    average.swap()
+    np.testing.assert_allclose(variable.numpy(), [8.0, 0.0])  # swapping back restores the last iterate
