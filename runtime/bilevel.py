@@ -35,6 +35,7 @@ recurrent search does.
 
 import functools
 
+import numpy as np
 import tensorflow as tf
 
 from .objectives import ImageClassification
@@ -263,7 +264,7 @@ class Bilevel:
         """
         weights = self.current_weights()  # unchanged by the alpha step: read once
         arch_grad, val_loss, val_metric, val_state = self.arch_gradient(order, mode, train, val, weights_lr, weights)
-        self.arch_optimizer.apply(arch_grad, arch_lr)
+        arch_grad_norm = self.arch_optimizer.apply(arch_grad, arch_lr)
         # The weight step reads the alphas after their update (automatic control dependencies).
         train_loss, train_metric, grad_norm, train_state = self.weight_step(train, weights_lr, weights)
         metric = self.objective.metric_name
@@ -273,6 +274,7 @@ class Bilevel:
             "arch_loss": val_loss,
             f"arch_{metric}": val_metric,
             "grad_norm": grad_norm,
+            "arch_grad_norm": arch_grad_norm,
         }
         return metrics, train_state, val_state
 
@@ -289,6 +291,37 @@ class Bilevel:
             return self.iteration(order, mode, train, val, weights_lr, arch_lr)
 
         return step
+
+    def alpha_hessian_eigenvalue(self, batch, iterations=8, radius=1e-3, seed=0):
+        """The dominant eigenvalue of the Hessian of the loss on ``batch`` with respect to the alphas.
+
+        Power iteration on Hessian-vector products, each the central
+        difference of two alpha gradients (``(g(a + r v) - g(a - r v)) / 2r``
+        for a unit ``v``) from the already compiled gradient pass; returns the
+        Rayleigh quotient ``v . Hv`` of the last iterate (the eigenvalue of
+        largest magnitude, with its sign). Evaluated at the current weights.
+        """
+        weights = self.current_weights()
+        alphas = [a.numpy().astype("float64") for a in self.arch_vars]
+        rng = np.random.default_rng(seed)
+        vector = [rng.normal(size=a.shape) for a in alphas]
+        eigenvalue = 0.0
+        for _ in range(iterations):
+            norm = np.sqrt(sum(float((v**2).sum()) for v in vector))
+            if norm == 0.0:
+                return 0.0
+            vector = [v / norm for v in vector]
+            plus = self.alpha_gradients_at(
+                weights, [tf.constant(a + radius * v, dt.dtype) for a, v, dt in zip(alphas, vector, self.arch_vars)],
+                self._pass(batch, PASS_VALIDATION))[2]
+            minus = self.alpha_gradients_at(
+                weights, [tf.constant(a - radius * v, dt.dtype) for a, v, dt in zip(alphas, vector, self.arch_vars)],
+                self._pass(batch, PASS_VALIDATION))[2]
+            product = [(p.numpy().astype("float64") - m.numpy().astype("float64")) / (2 * radius)
+                       for p, m in zip(plus, minus)]
+            eigenvalue = sum(float((v * h).sum()) for v, h in zip(vector, product))
+            vector = product
+        return eigenvalue
 
     def evaluate_batch(self, batch):
         """``(summed loss, summed metric, count, end state)`` of one batch in evaluation mode."""

@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_darts.spec import DataError, RunDirectoryError, SpecError  # noqa: E402
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _spec_arguments(parser):
@@ -122,6 +122,13 @@ def cmd_export(args):
     return EXIT_OK
 
 
+def cmd_plot(args):
+    from keras_darts.runtime.workflow import plot_run
+
+    print(f"pictures: {plot_run(args.run_dir)}")
+    return EXIT_OK
+
+
 def cmd_show(args):
     from keras_darts.spec import load_derived
 
@@ -178,6 +185,9 @@ def _parser(prog, compile_only=False):
     p = commands.add_parser("export", help="export a run's retrained model as a SavedModel")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_export)
+    p = commands.add_parser("plot", help="draw a run's derived cells, alpha heatmaps and diagnostics")
+    p.add_argument("run_dir")
+    p.set_defaults(handler=cmd_plot)
     p = commands.add_parser("show", help="print a derived spec's cells and parameter count")
     p.add_argument("derived", help="a derived spec file or published name (DARTS_V1, DARTS_V2)")
     p.set_defaults(handler=cmd_show)
@@ -195,9 +205,12 @@ def _run(parser, argv):
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if type(exc).__name__ == "DivergenceError":  # the search's own report: no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_DIVERGED
         if os.environ.get("KERAS_DARTS_DEBUG"):
             raise
         print(f"error: {type(exc).__name__}: {exc}\n(set KERAS_DARTS_DEBUG=1 for the traceback)", file=sys.stderr)

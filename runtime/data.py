@@ -244,41 +244,85 @@ def search_split(data, spec):
     return order[:split], order[split:]
 
 
-def _augment_fn(augment, image_shape, seed):
+def _augment_fn(augment, image_shape):
+    """Crop, flip and cutout drawn from a per-example seed: the same seed, the same augmentation."""
     height, width, _ = image_shape
 
-    def augment_one(image, label):
+    def augment_one(image, seed):
         if augment.random_crop:
             pad = augment.random_crop
             image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-            image = tf.image.random_crop(image, image_shape, seed=seed)
+            image = tf.image.stateless_random_crop(image, image_shape, seed=seed)
         if augment.horizontal_flip:
-            image = tf.image.random_flip_left_right(image, seed=seed)
+            image = tf.image.stateless_random_flip_left_right(image, seed=seed + tf.constant([0, 1], tf.int64))
         if augment.cutout:
             half = augment.cutout // 2
-            cy = tf.random.uniform((), 0, height, tf.int32, seed=seed)
-            cx = tf.random.uniform((), 0, width, tf.int32, seed=seed)
+            centre = tf.random.stateless_uniform((2,), seed + tf.constant([0, 2], tf.int64), 0, 1)
+            cy = tf.cast(centre[0] * height, tf.int32)
+            cx = tf.cast(centre[1] * width, tf.int32)
             rows = tf.range(height)[:, None]
             cols = tf.range(width)[None, :]
             # The reference's square: rows [cy - L//2, cy + L//2), clipped to the image.
             inside = (rows >= cy - half) & (rows < cy + half) & (cols >= cx - half) & (cols < cx + half)
             image = image * tf.cast(~inside, image.dtype)[:, :, None]
-        return image, label
+        return image
 
     return augment_one
 
 
-def pipeline(data, x, y, batch_size, shuffle=False, augment=None, seed=None, drop_remainder=False):
-    """A ``tf.data`` pipeline of normalised ``(image, label)`` batches.
+class ImagePipeline:
+    """Normalised, shuffled, augmented batches of one set of images, epoch by epoch.
 
+    Epoch ``e``'s order is a permutation drawn from ``(seed, e)`` and every
+    example's augmentation from ``(seed, e, position)``, so an epoch can be
+    replayed exactly and entered after ``skip`` batches (resuming a search).
     Cutout applies after normalisation (the cut square is zero, as in the reference).
     """
-    x = (x - data.mean) / data.std
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-    if augment is not None and (augment.random_crop or augment.horizontal_flip or augment.cutout):
-        dataset = dataset.map(
-            _augment_fn(augment, data.image_shape, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
-    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+    def __init__(self, data, x, y, batch_size, shuffle=False, augment=None, seed=None, drop_remainder=False):
+        self.images = tf.constant(((x - data.mean) / data.std).astype(np.float32))
+        self.labels = tf.constant(np.asarray(y), tf.int32)
+        self.count = len(y)
+        self.image_shape = data.image_shape
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment if augment is not None and (
+            augment.random_crop or augment.horizontal_flip or augment.cutout) else None
+        self.seed = 0 if seed is None else int(seed)
+        self.drop_remainder = drop_remainder
+
+    def batches_per_epoch(self):
+        if self.drop_remainder:
+            return self.count // self.batch_size
+        return -(-self.count // self.batch_size)
+
+    def epoch(self, epoch=0, skip=0):
+        """The batches of epoch ``epoch``, from batch ``skip`` on."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        else:
+            order = np.arange(self.count)
+        positions = np.arange(self.count, dtype=np.int64)
+        dataset = tf.data.Dataset.from_tensor_slices((order.astype(np.int64), positions))
+        if skip:
+            dataset = dataset.skip(skip * self.batch_size)
+        images, labels = self.images, self.labels
+        augment = _augment_fn(self.augment, self.image_shape) if self.augment else None
+        base = tf.constant([self.seed, epoch * self.count], tf.int64)
+
+        def load(index, position):
+            image = tf.gather(images, index)
+            if augment is not None:
+                image = augment(image, base + tf.stack([tf.constant(0, tf.int64), position]))
+            return image, tf.gather(labels, index)
+
+        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return dataset.batch(self.batch_size, drop_remainder=self.drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+    def __iter__(self):
+        return iter(self.epoch(0))
+
+
+def pipeline(data, x, y, batch_size, shuffle=False, augment=None, seed=None, drop_remainder=False):
+    """An ``ImagePipeline`` of normalised ``(image, label)`` batches; iterate it or ask for an ``epoch``."""
+    return ImagePipeline(data, x, y, batch_size, shuffle, augment, seed, drop_remainder)

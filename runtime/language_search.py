@@ -4,35 +4,29 @@ As the reference's recurrent search: the training split drives the weights
 and the *validation* split drives alpha, both as ``batch_size`` parallel
 streams whose hidden states are carried from window to window (truncated
 back-propagation through time) and reset each epoch. Windows have the
-reference's random lengths around ``bptt``, and each step's learning rate
-(and the virtual step's eta) is scaled by ``length / bptt``. After each epoch
-the validation split is evaluated (windows of ``bptt``, no dropout) and
-reported as perplexity. The search cell's BN normalises with the statistics
-of the streams in every pass (it keeps no running averages), so this
-evaluation reads ``batch_size`` streams, not ``eval_batch_size``: over a
-handful of streams, batch statistics would distort the result.
+reference's random lengths around ``bptt`` (drawn from the seed and the
+epoch, so an epoch can be replayed), and each step's learning rate (and the
+virtual step's eta) is scaled by ``length / bptt``. After each epoch the
+validation split is evaluated (windows of ``bptt``, no dropout) and reported
+as perplexity. The search cell's BN normalises with the statistics of the
+streams in every pass (it keeps no running averages), so this evaluation
+reads ``batch_size`` streams, not ``eval_batch_size``: over a handful of
+streams, batch statistics would distort the result.
 """
 
-import logging
 import math
-import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
 from keras_darts.compiler import build_recurrent_supernet, derived_spec_from_search
-from keras_darts.compiler.derive import softmax
 from keras_darts.compiler.recurrent import CELL_TYPE
 
 from .bilevel import Bilevel
 from .objectives import LanguageModeling
-from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
-from .search_loop import finish_search, genotype_text, search_origin, write_epoch
-from .text_data import batchify, load_text_data, sequence_lengths, window
-
-log = logging.getLogger(__name__)
+from .optimizers import CoupledAdam, CoupledSGD
+from .text_data import batchify, sequence_lengths, window
 
 
 def build_language_search(spec, vocabulary_size, model=None):
@@ -68,96 +62,94 @@ def evaluate_perplexity(loss_fn, tokens, streams, bptt, hidden_size, progress=Fa
     return mean, math.exp(min(mean, 700.0))
 
 
-def search_language_model(spec, run_dir=None, data=None, progress=False, on_epoch=None):
-    config = spec.search
-    keras.utils.set_random_seed(config.seed)
-    data = data or load_text_data(spec)
-    settings = spec.data
-    bilevel = build_language_search(spec, data.vocabulary_size)
-    model = bilevel.model
-    hidden_size = model.hidden_size
-    train = batchify(data.train, settings.batch_size)
-    alpha_data = batchify(data.valid, settings.batch_size)
-    rng = np.random.default_rng(config.seed)
-    log.info(
-        "search %s: recurrent cell, %d nodes, %d weights, alpha %s, vocabulary %d, %s order%s, %d epochs",
-        spec.name, spec.search_space.nodes, sum(int(np.prod(v.shape)) for v in bilevel.weight_vars),
-        tuple(model.alpha.shape), data.vocabulary_size, config.order,
-        f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs,
-    )
-    step = bilevel.compiled_iteration(config.order, config.second_order_mode)
-    loss_fn = tf.function(
-        lambda x, y, h: bilevel.loss_at(bilevel.current_weights(), bilevel.current_alphas(),
-                                        (x, y, h, tf.zeros((2,), tf.int32)))[::2],
-        input_signature=bilevel.objective.batch_signature()[:3],
-    )
-    log.info("the first iteration builds and optimises the step's graph; this takes a while on a CPU")
-    weights_cfg = config.weights_optimizer
-    arch_lr = tf.constant(config.arch_optimizer.learning_rate, tf.float32)
-    history = []
-    derived = alphas = None
-    iteration = 0
-    for epoch in range(config.epochs):
-        lr = cosine_learning_rate(epoch, config.epochs, weights_cfg.learning_rate, weights_cfg.learning_rate_min)
-        lengths = sequence_lengths(train.shape[1], settings.bptt, settings.variable_length, rng)
-        if config.steps_per_epoch:
-            lengths = lengths[: config.steps_per_epoch]
-        started = time.perf_counter()
-        hidden = tf.zeros((settings.batch_size, hidden_size))
-        hidden_alpha = tf.zeros((settings.batch_size, hidden_size))
-        sums = {}
-        tokens = 0
-        position = 0
-        bar = tqdm(total=len(lengths), desc=f"search {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=False, unit="step")
-        for length in lengths:
-            x, y = window(train, position, length)
-            alpha_start = position % (alpha_data.shape[1] - 1)
-            x_a, y_a = window(alpha_data, alpha_start, min(length, alpha_data.shape[1] - 1 - alpha_start))
-            seed = tf.constant([config.seed % 2**31, iteration % 2**31], tf.int32)
-            metrics, hidden, hidden_alpha = step(
-                (tf.constant(x), tf.constant(y), hidden, seed),
-                (tf.constant(x_a), tf.constant(y_a), hidden_alpha, seed),
-                tf.constant(lr * length / settings.bptt, tf.float32), arch_lr,
-            )
-            for key in ("train_loss", "arch_loss", "grad_norm"):
-                sums[key] = sums.get(key, 0.0) + float(metrics[key]) * (x.size if key == "train_loss" else 1)
-            tokens += x.size
+class LanguageSearchTask:
+    """Windows, carried hidden states, evaluation and records of a recurrent search."""
+
+    metric = "perplexity"
+
+    def __init__(self, spec, data):
+        self.spec = spec
+        self.data = data
+        self.settings = spec.data
+        self.bilevel = build_language_search(spec, data.vocabulary_size)
+        self.model = self.bilevel.model
+        self.train = batchify(data.train, self.settings.batch_size)
+        self.alpha_data = batchify(data.valid, self.settings.batch_size)
+        bilevel = self.bilevel
+        self.loss_fn = tf.function(
+            lambda x, y, h: bilevel.loss_at(bilevel.current_weights(), bilevel.current_alphas(),
+                                            (x, y, h, tf.zeros((2,), tf.int32)))[::2],
+            input_signature=bilevel.objective.batch_signature()[:3],
+        )
+        self.reset_hidden()
+
+    def describe(self):
+        return (f"recurrent cell of {self.spec.search_space.nodes} nodes, "
+                f"{sum(int(np.prod(v.shape)) for v in self.bilevel.weight_vars)} weights, alpha "
+                f"{tuple(self.model.alpha.shape)}, vocabulary {self.data.vocabulary_size}")
+
+    def reset_hidden(self):
+        streams, size = self.settings.batch_size, self.model.hidden_size
+        self.hidden = tf.zeros((streams, size))
+        self.hidden_alpha = tf.zeros((streams, size))
+
+    def lengths(self, epoch):
+        config = self.spec.search
+        rng = np.random.default_rng([config.seed, epoch])
+        lengths = sequence_lengths(self.train.shape[1], self.settings.bptt, self.settings.variable_length, rng)
+        return lengths[: config.steps_per_epoch] if config.steps_per_epoch else lengths
+
+    def steps_in_epoch(self, epoch):
+        return len(self.lengths(epoch))
+
+    def batches(self, epoch, skip, first_iteration):
+        """``(train, val, learning-rate factor, tokens)`` per remaining window; hidden states restart each epoch."""
+        if skip == 0:
+            self.reset_hidden()
+        lengths = self.lengths(epoch)
+        seed = self.spec.search.seed % 2**31
+        position = sum(lengths[:skip])
+        for n, length in enumerate(lengths[skip:]):
+            x, y = window(self.train, position, length)
+            start = position % (self.alpha_data.shape[1] - 1)
+            x_a, y_a = window(self.alpha_data, start, min(length, self.alpha_data.shape[1] - 1 - start))
+            masks = tf.constant([seed, (first_iteration + n) % 2**31], tf.int32)
+            yield ((tf.constant(x), tf.constant(y), self.hidden, masks),
+                   (tf.constant(x_a), tf.constant(y_a), self.hidden_alpha, masks),
+                   length / self.settings.bptt, float(x.size))
             position += length
-            iteration += 1
-            bar.update(1)
-            bar.set_postfix(ppl=f"{math.exp(min(sums['train_loss'] / tokens, 700.0)):.1f}")
-        bar.close()
-        val_loss, val_perplexity = evaluate_perplexity(
-            loss_fn, data.valid, settings.batch_size, settings.bptt, hidden_size
-        )
-        alphas = {CELL_TYPE: model.alpha.numpy()}
-        derived = derived_spec_from_search(
-            spec, alphas, retrain=spec.retrain.enabled, origin=search_origin(spec, epoch, alphas),
-            vocabulary_size=data.vocabulary_size,
-        )
-        train_loss = sums["train_loss"] / max(tokens, 1)
-        record = {
-            "epoch": epoch + 1,
-            "learning_rate": lr,
-            "train_loss": train_loss,
-            "train_perplexity": math.exp(min(train_loss, 700.0)),
-            "arch_loss": sums["arch_loss"] / max(len(lengths), 1),
-            "grad_norm": sums["grad_norm"] / max(len(lengths), 1),
-            "val_loss": val_loss,
-            "val_perplexity": val_perplexity,
-            "steps": len(lengths),
-            "seconds": time.perf_counter() - started,
-            "genotype": genotype_text(derived),
-            "alpha_softmax": {t: softmax(a).round(4).tolist() for t, a in alphas.items()},
-        }
-        history.append(record)
-        log.info(
-            "search epoch %d/%d: train ppl %.2f | val ppl %.2f | lr %.4g | %d steps | %.1fs",
-            epoch + 1, config.epochs, record["train_perplexity"], val_perplexity, lr, len(lengths), record["seconds"],
-        )
-        log.info("genotype: %s", record["genotype"])
-        write_epoch(run_dir, epoch, derived, history)
-        if on_epoch:
-            on_epoch(record)
-    return finish_search(run_dir, derived, alphas, history, model)
+
+    def carry(self, train_state, val_state):
+        self.hidden, self.hidden_alpha = train_state, val_state
+
+    def arrays(self):
+        return {"hidden": self.hidden.numpy(), "hidden_alpha": self.hidden_alpha.numpy()}
+
+    def load_arrays(self, arrays):
+        if "hidden" in arrays:
+            self.hidden = tf.constant(arrays["hidden"])
+            self.hidden_alpha = tf.constant(arrays["hidden_alpha"])
+
+    def evaluate(self):
+        loss, perplexity = evaluate_perplexity(self.loss_fn, self.data.valid, self.settings.batch_size,
+                                               self.settings.bptt, self.model.hidden_size)
+        return {"val_loss": loss, "val_perplexity": perplexity}
+
+    def diagnostic_batch(self):
+        x, y = window(self.alpha_data, 0, min(self.settings.bptt, self.alpha_data.shape[1] - 1))
+        return (tf.constant(x), tf.constant(y), tf.zeros((self.settings.batch_size, self.model.hidden_size)),
+                tf.zeros((2,), tf.int32))
+
+    def alphas(self):
+        return {CELL_TYPE: self.model.alpha.numpy()}
+
+    def derive(self, alphas, origin):
+        return derived_spec_from_search(self.spec, alphas, retrain=self.spec.retrain.enabled, origin=origin,
+                                        vocabulary_size=self.data.vocabulary_size)
+
+    def summarise(self, sums, weight):
+        """Token-weighted means; perplexity from the mean training loss."""
+        record = {key: value / max(weight, 1e-12) for key, value in sums.items()
+                  if key not in ("train_perplexity", "arch_perplexity")}
+        record["train_perplexity"] = math.exp(min(record.get("train_loss", 700.0), 700.0))
+        return record

@@ -71,7 +71,9 @@ def write_history_csv(path, history):
     """Scalar columns of a list of per-epoch records as CSV."""
     if not history:
         return
-    columns = [k for k, v in history[0].items() if isinstance(v, (int, float, str))]
+    columns = []
+    for record in history:  # later epochs may add columns (an early-stopping rule that fired)
+        columns += [k for k, v in record.items() if isinstance(v, (int, float, str)) and k not in columns]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -100,6 +102,27 @@ def prepare_new_run(path, overwrite=False):
         shutil.rmtree(path)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def prepare_run(path, spec, overwrite=False):
+    """Make ``path`` ready for ``spec``'s run; return True when it resumes an earlier run of the same spec.
+
+    A run directory whose ``spec.yaml`` is the same spec (same canonical hash)
+    is resumed. Any other non-empty directory is refused unless
+    ``overwrite``, which starts over; nothing is touched before that decision.
+    """
+    from keras_darts.spec import canonical_sha256, read_yaml_file
+
+    marker = os.path.join(path, MARKER)
+    if not overwrite and os.path.isfile(marker):
+        if canonical_sha256(read_yaml_file(marker)) == spec.sha256:
+            return True
+        raise RunDirectoryError(
+            f"--run-dir: {path} holds a run of another spec (its {MARKER} differs from {spec.source}); "
+            "pass --overwrite to start over, or choose another --run-dir"
+        )
+    prepare_new_run(path, overwrite=overwrite)
+    return False
 
 
 def require_run(path, *needed):

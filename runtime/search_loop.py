@@ -1,7 +1,29 @@
-"""The DARTS search: data, supernet, bilevel iterations, derivation every epoch."""
+"""The DARTS search: bilevel iterations, a derived spec every epoch, and what makes a long run trustworthy.
+
+``SearchDriver`` runs any search task (images: ``ImageSearchTask``;
+language modelling: ``language_search.LanguageSearchTask``) epoch by epoch:
+
+* every ``checkpoint_every_steps`` iterations and after every epoch it writes
+  an atomic checkpoint (weights, alphas, both optimisers, position, counters,
+  carried arrays); a run directory with a checkpoint resumes from it. Data
+  order and augmentation are functions of (seed, epoch, position), so a
+  resumed epoch replays exactly; ``search.deterministic`` also turns on
+  TensorFlow's op determinism, and then a killed and resumed search ends with
+  the same alphas as an uninterrupted one;
+* a loss or gradient norm that is NaN or infinite stops the search
+  (``DivergenceError``, naming the step and the value) and leaves the last
+  good checkpoint as it was, or, with ``on_divergence: rollback``, restores it
+  and continues with the learning rate times ``divergence_lr_factor``;
+* each epoch it records losses, metrics, learning rate, alpha softmaxes, the
+  genotype and collapse diagnostics (skip connections and parameter-free ops
+  of the derived cell, the dominant eigenvalue of the alpha Hessian of the
+  validation loss) in CSV, JSON and TensorBoard, and applies the early-stopping
+  rules, recording the one that fired.
+"""
 
 import dataclasses
 import logging
+import math
 import os
 import time
 
@@ -15,11 +37,20 @@ from keras_darts.compiler.derive import softmax
 
 from . import rundir
 from .bilevel import Bilevel
+from .checkpoint import SearchCheckpoints
 from .data import load_image_data, pipeline, search_split
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
 
 log = logging.getLogger(__name__)
+
+# Ops without weights, per cell kind: a cell made of them has collapsed.
+PARAMETER_FREE = {"conv_cell": ("max_pool_3x3", "avg_pool_3x3", "skip_connect"), "recurrent_cell": ("identity",)}
+SKIP = {"conv_cell": "skip_connect", "recurrent_cell": "identity"}
+
+
+class DivergenceError(RuntimeError):
+    """The search met a NaN or infinite loss or gradient."""
 
 
 @dataclasses.dataclass
@@ -28,6 +59,7 @@ class SearchResult:
     alphas: dict
     history: list
     model: object = None
+    stopped_by: object = None
 
 
 def genotype_text(derived):
@@ -51,84 +83,83 @@ def build_search(spec, model=None):
     return bilevel
 
 
+class ImageSearchTask:
+    """Batches, evaluation and records of a convolutional search on images."""
+
+    metric = "accuracy"
+
+    def __init__(self, spec, data):
+        config = spec.search
+        self.spec = spec
+        weight_index, alpha_index = search_split(data, spec)
+        batch = spec.data.batch_size
+        augment = spec.data.augment
+        self.weights_data = pipeline(data, data.x_train[weight_index], data.y_train[weight_index], batch, True,
+                                     augment, config.seed, drop_remainder=True)
+        self.alpha_data = pipeline(data, data.x_train[alpha_index], data.y_train[alpha_index], batch, True, augment,
+                                   config.seed + 1, drop_remainder=True)
+        self.eval_data = pipeline(data, data.x_train[alpha_index], data.y_train[alpha_index], batch)
+        self.steps = min(self.weights_data.batches_per_epoch(), self.alpha_data.batches_per_epoch())
+        if config.steps_per_epoch:
+            self.steps = min(self.steps, config.steps_per_epoch)
+        self.bilevel = build_search(spec)
+
+    def describe(self):
+        bilevel = self.bilevel
+        return (f"{sum(int(np.prod(v.shape)) for v in bilevel.weight_vars)} weights, alphas "
+                f"{'+'.join(str(tuple(v.shape)) for v in bilevel.arch_vars)}")
+
+    def steps_in_epoch(self, epoch):
+        return self.steps
+
+    def batches(self, epoch, skip, first_iteration):
+        """``(train, val, learning-rate factor, weight)`` for each remaining step of ``epoch``."""
+        pairs = zip(self.weights_data.epoch(epoch, skip), self.alpha_data.epoch(epoch, skip))
+        for _, (train, val) in zip(range(self.steps - skip), pairs):
+            yield train, val, 1.0, 1.0
+
+    def carry(self, train_state, val_state):
+        pass
+
+    def arrays(self):
+        return {}
+
+    def load_arrays(self, arrays):
+        pass
+
+    def evaluate(self):
+        loss, accuracy = evaluate(lambda x, y: self.bilevel.evaluate_batch((x, y))[:2], self.eval_data)
+        return {"val_loss": loss, "val_accuracy": accuracy}
+
+    def diagnostic_batch(self):
+        return next(iter(self.eval_data.epoch(0)))
+
+    def alphas(self):
+        return {t: self.bilevel.model.alphas[t].numpy() for t in CELL_TYPES}
+
+    def derive(self, alphas, origin):
+        return derived_spec_from_search(self.spec, alphas, retrain=self.spec.retrain.enabled, origin=origin)
+
+    def summarise(self, sums, weight):
+        return {key: value / max(weight, 1e-12) for key, value in sums.items()}
+
+
 def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
-    """Run the search ``spec`` describes; write artifacts under ``run_dir`` if given.
+    """Run (or resume, when ``run_dir`` holds a checkpoint) the search ``spec`` describes.
 
     Returns a ``SearchResult`` with the derived spec of the last epoch.
     """
+    if spec.search.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(spec.search.seed)
     if spec.search_space.kind == "recurrent_cell":
-        from .language_search import search_language_model
+        from .language_search import LanguageSearchTask
+        from .text_data import load_text_data
 
-        return search_language_model(spec, run_dir=run_dir, data=data, progress=progress, on_epoch=on_epoch)
-    config = spec.search
-    keras.utils.set_random_seed(config.seed)
-    data = data or load_image_data(spec)
-    weight_index, alpha_index = search_split(data, spec)
-    batch = spec.data.batch_size
-    augment = spec.data.augment
-    weights_ds = pipeline(data, data.x_train[weight_index], data.y_train[weight_index], batch, True, augment,
-                          config.seed, drop_remainder=True)
-    alphas_ds = pipeline(data, data.x_train[alpha_index], data.y_train[alpha_index], batch, True, augment,
-                         config.seed + 1, drop_remainder=True)
-    eval_ds = pipeline(data, data.x_train[alpha_index], data.y_train[alpha_index], batch)
-    steps = min(len(weight_index), len(alpha_index)) // batch
-    if config.steps_per_epoch:
-        steps = min(steps, config.steps_per_epoch)
-
-    bilevel = build_search(spec)
-    model = bilevel.model
-    log.info(
-        "search %s: %d weights, alphas %s, %s order%s, %d epochs of %d steps",
-        spec.name, sum(int(np.prod(v.shape)) for v in bilevel.weight_vars),
-        "+".join(str(tuple(v.shape)) for v in bilevel.arch_vars), config.order,
-        f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs, steps,
-    )
-    step = bilevel.compiled_iteration(config.order, config.second_order_mode)
-    log.info("the first iteration builds and optimises the step's graph; on a CPU this takes a minute or more")
-    weights_cfg = config.weights_optimizer
-    history = []
-    derived = None
-    for epoch in range(config.epochs):
-        lr = cosine_learning_rate(epoch, config.epochs, weights_cfg.learning_rate, weights_cfg.learning_rate_min)
-        started = time.perf_counter()
-        sums = {}
-        bar = tqdm(total=steps, desc=f"search {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
-                   unit="step")
-        for i, ((x_t, y_t), (x_v, y_v)) in enumerate(zip(weights_ds, alphas_ds)):
-            if i >= steps:
-                break
-            metrics, _, _ = step((x_t, y_t), (x_v, y_v), tf.constant(lr, tf.float32),
-                                 tf.constant(config.arch_optimizer.learning_rate, tf.float32))
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sums['train_loss'] / (i + 1):.3f}")
-        bar.close()
-        val_loss, val_accuracy = evaluate(lambda x, y: bilevel.evaluate_batch((x, y))[:2], eval_ds)
-        alphas = {t: model.alphas[t].numpy() for t in CELL_TYPES}
-        derived = derived_spec_from_search(spec, alphas, retrain=spec.retrain.enabled,
-                                           origin=search_origin(spec, epoch, alphas))
-        record = {
-            "epoch": epoch + 1,
-            "learning_rate": lr,
-            **{key: value / max(steps, 1) for key, value in sums.items()},
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "seconds": time.perf_counter() - started,
-            "genotype": genotype_text(derived),
-            "alpha_softmax": {t: softmax(a).round(4).tolist() for t, a in alphas.items()},
-        }
-        history.append(record)
-        log.info(
-            "search epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.5f | %.1fs",
-            epoch + 1, config.epochs, record.get("train_loss", float("nan")), record.get("train_accuracy", 0.0),
-            record["val_loss"], record["val_accuracy"], lr, record["seconds"],
-        )
-        log.info("genotype: %s", record["genotype"])
-        write_epoch(run_dir, epoch, derived, history)
-        if on_epoch:
-            on_epoch(record)
-    return finish_search(run_dir, derived, alphas, history, model)
+        task = LanguageSearchTask(spec, data or load_text_data(spec))
+    else:
+        task = ImageSearchTask(spec, data or load_image_data(spec))
+    return SearchDriver(spec, task, run_dir, progress, on_epoch).run()
 
 
 def search_origin(spec, epoch, alphas):
@@ -145,18 +176,200 @@ def search_origin(spec, epoch, alphas):
     }
 
 
-def write_epoch(run_dir, epoch, derived, history):
-    """The epoch's derived spec and the history so far, under ``run_dir/search``."""
-    if not run_dir:
-        return
-    rundir.write_yaml(os.path.join(run_dir, "search", "derived", f"epoch_{epoch + 1:03d}.yaml"), derived.to_document())
-    rundir.write_json(os.path.join(run_dir, "search", "history.json"), history)
-    rundir.write_history_csv(os.path.join(run_dir, "search", "history.csv"), history)
+class SearchDriver:
+    def __init__(self, spec, task, run_dir=None, progress=False, on_epoch=None):
+        self.spec = spec
+        self.config = spec.search
+        self.task = task
+        self.bilevel = task.bilevel
+        self.run_dir = run_dir
+        self.progress = progress
+        self.on_epoch = on_epoch
+        self.checkpoints = None
+        self.board = None
+        if run_dir:
+            self.checkpoints = SearchCheckpoints(
+                os.path.join(run_dir, "search", "checkpoints"), self.bilevel.model,
+                self.bilevel.weights_optimizer, self.bilevel.arch_optimizer,
+            )
+            if self.config.tensorboard:
+                from .monitor import TensorBoard
 
+                self.board = TensorBoard(run_dir, spec.search_space.operations,
+                                         spec.search_space.kind == "recurrent_cell")
 
-def finish_search(run_dir, derived, alphas, history, model):
-    """The last epoch's alphas and derived spec are the search's result."""
-    if run_dir:
-        rundir.write_npz(os.path.join(run_dir, "search", "alphas.npz"), alphas)
-        rundir.write_yaml(os.path.join(run_dir, "derived.yaml"), derived.to_document())
-    return SearchResult(derived=derived, alphas=alphas, history=history, model=model)
+    # -- state --------------------------------------------------------------------
+    def fresh_state(self):
+        return {"epoch": 0, "step": 0, "iteration": 0, "sums": {}, "weight": 0.0, "lr_scale": 1.0,
+                "rollbacks": 0, "history": [], "stopped_by": None}
+
+    def save(self, state):
+        if self.checkpoints:
+            self.checkpoints.save(state, self.task.arrays())
+
+    def restore(self):
+        state, arrays = self.checkpoints.restore()
+        self.task.load_arrays(arrays)
+        return state
+
+    # -- the loop -----------------------------------------------------------------
+    def run(self):
+        config = self.config
+        if self.checkpoints and self.checkpoints.latest():
+            state = self.restore()
+            log.info("resuming %s from its checkpoint: epoch %d, step %d (iteration %d)", self.spec.name,
+                     state["epoch"] + 1, state["step"], state["iteration"])
+        else:
+            state = self.fresh_state()
+            self.save(state)
+        log.info("search %s: %s, %s order%s, %d epochs", self.spec.name, self.task.describe(), config.order,
+                 f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs)
+        step = self.bilevel.compiled_iteration(config.order, config.second_order_mode)
+        if state["epoch"] < config.epochs and not state["stopped_by"]:
+            log.info("the first iteration builds and optimises the step's graph; on a CPU this takes a while")
+        arch_lr = tf.constant(config.arch_optimizer.learning_rate, tf.float32)
+        weights_cfg = config.weights_optimizer
+        while state["epoch"] < config.epochs and not state["stopped_by"]:
+            epoch = state["epoch"]
+            lr = state["lr_scale"] * cosine_learning_rate(
+                epoch, config.epochs, weights_cfg.learning_rate, weights_cfg.learning_rate_min
+            )
+            started = time.perf_counter()
+            total = self.task.steps_in_epoch(epoch)
+            bar = tqdm(total=total, initial=state["step"], desc=f"search {epoch + 1}/{config.epochs}",
+                       disable=not self.progress, leave=False, unit="step")
+            diverged = False
+            for train, val, factor, weight in self.task.batches(epoch, state["step"], state["iteration"]):
+                metrics, train_state, val_state = step(train, val, tf.constant(lr * factor, tf.float32), arch_lr)
+                values = {key: float(value) for key, value in metrics.items()}
+                bad = next(((k, v) for k, v in values.items() if not math.isfinite(v)), None)
+                if bad:
+                    state = self.diverged(state, bad)
+                    diverged = True
+                    break
+                self.task.carry(train_state, val_state)
+                for key, value in values.items():
+                    state["sums"][key] = state["sums"].get(key, 0.0) + value * weight
+                state["weight"] += weight
+                state["step"] += 1
+                state["iteration"] += 1
+                if self.board:
+                    self.board.step(state["iteration"], values)
+                if config.checkpoint_every_steps and state["iteration"] % config.checkpoint_every_steps == 0:
+                    self.save(state)
+                bar.update(1)
+                bar.set_postfix(loss=f"{state['sums']['train_loss'] / state['weight']:.3f}")
+            bar.close()
+            if diverged:
+                continue
+            record = self.end_epoch(state, lr, time.perf_counter() - started)
+            state["history"].append(record)
+            state.update(epoch=epoch + 1, step=0, sums={}, weight=0.0)
+            state["stopped_by"] = record.get("stopped_by")
+            self.write_epoch(state["history"])
+            self.save(state)
+            if self.on_epoch:
+                self.on_epoch(record)
+        return self.finish(state)
+
+    def diverged(self, state, bad):
+        key, value = bad
+        where = f"epoch {state['epoch'] + 1}, step {state['step'] + 1} (iteration {state['iteration'] + 1})"
+        kept = self.checkpoints.latest() if self.checkpoints else None
+        if self.config.on_divergence == "rollback" and kept and state["rollbacks"] < self.config.max_rollbacks:
+            restored = self.restore()
+            restored["lr_scale"] *= self.config.divergence_lr_factor
+            restored["rollbacks"] = state["rollbacks"] + 1
+            log.warning("search diverged at %s: %s = %s; rolled back to %s and scaled the learning rate by %g",
+                        where, key, value, kept, restored["lr_scale"])
+            return restored
+        message = f"search diverged at {where}: {key} = {value}"
+        if kept:
+            message += f"; the last good checkpoint is {os.path.join(self.checkpoints.directory, kept)}"
+        if self.config.on_divergence == "rollback":
+            message += f" (after {state['rollbacks']} rollbacks)"
+        raise DivergenceError(message)
+
+    def end_epoch(self, state, lr, seconds):
+        epoch = state["epoch"]
+        record = {"epoch": epoch + 1, "learning_rate": lr, **self.task.summarise(state["sums"], state["weight"])}
+        record.update(self.task.evaluate())
+        alphas = self.task.alphas()
+        derived = self.task.derive(alphas, search_origin(self.spec, epoch, alphas))
+        self.derived, self.last_alphas = derived, alphas
+        record.update(self.diagnostics(derived))
+        record["seconds"] = seconds
+        record["genotype"] = genotype_text(derived)
+        record["alpha_softmax"] = {t: softmax(a).round(4).tolist() for t, a in alphas.items()}
+        rule = self.stopping_rule(record, state["history"])
+        if rule:
+            record["stopped_by"] = rule
+        metric = self.task.metric
+        log.info(
+            "search epoch %d/%d: train loss %.4f | val loss %.4f %s %.4g | lr %.4g | skip %s | eigenvalue %s | %.1fs",
+            epoch + 1, self.config.epochs, record.get("train_loss", float("nan")), record["val_loss"], metric,
+            record[f"val_{metric}"], lr, record["skip_connections"],
+            "-" if record.get("hessian_eigenvalue") is None else f"{record['hessian_eigenvalue']:.4g}", seconds,
+        )
+        log.info("genotype: %s", record["genotype"])
+        if rule:
+            log.warning("early stopping: %s", rule)
+        if self.run_dir:
+            rundir.write_yaml(os.path.join(self.run_dir, "search", "derived", f"epoch_{epoch + 1:03d}.yaml"),
+                              derived.to_document())
+        if self.board:
+            self.board.epoch(record)
+        return record
+
+    def diagnostics(self, derived):
+        kind = self.spec.search_space.kind
+        cell = derived.cells["normal" if kind == "conv_cell" else "recurrent"]
+        ops = [edge.op for node in cell.nodes for edge in node]
+        found = {
+            "skip_connections": sum(op == SKIP[kind] for op in ops),
+            "parameter_free": sum(op in PARAMETER_FREE[kind] for op in ops),
+        }
+        settings = self.config.diagnostics
+        if settings.hessian_eigenvalue:
+            found["hessian_eigenvalue"] = self.bilevel.alpha_hessian_eigenvalue(
+                self.task.diagnostic_batch(), settings.hessian_iterations, settings.hessian_radius, self.config.seed
+            )
+        return found
+
+    def stopping_rule(self, record, history):
+        rules = self.config.early_stopping
+        if rules.max_skip_connections is not None and record["skip_connections"] > rules.max_skip_connections:
+            return (f"max_skip_connections: the derived cell has {record['skip_connections']} skip connections "
+                    f"(> {rules.max_skip_connections}) after epoch {record['epoch']}")
+        eigenvalue = record.get("hessian_eigenvalue")
+        reference_epochs = rules.eigenvalue_reference_epochs
+        if rules.eigenvalue_ratio is not None and eigenvalue is not None and len(history) >= reference_epochs:
+            early = float(np.mean([r["hessian_eigenvalue"] for r in history[:reference_epochs]]))
+            if early > 0 and eigenvalue > rules.eigenvalue_ratio * early:
+                return (f"eigenvalue_ratio: the alpha Hessian's dominant eigenvalue {eigenvalue:.4g} exceeds "
+                        f"{rules.eigenvalue_ratio} x its mean {early:.4g} over the first {reference_epochs} epochs "
+                        f"(epoch {record['epoch']})")
+        return None
+
+    def write_epoch(self, history):
+        if not self.run_dir:
+            return
+        rundir.write_json(os.path.join(self.run_dir, "search", "history.json"), history)
+        rundir.write_history_csv(os.path.join(self.run_dir, "search", "history.csv"), history)
+
+    def finish(self, state):
+        history = state["history"]
+        if not hasattr(self, "derived"):  # resumed after the last epoch: rebuild the result from the alphas
+            alphas = self.task.alphas()
+            self.last_alphas = alphas
+            self.derived = self.task.derive(alphas, search_origin(self.spec, len(history) - 1, alphas))
+        if self.run_dir:
+            rundir.write_npz(os.path.join(self.run_dir, "search", "alphas.npz"), self.last_alphas)
+            rundir.write_yaml(os.path.join(self.run_dir, "derived.yaml"), self.derived.to_document())
+            if state["stopped_by"]:
+                rundir.write_json(os.path.join(self.run_dir, "search", "stopped.json"),
+                                  {"rule": state["stopped_by"], "epoch": len(history)})
+        if self.board:
+            self.board.close()
+        return SearchResult(derived=self.derived, alphas=self.last_alphas, history=history,
+                            model=self.bilevel.model, stopped_by=state["stopped_by"])

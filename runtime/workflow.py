@@ -57,27 +57,65 @@ def write_run_header(spec, data, run_dir):
 
 
 def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, progress=False):
-    """Validate-compile-search-derive, then retrain and export as the spec asks."""
+    """Validate-compile-search-derive, then retrain and export as the spec asks.
+
+    A run directory that already holds this spec's run is resumed: the search
+    from its last checkpoint, and steps already finished are not repeated.
+    """
     from .search_loop import search
 
     data = load_data(spec)  # fails before anything is written
-    rundir.prepare_new_run(run_dir, overwrite=overwrite)
-    write_run_header(spec, data, run_dir)
+    resuming = rundir.prepare_run(run_dir, spec, overwrite=overwrite)
+    if resuming:
+        log.info("%s holds this spec's run: resuming it (--overwrite starts over)", run_dir)
+    else:
+        write_run_header(spec, data, run_dir)
     report = RunReport(run_dir)
     report.artifacts["spec"] = os.path.join(run_dir, rundir.MARKER)
     report.search = search(spec, run_dir=run_dir, data=data, progress=progress)
     report.artifacts["search history"] = os.path.join(run_dir, "search", "history.csv")
     report.artifacts["derived spec"] = os.path.join(run_dir, "derived.yaml")
+    report.artifacts["pictures"] = plot_run(run_dir)
+    report.artifacts["tensorboard"] = os.path.join(run_dir, "tensorboard")
     if search_only or not spec.retrain.enabled:
         return report
-    report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress)
+    if resuming and os.path.exists(os.path.join(run_dir, "retrain", "metrics.json")):
+        report.retrain = load_retrain_result(run_dir)
+        log.info("retraining finished in an earlier run: %s", retrain_summary(report.retrain))
+    else:
+        report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress)
     report.artifacts["retrained model"] = os.path.join(run_dir, "retrain", "model.keras")
     report.artifacts["test metrics"] = os.path.join(run_dir, "retrain", "metrics.json")
-    if spec.export.enabled and is_recurrent(spec):
-        report.artifacts["saved model"] = export_run(run_dir, model=report.retrain.model, data=data)
-    elif spec.export.enabled:
+    if spec.export.enabled:
         report.artifacts["saved model"] = export_run(run_dir, model=report.retrain.model, data=data)
     return report
+
+
+def plot_run(run_dir):
+    """The pictures of a run's search under ``run_dir/plots``."""
+    from .plots import make_plots
+
+    rundir.require_run(run_dir, os.path.join("search", "history.json"), "derived.yaml")
+    make_plots(run_dir)
+    return os.path.join(run_dir, "plots")
+
+
+def load_retrain_result(run_dir):
+    """The result of a finished retraining, read back from ``run_dir/retrain``."""
+    import keras
+
+    import keras_darts.compiler  # noqa: F401 - registers the custom layers model.keras refers to
+
+    from .language_retraining import LanguageRetrainResult
+    from .retraining import RetrainResult
+
+    metrics = rundir.read_json(os.path.join(run_dir, "retrain", "metrics.json"))
+    history = rundir.read_json(os.path.join(run_dir, "retrain", "history.json"))
+    model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
+    if "test_perplexity" in metrics:
+        return LanguageRetrainResult(model, history, metrics["test_loss"], metrics["test_perplexity"],
+                                     metrics["parameters"], metrics.get("switched_to_averaging_after_epoch"))
+    return RetrainResult(model, history, metrics["test_loss"], metrics["test_accuracy"], metrics["parameters"])
 
 
 def derived_for_run(spec, derived, **network):

@@ -84,7 +84,39 @@ class AdamConfig:
 
 
 @frozen
-class SearchConfig:
+class DiagnosticsConfig:
+    """Collapse diagnostics each epoch: the dominant eigenvalue of the alpha Hessian of the validation loss."""
+
+    hessian_eigenvalue: bool = True
+    hessian_iterations: int = 8
+    hessian_radius: float = 1e-3
+
+
+@frozen
+class EarlyStoppingConfig:
+    """Optional rules that end a search early; ``None`` switches a rule off."""
+
+    max_skip_connections: typing.Optional[int] = None
+    eigenvalue_ratio: typing.Optional[float] = None
+    eigenvalue_reference_epochs: int = 2
+
+
+@frozen
+class RunControl:
+    """What every search shares: determinism, checkpoints, divergence handling, monitoring."""
+
+    deterministic: bool = False
+    checkpoint_every_steps: typing.Optional[int] = 200
+    on_divergence: str = "stop"
+    divergence_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    tensorboard: bool = True
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+
+
+@frozen
+class SearchConfig(RunControl):
     epochs: int = 50
     order: str = "second"
     second_order_mode: str = "finite_difference"
@@ -218,7 +250,7 @@ class TextDataConfig:
 
 
 @frozen
-class RecurrentSearchConfig:
+class RecurrentSearchConfig(RunControl):
     """The reference recurrent search: plain SGD (lr 20, clip 0.25), Adam (0.9, 0.999) on alpha."""
 
     epochs: int = 50

@@ -1,0 +1,80 @@
+"""Search checkpoints that a crash cannot break.
+
+A checkpoint holds every variable of the search model (weights and alphas),
+both optimisers' states, the loop's position and counters (``state.json``)
+and any arrays the task carries between steps (hidden states). It is written
+into a hidden temporary directory, which is then renamed into place, and only
+then does ``latest.json`` (itself replaced atomically) point at it. A crash
+at any moment leaves ``latest.json`` naming a complete checkpoint; stray
+temporary directories are removed when the directory is opened again. The
+last ``keep`` checkpoints are kept.
+"""
+
+import glob
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from . import rundir
+
+LATEST = "latest.json"
+
+
+class SearchCheckpoints:
+    def __init__(self, directory, model, weights_optimizer, arch_optimizer, keep=2):
+        self.directory = directory
+        self.keep = keep
+        self.checkpoint = tf.train.Checkpoint(
+            variables={_key(v): v for v in model.variables},
+            weights_optimizer=weights_optimizer,
+            arch_optimizer=arch_optimizer,
+        )
+        os.makedirs(directory, exist_ok=True)
+        for stray in glob.glob(os.path.join(directory, ".tmp-*")):
+            shutil.rmtree(stray, ignore_errors=True)
+
+    def latest(self):
+        """The name of the newest complete checkpoint, or ``None``."""
+        pointer = os.path.join(self.directory, LATEST)
+        if not os.path.exists(pointer):
+            return None
+        name = rundir.read_json(pointer)["checkpoint"]
+        return name if os.path.isdir(os.path.join(self.directory, name)) else None
+
+    def save(self, state, arrays=None):
+        """Write a checkpoint of the variables, ``state`` (JSON) and ``arrays``; return its name."""
+        name = f"iteration_{state['iteration']:09d}"
+        final = os.path.join(self.directory, name)
+        temporary = tempfile.mkdtemp(prefix=".tmp-", dir=self.directory)
+        self.checkpoint.write(os.path.join(temporary, "variables"))
+        np.savez(os.path.join(temporary, "arrays.npz"), **(arrays or {}))
+        rundir.write_json(os.path.join(temporary, "state.json"), state)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        rundir.write_json(os.path.join(self.directory, LATEST), {"checkpoint": name})
+        self._prune(name)
+        return name
+
+    def restore(self, name=None):
+        """Load checkpoint ``name`` (default: the latest) into the variables; return ``(state, arrays)``."""
+        name = name or self.latest()
+        folder = os.path.join(self.directory, name)
+        self.checkpoint.read(os.path.join(folder, "variables")).assert_existing_objects_matched()
+        with np.load(os.path.join(folder, "arrays.npz")) as arrays:
+            loaded = {key: arrays[key] for key in arrays.files}
+        return rundir.read_json(os.path.join(folder, "state.json")), loaded
+
+    def _prune(self, newest):
+        names = sorted(n for n in os.listdir(self.directory) if n.startswith("iteration_"))
+        for name in names[: -self.keep]:
+            if name != newest:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+def _key(variable):
+    # Checkpoint keys may not contain '/'; variable paths are unique within a model.
+    return variable.path.replace("/", "__")

@@ -1,0 +1,190 @@
+"""Pictures of a search: derived cells, alpha heatmaps, each edge's op weights over time, diagnostics.
+
+``make_plots(run_dir)`` reads a run's ``derived.yaml`` and
+``search/history.json`` and writes PNG and SVG files into ``run_dir/plots``.
+Cells are drawn by graphviz's ``dot`` when it is installed, otherwise with
+matplotlib and networkx.
+"""
+
+import io
+import os
+import shutil
+import subprocess
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import networkx as nx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_darts.spec import load_derived  # noqa: E402
+
+from . import rundir  # noqa: E402
+
+FORMATS = ("png", "svg")
+
+
+def _save(figure, base):
+    paths = []
+    for extension in FORMATS:
+        path = f"{base}.{extension}"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        paths.append(path)
+    plt.close(figure)
+    return paths
+
+
+def figure_png(figure):
+    """The figure as PNG bytes (for TensorBoard images)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def cell_graph(cell, recurrent):
+    """The derived cell as a labelled networkx graph (inputs, nodes, output)."""
+    graph = nx.MultiDiGraph()
+    first = 1 if recurrent else 2
+    inputs = {0: "s0 (x, h_prev)"} if recurrent else {0: "c_{k-2}", 1: "c_{k-1}"}
+    for node, label in inputs.items():
+        graph.add_node(node, label=label, kind="input")
+    for n, edges in enumerate(cell.nodes):
+        graph.add_node(n + first, label=str(n + first), kind="node")
+        for edge in edges:
+            graph.add_edge(edge.input, n + first, label=edge.op)
+    output = "h_t (mean)" if recurrent else "c_k (concat)"
+    graph.add_node("output", label=output, kind="output")
+    for index in cell.concat:
+        graph.add_edge(index, "output", label="")
+    return graph
+
+
+def _dot_source(graph):
+    lines = ["digraph cell {", "  rankdir=LR;", '  node [fontname="Helvetica"];']
+    colours = {"input": "lightblue", "node": "lightgrey", "output": "palegoldenrod"}
+    for node, data in graph.nodes(data=True):
+        shape = "box" if data["kind"] != "node" else "circle"
+        lines.append(f'  "{node}" [label="{data["label"]}", shape={shape}, style=filled, '
+                     f'fillcolor={colours[data["kind"]]}];')
+    for u, v, data in graph.edges(data=True):
+        lines.append(f'  "{u}" -> "{v}" [label="{data["label"]}"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def draw_cell(cell, base, recurrent=False, title=""):
+    """Write ``base.png`` and ``base.svg`` of one derived cell."""
+    graph = cell_graph(cell, recurrent)
+    dot = shutil.which("dot")
+    if dot:
+        source = _dot_source(graph)
+        for extension in FORMATS:
+            subprocess.run([dot, f"-T{extension}", "-o", f"{base}.{extension}"], input=source, text=True,
+                           check=True, capture_output=True)
+        return [f"{base}.{extension}" for extension in FORMATS]
+    for layer, nodes in enumerate(nx.topological_generations(graph)):
+        for node in nodes:
+            graph.nodes[node]["layer"] = layer
+    positions = nx.multipartite_layout(graph, subset_key="layer")
+    figure, axes = plt.subplots(figsize=(2 + 1.4 * graph.number_of_nodes(), 4))
+    colours = {"input": "#a6cee3", "node": "#dddddd", "output": "#fdbf6f"}
+    nx.draw_networkx_nodes(graph, positions, ax=axes, node_size=900,
+                           node_color=[colours[d["kind"]] for _, d in graph.nodes(data=True)])
+    nx.draw_networkx_labels(graph, positions, ax=axes, labels=nx.get_node_attributes(graph, "label"), font_size=8)
+    nx.draw_networkx_edges(graph, positions, ax=axes, arrows=True, node_size=900, connectionstyle="arc3,rad=0.1")
+    labels = {(u, v): d["label"] for u, v, d in graph.edges(data=True) if d["label"]}
+    nx.draw_networkx_edge_labels(graph, positions, edge_labels=labels, ax=axes, font_size=7)
+    axes.set_title(title)
+    axes.axis("off")
+    return _save(figure, base)
+
+
+def edge_labels(rows, recurrent):
+    """``source->target`` for each alpha row of a cell type."""
+    from keras_darts.compiler.graph import cell_edges
+    from keras_darts.compiler.recurrent import recurrent_edges
+
+    nodes = _nodes_for_rows(rows, recurrent)
+    edges = recurrent_edges(nodes) if recurrent else cell_edges(nodes)
+    return [f"{i}->{j}" for i, j in edges]
+
+
+def _nodes_for_rows(rows, recurrent):
+    nodes = 1
+    while True:
+        count = nodes * (nodes + 1) // 2 if recurrent else nodes * (nodes + 3) // 2
+        if count >= rows:
+            return nodes
+        nodes += 1
+
+
+def heatmap_figure(probabilities, operations, labels, title):
+    probabilities = np.asarray(probabilities)
+    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(operations), 0.8 + 0.28 * len(labels)))
+    image = axes.imshow(probabilities, aspect="auto", cmap="viridis", vmin=0.0)
+    axes.set_xticks(range(len(operations)), operations, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(len(labels)), labels, fontsize=7)
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axes)
+    return figure
+
+
+def make_plots(run_dir):
+    """All pictures of a finished (or stopped) search; returns the written paths."""
+    history = rundir.read_json(os.path.join(run_dir, "search", "history.json"))
+    derived = load_derived(os.path.join(run_dir, "derived.yaml"))
+    recurrent = derived.kind == "recurrent_cell"
+    folder = os.path.join(run_dir, "plots")
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for cell_type, cell in derived.cells.items():
+        written += draw_cell(cell, os.path.join(folder, f"cell_{cell_type}"), recurrent, f"{derived.name}: {cell_type}")
+    operations = list(derived.operations)
+    last = history[-1]["alpha_softmax"]
+    for cell_type, probabilities in last.items():
+        labels = edge_labels(len(probabilities), recurrent)
+        figure = heatmap_figure(probabilities, operations, labels,
+                                f"softmax(alpha_{cell_type}) after epoch {history[-1]['epoch']}")
+        written += _save(figure, os.path.join(folder, f"alphas_{cell_type}"))
+        written += _evolution(history, cell_type, operations, labels, os.path.join(folder, f"alpha_evolution_{cell_type}"))
+    written += _diagnostics(history, os.path.join(folder, "diagnostics"))
+    return written
+
+
+def _evolution(history, cell_type, operations, labels, base):
+    series = np.array([record["alpha_softmax"][cell_type] for record in history])  # (epochs, edges, ops)
+    epochs = [record["epoch"] for record in history]
+    columns = min(7, len(labels))
+    rows = -(-len(labels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 1.8 * rows), sharex=True, sharey=True,
+                                squeeze=False)
+    for index, label in enumerate(labels):
+        ax = axes[index // columns][index % columns]
+        for o, name in enumerate(operations):
+            ax.plot(epochs, series[:, index, o], label=name, marker="." if len(epochs) < 12 else None)
+        ax.set_title(label, fontsize=8)
+    for index in range(len(labels), rows * columns):
+        axes[index // columns][index % columns].axis("off")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="upper center", ncol=len(operations), fontsize=7)
+    figure.supxlabel("epoch")
+    figure.supylabel(f"softmax(alpha_{cell_type})")
+    return _save(figure, base)
+
+
+def _diagnostics(history, base):
+    epochs = [record["epoch"] for record in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    left.plot(epochs, [record.get("skip_connections", np.nan) for record in history], marker="o",
+              label="skip connections")
+    left.plot(epochs, [record.get("parameter_free", np.nan) for record in history], marker="s",
+              label="parameter-free ops")
+    left.set_xlabel("epoch")
+    left.set_title("derived normal cell" if "normal" in history[-1]["alpha_softmax"] else "derived cell", fontsize=9)
+    left.legend(fontsize=7)
+    right.plot(epochs, [record.get("hessian_eigenvalue", np.nan) for record in history], marker="o", color="C3")
+    right.set_xlabel("epoch")
+    right.set_title("dominant eigenvalue of the alpha Hessian", fontsize=9)
+    return _save(figure, base)
