@@ -148,6 +148,33 @@ def timed_run(config_name, mode, call, function, warmup, iterations):
     }
 
 
+def estimate_config(config_name):
+    """keras-darts' own estimate for a benchmark configuration (run here, in this process)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras_darts as kd
+    from keras_darts.runtime.estimate import estimate
+
+    config = CONFIGS[config_name]
+    if config_name == "RNN":
+        size = config["hidden"]
+        document = {
+            "version": 1, "name": "bench",
+            "search_space": {"kind": "recurrent_cell", "network": {"embedding_size": size, "hidden_size": size}},
+            "data": {"source": "text_files", "path": ".", "batch_size": config["batch"], "bptt": config["bptt"]},
+            "retrain": {"enabled": False},
+        }
+        return estimate(kd.load_spec(document), vocabulary_size=config["vocabulary"])
+    document = {
+        "version": 1, "name": "bench",
+        "search_space": {"kind": "conv_cell", "network": {
+            "init_channels": config["init_channels"], "layers": config["layers"],
+            "input_shape": [32, 32, 3], "num_classes": 10}},
+        "data": {"batch_size": config["batch"]},
+        "retrain": {"enabled": False},
+    }
+    return estimate(kd.load_spec(document))
+
+
 def machine():
     import tensorflow as tf
 
@@ -167,6 +194,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--output", default="benchmarks/results.json")
+    parser.add_argument("--with-estimate", action="store_true",
+                        help="also run keras-darts' estimate for each config and compare its peak with the measured one")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -183,7 +212,8 @@ def main():
                 continue
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"measured {config} {mode}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
-    report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE}
+    estimates = {config: estimate_config(config) for config in args.configs} if args.with_estimate else {}
+    report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
     header = f"{'config':7s} {'mode':20s} {'s/iter':>8s} {'x fwd+bwd':>9s} {'reference':>9s} {'x faster':>8s} " \
              f"{'first call':>10s} {'peak GiB':>8s}"
     print(header)
@@ -196,6 +226,16 @@ def main():
         faster = f"{reference / row['median_seconds']:8.2f}" if reference else f"{'-':>8s}"
         print(f"{row['config']:7s} {row['mode']:20s} {row['median_seconds']:8.3f} {ratio} {ref_text} {faster} "
               f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f}")
+    for config, estimated in estimates.items():
+        for order, mode in (("first", "first_order"), ("second", "second_order_fd")):
+            row = next((r for r in results if r["config"] == config and r["mode"] == mode), None)
+            peak = estimated["orders"][order]["peak_rss_bytes"] / 2**30
+            seconds = estimated["orders"][order]["seconds_per_iteration"]
+            if row:
+                print(f"estimate {config} {order} order: peak {peak:.2f} GiB (measured {row['peak_rss_gib']:.2f}, "
+                      f"ratio {peak / row['peak_rss_gib']:.2f}), {seconds:.3f} s/iter (measured "
+                      f"{row['median_seconds']:.3f}, ratio {seconds / row['median_seconds']:.2f}); activations "
+                      f"{estimated['activation_bytes'] / 2**30:.3f} GiB per forward pass")
     print(f"machine: {json.dumps(report['machine'])}")
     with open(args.output, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)

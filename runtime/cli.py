@@ -122,6 +122,21 @@ def cmd_export(args):
     return EXIT_OK
 
 
+def cmd_estimate(args):
+    from keras_darts.runtime.estimate import estimate, report_lines
+
+    spec = _load(args)
+    vocabulary = None
+    if spec.search_space.kind == "recurrent_cell":
+        from keras_darts.runtime.text_data import load_text_data
+
+        vocabulary = load_text_data(spec).vocabulary_size
+    print(f"estimate for {spec.name} ({spec.source}), measured on this machine:")
+    for line in report_lines(estimate(spec, steps=args.steps, orders=args.orders, vocabulary_size=vocabulary)):
+        print(f"  {line}")
+    return EXIT_OK
+
+
 def cmd_plot(args):
     from keras_darts.runtime.workflow import plot_run
 
@@ -185,6 +200,11 @@ def _parser(prog, compile_only=False):
     p = commands.add_parser("export", help="export a run's retrained model as a SavedModel")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_export)
+    p = commands.add_parser("estimate", help="parameters, activation memory, peak memory and time per iteration")
+    _spec_arguments(p)
+    p.add_argument("--steps", type=int, default=3, help="timed iterations per order (after one untimed)")
+    p.add_argument("--orders", nargs="+", default=["first", "second"], choices=["first", "second"])
+    p.set_defaults(handler=cmd_estimate)
     p = commands.add_parser("plot", help="draw a run's derived cells, alpha heatmaps and diagnostics")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_plot)

@@ -224,6 +224,13 @@ class SearchDriver:
             self.save(state)
         log.info("search %s: %s, %s order%s, %d epochs", self.spec.name, self.task.describe(), config.order,
                  f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs)
+        from .estimate import format_bytes, static_estimate
+
+        counts = static_estimate(self.spec, self.bilevel)
+        log.info("estimate: %s weights, %s architecture parameters, %s of activations per forward pass at batch %d",
+                 f"{counts['weights']:,}", f"{counts['alphas']:,}", format_bytes(counts["activation_bytes"]),
+                 self.spec.data.batch_size)
+        timings = []
         step = self.bilevel.compiled_iteration(config.order, config.second_order_mode)
         if state["epoch"] < config.epochs and not state["stopped_by"]:
             log.info("the first iteration builds and optimises the step's graph; on a CPU this takes a while")
@@ -240,8 +247,12 @@ class SearchDriver:
                        disable=not self.progress, leave=False, unit="step")
             diverged = False
             for train, val, factor, weight in self.task.batches(epoch, state["step"], state["iteration"]):
+                began = time.perf_counter()
                 metrics, train_state, val_state = step(train, val, tf.constant(lr * factor, tf.float32), arch_lr)
                 values = {key: float(value) for key, value in metrics.items()}
+                timings.append(time.perf_counter() - began)
+                if len(timings) == 4:
+                    self.log_cost(timings)
                 bad = next(((k, v) for k, v in values.items() if not math.isfinite(v)), None)
                 if bad:
                     state = self.diverged(state, bad)
@@ -271,6 +282,15 @@ class SearchDriver:
             if self.on_epoch:
                 self.on_epoch(record)
         return self.finish(state)
+
+    def log_cost(self, timings):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+        remaining = self.config.epochs * self.task.steps_in_epoch(0)
+        log.info("measured: first iteration %.1f s (tracing), then %.3f s per iteration (about %.1f min for %d "
+                 "iterations); peak memory so far %.2f GiB", timings[0], float(np.median(timings[1:])),
+                 float(np.median(timings[1:])) * remaining / 60, remaining, peak)
 
     def diverged(self, state, bad):
         key, value = bad

@@ -86,7 +86,10 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
         report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress)
     report.artifacts["retrained model"] = os.path.join(run_dir, "retrain", "model.keras")
     report.artifacts["test metrics"] = os.path.join(run_dir, "retrain", "metrics.json")
-    if spec.export.enabled:
+    saved_model = os.path.join(run_dir, "export", "saved_model")
+    if spec.export.enabled and resuming and os.path.exists(os.path.join(saved_model, "saved_model.pb")):
+        report.artifacts["saved model"] = saved_model
+    elif spec.export.enabled:
         report.artifacts["saved model"] = export_run(run_dir, model=report.retrain.model, data=data)
     return report
 
@@ -95,7 +98,9 @@ def plot_run(run_dir):
     """The pictures of a run's search under ``run_dir/plots``."""
     from .plots import make_plots
 
-    rundir.require_run(run_dir, os.path.join("search", "history.json"), "derived.yaml")
+    for item in (os.path.join("search", "history.json"), "derived.yaml"):
+        if not os.path.exists(os.path.join(run_dir, item)):
+            raise rundir.RunDirectoryError(f"{run_dir}: {item} is missing; run a search into it first")
     make_plots(run_dir)
     return os.path.join(run_dir, "plots")
 

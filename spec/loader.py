@@ -54,6 +54,8 @@ def _read_with_extends(path, chain=()):
     if not isinstance(base_name, str) or not base_name:
         raise SpecError.single(os.fspath(path), "$.extends", f"expected a file path, got {base_name!r}")
     base_path = os.path.join(os.path.dirname(source), base_name)
+    if not os.path.isfile(base_path):
+        raise SpecError.single(os.fspath(path), "$.extends", f"{base_name}: file not found (looked for {base_path})")
     base = _read_with_extends(base_path, (*chain, source))
     return deep_merge(base, document)
 

@@ -84,15 +84,21 @@ def test_export_of_a_directory_that_is_not_a_run_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: not a keras-darts run directory (no spec.yaml)\n"
 
 
-def test_existing_run_directory_is_not_touched(finished_run, capsys):
+def test_running_again_resumes_and_repeats_nothing_finished(finished_run, capsys, caplog):
     _, spec_path, run_dir = finished_run
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    kept = ["retrain/metrics.json", "retrain/model.keras", "search/history.json", "search/alphas.npz",
+            "export/saved_model/saved_model.pb"]
+    before = {item: ((run_dir / item).stat().st_mtime_ns, (run_dir / item).read_bytes()) for item in kept}
+    caplog.set_level("INFO")
     code = compile_and_search_main([str(spec_path), "--run-dir", str(run_dir), "--no-progress"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: --run-dir: {run_dir} already holds a run (")
-    assert "Traceback" not in err
-    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert code == 0
+    assert "resuming tiny from its checkpoint: epoch 3, step 0 (iteration 44)" in caplog.text
+    assert "retraining finished in an earlier run" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+    for item in kept:
+        if item.endswith((".json", ".keras", ".pb")) and item != "search/alphas.npz":
+            assert before[item] == ((run_dir / item).stat().st_mtime_ns, (run_dir / item).read_bytes()), item
+    assert (run_dir / "search" / "alphas.npz").read_bytes() == before["search/alphas.npz"][1]
 
 
 def test_retrain_a_published_cell_on_the_runs_data(finished_run, capsys):

@@ -1,0 +1,153 @@
+"""A corpus of malformed inputs: each gets one clear message naming the file and the field, exit code 2,
+no traceback, and an existing run directory stays as it was."""
+
+import os
+
+import pytest
+
+from keras_darts.runtime.cli import compile_and_search_main, main
+
+GOOD = """version: 1
+name: ok
+search_space:
+  kind: conv_cell
+  operations: [none, skip_connect, sep_conv_3x3]
+  nodes: 2
+  network: {init_channels: 4, layers: 3, input_shape: [8, 8, 1], num_classes: 10}
+data: {source: digits, batch_size: 16}
+retrain: {enabled: false}
+"""
+
+RECURRENT = """version: 1
+name: rnn
+search_space:
+  kind: recurrent_cell
+  nodes: 3
+  network: {embedding_size: 8, hidden_size: 8}
+data: {source: text_files, path: corpus, batch_size: 4}
+"""
+
+# (name, file content (text or bytes), expected field in the message, expected words)
+CORPUS = [
+    ("yaml syntax", "version: 1\nname: [unclosed\n", "line 3, column 1", "invalid YAML"),
+    ("tab indentation", "version: 1\n\tname: x\n", "line 2, column 1", "invalid YAML"),
+    ("duplicate key", "version: 1\nversion: 1\nname: x\nsearch_space: {kind: conv_cell}\n", "line 2", "duplicate key"),
+    ("empty file", "", "$", "empty document"),
+    ("only a comment", "# nothing here\n", "$", "empty document"),
+    ("a list at the top", "- 1\n- 2\n", "$", "expected a mapping at the top level, got list"),
+    ("a scalar at the top", "42\n", "$", "expected a mapping at the top level, got integer"),
+    ("non-UTF-8 bytes", b"version: 1\nname: \xff\xfe\n", "$", "not UTF-8 text"),
+    ("alias bomb", "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+     "$", "aliases nested too deeply"),
+    ("missing version", GOOD.replace("version: 1\n", ""), "$.version", "missing required key"),
+    ("missing search_space", "version: 1\nname: x\n", "$.search_space", "missing required key"),
+    ("missing kind", GOOD.replace("  kind: conv_cell\n", ""), "$.search_space.kind", "missing required key"),
+    ("unknown kind", GOOD.replace("kind: conv_cell", "kind: transformer"), "$.search_space.kind",
+     "expected one of 'conv_cell', 'recurrent_cell'"),
+    ("wrong version", GOOD.replace("version: 1", "version: 2"), "$.version", "expected 1, got 2"),
+    ("name with a slash", GOOD.replace("name: ok", "name: a/b"), "$.name", "expected a name of letters"),
+    ("string for an integer", GOOD.replace("nodes: 2", "nodes: two"), "$.search_space.nodes",
+     "expected integer, got string 'two'"),
+    ("boolean for a list", GOOD.replace("operations: [none, skip_connect, sep_conv_3x3]", "operations: true"),
+     "$.search_space.operations", "expected list, got boolean"),
+    ("unknown top-level key", GOOD + "serach: {epochs: 2}\n", "$.serach", "did you mean 'search'?"),
+    ("unknown nested key", GOOD.replace("batch_size: 16", "batch_size: 16, shufle: true"), "$.data.shufle",
+     "unknown key 'shufle'"),
+    ("unknown op", GOOD.replace("sep_conv_3x3]", "sep_conv_3x4]"), "$.search_space.operations[2]",
+     "did you mean 'sep_conv_3x3'?"),
+    ("op listed twice", GOOD.replace("[none, skip_connect, sep_conv_3x3]", "[none, skip_connect, skip_connect]"),
+     "$.search_space.operations[2]", "listed twice"),
+    ("only none", GOOD.replace("[none, skip_connect, sep_conv_3x3]", "[none]"), "$.search_space.operations",
+     "at least one operation other than 'none'"),
+    ("k too large", GOOD.replace("nodes: 2", "nodes: 2\n  k: 9"), "$.search_space.k", "exceeds the 3 predecessors"),
+    ("k zero", GOOD.replace("nodes: 2", "nodes: 2\n  k: 0"), "$.search_space.k", "expected k >= 1"),
+    ("reduction out of range", GOOD.replace("nodes: 2", "nodes: 2\n  reduction_cells: [1, 7]"),
+     "$.search_space.reduction_cells[1]", "expected a cell position in [0, 3)"),
+    ("reduction twice", GOOD.replace("nodes: 2", "nodes: 2\n  reduction_cells: [1, 1]"),
+     "$.search_space.reduction_cells[1]", "listed twice"),
+    ("zero layers", GOOD.replace("layers: 3", "layers: 0"), "$.search_space.network.layers",
+     "expected at least 1 cell"),
+    ("absurd channel count", GOOD.replace("init_channels: 4", "init_channels: 100000"),
+     "$.search_space.network.init_channels", "expected a value <= 4096"),
+    ("odd feature maps", GOOD.replace("[8, 8, 1]", "[7, 7, 1]"), "$.search_space.network.input_shape",
+     "expected an even size"),
+    ("negative batch", GOOD.replace("batch_size: 16", "batch_size: -3"), "$.data.batch_size",
+     "expected a value >= 1, got -3"),
+    ("unknown data source", GOOD.replace("source: digits", "source: imagenet21k"), "$.data.source",
+     "expected one of"),
+    ("npz without path", GOOD.replace("source: digits", "source: npz"), "$.data.path", "needs a path"),
+    ("train portion of one", GOOD.replace("batch_size: 16", "batch_size: 16, train_portion: 1.0"),
+     "$.data.train_portion", "expected a value < 1"),
+    ("recurrent key in a conv spec", GOOD.replace("nodes: 2", "nodes: 2\n  highway: true"),
+     "$.search_space.highway", "an option of kind 'recurrent_cell', not 'conv_cell'"),
+    ("conv key in a recurrent spec", RECURRENT.replace("nodes: 3", "nodes: 3\n  reduction_cells: thirds"),
+     "$.search_space.reduction_cells", "an option of kind 'conv_cell', not 'recurrent_cell'"),
+    ("untied sizes", RECURRENT.replace("hidden_size: 8", "hidden_size: 9"), "$.search_space.network",
+     "tied weights need embedding_size == hidden_size"),
+    ("bptt of one", RECURRENT.replace("batch_size: 4", "batch_size: 4, bptt: 1"), "$.data.bptt",
+     "expected a value >= 2, got 1"),
+    ("extends a missing file", "extends: nowhere.yaml\n" + GOOD, "$.extends", "nowhere.yaml: file not found"),
+]
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "search").mkdir(parents=True)
+    (run_dir / "spec.yaml").write_text(GOOD)
+    (run_dir / "search" / "history.json").write_text("[]")
+    return run_dir
+
+
+def snapshot(folder):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CORPUS) >= 30
+    assert len({name for name, *_ in CORPUS}) == len(CORPUS)
+
+
+@pytest.mark.parametrize("name, content, field, words", CORPUS, ids=[case[0] for case in CORPUS])
+def test_malformed_spec_gets_one_clear_message(name, content, field, words, tmp_path, existing_run, capsys):
+    spec = tmp_path / "spec.yaml"
+    if isinstance(content, bytes):
+        spec.write_bytes(content)
+    else:
+        spec.write_text(content, encoding="utf-8")
+    before = snapshot(existing_run)
+    code = compile_and_search_main([str(spec), "--run-dir", str(existing_run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    first = err.splitlines()[0]
+    assert first.startswith(f"error: {spec}: {field}"), first
+    assert words in err, err
+    assert snapshot(existing_run) == before
+
+
+def test_missing_spec_file_and_a_directory(tmp_path, existing_run, capsys):
+    before = snapshot(existing_run)
+    assert compile_and_search_main([str(tmp_path / "absent.yaml"), "--run-dir", str(existing_run)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'absent.yaml'}: $: file not found\n"
+    assert compile_and_search_main([str(tmp_path), "--run-dir", str(existing_run)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: $: expected a YAML file, got a directory\n"
+    assert snapshot(existing_run) == before
+
+
+def test_a_derived_spec_for_another_op_set_is_refused(tmp_path, capsys):
+    derived = tmp_path / "derived.yaml"
+    derived.write_text(
+        "version: 1\nkind: conv_cell\nname: odd\noperations: [none, skip_connect]\n"
+        "cells:\n  normal: {nodes: [[{op: sep_conv_3x3, input: 0}, {op: skip_connect, input: 1}]]}\n"
+        "  reduce: {nodes: [[{op: skip_connect, input: 0}, {op: skip_connect, input: 1}]]}\n"
+        "network: {init_channels: 4, layers: 3, input_shape: [8, 8, 1], num_classes: 10}\n"
+    )
+    assert main(["show", str(derived)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {derived}: $.cells.normal.nodes[0][0].op: operation 'sep_conv_3x3' is not in this spec's "
+        "operations (none, skip_connect)\n"
+    )
+    assert os.path.exists(derived)
