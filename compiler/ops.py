@@ -41,6 +41,27 @@ def _pad(x, amount, value=0.0):
 _FUSED_DTYPES = ("float32", "float16", "bfloat16")
 
 
+def cross_replica_moments(x, axes):
+    """Mean and biased variance of ``x`` over ``axes`` and over all replicas, or ``None`` on one replica.
+
+    Under a tf.distribute strategy each replica holds a slice of the batch;
+    batch normalisation must see the whole batch to compute what one device
+    would, so the sums are all-reduced (differentiably) across replicas.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), list(axes))), x.dtype)
+    total, count = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axes), count])
+    mean = total / count
+    squares = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axes))
+    return mean, squares / count, count
+
+
 def batch_normalize(x, gamma=None, beta=None):
     """Normalise ``x`` (NHWC) with its batch statistics; ``gamma``/``beta`` if affine.
 
@@ -50,6 +71,13 @@ def batch_normalize(x, gamma=None, beta=None):
     search supernet holds hundreds of BNs, and the unfused formula's graph
     is some forty ops each. Other backends and float64 take the formula.
     """
+    synced = cross_replica_moments(x, (0, 1, 2))
+    if synced is not None:
+        mean, variance, count = synced
+        y = (x - mean) * ops.rsqrt(variance + BN_EPSILON)
+        if gamma is not None:
+            y = y * gamma + beta
+        return y, mean, variance * count / ops.maximum(count - 1.0, 1.0)
     dtype = keras.backend.standardize_dtype(x.dtype)
     if keras.backend.backend() == "tensorflow" and dtype in _FUSED_DTYPES:
         import tensorflow as tf

@@ -32,7 +32,7 @@ from keras import ops
 from keras_darts.spec import ZERO_OPERATION, CellGenotype, Edge, derived_from_document
 
 from .graph import _check_and_freeze, incoming_edges, node_order
-from .ops import BN_EPSILON, PACKAGE
+from .ops import BN_EPSILON, PACKAGE, cross_replica_moments
 
 ACTIVATIONS = {
     "tanh": ops.tanh,
@@ -87,7 +87,10 @@ def derive_recurrent_cell(alpha, operations, nodes, k=1):
 
 # -- the cell -----------------------------------------------------------------------
 def _normalize(x):
-    """BN without affine parameters over the batch axis, with the batch's statistics."""
+    """BN without affine parameters over the batch axis, with the batch's statistics (across replicas)."""
+    synced = cross_replica_moments(x, (0,))
+    if synced is not None:
+        return (x - synced[0]) * ops.rsqrt(synced[1] + BN_EPSILON)
     mean = ops.mean(x, axis=0, keepdims=True)
     variance = ops.mean(ops.square(x - mean), axis=0, keepdims=True)
     return (x - mean) * ops.rsqrt(variance + BN_EPSILON)

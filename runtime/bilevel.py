@@ -38,6 +38,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from .distribution import cross_replica_mean, replica_slices
 from .objectives import ImageClassification
 from .optimizers import clip_by_global_norm, scalar
 
@@ -59,7 +60,7 @@ class Bilevel:
     """The search model's variables, partitioned once by identity, and the passes over them."""
 
     def __init__(self, model, weights_optimizer, arch_optimizer, hvp_epsilon=0.01, objective=None,
-                 unrolled_clip=None):
+                 unrolled_clip=None, strategy=None):
         self.model = model
         self.trainable = list(model.trainable_variables)
         arch_ids = {id(v) for v in model.arch_variables}
@@ -78,16 +79,22 @@ class Bilevel:
         self.hvp_epsilon = hvp_epsilon
         self.objective = objective or ImageClassification(model)
         self.unrolled_clip = unrolled_clip
+        self.strategy = strategy
         batch = self.objective.batch_signature()
         weights = [tf.TensorSpec(v.shape, v.dtype) for v in self.weight_vars]
         alphas = [tf.TensorSpec(v.shape, v.dtype) for v in self.arch_vars]
         signature = [weights, alphas, batch]
 
         def compile_pass(fn, input_signature=signature):
-            # Kept as function calls (not inlined) so each body is optimised once.
+            # Kept as function calls (not inlined) so each body is optimised once. Under a
+            # strategy the passes hold cross-replica reductions (batch statistics), which
+            # cannot sit in a nested function: there they are traced into the step itself.
+            if strategy is not None:
+                return fn
             return tf.function(fn, input_signature=input_signature, experimental_attributes={"_noinline": True})
 
-        self.loss_at = compile_pass(self._loss_at)
+        # Evaluation runs outside the replicas, always as its own function.
+        self.loss_at = tf.function(self._loss_at, input_signature=signature)
         self.gradients_at = compile_pass(self._gradients_at)
         self.alpha_gradients_at = compile_pass(self._alpha_gradients_at)
         self.mixed_hvp_at = compile_pass(self._mixed_hvp_at, [weights, alphas, weights, batch])
@@ -96,6 +103,10 @@ class Bilevel:
             self.step_gradients_at = compile_pass(functools.partial(self._gradients_at, regularize=True))
         else:
             self.step_gradients_at = self.gradients_at
+        self.eval_alpha_gradients_at = (
+            self.alpha_gradients_at if strategy is None else tf.function(self._alpha_gradients_at,
+                                                                         input_signature=signature)
+        )
 
     # -- passes on substituted values -------------------------------------------
     def forward(self, weights, alphas):
@@ -137,10 +148,11 @@ class Bilevel:
         return loss, metric, dense_gradients(tape.gradient(value, alphas), alphas), state
 
     def current_weights(self):
-        return [v.value for v in self.weight_vars]
+        # Read as tensors (on a replica: its own copy), so every pass differentiates values, not variables.
+        return [tf.convert_to_tensor(v.value) for v in self.weight_vars]
 
     def current_alphas(self):
-        return [v.value for v in self.arch_vars]
+        return [tf.convert_to_tensor(v.value) for v in self.arch_vars]
 
     def _pass(self, batch, number):
         return self.objective.for_pass(batch, number)
@@ -152,6 +164,7 @@ class Bilevel:
         weights = self.current_weights() if weights is None else weights
         alphas = self.current_alphas() if alphas is None else alphas
         loss, metric, gradient, state = self.alpha_gradients_at(weights, alphas, self._pass(val, PASS_VALIDATION))
+        gradient, loss, metric = cross_replica_mean((gradient, loss, metric))
         return gradient, loss, metric, state
 
     def virtual_step(self, train, learning_rate, weights=None, alphas=None):
@@ -162,7 +175,7 @@ class Bilevel:
         """
         weights = self.current_weights() if weights is None else weights
         alphas = self.current_alphas() if alphas is None else alphas
-        gradients = self.gradients_at(weights, alphas, self._pass(train, PASS_VIRTUAL))[2]
+        gradients = cross_replica_mean(self.gradients_at(weights, alphas, self._pass(train, PASS_VIRTUAL))[2])
         coefficient = tf.constant(1.0, tf.float32)
         if self.unrolled_clip is not None:
             coefficient = clip_coefficient(tf.linalg.global_norm(gradients), self.unrolled_clip)
@@ -179,17 +192,18 @@ class Bilevel:
         alphas = self.current_alphas() if alphas is None else alphas
         unrolled, coefficient = self.virtual_step(train, learning_rate, weights, alphas)
         val_loss, val_metric, v, g1, val_state = self.gradients_at(unrolled, alphas, self._pass(val, PASS_VALIDATION))
+        val_loss, val_metric, v, g1 = cross_replica_mean((val_loss, val_metric, v, g1))
         if self.unrolled_clip is not None:
             v = clip_by_global_norm(v, self.unrolled_clip)[0]
         radius = self.hvp_epsilon / tf.linalg.global_norm(v)
         step = tf.cast(radius, weights[0].dtype)
         plus = [w + step * d for w, d in zip(weights, v)]
-        grad_plus = self.alpha_gradients_at(plus, alphas, self._pass(train, PASS_PLUS))[2]
+        grad_plus = cross_replica_mean(self.alpha_gradients_at(plus, alphas, self._pass(train, PASS_PLUS))[2])
         # The two perturbed passes are independent; run them one after the
         # other so that only one holds its activations at a time.
         with tf.control_dependencies(grad_plus):
             minus = [w - step * d for w, d in zip(weights, v)]
-        grad_minus = self.alpha_gradients_at(minus, alphas, self._pass(train, PASS_MINUS))[2]
+        grad_minus = cross_replica_mean(self.alpha_gradients_at(minus, alphas, self._pass(train, PASS_MINUS))[2])
         hvp = [(p - m) / tf.cast(2.0 * radius, p.dtype) for p, m in zip(grad_plus, grad_minus)]
         gradient = [g - scalar(learning_rate, g.dtype) * tf.cast(coefficient, g.dtype) * h for g, h in zip(g1, hvp)]
         return {
@@ -223,7 +237,8 @@ class Bilevel:
         alphas = self.current_alphas()
         unrolled, coefficient = self.virtual_step(train, learning_rate, weights, alphas)
         val_loss, val_metric, v, g1, val_state = self.gradients_at(unrolled, alphas, self._pass(val, PASS_VALIDATION))
-        hvp = self.mixed_hvp_at(weights, alphas, v, self._pass(train, PASS_VIRTUAL))
+        val_loss, val_metric, v, g1 = cross_replica_mean((val_loss, val_metric, v, g1))
+        hvp = cross_replica_mean(self.mixed_hvp_at(weights, alphas, v, self._pass(train, PASS_VIRTUAL)))
         gradient = [g - scalar(learning_rate, g.dtype) * tf.cast(coefficient, g.dtype) * h for g, h in zip(g1, hvp)]
         return gradient, val_loss, val_metric, val_state
 
@@ -254,6 +269,7 @@ class Bilevel:
         loss, metric, gradients, _, state = self.step_gradients_at(
             weights, self.current_alphas(), self._pass(train, PASS_WEIGHTS)
         )
+        loss, metric, gradients = cross_replica_mean((loss, metric, gradients))
         norm = self.weights_optimizer.apply(gradients, learning_rate)
         return loss, metric, norm, state
 
@@ -285,12 +301,30 @@ class Bilevel:
         """
         batch = self.objective.batch_signature()
         scalar_spec = tf.TensorSpec((), tf.float32)
+        strategy = self.strategy
+
+        if strategy is None:
+            @tf.function(input_signature=[batch, batch, scalar_spec, scalar_spec])
+            def step(train, val, weights_lr, arch_lr):
+                return self.iteration(order, mode, train, val, weights_lr, arch_lr)
+
+            return step
+
+        split = self.objective.per_example
 
         @tf.function(input_signature=[batch, batch, scalar_spec, scalar_spec])
-        def step(train, val, weights_lr, arch_lr):
-            return self.iteration(order, mode, train, val, weights_lr, arch_lr)
+        def distributed_step(train, val, weights_lr, arch_lr):
+            # Each replica takes its slice of the global batches; metrics are averaged
+            # already, and the carried states are gathered back into global ones.
+            metrics, train_state, val_state = strategy.run(
+                functools.partial(self.iteration, order, mode),
+                args=(replica_slices(strategy, train, split), replica_slices(strategy, val, split), weights_lr, arch_lr),
+            )
+            metrics = {k: strategy.experimental_local_results(v)[0] for k, v in metrics.items()}
+            gather = lambda state: strategy.gather(state, axis=0)  # noqa: E731
+            return metrics, tf.nest.map_structure(gather, train_state), tf.nest.map_structure(gather, val_state)
 
-        return step
+        return distributed_step
 
     def alpha_hessian_eigenvalue(self, batch, iterations=8, radius=1e-3, seed=0):
         """The dominant eigenvalue of the Hessian of the loss on ``batch`` with respect to the alphas.
@@ -311,10 +345,10 @@ class Bilevel:
             if norm == 0.0:
                 return 0.0
             vector = [v / norm for v in vector]
-            plus = self.alpha_gradients_at(
+            plus = self.eval_alpha_gradients_at(
                 weights, [tf.constant(a + radius * v, dt.dtype) for a, v, dt in zip(alphas, vector, self.arch_vars)],
                 self._pass(batch, PASS_VALIDATION))[2]
-            minus = self.alpha_gradients_at(
+            minus = self.eval_alpha_gradients_at(
                 weights, [tf.constant(a - radius * v, dt.dtype) for a, v, dt in zip(alphas, vector, self.arch_vars)],
                 self._pass(batch, PASS_VALIDATION))[2]
             product = [(p.numpy().astype("float64") - m.numpy().astype("float64")) / (2 * radius)

@@ -26,6 +26,8 @@ def _spec_arguments(parser):
 
 
 def _run_arguments(parser):
+    parser.add_argument("--distribute", choices=["none", "mirrored", "multi_worker", "tpu"],
+                        help="run the search data-parallel (overrides distribute.strategy in the spec)")
     parser.add_argument("--run-dir", help="where the run's artifacts go (default: runs/<spec name>)")
     parser.add_argument("--overwrite", action="store_true", help="empty an existing run directory first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -34,7 +36,10 @@ def _run_arguments(parser):
 def _load(args):
     from keras_darts.spec import load_spec
 
-    return load_spec(args.spec, overrides=args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "distribute", None):
+        overrides.append(f"distribute.strategy={args.distribute}")
+    return load_spec(args.spec, overrides=overrides)
 
 
 def _run_dir(args, spec):

@@ -14,6 +14,7 @@ reads ``batch_size`` streams, not ``eval_batch_size``: over a handful of
 streams, batch statistics would distort the result.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -29,20 +30,23 @@ from .optimizers import CoupledAdam, CoupledSGD
 from .text_data import batchify, sequence_lengths, window
 
 
-def build_language_search(spec, vocabulary_size, model=None):
-    """The recurrent supernet, its optimisers and the bilevel iteration for ``spec``."""
+def build_language_search(spec, vocabulary_size, model=None, strategy=None):
+    """The recurrent supernet, its optimisers and the bilevel iteration for ``spec`` (under ``strategy``)."""
     config = spec.search
-    model = model or build_recurrent_supernet(spec, vocabulary_size)
-    objective = LanguageModeling(model, config.activation_regularization, config.temporal_activation_regularization)
-    weights_cfg = config.weights_optimizer
-    return Bilevel(
-        model,
-        CoupledSGD.from_config(model.weight_variables, weights_cfg),
-        CoupledAdam.from_config(model.arch_variables, config.arch_optimizer),
-        hvp_epsilon=config.hvp_epsilon,
-        objective=objective,
-        unrolled_clip=weights_cfg.grad_clip,
-    )
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = model or build_recurrent_supernet(spec, vocabulary_size)
+        objective = LanguageModeling(model, config.activation_regularization,
+                                     config.temporal_activation_regularization)
+        weights_cfg = config.weights_optimizer
+        return Bilevel(
+            model,
+            CoupledSGD.from_config(model.weight_variables, weights_cfg),
+            CoupledAdam.from_config(model.arch_variables, config.arch_optimizer),
+            hvp_epsilon=config.hvp_epsilon,
+            objective=objective,
+            unrolled_clip=weights_cfg.grad_clip,
+            strategy=strategy,
+        )
 
 
 def evaluate_perplexity(loss_fn, tokens, streams, bptt, hidden_size, progress=False, desc="evaluate"):
@@ -67,11 +71,11 @@ class LanguageSearchTask:
 
     metric = "perplexity"
 
-    def __init__(self, spec, data):
+    def __init__(self, spec, data, strategy=None):
         self.spec = spec
         self.data = data
         self.settings = spec.data
-        self.bilevel = build_language_search(spec, data.vocabulary_size)
+        self.bilevel = build_language_search(spec, data.vocabulary_size, strategy=strategy)
         self.model = self.bilevel.model
         self.train = batchify(data.train, self.settings.batch_size)
         self.alpha_data = batchify(data.valid, self.settings.batch_size)

@@ -24,6 +24,7 @@ from .metrics import accuracy, cross_entropy
 class ImageClassification:
     metric_name = "accuracy"
     regularized = False
+    per_example = (True, True)
 
     def __init__(self, model):
         self.image_shape = tuple(model.image_shape)
@@ -47,6 +48,7 @@ class ImageClassification:
 
 class LanguageModeling:
     metric_name = "perplexity"
+    per_example = (True, True, True, False)  # the mask seed is shared
 
     def __init__(self, model, activation_regularization=0.0, temporal_activation_regularization=0.0):
         self.hidden_size = model.hidden_size

@@ -43,6 +43,19 @@ def scalar(value, dtype):
     return tf.cast(value, dtype)
 
 
+def _handle(variable):
+    """The variable's resource handle: in a replica context, that replica's own copy."""
+    return variable.handle
+
+
+def assign(variable, value):
+    tf.raw_ops.AssignVariableOp(resource=_handle(variable), value=tf.cast(value, variable.dtype))
+
+
+def assign_sub(variable, value):
+    tf.raw_ops.AssignSubVariableOp(resource=_handle(variable), value=tf.cast(value, variable.dtype))
+
+
 def _dense(gradients, variables):
     return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(gradients, variables)]
 
@@ -99,9 +112,9 @@ class CoupledSGD(_Optimizer):
             direction = gradient + decay * variable if self.weight_decay else gradient
             # One fused kernel: buffer <- momentum * buffer + direction; w <- w - lr * buffer.
             tf.raw_ops.ResourceApplyMomentum(
-                var=variable.handle, accum=buffer.handle, lr=lr, grad=direction, momentum=momentum
+                var=_handle(variable), accum=_handle(buffer), lr=lr, grad=direction, momentum=momentum
             )
-        self.iterations.assign_add(1)
+        tf.raw_ops.AssignAddVariableOp(resource=_handle(self.iterations), value=tf.constant(1, tf.int64))
         return norm
 
     def virtual_step(self, values, gradients, learning_rate):
@@ -137,9 +150,9 @@ class CoupledAdam(_Optimizer):
     def apply(self, gradients, learning_rate):
         self._check(gradients)
         gradients = _dense(gradients, self.variables_list)
-        step = self.iterations.assign_add(1)
+        tf.raw_ops.AssignAddVariableOp(resource=_handle(self.iterations), value=tf.constant(1, tf.int64))
         dtype = self.variables_list[0].dtype
-        t = tf.cast(step, dtype)
+        t = tf.cast(self.iterations.read_value(), dtype)
         beta_1 = tf.constant(self.beta_1, dtype)
         beta_2 = tf.constant(self.beta_2, dtype)
         decay = tf.constant(self.weight_decay, dtype)
@@ -149,7 +162,9 @@ class CoupledAdam(_Optimizer):
             self.variables_list, gradients, self.first_moments, self.second_moments
         ):
             direction = gradient + decay * variable
-            m1.assign(beta_1 * m1 + (1.0 - beta_1) * direction)
-            m2.assign(beta_2 * m2 + (1.0 - beta_2) * tf.square(direction))
-            variable.assign_sub(step_size * m1 / (tf.sqrt(m2) / root_correction_2 + self.epsilon))
+            first = beta_1 * m1 + (1.0 - beta_1) * direction
+            second = beta_2 * m2 + (1.0 - beta_2) * tf.square(direction)
+            assign(m1, first)
+            assign(m2, second)
+            assign_sub(variable, step_size * first / (tf.sqrt(second) / root_correction_2 + self.epsilon))
         return tf.linalg.global_norm(gradients)

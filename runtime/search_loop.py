@@ -21,6 +21,7 @@ language modelling: ``language_search.LanguageSearchTask``) epoch by epoch:
   rules, recording the one that fired.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -70,17 +71,18 @@ def genotype_text(derived):
     return " | ".join(parts)
 
 
-def build_search(spec, model=None):
-    """The supernet, its two optimisers and the bilevel iteration for ``spec``."""
-    model = model or build_supernet(spec)
-    config = spec.search
-    bilevel = Bilevel(
-        model,
-        CoupledSGD.from_config(model.weight_variables, config.weights_optimizer),
-        CoupledAdam.from_config(model.arch_variables, config.arch_optimizer),
-        hvp_epsilon=config.hvp_epsilon,
-    )
-    return bilevel
+def build_search(spec, model=None, strategy=None):
+    """The supernet, its two optimisers and the bilevel iteration for ``spec`` (under ``strategy``'s scope)."""
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = model or build_supernet(spec)
+        config = spec.search
+        return Bilevel(
+            model,
+            CoupledSGD.from_config(model.weight_variables, config.weights_optimizer),
+            CoupledAdam.from_config(model.arch_variables, config.arch_optimizer),
+            hvp_epsilon=config.hvp_epsilon,
+            strategy=strategy,
+        )
 
 
 class ImageSearchTask:
@@ -88,7 +90,7 @@ class ImageSearchTask:
 
     metric = "accuracy"
 
-    def __init__(self, spec, data):
+    def __init__(self, spec, data, strategy=None):
         config = spec.search
         self.spec = spec
         weight_index, alpha_index = search_split(data, spec)
@@ -102,7 +104,7 @@ class ImageSearchTask:
         self.steps = min(self.weights_data.batches_per_epoch(), self.alpha_data.batches_per_epoch())
         if config.steps_per_epoch:
             self.steps = min(self.steps, config.steps_per_epoch)
-        self.bilevel = build_search(spec)
+        self.bilevel = build_search(spec, strategy=strategy)
 
     def describe(self):
         bilevel = self.bilevel
@@ -144,22 +146,29 @@ class ImageSearchTask:
         return {key: value / max(weight, 1e-12) for key, value in sums.items()}
 
 
-def search(spec, run_dir=None, data=None, progress=False, on_epoch=None):
+def search(spec, run_dir=None, data=None, progress=False, on_epoch=None, strategy=None):
     """Run (or resume, when ``run_dir`` holds a checkpoint) the search ``spec`` describes.
 
-    Returns a ``SearchResult`` with the derived spec of the last epoch.
+    ``strategy`` (default: the one ``spec.distribute`` names) runs it data-parallel;
+    only the chief writes ``run_dir``. Returns a ``SearchResult`` with the
+    derived spec of the last epoch.
     """
+    from .distribution import check_batch, is_chief, make_strategy
+
     if spec.search.deterministic:
         tf.config.experimental.enable_op_determinism()
+    strategy = strategy or make_strategy(spec.distribute, spec.source)
+    check_batch(spec, strategy)
     keras.utils.set_random_seed(spec.search.seed)
     if spec.search_space.kind == "recurrent_cell":
         from .language_search import LanguageSearchTask
         from .text_data import load_text_data
 
-        task = LanguageSearchTask(spec, data or load_text_data(spec))
+        task = LanguageSearchTask(spec, data or load_text_data(spec), strategy)
     else:
-        task = ImageSearchTask(spec, data or load_image_data(spec))
-    return SearchDriver(spec, task, run_dir, progress, on_epoch).run()
+        task = ImageSearchTask(spec, data or load_image_data(spec), strategy)
+    chief = strategy is None or is_chief(strategy)
+    return SearchDriver(spec, task, run_dir, progress, on_epoch, writes=chief).run()
 
 
 def search_origin(spec, epoch, alphas):
@@ -177,8 +186,9 @@ def search_origin(spec, epoch, alphas):
 
 
 class SearchDriver:
-    def __init__(self, spec, task, run_dir=None, progress=False, on_epoch=None):
+    def __init__(self, spec, task, run_dir=None, progress=False, on_epoch=None, writes=True):
         self.spec = spec
+        self.writes = writes
         self.config = spec.search
         self.task = task
         self.bilevel = task.bilevel
@@ -192,7 +202,7 @@ class SearchDriver:
                 os.path.join(run_dir, "search", "checkpoints"), self.bilevel.model,
                 self.bilevel.weights_optimizer, self.bilevel.arch_optimizer,
             )
-            if self.config.tensorboard:
+            if self.config.tensorboard and writes:
                 from .monitor import TensorBoard
 
                 self.board = TensorBoard(run_dir, spec.search_space.operations,
@@ -204,7 +214,7 @@ class SearchDriver:
                 "rollbacks": 0, "history": [], "stopped_by": None}
 
     def save(self, state):
-        if self.checkpoints:
+        if self.checkpoints and self.writes:
             self.checkpoints.save(state, self.task.arrays())
 
     def restore(self):
@@ -334,7 +344,7 @@ class SearchDriver:
         log.info("genotype: %s", record["genotype"])
         if rule:
             log.warning("early stopping: %s", rule)
-        if self.run_dir:
+        if self.run_dir and self.writes:
             rundir.write_yaml(os.path.join(self.run_dir, "search", "derived", f"epoch_{epoch + 1:03d}.yaml"),
                               derived.to_document())
         if self.board:
@@ -372,7 +382,7 @@ class SearchDriver:
         return None
 
     def write_epoch(self, history):
-        if not self.run_dir:
+        if not self.run_dir or not self.writes:
             return
         rundir.write_json(os.path.join(self.run_dir, "search", "history.json"), history)
         rundir.write_history_csv(os.path.join(self.run_dir, "search", "history.csv"), history)
@@ -383,7 +393,7 @@ class SearchDriver:
             alphas = self.task.alphas()
             self.last_alphas = alphas
             self.derived = self.task.derive(alphas, search_origin(self.spec, len(history) - 1, alphas))
-        if self.run_dir:
+        if self.run_dir and self.writes:
             rundir.write_npz(os.path.join(self.run_dir, "search", "alphas.npz"), self.last_alphas)
             rundir.write_yaml(os.path.join(self.run_dir, "derived.yaml"), self.derived.to_document())
             if state["stopped_by"]:

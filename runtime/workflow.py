@@ -62,9 +62,17 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
     A run directory that already holds this spec's run is resumed: the search
     from its last checkpoint, and steps already finished are not repeated.
     """
+    from .distribution import is_chief, make_strategy
     from .search_loop import search
 
+    # A multi-worker strategy must exist before TensorFlow does anything else.
+    strategy = make_strategy(spec.distribute, spec.source)
     data = load_data(spec)  # fails before anything is written
+    if strategy is not None and not is_chief(strategy):
+        log.info("this worker takes part in the search and writes nothing; the chief writes %s", run_dir)
+        report = RunReport(run_dir)
+        report.search = search(spec, run_dir=None, data=data, progress=progress, strategy=strategy)
+        return report
     resuming = rundir.prepare_run(run_dir, spec, overwrite=overwrite)
     if resuming:
         log.info("%s holds this spec's run: resuming it (--overwrite starts over)", run_dir)
@@ -72,7 +80,7 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
         write_run_header(spec, data, run_dir)
     report = RunReport(run_dir)
     report.artifacts["spec"] = os.path.join(run_dir, rundir.MARKER)
-    report.search = search(spec, run_dir=run_dir, data=data, progress=progress)
+    report.search = search(spec, run_dir=run_dir, data=data, progress=progress, strategy=strategy)
     report.artifacts["search history"] = os.path.join(run_dir, "search", "history.csv")
     report.artifacts["derived spec"] = os.path.join(run_dir, "derived.yaml")
     report.artifacts["pictures"] = plot_run(run_dir)

@@ -144,6 +144,19 @@ class RetrainConfig:
 
 
 @frozen
+class DistributeConfig:
+    """Data-parallel search and retraining on tf.distribute.
+
+    ``mirrored``: all GPUs of this machine, or ``devices``; ``multi_worker``:
+    MultiWorkerMirroredStrategy across the machines ``TF_CONFIG`` describes;
+    ``tpu``: TPUStrategy on the TPU the environment provides.
+    """
+
+    strategy: str = "none"
+    devices: typing.Optional[tuple] = None
+
+
+@frozen
 class ExportConfig:
     enabled: bool = True
 
@@ -163,6 +176,7 @@ class Spec:
     search: SearchConfig = SearchConfig()
     retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
+    distribute: DistributeConfig = DistributeConfig()
     source: str = "<dict>"
     document: typing.Any = dataclasses.field(default=None, compare=False, repr=False)
     sha256: str = ""
@@ -302,6 +316,7 @@ class RecurrentSpec:
     search: RecurrentSearchConfig = RecurrentSearchConfig()
     retrain: RecurrentRetrainConfig = RecurrentRetrainConfig()
     export: ExportConfig = ExportConfig()
+    distribute: DistributeConfig = DistributeConfig()
     source: str = "<dict>"
     document: typing.Any = dataclasses.field(default=None, compare=False, repr=False)
     sha256: str = ""

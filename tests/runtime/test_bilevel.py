@@ -196,3 +196,37 @@ def test_compiled_iteration_equals_the_steps_taken_one_by_one(order):
     stale.weight_step((xt, yt), ETA)
     assert any(not np.allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-6)
                for a, b in zip(compiled.weight_vars, stale.weight_vars))
+
+
+@pytest.mark.xfail(strict=True, reason="known problem: exact second order in float32 on a supernet with max-pooling "
+                   "and separable convolutions together disagrees with float64 (first order agrees to 1e-6)")
+def test_exact_mode_in_float32_with_max_pooling_matches_float64():
+    # float64 on this op set matches central differences of the unrolled validation
+    # loss; float32 first-order gradients match float64; float32 exact ones do not.
+    def gradients(dtype):
+        keras.config.set_floatx(dtype)
+        keras.config.set_dtype_policy(dtype)
+        try:
+            spec = kd.load_spec(tiny_spec_document())
+            keras.utils.set_random_seed(0)
+            model = kd.build_supernet(spec, seed=0)
+            bilevel = Bilevel(model, CoupledSGD(model.weight_variables, 0.9, 3e-4, 5.0),
+                              CoupledAdam(model.arch_variables, 0.5, 0.999, 1e-8, 1e-3))
+            for variable, value in zip(model.variables, reference_values):
+                variable.assign(value.astype(dtype))
+            (xt, yt), (xv, yv) = batches(dtype, seed=2)
+            exact = bilevel.exact_gradient((xt, yt), (xv, yv), ETA)[0]
+            first = bilevel.first_order_gradient((xv, yv))[0]
+            return (np.concatenate([g.numpy().ravel() for g in first]),
+                    np.concatenate([g.numpy().ravel() for g in exact]))
+        finally:
+            keras.config.set_floatx("float32")
+            keras.config.set_dtype_policy("float32")
+
+    model = kd.build_supernet(kd.load_spec(tiny_spec_document()), seed=0)
+    reference_values = [v.numpy().astype("float64") for v in model.variables]
+    rng = np.random.default_rng(3)
+    reference_values = [v if v.ndim != 2 or v.shape[1] != 5 else rng.normal(0, 0.5, v.shape) for v in reference_values]
+    (first_32, exact_32), (first_64, exact_64) = gradients("float32"), gradients("float64")
+    np.testing.assert_allclose(first_32, first_64, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(exact_32, exact_64, rtol=2e-3, atol=2e-3 * np.abs(exact_64).max())

@@ -1,0 +1,92 @@
+"""tf.distribute for search and retraining: the strategy a spec asks for, and who writes files.
+
+Every replica runs the same iteration on its slice of the global batch (the
+global batch is split in order, so replica ``r`` of ``R`` takes rows
+``r*B/R .. (r+1)*B/R``); every gradient and loss is averaged across replicas
+before it is used, and the search network's batch normalisation averages its
+statistics across replicas too, so a distributed search computes what one
+device computes on the global batch. Variables are mirrored; each replica
+applies the same averaged update to its own copy, so the alphas are identical
+on every replica at every step. Only the chief writes the run directory.
+"""
+
+import os
+
+import tensorflow as tf
+
+from keras_darts.spec import SpecError
+
+
+def make_strategy(config, source="<spec>"):
+    """The ``tf.distribute.Strategy`` for a ``DistributeConfig``; ``None`` for ``none``."""
+    name = config.strategy
+    if name == "none":
+        return None
+    if name == "mirrored":
+        devices = list(config.devices) if config.devices else None
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise SpecError.single(source, "$.distribute.strategy",
+                                   "multi_worker needs the cluster in the TF_CONFIG environment variable")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise SpecError.single(source, "$.distribute.strategy", f"unknown strategy {name!r}")
+
+
+def is_chief(strategy):
+    """True unless this process is a non-chief worker of a multi-worker cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def replica_slices(strategy, batch, split):
+    """The global ``batch`` (a tuple of tensors) as per-replica slices, in replica order.
+
+    ``split[i]`` says whether element ``i`` is per example (cut along its first
+    axis) or shared (a seed: every replica gets it whole).
+    """
+    replicas = strategy.num_replicas_in_sync
+
+    def slice_for(context):
+        index = context.replica_id_in_sync_group
+        parts = []
+        for tensor, per_example in zip(batch, split):
+            if per_example:
+                size = tf.shape(tensor)[0] // replicas
+                tensor = tensor[index * size:(index + 1) * size]
+            parts.append(tensor)
+        return tuple(parts)
+
+    return strategy.experimental_distribute_values_from_function(slice_for)
+
+
+def cross_replica_mean(values):
+    """Mean over replicas inside a replica context; unchanged on one replica or outside a strategy."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return values
+    return context.all_reduce(tf.distribute.ReduceOp.MEAN, values)
+
+
+def check_batch(spec, strategy):
+    """The global batch must split evenly over the replicas."""
+    if strategy is None:
+        return
+    replicas = strategy.num_replicas_in_sync
+    sizes = [("data.batch_size", spec.data.batch_size)]
+    if spec.retrain.enabled:
+        sizes.append(("retrain.batch_size", spec.retrain.batch_size))
+    for field, size in sizes:
+        if size % replicas:
+            raise SpecError.single(spec.source, f"$.{field}",
+                                   f"{size} does not split evenly over {replicas} replicas; use a multiple of {replicas}")
