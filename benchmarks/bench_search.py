@@ -80,7 +80,7 @@ def recurrent_step(config, mode):
     return (lambda: step(batch, batch, lr, arch_lr)), step
 
 
-def measure(config_name, mode, warmup, iterations):
+def measure(config_name, mode, warmup, iterations, batch=None):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -89,10 +89,12 @@ def measure(config_name, mode, warmup, iterations):
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
 
-    config = CONFIGS[config_name]
+    config = dict(CONFIGS[config_name])
+    if batch:
+        config["batch"] = batch
     if config_name == "RNN":
         call, function = recurrent_step(config, mode)
-        return timed_run(config_name, mode, call, function, warmup, iterations)
+        return {**timed_run(config_name, mode, call, function, warmup, iterations), "batch": config["batch"]}
     spec = kd.load_spec({
         "version": 1, "name": "bench",
         "search_space": {"kind": "conv_cell", "network": {
@@ -120,7 +122,8 @@ def measure(config_name, mode, warmup, iterations):
         step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
         call = lambda: step((x, y), (x, y), lr, arch_lr)
 
-    return timed_run(config_name, mode, call, run if mode == "forward_backward" else step, warmup, iterations)
+    return {**timed_run(config_name, mode, call, run if mode == "forward_backward" else step, warmup, iterations),
+            "batch": batch}
 
 
 def timed_run(config_name, mode, call, function, warmup, iterations):
@@ -196,36 +199,44 @@ def main():
     parser.add_argument("--output", default="benchmarks/results.json")
     parser.add_argument("--with-estimate", action="store_true",
                         help="also run keras-darts' estimate for each config and compare its peak with the measured one")
+    parser.add_argument("--batches", nargs="+", type=int,
+                        help="measure at these batch sizes instead of each config's own (time per example)")
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations)))
+        print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch)))
         return
     results = []
-    for config in args.configs:
-        for mode in args.modes:
-            command = [sys.executable, __file__, "--child", config, mode,
-                       "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-            if done.returncode != 0:
-                print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"measured {config} {mode}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
+    runs = [(c, m, b) for c in args.configs for m in args.modes for b in (args.batches or [None])]
+    for config, mode, batch in runs:
+        command = [sys.executable, __file__, "--child", config, mode,
+                   "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
+        if batch:
+            command += ["--batch", str(batch)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if done.returncode != 0:
+            print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"measured {config} {mode} batch {batch or CONFIGS[config]['batch']}: "
+              f"{results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
     estimates = {config: estimate_config(config) for config in args.configs} if args.with_estimate else {}
     report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
-    header = f"{'config':7s} {'mode':20s} {'s/iter':>8s} {'x fwd+bwd':>9s} {'reference':>9s} {'x faster':>8s} " \
-             f"{'first call':>10s} {'peak GiB':>8s}"
+    header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'s/iter':>8s} {'ms/example':>10s} {'x fwd+bwd':>9s} " \
+             f"{'reference':>9s} {'x faster':>8s} {'first call':>10s} {'peak GiB':>8s} {'traces':>6s}"
     print(header)
     for row in results:
-        base = next((r["median_seconds"] for r in results
-                     if r["config"] == row["config"] and r["mode"] == "forward_backward"), None)
+        batch = row["batch"] or CONFIGS[row["config"]]["batch"]
+        base = next((r["median_seconds"] for r in results if r["config"] == row["config"]
+                     and r["mode"] == "forward_backward" and r["batch"] == row["batch"]), None)
         ratio = f"{row['median_seconds'] / base:9.2f}" if base else f"{'-':>9s}"
-        reference = REFERENCE[row["config"]].get(row["mode"])
+        reference = REFERENCE[row["config"]].get(row["mode"]) if not row["batch"] else None
         ref_text = f"{reference:9.1f}" if reference else f"{'-':>9s}"
         faster = f"{reference / row['median_seconds']:8.2f}" if reference else f"{'-':>8s}"
-        print(f"{row['config']:7s} {row['mode']:20s} {row['median_seconds']:8.3f} {ratio} {ref_text} {faster} "
-              f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f}")
+        print(f"{row['config']:7s} {row['mode']:20s} {batch:5d} {row['median_seconds']:8.3f} "
+              f"{1000 * row['median_seconds'] / batch:10.2f} {ratio} {ref_text} {faster} "
+              f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {row['traces']:6d}")
     for config, estimated in estimates.items():
         for order, mode in (("first", "first_order"), ("second", "second_order_fd")):
             row = next((r for r in results if r["config"] == config and r["mode"] == mode), None)
