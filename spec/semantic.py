@@ -181,46 +181,51 @@ def search_spec_problems(spec, source):
     return problems
 
 
+def derived_cell_problems(cell, base, first, operations, known, joined, source):
+    """Problems of one derived cell whose intermediate nodes are numbered from ``first``.
+
+    ``known`` (or ``None``) lists the op names that exist; ``joined`` says what
+    the output does with the nodes (``concatenated``, ``averaged``).
+    """
+    problems = []
+    for n, node in enumerate(cell.nodes):
+        node_id = n + first
+        for e, edge in enumerate(node):
+            where = f"{base}.nodes[{n}][{e}]"
+            if edge.op == ZERO_OPERATION:
+                problems.append(Problem(source, f"{where}.op", f"'{ZERO_OPERATION}' cannot be a derived operation"))
+            elif edge.op not in operations:
+                problems.append(
+                    Problem(
+                        source,
+                        f"{where}.op",
+                        f"operation '{edge.op}' is not in this spec's operations ({', '.join(operations)})",
+                    )
+                )
+            elif known is not None and edge.op not in known:
+                problems.append(Problem(source, f"{where}.op", f"unknown operation '{edge.op}'"))
+            if edge.input >= node_id:
+                problems.append(
+                    Problem(source, f"{where}.input", f"node {node_id} can only take inputs 0..{node_id - 1}, got {edge.input}")
+                )
+    last = len(cell.nodes) + first - 1
+    seen = set()
+    for c, index in enumerate(cell.concat):
+        if index > last:
+            problems.append(Problem(source, f"{base}.concat[{c}]", f"expected a node in 0..{last}, got {index}"))
+        if index in seen:
+            problems.append(Problem(source, f"{base}.concat[{c}]", f"node {index} is {joined} twice"))
+        seen.add(index)
+    return problems
+
+
 def derived_spec_problems(derived, source):
     if derived.kind == "recurrent_cell":
         return derived_recurrent_problems(derived, source)
-    problems = []
-    known = known_conv_operations()
-    problems += operation_problems(derived.operations, source, "$.operations")
+    problems = operation_problems(derived.operations, source, "$.operations")
     for cell_type, cell in derived.cells.items():
-        base = f"$.cells.{cell_type}"
-        for n, node in enumerate(cell.nodes):
-            node_id = n + CELL_INPUTS
-            for e, edge in enumerate(node):
-                where = f"{base}.nodes[{n}][{e}]"
-                if edge.op == ZERO_OPERATION:
-                    problems.append(Problem(source, f"{where}.op", f"'{ZERO_OPERATION}' cannot be a derived operation"))
-                elif edge.op not in derived.operations:
-                    problems.append(
-                        Problem(
-                            source,
-                            f"{where}.op",
-                            f"operation '{edge.op}' is not in this spec's operations ({', '.join(derived.operations)})",
-                        )
-                    )
-                elif edge.op not in known:
-                    problems.append(Problem(source, f"{where}.op", f"unknown operation '{edge.op}'"))
-                if edge.input >= node_id:
-                    problems.append(
-                        Problem(
-                            source,
-                            f"{where}.input",
-                            f"node {node_id} can only take inputs 0..{node_id - 1}, got {edge.input}",
-                        )
-                    )
-        last = len(cell.nodes) + CELL_INPUTS - 1
-        seen = set()
-        for c, index in enumerate(cell.concat):
-            if index > last:
-                problems.append(Problem(source, f"{base}.concat[{c}]", f"expected a node in 0..{last}, got {index}"))
-            if index in seen:
-                problems.append(Problem(source, f"{base}.concat[{c}]", f"node {index} is concatenated twice"))
-            seen.add(index)
+        problems += derived_cell_problems(cell, f"$.cells.{cell_type}", CELL_INPUTS, derived.operations,
+                                          known_conv_operations(), "concatenated", source)
     network = derived.network
     problems += layers_problems(network.layers, source, "$.network.layers")
     problems += reduction_problems(network.reduction_cells, network.layers, source, "$.network.reduction_cells")
@@ -276,34 +281,8 @@ def recurrent_spec_problems(spec, source):
 
 def derived_recurrent_problems(derived, source):
     problems = operation_problems(derived.operations, source, "$.operations", known_recurrent_operations())
-    cell = derived.cells["recurrent"]
-    base = "$.cells.recurrent"
-    for n, node in enumerate(cell.nodes):
-        node_id = n + 1
-        for e, edge in enumerate(node):
-            where = f"{base}.nodes[{n}][{e}]"
-            if edge.op == ZERO_OPERATION:
-                problems.append(Problem(source, f"{where}.op", f"'{ZERO_OPERATION}' cannot be a derived operation"))
-            elif edge.op not in derived.operations:
-                problems.append(
-                    Problem(
-                        source,
-                        f"{where}.op",
-                        f"operation '{edge.op}' is not in this spec's operations ({', '.join(derived.operations)})",
-                    )
-                )
-            if edge.input >= node_id:
-                problems.append(
-                    Problem(source, f"{where}.input", f"node {node_id} can only take inputs 0..{node_id - 1}, got {edge.input}")
-                )
-    last = len(cell.nodes)
-    seen = set()
-    for c, index in enumerate(cell.concat):
-        if index > last:
-            problems.append(Problem(source, f"{base}.concat[{c}]", f"expected a node in 0..{last}, got {index}"))
-        if index in seen:
-            problems.append(Problem(source, f"{base}.concat[{c}]", f"node {index} is averaged twice"))
-        seen.add(index)
+    problems += derived_cell_problems(derived.cells["recurrent"], "$.cells.recurrent", 1, derived.operations, None,
+                                      "averaged", source)
     network = derived.network
     problems += tie_problems(network.embedding_size, network.hidden_size, network.tie_weights, source, "$.network")
     return problems
