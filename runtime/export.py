@@ -19,6 +19,15 @@ import tensorflow as tf
 SIGNATURE = "serving_default"
 
 
+def write_archive(model, serve, path):
+    """Write ``model`` with the endpoint ``serve`` as ``serving_default`` to ``path``."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, serve)
+    archive.write_out(path, verbose=False)
+    return path
+
+
 def export_saved_model(model, path, mean, std):
     """Write ``model`` as a SavedModel at ``path`` with a serving signature."""
     image_shape = tuple(model.derived.network.input_shape)
@@ -30,11 +39,7 @@ def export_saved_model(model, path, mean, std):
         logits = model((images - mean) / std, training=False)
         return {"probabilities": tf.nn.softmax(logits, axis=-1)}
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(SIGNATURE, serve)
-    archive.write_out(path, verbose=False)
-    return path
+    return write_archive(model, serve, path)
 
 
 _CHECK = """
@@ -98,11 +103,7 @@ def export_language_model(model, path):
         logits, last, _, _ = model(tokens, hidden, training=False)
         return {"log_probabilities": tf.nn.log_softmax(logits, axis=-1), "hidden": last}
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(SIGNATURE, serve)
-    archive.write_out(path, verbose=False)
-    return path
+    return write_archive(model, serve, path)
 
 
 _CHECK_LANGUAGE = """

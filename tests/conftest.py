@@ -30,6 +30,18 @@ def tiny_spec_document(**search_space):
 
 
 @pytest.fixture
+def float64():
+    """Keras in float64 for the test, for gradient checks against finite differences."""
+    import keras
+
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture
 def tiny_document():
     return tiny_spec_document()
 

@@ -14,15 +14,6 @@ from tests.conftest import tiny_spec_document
 ETA = 0.05
 
 
-@pytest.fixture
-def float64():
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx("float32")
-    keras.config.set_dtype_policy("float32")
-
-
 def make_bilevel(grad_clip=5.0, seed=0):
     # No max-pool: its kinks would spoil the finite-difference reference.
     document = tiny_spec_document(operations=["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"])

@@ -85,15 +85,6 @@ def test_text_data_problems_name_the_field(tmp_path, cyclic_corpus):
 
 
 # -- the recurrent bilevel gradients ---------------------------------------------------
-@pytest.fixture
-def float64():
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx("float32")
-    keras.config.set_dtype_policy("float32")
-
-
 def make_language_bilevel(text_dir, grad_clip, seed=0):
     document = tiny_recurrent_document(text_dir, **NO_DROPOUT)
     document["search"]["weights_optimizer"] = {"grad_clip": grad_clip}

@@ -146,15 +146,6 @@ def test_divergence_can_roll_back_and_lower_the_learning_rate(tmp_path):
 
 
 # -- collapse diagnostics and early stopping ----------------------------------------------
-@pytest.fixture
-def float64():
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx("float32")
-    keras.config.set_dtype_policy("float32")
-
-
 def test_hessian_eigenvalue_is_the_dominant_eigenvalue_of_the_full_alpha_hessian(float64):
     spec = kd.load_spec(tiny_spec_document(operations=["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]))
     keras.utils.set_random_seed(0)
@@ -207,9 +198,6 @@ def test_early_stopping_on_skip_connections_records_the_rule(tmp_path):
 def test_eigenvalue_rule_compares_with_the_early_epochs():
     from keras_darts.runtime.search_loop import SearchDriver
 
-    class Stub:
-        pass
-
     driver = SearchDriver.__new__(SearchDriver)
     driver.config = kd.load_spec(tiny({"early_stopping": {"eigenvalue_ratio": 1.5,
                                                           "eigenvalue_reference_epochs": 2}})).search
@@ -219,7 +207,6 @@ def test_eigenvalue_rule_compares_with_the_early_epochs():
     assert rule == ("eigenvalue_ratio: the alpha Hessian's dominant eigenvalue 3.1 exceeds 1.5 x its mean 2 over the "
                     "first 2 epochs (epoch 3)")
     assert driver.stopping_rule({"epoch": 2, "hessian_eigenvalue": 9.0, "skip_connections": 0}, history[:1]) is None
-    del Stub
 
 
 # -- monitoring and pictures ------------------------------------------------------------
