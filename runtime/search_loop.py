@@ -146,6 +146,38 @@ class ImageSearchTask:
         return {key: value / max(weight, 1e-12) for key, value in sums.items()}
 
 
+RACING_OPERATIONS = {"max_pool_3x3", "avg_pool_3x3"}
+
+
+def serialize_kernels_if_needed(spec):
+    """Run TensorFlow's kernels one at a time when exact second order would race; True if they do.
+
+    Measured on TensorFlow 2.21's CPU kernels: the double back-propagation of
+    a supernet holding both max and average pooling gives a different, wrong
+    mixed Hessian-vector product from run to run when independent kernels run
+    concurrently, in float32 and float64 alike; with one inter-op thread it is
+    deterministic and matches float64 and central differences. It must be set
+    before TensorFlow starts its runtime (the CLI does so); later, a warning
+    says how (``TF_NUM_INTEROP_THREADS=1``).
+    """
+    config = spec.search
+    if config.order != "second" or config.second_order_mode != "exact":
+        return False
+    if not RACING_OPERATIONS <= set(spec.search_space.operations):
+        return False
+    if tf.config.threading.get_inter_op_parallelism_threads() == 1 or os.environ.get("TF_NUM_INTEROP_THREADS") == "1":
+        return True
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        log.warning("exact second order with max and average pooling needs TensorFlow's kernels run one at a "
+                    "time (concurrent kernels give wrong Hessian-vector products); TensorFlow has started "
+                    "already, so set TF_NUM_INTEROP_THREADS=1 before starting Python")
+        return False
+    log.info("exact second order with max and average pooling: TensorFlow runs one kernel at a time")
+    return True
+
+
 def search(spec, run_dir=None, data=None, progress=False, on_epoch=None, strategy=None):
     """Run (or resume, when ``run_dir`` holds a checkpoint) the search ``spec`` describes.
 
@@ -157,6 +189,7 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None, strateg
 
     if spec.search.deterministic:
         tf.config.experimental.enable_op_determinism()
+    serialize_kernels_if_needed(spec)
     strategy = strategy or make_strategy(spec.distribute, spec.source)
     check_batch(spec, strategy)
     keras.utils.set_random_seed(spec.search.seed)
