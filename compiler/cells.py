@@ -6,7 +6,7 @@ from keras import ops
 from keras_darts.spec import CellGenotype, Edge
 
 from .graph import build_cell_graph, build_derived_graph, concat_nodes, incoming_edges, node_order
-from .ops import PACKAGE, FactorizedReduce, ReLUConvBN, build_op
+from .ops import PACKAGE, FactorizedReduce, ReLUConvBN, build_op, replica_uniform
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -170,12 +170,12 @@ class DerivedCell(_Cell):
             steps.append((node, inputs))
         self.wiring = _Wiring(steps)
         self.concat = tuple(concat_nodes(self.graph))
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = keras.random.SeedGenerator(seed, name=f"{self.name}__drop_path_seed")
 
     def _drop_path(self, x, rate):
         keep = 1.0 - rate
         batch = ops.shape(x)[0]
-        mask = ops.cast(keras.random.uniform((batch, 1, 1, 1), seed=self.seed_generator) < keep, x.dtype)
+        mask = ops.cast(replica_uniform((batch, 1, 1, 1), self.seed_generator, "float32") < keep, x.dtype)
         return x / ops.cast(keep, x.dtype) * mask
 
     def call(self, s0, s1, drop_path_rate=None, training=None):

@@ -10,6 +10,7 @@ explicitly and use ``"valid"``; at stride 1 ``"same"`` is the same thing.
 parameters (``affine=False``), derived networks' BNs do.
 """
 
+import contextlib
 import dataclasses
 
 import keras
@@ -27,10 +28,30 @@ BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPSILON = 1e-5
 
 
+_SYNCHRONIZED = [False]
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm():
+    """Keras BNs made inside this block compute batch statistics over all replicas.
+
+    Derived networks trained under a tf.distribute strategy are built inside
+    it: each replica then normalises with the global batch's mean and
+    variance, as one device would, and the moving averages stay identical on
+    every replica. Outside a strategy such a BN behaves as any other.
+    """
+    _SYNCHRONIZED.append(True)
+    try:
+        yield
+    finally:
+        _SYNCHRONIZED.pop()
+
+
 def batch_norm(affine, name):
-    """A Keras BN with the reference's epsilon and momentum (stems and heads)."""
+    """A Keras BN with the reference's epsilon and momentum (stems, heads and derived cells)."""
     return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name,
+        synchronized=_SYNCHRONIZED[-1],
     )
 
 
@@ -60,6 +81,25 @@ def cross_replica_moments(x, axes):
     mean = total / count
     squares = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axes))
     return mean, squares / count, count
+
+
+def replica_uniform(shape, seed_generator, dtype):
+    """``keras.random.uniform(shape, seed=seed_generator)``, drawn differently on every replica.
+
+    On one device (or one replica) it is exactly that call. Under a tf.distribute
+    strategy every replica advances its copy of the generator identically, so
+    the replica id is folded into the drawn seed; otherwise each replica's
+    slice of the batch would get the same draws.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            seed = tf.cast(tf.math.floormod(seed_generator.next(), tf.int32.max - 1), tf.int32)
+            seed = seed + tf.stack([0, tf.cast(context.replica_id_in_sync_group, tf.int32) * 1_000_003])
+            return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
+    return keras.random.uniform(shape, dtype=dtype, seed=seed_generator)
 
 
 def batch_normalize(x, gamma=None, beta=None):

@@ -1,8 +1,9 @@
-"""Search checkpoints that a crash cannot break.
+"""Checkpoints of a search or a retraining that a crash cannot break.
 
-A checkpoint holds every variable of the search model (weights and alphas),
-both optimisers' states, the loop's position and counters (``state.json``)
-and any arrays the task carries between steps (hidden states). It is written
+A checkpoint holds every variable of the model (weights, alphas, BN moving
+averages, random-generator states), the optimisers' states, the loop's
+position and counters (``state.json``) and any arrays the task carries
+between steps (hidden states). It is written
 into a hidden temporary directory, which is then renamed into place, and only
 then does ``latest.json`` (itself replaced atomically) point at it. A crash
 at any moment leaves ``latest.json`` naming a complete checkpoint; stray
@@ -23,18 +24,22 @@ from . import rundir
 LATEST = "latest.json"
 
 
-class SearchCheckpoints:
-    def __init__(self, directory, model, weights_optimizer, arch_optimizer, keep=2):
+class Checkpoints:
+    """The checkpoints in ``directory`` of ``model``'s variables and the named ``optimizers``.
+
+    ``writes=False`` opens it to read only (a worker that is not the chief):
+    nothing in ``directory`` is created, cleaned or written.
+    """
+
+    def __init__(self, directory, model, keep=2, writes=True, **optimizers):
         self.directory = directory
         self.keep = keep
-        self.checkpoint = tf.train.Checkpoint(
-            variables={_key(v): v for v in model.variables},
-            weights_optimizer=weights_optimizer,
-            arch_optimizer=arch_optimizer,
-        )
-        os.makedirs(directory, exist_ok=True)
-        for stray in glob.glob(os.path.join(directory, ".tmp-*")):
-            shutil.rmtree(stray, ignore_errors=True)
+        self.writes = writes
+        self.checkpoint = tf.train.Checkpoint(variables={_key(v): v for v in model.variables}, **optimizers)
+        if writes:
+            os.makedirs(directory, exist_ok=True)
+            for stray in glob.glob(os.path.join(directory, ".tmp-*")):
+                shutil.rmtree(stray, ignore_errors=True)
 
     def latest(self):
         """The name of the newest complete checkpoint, or ``None``."""
@@ -46,6 +51,8 @@ class SearchCheckpoints:
 
     def save(self, state, arrays=None):
         """Write a checkpoint of the variables, ``state`` (JSON) and ``arrays``; return its name."""
+        if not self.writes:
+            raise RuntimeError(f"{self.directory} was opened to read only")
         name = f"iteration_{state['iteration']:09d}"
         final = os.path.join(self.directory, name)
         temporary = tempfile.mkdtemp(prefix=".tmp-", dir=self.directory)
@@ -73,6 +80,14 @@ class SearchCheckpoints:
         for name in names[: -self.keep]:
             if name != newest:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+class SearchCheckpoints(Checkpoints):
+    """A search's checkpoints: the supernet and both optimisers."""
+
+    def __init__(self, directory, model, weights_optimizer, arch_optimizer, keep=2, writes=True):
+        super().__init__(directory, model, keep, writes, weights_optimizer=weights_optimizer,
+                         arch_optimizer=arch_optimizer)
 
 
 def _key(variable):

@@ -25,9 +25,13 @@ def _spec_arguments(parser):
     )
 
 
-def _run_arguments(parser):
+def _distribute_argument(parser):
     parser.add_argument("--distribute", choices=["none", "mirrored", "multi_worker", "tpu"],
-                        help="run the search data-parallel (overrides distribute.strategy in the spec)")
+                        help="run data-parallel on this strategy (overrides distribute.strategy in the spec)")
+
+
+def _run_arguments(parser):
+    _distribute_argument(parser)
     parser.add_argument("--run-dir", help="where the run's artifacts go (default: runs/<spec name>)")
     parser.add_argument("--overwrite", action="store_true", help="empty an existing run directory first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -101,18 +105,29 @@ def cmd_retrain(args):
         retrain_run,
         retrain_summary,
     )
+    from keras_darts.runtime.distribution import check_batch, is_chief, make_strategy
     from keras_darts.spec import load_derived
 
     spec = load_run_spec(args.run_dir)
+    if args.distribute:
+        from keras_darts.spec import load_spec
+
+        spec = load_spec(spec.source, overrides=[f"distribute.strategy={args.distribute}"])
+    strategy = make_strategy(spec.distribute, spec.source)
     derived = load_derived(args.derived or os.path.join(args.run_dir, "derived.yaml"))
     check_retrainable(spec, derived)  # before anything in the run directory is touched
+    check_batch(spec, strategy)
+    chief = strategy is None or is_chief(strategy)  # only the chief touches the run directory
     retrain_dir = os.path.join(args.run_dir, "retrain")
-    if os.path.exists(retrain_dir) and not args.overwrite:
+    if chief and os.path.exists(retrain_dir) and not args.overwrite:
         raise RunDirectoryError(f"{args.run_dir}: retrain/ exists already; pass --overwrite to replace it")
     data = load_data(spec)
-    if os.path.exists(retrain_dir):
+    if chief and os.path.exists(retrain_dir):
         shutil.rmtree(retrain_dir)
-    result = retrain_run(spec, derived, data, args.run_dir, progress=not args.no_progress)
+    result = retrain_run(spec, derived, data, args.run_dir, progress=not args.no_progress, strategy=strategy,
+                         writes=chief)
+    if not chief:
+        return EXIT_OK
     print(retrain_summary(result))
     print(f"retrained model:  {os.path.join(args.run_dir, 'retrain', 'model.keras')}")
     if spec.export.enabled:
@@ -200,6 +215,7 @@ def _parser(prog, compile_only=False):
     p.add_argument("run_dir", help="a run directory made by search or compile-and-search")
     p.add_argument("--derived", help="a derived spec file or published name (default: the run's derived.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing retrain/")
+    _distribute_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=cmd_retrain)
     p = commands.add_parser("export", help="export a run's retrained model as a SavedModel")

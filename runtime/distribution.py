@@ -14,7 +14,7 @@ import os
 
 import tensorflow as tf
 
-from keras_darts.spec import SpecError
+from keras_darts.spec import RunDirectoryError, SpecError
 
 
 def make_strategy(config, source="<spec>"):
@@ -53,7 +53,10 @@ def replica_slices(strategy, batch, split):
     """The global ``batch`` (a tuple of tensors) as per-replica slices, in replica order.
 
     ``split[i]`` says whether element ``i`` is per example (cut along its first
-    axis) or shared (a seed: every replica gets it whole).
+    axis) or shared (a seed: every replica gets it whole). Replica ``r`` of
+    ``R`` takes rows ``r*n//R .. (r+1)*n//R``: equal slices when ``R`` divides
+    ``n``, and slices differing by at most one row (an epoch's last, short
+    batch) otherwise.
     """
     replicas = strategy.num_replicas_in_sync
 
@@ -62,12 +65,24 @@ def replica_slices(strategy, batch, split):
         parts = []
         for tensor, per_example in zip(batch, split):
             if per_example:
-                size = tf.shape(tensor)[0] // replicas
-                tensor = tensor[index * size:(index + 1) * size]
+                rows = tf.shape(tensor)[0]
+                tensor = tensor[index * rows // replicas:(index + 1) * rows // replicas]
             parts.append(tensor)
         return tuple(parts)
 
     return strategy.experimental_distribute_values_from_function(slice_for)
+
+
+def run_on_replicas(strategy, fn, batch, split, *shared):
+    """``fn(slice, *shared)`` on every replica's slice of the global ``batch`` (inside a ``tf.function``).
+
+    ``fn`` must all-reduce what it returns; the first replica's copy is
+    returned. Without a strategy it is ``fn(batch, *shared)``.
+    """
+    if strategy is None:
+        return fn(batch, *shared)
+    results = strategy.run(fn, args=(replica_slices(strategy, batch, split), *shared))
+    return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], results)
 
 
 def cross_replica_mean(values):
@@ -76,6 +91,33 @@ def cross_replica_mean(values):
     if context is None or context.num_replicas_in_sync == 1:
         return values
     return context.all_reduce(tf.distribute.ReduceOp.MEAN, values)
+
+
+def cross_replica_sum(values):
+    """Sum over replicas inside a replica context; unchanged on one replica or outside a strategy."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return values
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def check_workers_agree(strategy, position, what, run_dir):
+    """Raise ``RunDirectoryError`` on every worker unless all of them start ``what`` at ``position``.
+
+    Workers resume from the checkpoints they find in ``run_dir``; a worker
+    that cannot see the chief's (no shared filesystem) would start over and
+    compute something else. Every worker calls this at the same point.
+    """
+    if strategy is None or strategy.num_replicas_in_sync == 1:
+        return
+    gathered = strategy.gather(strategy.run(lambda: tf.constant([position], tf.int64)), axis=0)
+    positions = sorted({int(p) for p in gathered.numpy()})
+    if len(positions) > 1:
+        raise RunDirectoryError(
+            f"{run_dir}: the workers would start the {what} at different iterations "
+            f"({', '.join(map(str, positions))}); give every worker the same run directory on a "
+            f"filesystem they all share, or start over with --overwrite"
+        )
 
 
 def check_batch(spec, strategy):

@@ -3,24 +3,37 @@
 Per step: loss = CE(logits) + auxiliary_weight * CE(auxiliary logits); SGD
 with PyTorch momentum, coupled weight decay and clipping; cosine learning
 rate per epoch; drop-path probability ramped linearly from 0 to
-``drop_path_prob`` over the epochs.
+``drop_path_prob`` over the epochs. Epoch ``e``'s order and augmentation are
+drawn from ``(seed, e)``.
+
+Under a tf.distribute strategy each replica takes its slice of the global
+batch; losses are summed over the replicas and divided by the global batch
+size, gradients are summed, and every batch normalisation uses the global
+batch's statistics, so the step is the one-device step on the global batch
+(drop-path masks are drawn per replica). A checkpoint is written after every
+epoch and a run directory that holds one resumes from it, with any number of
+replicas.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
 from keras_darts.compiler import build_network, count_parameters
+from keras_darts.compiler.ops import synchronized_batch_norm
 
 from . import rundir
-from .metrics import correct_count, cross_entropy, evaluate
+from .bilevel import dense_gradients
+from .checkpoint import Checkpoints
 from .data import pipeline
+from .distribution import check_workers_agree, cross_replica_sum, run_on_replicas
+from .metrics import correct_count, evaluate
 from .optimizers import CoupledSGD, cosine_learning_rate
 
 log = logging.getLogger(__name__)
@@ -35,65 +48,101 @@ class RetrainResult:
     parameters: int
 
 
-def make_train_step(model, optimizer, auxiliary_weight, image_shape):
-    images = tf.TensorSpec((None, *image_shape), tf.float32)
-    labels = tf.TensorSpec((None,), tf.int32)
+def summed_cross_entropy(labels, logits):
+    return tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
-    @tf.function(input_signature=[images, labels, tf.TensorSpec((), tf.float32)])
-    def train_step(x, y, learning_rate):
+
+def _signature(image_shape):
+    return (tf.TensorSpec((None, *image_shape), tf.float32), tf.TensorSpec((None,), tf.int32))
+
+
+def make_train_step(model, optimizer, auxiliary_weight, image_shape, strategy=None):
+    """``step(x, y, lr) -> (summed loss, number correct)`` over the global batch ``(x, y)``."""
+    variables = optimizer.variables_list
+
+    def replica_step(batch, examples, learning_rate):
+        x, y = batch
         with tf.GradientTape() as tape:
             outputs = model(x, training=True)
             if isinstance(outputs, (tuple, list)):
                 logits, aux_logits = outputs
-                loss = cross_entropy(y, logits) + auxiliary_weight * cross_entropy(y, aux_logits)
+                total = summed_cross_entropy(y, logits) + auxiliary_weight * summed_cross_entropy(y, aux_logits)
             else:
                 logits = outputs
-                loss = cross_entropy(y, logits)
-        gradients = tape.gradient(loss, optimizer.variables_list)
+                total = summed_cross_entropy(y, logits)
+            loss = total / examples
+        gradients = cross_replica_sum(dense_gradients(tape.gradient(loss, variables), variables))
         optimizer.apply(gradients, learning_rate)
-        return loss, correct_count(y, logits)
+        return cross_replica_sum([total, correct_count(y, logits)])
+
+    @tf.function(input_signature=[*_signature(image_shape), tf.TensorSpec((), tf.float32)])
+    def train_step(x, y, learning_rate):
+        examples = tf.cast(tf.shape(y)[0], tf.float32)
+        return run_on_replicas(strategy, replica_step, (x, y), (True, True), examples, learning_rate)
 
     return train_step
 
 
-def make_eval_step(model, image_shape):
-    @tf.function(input_signature=[tf.TensorSpec((None, *image_shape), tf.float32), tf.TensorSpec((None,), tf.int32)])
-    def eval_step(x, y):
+def make_eval_step(model, image_shape, strategy=None):
+    """``step(x, y) -> (summed loss, number correct)`` in inference mode."""
+
+    def replica_step(batch):
+        x, y = batch
         logits = model(x, training=False)
-        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
-        return loss, correct_count(y, logits)
+        return cross_replica_sum([summed_cross_entropy(y, logits), correct_count(y, logits)])
+
+    @tf.function(input_signature=_signature(image_shape))
+    def eval_step(x, y):
+        return run_on_replicas(strategy, replica_step, (x, y), (True, True))
 
     return eval_step
 
 
-def retrain(spec, derived, data, run_dir=None, progress=False):
-    """Train ``derived`` on ``data`` as ``spec.retrain`` says; evaluate on the test split."""
+def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, writes=True):
+    """Train ``derived`` on ``data`` as ``spec.retrain`` says; evaluate on the test split.
+
+    With ``run_dir``, per-epoch checkpoints go to ``run_dir/retrain/checkpoints``
+    and a checkpoint found there is resumed; ``writes=False`` (a worker that
+    is not the chief) reads the run directory but writes nothing.
+    """
     config = spec.retrain
     keras.utils.set_random_seed(config.seed)
-    model = build_network(derived, seed=config.seed)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        with synchronized_batch_norm() if strategy else contextlib.nullcontext():
+            model = build_network(derived, seed=config.seed)
+        optimizer = CoupledSGD.from_config(model.trainable_variables, config.weights_optimizer)
     parameters = count_parameters(model)
-    optimizer = CoupledSGD.from_config(model.trainable_variables, config.weights_optimizer)
-    train_step = make_train_step(model, optimizer, config.auxiliary_weight, data.image_shape)
-    eval_step = make_eval_step(model, data.image_shape)
-    train_ds = pipeline(data, data.x_train, data.y_train, config.batch_size, True, config.augment, config.seed)
-    test_ds = pipeline(data, data.x_test, data.y_test, config.batch_size)
-    log.info("retrain %s: %d parameters (auxiliary head excluded), %d epochs", derived.name, parameters, config.epochs)
-    history = []
-    steps = int(np.ceil(len(data.y_train) / config.batch_size))
+    train_step = make_train_step(model, optimizer, config.auxiliary_weight, data.image_shape, strategy)
+    eval_step = make_eval_step(model, data.image_shape, strategy)
+    train_data = pipeline(data, data.x_train, data.y_train, config.batch_size, True, config.augment, config.seed)
+    test_data = pipeline(data, data.x_test, data.y_test, config.batch_size)
+    history, first_epoch = [], 0
+    checkpoints = None
+    if run_dir:
+        checkpoints = Checkpoints(os.path.join(run_dir, "retrain", "checkpoints"), model, writes=writes,
+                                  optimizer=optimizer)
+        if checkpoints.latest():
+            state, _ = checkpoints.restore()
+            history, first_epoch = state["history"], state["epoch"]
+            log.info("resuming the retraining of %s after epoch %d from its checkpoint", derived.name, first_epoch)
+    check_workers_agree(strategy, first_epoch, "retraining", run_dir)
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+    log.info("retrain %s: %d parameters (auxiliary head excluded), %d epochs, global batch %d on %d replica%s",
+             derived.name, parameters, config.epochs, config.batch_size, replicas, "" if replicas == 1 else "s")
+    steps = train_data.batches_per_epoch()
     opt_cfg = config.weights_optimizer
-    for epoch in range(config.epochs):
+    for epoch in range(first_epoch, config.epochs):
         lr = cosine_learning_rate(epoch, config.epochs, opt_cfg.learning_rate, opt_cfg.learning_rate_min)
         model.drop_path_rate.assign(derived.network.drop_path_prob * epoch / config.epochs)
         started = time.perf_counter()
         total_loss = total_correct = count = 0.0
         bar = tqdm(total=steps, desc=f"retrain {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
                    unit="step")
-        for x, y in train_ds:
+        for x, y in train_data.epoch(epoch):
             loss, correct = train_step(x, y, tf.constant(lr, tf.float32))
-            batch = int(y.shape[0])
-            total_loss += float(loss) * batch
+            total_loss += float(loss)
             total_correct += float(correct)
-            count += batch
+            count += int(y.shape[0])
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss / count:.3f}")
         bar.close()
@@ -108,12 +157,13 @@ def retrain(spec, derived, data, run_dir=None, progress=False):
         history.append(record)
         log.info("retrain epoch %d/%d: loss %.4f acc %.3f | lr %.5f | %.1fs", epoch + 1, config.epochs,
                  record["train_loss"], record["train_accuracy"], lr, record["seconds"])
-        if run_dir:
+        if run_dir and writes:
+            checkpoints.save({"epoch": epoch + 1, "iteration": (epoch + 1) * steps, "history": history})
             rundir.write_json(os.path.join(run_dir, "retrain", "history.json"), history)
             rundir.write_history_csv(os.path.join(run_dir, "retrain", "history.csv"), history)
-    test_loss, test_accuracy = evaluate(eval_step, test_ds, progress, desc="test")
+    test_loss, test_accuracy = evaluate(eval_step, test_data.epoch(0), progress, desc="test")
     log.info("test: loss %.4f accuracy %.4f", test_loss, test_accuracy)
-    if run_dir:
+    if run_dir and writes:
         model.save(os.path.join(run_dir, "retrain", "model.keras"))
         rundir.write_json(
             os.path.join(run_dir, "retrain", "metrics.json"),

@@ -39,6 +39,7 @@ from keras_darts.compiler.derive import softmax
 from . import rundir
 from .bilevel import Bilevel
 from .checkpoint import SearchCheckpoints
+from .distribution import check_workers_agree
 from .data import load_image_data, pipeline, search_split
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
@@ -233,13 +234,8 @@ class SearchDriver:
         if run_dir:
             self.checkpoints = SearchCheckpoints(
                 os.path.join(run_dir, "search", "checkpoints"), self.bilevel.model,
-                self.bilevel.weights_optimizer, self.bilevel.arch_optimizer,
+                self.bilevel.weights_optimizer, self.bilevel.arch_optimizer, writes=writes,
             )
-            if self.config.tensorboard and writes:
-                from .monitor import TensorBoard
-
-                self.board = TensorBoard(run_dir, spec.search_space.operations,
-                                         spec.search_space.kind == "recurrent_cell")
 
     # -- state --------------------------------------------------------------------
     def fresh_state(self):
@@ -262,9 +258,16 @@ class SearchDriver:
             state = self.restore()
             log.info("resuming %s from its checkpoint: epoch %d, step %d (iteration %d)", self.spec.name,
                      state["epoch"] + 1, state["step"], state["iteration"])
+            check_workers_agree(self.bilevel.strategy, state["iteration"], "search", self.run_dir)
         else:
             state = self.fresh_state()
+            check_workers_agree(self.bilevel.strategy, state["iteration"], "search", self.run_dir)
             self.save(state)
+        if self.run_dir and self.writes and self.config.tensorboard:
+            from .monitor import TensorBoard
+
+            self.board = TensorBoard(self.run_dir, self.spec.search_space.operations,
+                                     self.spec.search_space.kind == "recurrent_cell")
         log.info("search %s: %s, %s order%s, %d epochs", self.spec.name, self.task.describe(), config.order,
                  f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs)
         from .estimate import format_bytes, static_estimate

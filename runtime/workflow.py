@@ -63,15 +63,20 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
     from its last checkpoint, and steps already finished are not repeated.
     """
     from .distribution import is_chief, make_strategy
-    from .search_loop import search
+    from .search_loop import search, serialize_kernels_if_needed
 
+    serialize_kernels_if_needed(spec)  # before TensorFlow starts its runtime
     # A multi-worker strategy must exist before TensorFlow does anything else.
     strategy = make_strategy(spec.distribute, spec.source)
     data = load_data(spec)  # fails before anything is written
     if strategy is not None and not is_chief(strategy):
-        log.info("this worker takes part in the search and writes nothing; the chief writes %s", run_dir)
+        # It reads the chief's checkpoints when run_dir is on a filesystem both share.
+        log.info("this worker takes part in the search and retraining and writes nothing; the chief writes %s",
+                 run_dir)
         report = RunReport(run_dir)
-        report.search = search(spec, run_dir=None, data=data, progress=progress, strategy=strategy)
+        report.search = search(spec, run_dir=run_dir, data=data, progress=progress, strategy=strategy)
+        if not search_only and spec.retrain.enabled and not is_recurrent(spec):
+            report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress, strategy, writes=False)
         return report
     resuming = rundir.prepare_run(run_dir, spec, overwrite=overwrite)
     if resuming:
@@ -91,7 +96,7 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
         report.retrain = load_retrain_result(run_dir)
         log.info("retraining finished in an earlier run: %s", retrain_summary(report.retrain))
     else:
-        report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress)
+        report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress, strategy)
     report.artifacts["retrained model"] = os.path.join(run_dir, "retrain", "model.keras")
     report.artifacts["test metrics"] = os.path.join(run_dir, "retrain", "metrics.json")
     saved_model = os.path.join(run_dir, "export", "saved_model")
@@ -155,15 +160,19 @@ def check_retrainable(spec, derived):
         )
 
 
-def retrain_run(spec, derived, data, run_dir, progress=False):
+def retrain_run(spec, derived, data, run_dir, progress=False, strategy=None, writes=True):
+    """Retrain ``derived`` as ``spec`` says, under ``strategy`` (a language model: on one device)."""
     if is_recurrent(spec):
         from .language_retraining import retrain_language_model
 
+        if strategy is not None:
+            log.warning("a language model retrains on one device; the distribute setting applies to its search")
         derived = derived_for_run(spec, derived, vocabulary_size=data.vocabulary_size)
         return retrain_language_model(spec, derived, data, run_dir=run_dir, progress=progress)
     from .retraining import retrain
 
-    return retrain(spec, derived_for_run(spec, derived), data, run_dir=run_dir, progress=progress)
+    return retrain(spec, derived_for_run(spec, derived), data, run_dir=run_dir, progress=progress,
+                   strategy=strategy, writes=writes)
 
 
 def export_run(run_dir, model=None, data=None):

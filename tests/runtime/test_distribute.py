@@ -13,6 +13,7 @@ import pytest
 import keras_darts as kd
 from keras_darts.runtime.distribution import check_batch
 from keras_darts.runtime.search_loop import search
+from keras_darts.runtime.workflow import load_data, retrain_run
 from keras_darts.spec import SpecError, dump_yaml
 from tests.conftest import tiny_spec_document
 
@@ -35,6 +36,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import numpy as np
 import keras_darts as kd
 from keras_darts.runtime.search_loop import search
+from keras_darts.runtime.workflow import load_data, retrain_run
 from keras_darts.runtime.distribution import make_strategy
 out = {}
 strategy = None
@@ -71,6 +73,77 @@ def test_mirrored_on_two_logical_cpus_equals_one_device():
         assert mirrored[order]["train_loss"] == pytest.approx(single.history[-1]["train_loss"], rel=1e-5)
 
 
+RETRAIN_CHILD = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np
+import keras_darts as kd
+from keras_darts.runtime.data import load_image_data
+from keras_darts.runtime.distribution import make_strategy
+from keras_darts.runtime.retraining import retrain
+from keras_darts.runtime.workflow import derived_for_run
+doc, folder = json.loads(sys.argv[1]), sys.argv[2]
+spec = kd.load_spec(doc)
+data = load_image_data(spec)
+derived = derived_for_run(spec, kd.load_derived("DARTS_V2"))
+strategy = make_strategy(kd.load_spec({**doc, "distribute": {"strategy": "mirrored",
+                                                              "devices": ["/cpu:0", "/cpu:1"]}}).distribute)
+
+def record(result):
+    return {"history": result.history, "test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
+
+def replica_values(model):
+    return [[np.asarray(copy).tolist() for copy in strategy.experimental_local_results(v.value)]
+            for v in model.variables]
+
+out = {}
+# Two replicas, then one device resuming the two-replica checkpoint (nothing left to train).
+out["mirrored"] = record(retrain(spec, derived, data, run_dir=folder + "/a", strategy=strategy))
+out["one_from_mirrored"] = record(retrain(spec, derived, data, run_dir=folder + "/a"))
+# One device, then two replicas resuming the one-device checkpoint.
+single = retrain(spec, derived, data, run_dir=folder + "/b")
+out["single"] = record(single)
+out["single_values"] = [np.asarray(v).tolist() for v in single.model.variables]
+resumed = retrain(spec, derived, data, run_dir=folder + "/b", strategy=strategy)
+out["mirrored_from_single"] = record(resumed)
+out["mirrored_from_single_values"] = replica_values(resumed.model)
+print(json.dumps(out))
+"""
+
+
+def test_retraining_on_two_logical_cpus_equals_one_device_and_restores_across_replica_counts(tmp_path):
+    doc = tiny_spec_document()
+    # No drop path: its masks are drawn per replica, so they differ from one device's.
+    doc["retrain"].update({"epochs": 1, "drop_path_prob": 0.0})
+    done = subprocess.run([sys.executable, "-c", RETRAIN_CHILD, json.dumps(doc), str(tmp_path)],
+                          capture_output=True, text=True, env=child_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    mirrored, single = out["mirrored"], out["single"]
+    test_examples = 360
+    # The same training on the global batch: one epoch's loss to float rounding, test metrics likewise.
+    assert mirrored["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"], rel=1e-5)
+    assert mirrored["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4)
+    assert mirrored["test_loss"] < 2.0  # it learned: chance is ln 10 = 2.30
+    assert abs(mirrored["test_accuracy"] - single["test_accuracy"]) <= 1.0 / test_examples
+    # A checkpoint of two replicas, restored on one device: the same model, the same history.
+    assert out["one_from_mirrored"]["history"] == mirrored["history"]
+    assert out["one_from_mirrored"]["test_loss"] == pytest.approx(mirrored["test_loss"], rel=1e-6)
+    assert out["one_from_mirrored"]["test_accuracy"] == mirrored["test_accuracy"]
+    # A one-device checkpoint restored on two replicas: both copies of every variable hold its values.
+    values = out["single_values"]
+    copies = out["mirrored_from_single_values"]
+    assert len(copies) == len(values)
+    for value, replicas in zip(values, copies):
+        assert len(replicas) == 2
+        for copy in replicas:
+            np.testing.assert_array_equal(np.array(copy), np.array(value))
+    assert out["mirrored_from_single"]["history"] == single["history"]
+    assert out["mirrored_from_single"]["test_loss"] == pytest.approx(single["test_loss"], rel=1e-6)
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -79,25 +152,13 @@ def free_port():
 
 def test_multi_worker_on_localhost_equals_one_device(tmp_path):
     doc = document("second")
+    doc["retrain"].update({"enabled": True, "epochs": 1, "drop_path_prob": 0.0})
+    doc["export"] = {"enabled": False}
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(dump_yaml(doc))
-    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    code = "from keras_darts.runtime.cli import compile_and_search_main; raise SystemExit(compile_and_search_main())"
-    processes = []
-    for index in range(2):
-        env = {**child_env(), "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
-                                                       "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-c", code, str(spec_path), "--run-dir", str(tmp_path / f"run{index}"), "--search-only",
-             "--distribute", "multi_worker", "--no-progress"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        results = [p.communicate(timeout=600) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for p, (_, err) in zip(processes, results):
-        assert p.returncode == 0, err[-3000:]
+    results = run_two_workers(spec_path, [tmp_path / "run0", tmp_path / "run1"])
+    for code, err in results:
+        assert code == 0, err[-3000:]
     assert not (tmp_path / "run1").exists()  # only the chief writes
     single = search(kd.load_spec(doc))
     with np.load(tmp_path / "run0" / "search" / "alphas.npz") as alphas:
@@ -105,6 +166,46 @@ def test_multi_worker_on_localhost_equals_one_device(tmp_path):
             np.testing.assert_allclose(alphas[cell_type], alpha, rtol=0, atol=1e-5)
     derived = kd.load_derived(str(tmp_path / "run0" / "derived.yaml"))
     assert derived.cells == single.derived.cells
+    # Both workers retrained the derived network together; the chief wrote the result.
+    spec = kd.load_spec(doc)
+    alone = retrain_run(spec, single.derived, load_data(spec), None)
+    metrics = json.loads((tmp_path / "run0" / "retrain" / "metrics.json").read_text())
+    history = json.loads((tmp_path / "run0" / "retrain" / "history.json").read_text())
+    assert history[0]["train_loss"] == pytest.approx(alone.history[0]["train_loss"], rel=1e-5)
+    assert metrics["test_loss"] == pytest.approx(alone.test_loss, rel=1e-4)
+
+    # A worker that cannot see the chief's checkpoints would start over: both refuse, and nothing is touched.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run0").rglob("*")}
+    results = run_two_workers(spec_path, [tmp_path / "run0", tmp_path / "elsewhere"])
+    for code, err in results:
+        assert code == 2, err[-3000:]
+        folder = "run0" if f"error: {tmp_path / 'run0'}:" in err else "elsewhere"  # each names its own
+        assert err.strip().splitlines()[-1] == (
+            f"error: {tmp_path / folder}: the workers would start the search at different iterations (0, 3); "
+            "give every worker the same run directory on a filesystem they all share, or start over with --overwrite"
+        )
+        assert "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run0").rglob("*")} == before
+
+
+def run_two_workers(spec_path, run_dirs):
+    """compile-and-search on two multi_worker processes on localhost; their exit codes and stderr."""
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    code = "from keras_darts.runtime.cli import compile_and_search_main; raise SystemExit(compile_and_search_main())"
+    processes = []
+    for index, run_dir in enumerate(run_dirs):
+        env = {**child_env(), "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                       "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", code, str(spec_path), "--run-dir", str(run_dir),
+             "--distribute", "multi_worker", "--no-progress"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=600) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    return [(p.returncode, err) for p, (_, err) in zip(processes, results)]
 
 
 def test_global_batch_must_split_over_the_replicas():

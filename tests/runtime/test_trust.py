@@ -16,6 +16,7 @@ import keras_darts as kd
 from keras_darts.runtime.checkpoint import SearchCheckpoints
 from keras_darts.runtime.cli import compile_and_search_main, main
 from keras_darts.runtime.search_loop import DivergenceError, build_search, search
+from keras_darts.runtime.workflow import load_data, retrain_run
 from keras_darts.spec import dump_yaml
 from tests.conftest import tiny_spec_document
 
@@ -52,6 +53,30 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_intact(tmp_path, monke
     assert state == {"iteration": 3, "epoch": 0} and arrays["hidden"].tolist() == [1.0, 1.0]
     for variable, value in zip(bilevel.model.variables, saved):
         np.testing.assert_array_equal(variable.numpy(), value)
+
+
+def test_an_interrupted_retraining_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_one(tmp_path):
+    document = tiny_spec_document()
+    document["retrain"]["epochs"] = 2  # drop path 0.1: epoch 2 draws masks from the restored generator
+    spec = kd.load_spec(document)
+    data = load_data(spec)
+    derived = kd.load_derived("DARTS_V2")
+    whole = retrain_run(spec, derived, data, str(tmp_path / "whole"))
+    run_dir = tmp_path / "cut"
+    cut = retrain_run(spec, derived, data, str(run_dir))
+    # As if killed during epoch 2: the newest checkpoint is the one after epoch 1.
+    folder = run_dir / "retrain" / "checkpoints"
+    names = sorted(n for n in os.listdir(folder) if n.startswith("iteration_"))
+    assert len(names) == 2
+    (folder / "latest.json").write_text(json.dumps({"checkpoint": names[0]}))
+    resumed = retrain_run(spec, derived, data, str(run_dir))
+    assert resumed.history[0] == cut.history[0]  # restored, not repeated (its time is the first run's)
+    assert resumed.history[0]["train_loss"] == whole.history[0]["train_loss"]
+    assert resumed.history[1]["train_loss"] == whole.history[1]["train_loss"]
+    assert resumed.history[1]["drop_path_prob"] == pytest.approx(0.05)
+    assert resumed.test_loss == whole.test_loss
+    for mine, theirs in zip(resumed.model.variables, whole.model.variables):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
 
 
 def run_search_process(spec_path, run_dir):
