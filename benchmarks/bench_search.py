@@ -14,6 +14,12 @@ it writes everything, with the machine, to JSON.
 
     python benchmarks/bench_search.py                     # SMALL, PAPER and RNN
     python benchmarks/bench_search.py --configs SMALL --iterations 5
+    python benchmarks/bench_search.py --configs SMALL --modes first_order retrain_step --replicas 1 2
+
+``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
+devices, at the same global batch, for the throughput per replica
+(examples per second per replica); logical devices split this machine's
+cores, so they show the cost of the replication, not a speed-up.
 
 Run it alone: other TensorFlow processes on the same cores make the figures
 worthless.
@@ -35,6 +41,7 @@ CONFIGS = {
     "RNN": {"hidden": 64, "batch": 16, "bptt": 35, "vocabulary": 1000},
 }
 MODES = ["forward_backward", "first_order", "second_order_fd", "second_order_exact"]
+EXTRA_MODES = ["retrain_step"]  # one retraining step of DARTS_V2 at the configuration's size
 # The reference implementation measured on a machine of this kind (seconds per iteration).
 REFERENCE = {
     "SMALL": {"forward_backward": 1.0, "first_order": 2.0, "second_order_fd": 4.5},
@@ -80,7 +87,81 @@ def recurrent_step(config, mode):
     return (lambda: step(batch, batch, lr, arch_lr)), step
 
 
-def measure(config_name, mode, warmup, iterations, batch=None):
+def replicated(replicas):
+    """A MirroredStrategy over ``replicas`` logical CPU devices (this process's cores split between them)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    return tf.distribute.MirroredStrategy([f"/cpu:{index}" for index in range(replicas)])
+
+
+def retrain_step(config, strategy, x, y):
+    """One retraining step of DARTS_V2 at the configuration's width and depth (auxiliary head, drop path)."""
+    import contextlib
+
+    import tensorflow as tf
+
+    import keras_darts as kd
+    from keras_darts.compiler import build_network
+    from keras_darts.compiler.ops import synchronized_batch_norm
+    from keras_darts.runtime.optimizers import CoupledSGD
+    from keras_darts.runtime.retraining import make_train_step
+
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        with synchronized_batch_norm() if strategy else contextlib.nullcontext():
+            model = build_network(kd.load_derived("DARTS_V2"), init_channels=config["init_channels"],
+                                  layers=config["layers"], input_shape=(32, 32, 3), num_classes=10, auxiliary=True)
+        optimizer = CoupledSGD(model.trainable_variables, 0.9, 3e-4, 5.0)
+    model.drop_path_rate.assign(0.2)
+    step = make_train_step(model, optimizer, 0.4, (32, 32, 3), strategy)
+    lr = tf.constant(0.025, tf.float32)
+    return (lambda: step(x, y, lr)), step
+
+
+def search_epoch(config_name, steps):
+    """Seconds of a whole warm search epoch of ``steps`` second-order iterations, through the real loop.
+
+    The data are random images in memory, exactly enough for ``steps`` batches
+    in each half, with the default augmentation, so the time includes the
+    input pipeline, the loop's bookkeeping and the metric reads. The first
+    epoch (tracing) is run and not counted.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    import keras_darts as kd
+    from keras_darts.runtime.data import ImageData
+    from keras_darts.runtime.search_loop import search
+
+    config = CONFIGS[config_name]
+    batch = config["batch"]
+    spec = kd.load_spec({
+        "version": 1, "name": "bench",
+        "search_space": {"kind": "conv_cell", "network": {
+            "init_channels": config["init_channels"], "layers": config["layers"],
+            "input_shape": [32, 32, 3], "num_classes": 10}},
+        "data": {"batch_size": batch, "source": "npz", "path": "unused.npz"},
+        "search": {"epochs": 2, "order": "second", "diagnostics": {"hessian_eigenvalue": False},
+                   "tensorboard": False},
+        "retrain": {"enabled": False},
+    })
+    rng = np.random.default_rng(0)
+    count = 2 * steps * batch
+    data = ImageData("random", rng.uniform(0, 1, (count, 32, 32, 3)).astype(np.float32),
+                     rng.integers(0, 10, count), rng.uniform(0, 1, (batch, 32, 32, 3)).astype(np.float32),
+                     rng.integers(0, 10, batch), 10)
+    result = search(spec, data=data)
+    seconds = result.history[1]["seconds"]
+    import resource
+
+    return {"config": config_name, "mode": "search_epoch", "batch": batch, "replicas": None, "steps": steps,
+            "median_seconds": seconds / steps, "epoch_seconds": seconds,
+            "first_call_seconds": result.history[0]["seconds"], "traces": None, "times": [seconds],
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def measure(config_name, mode, warmup, iterations, batch=None, replicas=None):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -89,12 +170,23 @@ def measure(config_name, mode, warmup, iterations, batch=None):
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
 
+    if mode == "second_order_exact" and config_name != "RNN":
+        # As a search does: exact mode over max and average pooling runs one kernel at a time.
+        from keras_darts.runtime.search_loop import serialize_kernels_if_needed
+
+        serialize_kernels_if_needed(kd.load_spec({
+            "version": 1, "name": "bench", "search": {"order": "second", "second_order_mode": "exact"},
+            "retrain": {"enabled": False}}))
+    strategy = replicated(replicas) if replicas else None
     config = dict(CONFIGS[config_name])
     if batch:
         config["batch"] = batch
+    extra = {"batch": config["batch"], "replicas": replicas}
     if config_name == "RNN":
+        if replicas or mode == "retrain_step":
+            raise SystemExit("the RNN configuration measures search iterations on one device only")
         call, function = recurrent_step(config, mode)
-        return {**timed_run(config_name, mode, call, function, warmup, iterations), "batch": config["batch"]}
+        return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
     spec = kd.load_spec({
         "version": 1, "name": "bench",
         "search_space": {"kind": "conv_cell", "network": {
@@ -102,10 +194,15 @@ def measure(config_name, mode, warmup, iterations, batch=None):
             "input_shape": [32, 32, 3], "num_classes": 10}},
         "retrain": {"enabled": False},
     })
-    bilevel = build_search(spec)
     batch = config["batch"]
     x = tf.random.normal((batch, 32, 32, 3))
     y = tf.random.uniform((batch,), 0, 10, tf.int32)
+    if mode == "retrain_step":
+        call, function = retrain_step(config, strategy, x, y)
+        return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
+    if mode == "forward_backward" and strategy:
+        raise SystemExit("forward_backward is measured on one device only")
+    bilevel = build_search(spec, strategy=strategy)
     lr = tf.constant(0.025, tf.float32)
     arch_lr = tf.constant(3e-4, tf.float32)
     model = bilevel.model
@@ -123,7 +220,7 @@ def measure(config_name, mode, warmup, iterations, batch=None):
         call = lambda: step((x, y), (x, y), lr, arch_lr)
 
     return {**timed_run(config_name, mode, call, run if mode == "forward_backward" else step, warmup, iterations),
-            "batch": batch}
+            **extra}
 
 
 def timed_run(config_name, mode, call, function, warmup, iterations):
@@ -193,7 +290,7 @@ def machine():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES + EXTRA_MODES)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--output", default="benchmarks/results.json")
@@ -201,42 +298,73 @@ def main():
                         help="also run keras-darts' estimate for each config and compare its peak with the measured one")
     parser.add_argument("--batches", nargs="+", type=int,
                         help="measure at these batch sizes instead of each config's own (time per example)")
+    parser.add_argument("--replicas", nargs="+", type=int,
+                        help="also run under MirroredStrategy on this many logical CPU devices (same global batch; "
+                             "throughput per replica)")
+    parser.add_argument("--epoch-steps", nargs="+", type=int,
+                        help="instead of single iterations, time whole warm second-order search epochs of these "
+                             "numbers of steps (is an epoch's time linear in its batches?)")
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.child[1] == "search_epoch":
+        print(json.dumps(search_epoch(args.child[0], args.steps)))
+        return
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch)))
+        print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
+                                 args.replica_count)))
         return
     results = []
-    runs = [(c, m, b) for c in args.configs for m in args.modes for b in (args.batches or [None])]
-    for config, mode, batch in runs:
+    runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
+            for r in (args.replicas or [None])]
+    if args.epoch_steps:
+        runs = [(c, "search_epoch", None, None, steps) for c in args.configs if c != "RNN" for steps in args.epoch_steps]
+    for config, mode, batch, replicas, *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode,
                    "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
+        if steps:
+            command += ["--steps", str(steps[0])]
         if batch:
             command += ["--batch", str(batch)]
+        if replicas:
+            command += ["--replica-count", str(replicas)]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if done.returncode != 0:
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"measured {config} {mode} batch {batch or CONFIGS[config]['batch']}: "
+        print(f"measured {config} {mode} batch {batch or CONFIGS[config]['batch']} replicas {replicas or '-'}: "
               f"{results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
     estimates = {config: estimate_config(config) for config in args.configs} if args.with_estimate else {}
     report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
-    header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'s/iter':>8s} {'ms/example':>10s} {'x fwd+bwd':>9s} " \
-             f"{'reference':>9s} {'x faster':>8s} {'first call':>10s} {'peak GiB':>8s} {'traces':>6s}"
+    header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
+             f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'reference':>9s} {'x faster':>8s} {'first call':>10s} " \
+             f"{'peak GiB':>8s} {'traces':>6s}"
     print(header)
     for row in results:
-        batch = row["batch"] or CONFIGS[row["config"]]["batch"]
+        batch = row["batch"]
+        replicas = row.get("replicas") or 1
         base = next((r["median_seconds"] for r in results if r["config"] == row["config"]
-                     and r["mode"] == "forward_backward" and r["batch"] == row["batch"]), None)
+                     and r["mode"] == "forward_backward" and r["batch"] == batch and not r.get("replicas")), None)
         ratio = f"{row['median_seconds'] / base:9.2f}" if base else f"{'-':>9s}"
-        reference = REFERENCE[row["config"]].get(row["mode"]) if not row["batch"] else None
+        own_batch = batch == CONFIGS[row["config"]]["batch"] and not row.get("replicas")
+        reference = REFERENCE[row["config"]].get(row["mode"]) if own_batch else None
         ref_text = f"{reference:9.1f}" if reference else f"{'-':>9s}"
         faster = f"{reference / row['median_seconds']:8.2f}" if reference else f"{'-':>8s}"
-        print(f"{row['config']:7s} {row['mode']:20s} {batch:5d} {row['median_seconds']:8.3f} "
-              f"{1000 * row['median_seconds'] / batch:10.2f} {ratio} {ref_text} {faster} "
-              f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {row['traces']:6d}")
+        print(f"{row['config']:7s} {row['mode']:20s} {batch:5d} {row.get('replicas') or '-':>3} "
+              f"{row['median_seconds']:8.3f} {1000 * row['median_seconds'] / batch:10.2f} "
+              f"{batch / row['median_seconds'] / replicas:8.1f} {ratio} {ref_text} {faster} "
+              f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6}")
+    for config in args.configs:
+        epochs = sorted((r for r in results if r["config"] == config and r["mode"] == "search_epoch"),
+                        key=lambda r: r["steps"])
+        if len(epochs) > 1:
+            per_step = [r["median_seconds"] for r in epochs]
+            print(f"{config} search epochs: " + ", ".join(
+                f"{r['steps']} steps {r['epoch_seconds']:.2f} s ({r['median_seconds']:.3f} s/step)" for r in epochs)
+                + f"; s/step at most {max(per_step) / min(per_step):.2f}x its least")
     for config, estimated in estimates.items():
         for order, mode in (("first", "first_order"), ("second", "second_order_fd")):
             row = next((r for r in results if r["config"] == config and r["mode"] == mode), None)
