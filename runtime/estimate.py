@@ -96,6 +96,10 @@ def static_estimate(spec, bilevel):
 
 def measure(spec, order, mode, steps, vocabulary_size=None):
     """Runs in the child process: first-call and median seconds, peak memory of one order."""
+    if order == "second":
+        from .search_loop import serialize_kernels_if_needed
+
+        serialize_kernels_if_needed(spec)  # as the search will run it
     bilevel = build_for_estimate(spec, vocabulary_size)
     batch = synthetic_batch(spec, bilevel)
     step = bilevel.compiled_iteration(order, mode)

@@ -73,6 +73,44 @@ def test_mirrored_on_two_logical_cpus_equals_one_device():
         assert mirrored[order]["train_loss"] == pytest.approx(single.history[-1]["train_loss"], rel=1e-5)
 
 
+EXACT_CHILD = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras_darts as kd
+from keras_darts.runtime.search_loop import search
+from keras_darts.runtime.distribution import make_strategy
+doc = json.loads(sys.argv[1])
+single = search(kd.load_spec(doc))
+doc["distribute"] = {"strategy": "mirrored", "devices": ["/cpu:0", "/cpu:1"]}
+spec = kd.load_spec(doc)
+mirrored = search(spec, strategy=make_strategy(spec.distribute))
+print(json.dumps({name: {"alphas": {t: a.tolist() for t, a in result.alphas.items()},
+                         "derived": result.derived.to_document()["cells"],
+                         "arch_grad_norm": result.history[-1]["arch_grad_norm"]}
+                  for name, result in (("single", single), ("mirrored", mirrored))}))
+"""
+
+
+def test_exact_second_order_on_two_logical_cpus_equals_one_device():
+    doc = document("second")
+    doc["search"]["second_order_mode"] = "exact"
+    # Max and average pooling together: exact mode needs one kernel at a time (see
+    # test_bilevel); the environment sets it before TensorFlow starts, for both runs.
+    env = {**child_env(), "TF_NUM_INTEROP_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", EXACT_CHILD, json.dumps(doc)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for cell_type, alpha in out["single"]["alphas"].items():
+        np.testing.assert_allclose(np.array(out["mirrored"]["alphas"][cell_type]), np.array(alpha), rtol=0, atol=1e-5)
+    assert np.abs(np.array(out["single"]["alphas"]["normal"])).max() > 5e-4
+    assert out["mirrored"]["derived"] == out["single"]["derived"]
+    # Adam's steps hide a gradient's size; its norm (the epoch's mean) does not.
+    assert out["mirrored"]["arch_grad_norm"] == pytest.approx(out["single"]["arch_grad_norm"], rel=1e-4)
+
+
 RETRAIN_CHILD = """
 import json, sys
 import tensorflow as tf
