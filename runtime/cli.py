@@ -40,10 +40,12 @@ def _run_arguments(parser):
 def _load(args):
     from keras_darts.spec import load_spec
 
-    overrides = list(args.overrides)
-    if getattr(args, "distribute", None):
-        overrides.append(f"distribute.strategy={args.distribute}")
-    return load_spec(args.spec, overrides=overrides)
+    return load_spec(args.spec, overrides=list(args.overrides) + _distribute_override(args))
+
+
+def _distribute_override(args):
+    """``--distribute`` as a spec override (none when the flag is absent)."""
+    return [f"distribute.strategy={args.distribute}"] if getattr(args, "distribute", None) else []
 
 
 def _run_dir(args, spec):
@@ -108,11 +110,7 @@ def cmd_retrain(args):
     from keras_darts.runtime.distribution import check_batch, is_chief, make_strategy
     from keras_darts.spec import load_derived
 
-    spec = load_run_spec(args.run_dir)
-    if args.distribute:
-        from keras_darts.spec import load_spec
-
-        spec = load_spec(spec.source, overrides=[f"distribute.strategy={args.distribute}"])
+    spec = load_run_spec(args.run_dir, _distribute_override(args))
     strategy = make_strategy(spec.distribute, spec.source)
     derived = load_derived(args.derived or os.path.join(args.run_dir, "derived.yaml"))
     check_retrainable(spec, derived)  # before anything in the run directory is touched

@@ -85,20 +85,22 @@ def run_on_replicas(strategy, fn, batch, split, *shared):
     return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], results)
 
 
-def cross_replica_mean(values):
-    """Mean over replicas inside a replica context; unchanged on one replica or outside a strategy."""
+def _all_reduce(values, op):
+    """``values`` reduced with ``op`` over replicas in a replica context; unchanged on one replica or outside."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return values
-    return context.all_reduce(tf.distribute.ReduceOp.MEAN, values)
+    return context.all_reduce(op, values)
+
+
+def cross_replica_mean(values):
+    """Mean over replicas inside a replica context; unchanged on one replica or outside a strategy."""
+    return _all_reduce(values, tf.distribute.ReduceOp.MEAN)
 
 
 def cross_replica_sum(values):
     """Sum over replicas inside a replica context; unchanged on one replica or outside a strategy."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return values
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+    return _all_reduce(values, tf.distribute.ReduceOp.SUM)
 
 
 def check_workers_agree(strategy, position, what, run_dir):

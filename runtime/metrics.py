@@ -9,6 +9,11 @@ def cross_entropy(labels, logits):
     return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 
+def summed_cross_entropy(labels, logits):
+    """Cross-entropy summed (not averaged) over the batch: replicas' sums add up to the global one."""
+    return tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+
+
 def correct_count(labels, logits):
     predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
     return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))

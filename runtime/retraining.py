@@ -33,7 +33,7 @@ from .bilevel import dense_gradients
 from .checkpoint import Checkpoints
 from .data import pipeline
 from .distribution import check_workers_agree, cross_replica_sum, run_on_replicas
-from .metrics import correct_count, evaluate
+from .metrics import correct_count, evaluate, summed_cross_entropy
 from .optimizers import CoupledSGD, cosine_learning_rate
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,6 @@ class RetrainResult:
     test_loss: float
     test_accuracy: float
     parameters: int
-
-
-def summed_cross_entropy(labels, logits):
-    return tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 
 def _signature(image_shape):

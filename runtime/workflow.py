@@ -226,11 +226,12 @@ def _export_language_model(run_dir, model=None, data=None):
     return path
 
 
-def load_run_spec(run_dir):
+def load_run_spec(run_dir, overrides=()):
+    """The resolved spec a run directory holds, with ``overrides`` (``key.path=value``) applied."""
     from keras_darts.spec import load_spec
 
     rundir.require_run(run_dir)
-    return load_spec(os.path.join(run_dir, rundir.MARKER))
+    return load_spec(os.path.join(run_dir, rundir.MARKER), overrides=list(overrides))
 
 
 def summary_lines(report):
