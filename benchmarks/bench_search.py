@@ -161,7 +161,7 @@ def search_epoch(config_name, steps):
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def measure(config_name, mode, warmup, iterations, batch=None, replicas=None):
+def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, recompute=False):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -181,7 +181,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None):
     config = dict(CONFIGS[config_name])
     if batch:
         config["batch"] = batch
-    extra = {"batch": config["batch"], "replicas": replicas}
+    extra = {"batch": config["batch"], "replicas": replicas, "recompute_cells": recompute}
     if config_name == "RNN":
         if replicas or mode == "retrain_step":
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -192,6 +192,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None):
         "search_space": {"kind": "conv_cell", "network": {
             "init_channels": config["init_channels"], "layers": config["layers"],
             "input_shape": [32, 32, 3], "num_classes": 10}},
+        "search": {"recompute_cells": recompute},
         "retrain": {"enabled": False},
     })
     batch = config["batch"]
@@ -248,7 +249,7 @@ def timed_run(config_name, mode, call, function, warmup, iterations):
     }
 
 
-def estimate_config(config_name):
+def estimate_config(config_name, recompute=False):
     """keras-darts' own estimate for a benchmark configuration (run here, in this process)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras_darts as kd
@@ -270,6 +271,7 @@ def estimate_config(config_name):
             "init_channels": config["init_channels"], "layers": config["layers"],
             "input_shape": [32, 32, 3], "num_classes": 10}},
         "data": {"batch_size": config["batch"]},
+        "search": {"recompute_cells": recompute},
         "retrain": {"enabled": False},
     }
     return estimate(kd.load_spec(document))
@@ -304,6 +306,8 @@ def main():
     parser.add_argument("--epoch-steps", nargs="+", type=int,
                         help="instead of single iterations, time whole warm second-order search epochs of these "
                              "numbers of steps (is an epoch's time linear in its batches?)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="search networks with search.recompute_cells (each cell recomputed in the backward pass)")
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -314,7 +318,7 @@ def main():
         return
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
-                                 args.replica_count)))
+                                 args.replica_count, args.recompute)))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -330,6 +334,8 @@ def main():
             command += ["--batch", str(batch)]
         if replicas:
             command += ["--replica-count", str(replicas)]
+        if args.recompute:
+            command.append("--recompute")
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if done.returncode != 0:
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -337,7 +343,7 @@ def main():
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"measured {config} {mode} batch {batch or CONFIGS[config]['batch']} replicas {replicas or '-'}: "
               f"{results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
-    estimates = {config: estimate_config(config) for config in args.configs} if args.with_estimate else {}
+    estimates = {config: estimate_config(config, args.recompute) for config in args.configs} if args.with_estimate else {}
     report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'reference':>9s} {'x faster':>8s} {'first call':>10s} " \

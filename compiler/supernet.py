@@ -30,6 +30,7 @@ class Supernet(keras.Model):
         input_shape,
         stem_multiplier=3,
         seed=None,
+        recompute_cells=False,
         **kwargs,
     ):
         kwargs.setdefault("name", "supernet")
@@ -43,6 +44,7 @@ class Supernet(keras.Model):
         self.image_shape = tuple(input_shape)
         self.stem_multiplier = stem_multiplier
         self.seed = seed
+        self.recompute_cells = bool(recompute_cells)
         self.num_edges = len(cell_edges(nodes))
 
         self.stem_conv = keras.layers.Conv2D(
@@ -94,13 +96,16 @@ class Supernet(keras.Model):
     def call(self, inputs, training=None):
         # Split each matrix into per-edge, per-op scalars once, shared by all
         # cells of the type (slicing inside every MixedOp costs graph size).
-        probabilities = {
-            t: [ops.unstack(row) for row in ops.unstack(p, axis=0)] for t, p in self.arch_probabilities().items()
-        }
+        matrices = self.arch_probabilities()
+        probabilities = {t: split_rows(p) for t, p in matrices.items()}
         s0 = s1 = batch_normalize(self.stem_conv(inputs), self.stem_gamma, self.stem_beta)[0]
         for cell in self.cells:
-            weights = probabilities["reduce" if cell.reduction else "normal"]
-            s0, s1 = s1, cell(s0, s1, weights, training=training)
+            cell_type = "reduce" if cell.reduction else "normal"
+            if self.recompute_cells and training:
+                output = recomputed(cell, s0, s1, matrices[cell_type], training=training)
+            else:
+                output = cell(s0, s1, probabilities[cell_type], training=training)
+            s0, s1 = s1, output
         return self.classifier(self.global_pool(s1))
 
     def get_config(self):
@@ -115,7 +120,54 @@ class Supernet(keras.Model):
             "input_shape": list(self.image_shape),
             "stem_multiplier": self.stem_multiplier,
             "seed": self.seed,
+            "recompute_cells": self.recompute_cells,
         }
+
+
+def split_rows(matrix):
+    """An (edges x ops) matrix as per-edge lists of per-op scalars."""
+    return [ops.unstack(row) for row in ops.unstack(matrix, axis=0)]
+
+
+def recomputed(cell, s0, s1, probabilities, training):
+    """``cell(s0, s1, rows of probabilities)``, keeping only its inputs for the backward pass.
+
+    The cell runs once forward, and again inside its gradient, so its
+    intermediate activations need not live from the forward to the backward
+    pass: activation memory falls from the whole network's to the cell inputs
+    plus one cell's, for one more forward pass of time. Exact: the cell is a
+    deterministic function of its inputs, its weights (read from the stateless
+    scope of the pass, or the variables) and the probabilities, and gradients
+    flow to all of them.
+    """
+    import tensorflow as tf
+    from keras.src.backend.common.stateless_scope import get_stateless_scope, in_stateless_scope
+
+    variables = list(cell.variables)
+    scope = get_stateless_scope() if in_stateless_scope() else None
+    values = [scope.get_current_value(v) if scope is not None else None for v in variables]
+    values = [v.value if value is None else value for v, value in zip(variables, values)]
+
+    def compute(s0, s1, probabilities, *values):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return cell(s0, s1, split_rows(probabilities), training=training)
+
+    @tf.custom_gradient
+    def run(*inputs):
+        def gradient(upstream):
+            # The recomputation waits for the upstream gradient, so graph
+            # optimisation cannot merge it with the forward pass.
+            with tf.control_dependencies([upstream]):
+                again = [tf.identity(t) for t in inputs]
+            with tf.GradientTape() as tape:
+                tape.watch(again)
+                output = compute(*again)
+            grads = tape.gradient(output, again, output_gradients=upstream)
+            return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, again)]
+
+        return compute(*inputs), gradient
+
+    return run(s0, s1, probabilities, *values)
 
 
 def build_supernet(spec, seed=None):
@@ -132,6 +184,7 @@ def build_supernet(spec, seed=None):
         input_shape=network.input_shape,
         stem_multiplier=network.stem_multiplier,
         seed=spec.search.seed if seed is None else seed,
+        recompute_cells=spec.search.recompute_cells,
     )
     model.build((None, *network.input_shape))
     return model

@@ -121,6 +121,7 @@ class SearchConfig(RunControl):
     order: str = "second"
     second_order_mode: str = "finite_difference"
     hvp_epsilon: float = 0.01
+    recompute_cells: bool = False
     seed: int = 2
     steps_per_epoch: typing.Optional[int] = None
     weights_optimizer: SGDConfig = SGDConfig()

@@ -19,9 +19,10 @@ from tests.conftest import tiny_spec_document
 ETA = 0.05
 
 
-def make_bilevel(grad_clip=5.0, seed=0):
+def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False):
     # No max-pool: its kinks would spoil the finite-difference reference.
     document = tiny_spec_document(operations=["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"])
+    document["search"]["recompute_cells"] = recompute_cells
     spec = kd.load_spec(document)
     keras.utils.set_random_seed(seed)
     model = kd.build_supernet(spec, seed=seed)
@@ -129,6 +130,39 @@ def test_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64):
         down[t][index] -= h
         numeric = (unrolled_validation_loss(up) - unrolled_validation_loss(down)) / (2 * h)
         assert exact[t].numpy()[index] == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def count_ops(function, args, op_type):
+    graph = function.get_concrete_function(*args).graph
+    return sum(op.type == op_type for op in graph.get_operations())
+
+
+def test_recomputed_cells_give_the_same_gradients_from_a_graph_that_runs_each_cell_twice(float64):
+    (xt, yt), (xv, yv) = batches(seed=2)
+    plain, recomputing = make_bilevel(seed=2), make_bilevel(seed=2, recompute_cells=True)
+    assert recomputing.model.recompute_cells and not plain.model.recompute_cells
+    for a, b in zip(plain.model.trainable_variables, recomputing.model.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for bilevel in (plain, recomputing):
+        bilevel.weight_step((xt, yt), ETA)
+    want = plain.finite_difference_terms((xt, yt), (xv, yv), ETA)
+    got = recomputing.finite_difference_terms((xt, yt), (xv, yv), ETA)
+    for name in ("gradient", "unrolled", "v", "g1", "grad_plus", "grad_minus"):
+        for g, w in zip(got[name], want[name]):
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-9, atol=1e-13, err_msg=name)
+    # Exact mode differentiates through the recomputing gradient a second time.
+    for g, w in zip(recomputing.exact_gradient((xt, yt), (xv, yv), ETA)[0],
+                    plain.exact_gradient((xt, yt), (xv, yv), ETA)[0]):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-9, atol=1e-13)
+    # Every depthwise convolution sits in a cell: with recomputation each runs
+    # forward twice, once in the forward pass and once in the backward pass.
+    args = (plain.current_weights(), plain.current_alphas(), (xt, yt))
+    once = count_ops(plain.gradients_at, args, "DepthwiseConv2dNative")
+    assert once > 0
+    assert count_ops(recomputing.gradients_at, args, "DepthwiseConv2dNative") == 2 * once
+    # In evaluation mode nothing is recomputed.
+    assert count_ops(recomputing.loss_at, args, "DepthwiseConv2dNative") == count_ops(plain.loss_at, args,
+                                                                                         "DepthwiseConv2dNative")
 
 
 def test_virtual_step_is_the_next_real_sgd_iterate_without_clipping(float64):
