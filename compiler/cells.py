@@ -34,11 +34,8 @@ class MixedOp(keras.layers.Layer):
         self.built = True
 
     def call(self, x, weights, training=None):
-        total = None
-        for i in self.active:
-            term = weights[i] * self.candidates[i](x, training=training)
-            total = term if total is None else total + term
-        return total
+        return weighted_sum([weights[i] for i in self.active],
+                            [self.candidates[i](x, training=training) for i in self.active])
 
     def get_config(self):
         return {
@@ -47,6 +44,39 @@ class MixedOp(keras.layers.Layer):
             "channels": self.channels,
             "stride": self.stride,
         }
+
+
+def weighted_sum(scalars, tensors):
+    """``sum_i scalars[i] * tensors[i]``, with a lean gradient on the TensorFlow backend.
+
+    Differentiating the plain expression broadcasts every scalar against its
+    tensor, and TensorFlow's gradient for that holds about a dozen graph
+    nodes per term (shapes, broadcast arguments, reductions, reshapes), over a
+    third of a supernet's backward graph. The gradient here is the same
+    mathematics in two nodes per input: ``d/ds_i = sum(upstream * t_i)`` and
+    ``d/dt_i = s_i * upstream``. Its own ops are ordinary and differentiable,
+    so exact second order differentiates through it.
+    """
+    if len(tensors) == 1 or keras.backend.backend() != "tensorflow":
+        total = None
+        for scalar, tensor in zip(scalars, tensors):
+            total = scalar * tensor if total is None else total + scalar * tensor
+        return total
+    import tensorflow as tf
+
+    count = len(tensors)
+
+    @tf.custom_gradient
+    def run(*inputs):
+        scalars, tensors = inputs[:count], inputs[count:]
+
+        def gradient(upstream):
+            return ([tf.reduce_sum(upstream * t) for t in tensors]
+                    + [tf.cast(s, upstream.dtype) * upstream for s in scalars])
+
+        return tf.add_n([tf.cast(s, t.dtype) * t for s, t in zip(scalars, tensors)]), gradient
+
+    return run(*scalars, *tensors)
 
 
 class _Wiring:

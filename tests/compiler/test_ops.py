@@ -153,3 +153,33 @@ def test_register_a_custom_op():
     assert "conv_1x1" not in known_conv_operations()
     with pytest.raises(ValueError, match="Built-in ops cannot be unregistered"):
         unregister_op("sep_conv_3x3")
+
+
+def test_weighted_sum_has_the_plain_expressions_gradients_to_second_order():
+    import tensorflow as tf
+
+    from keras_darts.compiler.cells import weighted_sum
+
+    rng = np.random.default_rng(0)
+    scalars = [tf.constant(rng.normal(), tf.float64) for _ in range(3)]
+    tensors = [tf.constant(rng.normal(size=(2, 3, 3, 4)), tf.float64) for _ in range(3)]
+    upstream = tf.constant(rng.normal(size=(2, 3, 3, 4)), tf.float64)
+    vector = [tf.constant(rng.normal(size=(2, 3, 3, 4)), tf.float64) for _ in range(3)]
+
+    def plain(scalars, tensors):
+        return scalars[0] * tensors[0] + scalars[1] * tensors[1] + scalars[2] * tensors[2]
+
+    def derivatives(combine):
+        # The loss is nonlinear in the sum, so the mixed second derivative is not trivially zero.
+        with tf.GradientTape() as outer:
+            outer.watch(scalars)
+            with tf.GradientTape() as inner:
+                inner.watch([scalars, tensors])
+                loss = tf.reduce_sum(tf.sin(upstream * combine(scalars, tensors)))
+            by_scalar, by_tensor = inner.gradient(loss, [scalars, tensors])
+            dot = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(by_tensor, vector)])
+        mixed = outer.gradient(dot, scalars)
+        return [t.numpy() for t in [combine(scalars, tensors), *by_scalar, *by_tensor, *mixed]]
+
+    for got, want in zip(derivatives(weighted_sum), derivatives(plain)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
