@@ -12,6 +12,7 @@ parameters (``affine=False``), derived networks' BNs do.
 
 import contextlib
 import dataclasses
+import weakref
 
 import keras
 from keras import ops
@@ -102,6 +103,20 @@ def replica_uniform(shape, seed_generator, dtype):
     return keras.random.uniform(shape, dtype=dtype, seed=seed_generator)
 
 
+_CONSTANTS = weakref.WeakKeyDictionary()
+
+
+def _graph_constant(kind, length):
+    """A float32 vector of ones or zeros, one per graph being built (a supernet has hundreds of BNs)."""
+    import tensorflow as tf
+
+    graph = tf.compat.v1.get_default_graph()
+    constants = _CONSTANTS.setdefault(graph, {})
+    if (kind, length) not in constants:
+        constants[kind, length] = (tf.ones if kind == "ones" else tf.zeros)([length], tf.float32)
+    return constants[kind, length]
+
+
 def batch_normalize(x, gamma=None, beta=None):
     """Normalise ``x`` (NHWC) with its batch statistics; ``gamma``/``beta`` if affine.
 
@@ -123,11 +138,15 @@ def batch_normalize(x, gamma=None, beta=None):
         import tensorflow as tf
 
         channels = x.shape[-1]
-        scale = tf.ones([channels], tf.float32) if gamma is None else tf.cast(gamma, tf.float32)
-        offset = tf.zeros([channels], tf.float32) if beta is None else tf.cast(beta, tf.float32)
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, scale, offset, epsilon=BN_EPSILON, data_format="NHWC", is_training=True
-        )
+        scale = _graph_constant("ones", channels) if gamma is None else tf.cast(gamma, tf.float32)
+        offset = _graph_constant("zeros", channels) if beta is None else tf.cast(beta, tf.float32)
+        empty = _graph_constant("zeros", 0)
+        # As tf.compat.v1.nn.fused_batch_norm calls it (epsilon at least 1.001e-5),
+        # with the constant inputs shared by all BNs of a graph.
+        y, mean, variance = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=max(BN_EPSILON, 1.001e-5),
+            data_format="NHWC", is_training=True,
+        )[:3]
         return y, mean, variance
     mean = ops.mean(x, axis=(0, 1, 2))
     variance = ops.mean(ops.square(x - mean), axis=(0, 1, 2))
