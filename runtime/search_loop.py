@@ -83,6 +83,7 @@ def build_search(spec, model=None, strategy=None):
             CoupledAdam.from_config(model.arch_variables, config.arch_optimizer),
             hvp_epsilon=config.hvp_epsilon,
             strategy=strategy,
+            reuse_virtual_gradient=config.reuse_virtual_gradient,
         )
 
 

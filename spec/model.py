@@ -122,6 +122,7 @@ class SearchConfig(RunControl):
     second_order_mode: str = "finite_difference"
     hvp_epsilon: float = 0.01
     recompute_cells: bool = False
+    reuse_virtual_gradient: bool = False
     seed: int = 2
     steps_per_epoch: typing.Optional[int] = None
     weights_optimizer: SGDConfig = SGDConfig()

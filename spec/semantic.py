@@ -173,6 +173,10 @@ def search_spec_problems(spec, source):
                         spec.retrain.stem, spec.retrain.auxiliary, source, "$.retrain",
                     )
                 ]
+    if spec.search.reuse_virtual_gradient and spec.search.order != "second":
+        problems.append(Problem(source, "$.search.reuse_virtual_gradient",
+                                "only a second-order search takes a virtual step whose gradient the weight step "
+                                "could reuse; set search.order: second or drop this key"))
     data = spec.data
     if data.source == "tfds" and not data.name:
         problems.append(Problem(source, "$.data.name", "a tfds source needs the dataset name"))

@@ -19,7 +19,7 @@ from tests.conftest import tiny_spec_document
 ETA = 0.05
 
 
-def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False):
+def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False, reuse_virtual_gradient=False):
     # No max-pool: its kinks would spoil the finite-difference reference.
     document = tiny_spec_document(operations=["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"])
     document["search"]["recompute_cells"] = recompute_cells
@@ -33,6 +33,7 @@ def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False):
         CoupledSGD(model.weight_variables, 0.9, 3e-4, grad_clip),
         CoupledAdam(model.arch_variables, 0.5, 0.999, 1e-8, 1e-3),
         hvp_epsilon=0.01,
+        reuse_virtual_gradient=reuse_virtual_gradient,
     )
 
 
@@ -226,6 +227,31 @@ def test_compiled_iteration_equals_the_steps_taken_one_by_one(order):
     stale.weight_step((xt, yt), ETA)
     assert any(not np.allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-6)
                for a, b in zip(compiled.weight_vars, stale.weight_vars))
+
+
+@pytest.mark.parametrize("mode", ["finite_difference", "exact"])
+def test_reusing_the_virtual_gradient_steps_the_weights_with_the_gradient_at_the_old_alphas(mode):
+    (xt, yt), (xv, yv) = batches("float32", seed=5)
+    lr, arch_lr = tf.constant(ETA, tf.float32), tf.constant(0.3, tf.float32)  # alphas move far
+    reusing = make_bilevel(seed=5, reuse_virtual_gradient=True)
+    metrics, _, _ = reusing.compiled_iteration("second", mode)((xt, yt), (xv, yv), lr, arch_lr)
+
+    manual = make_bilevel(seed=5)
+    loss, _, gradients, _, _ = manual.gradients_at(manual.current_weights(), manual.current_alphas(), (xt, yt))
+    arch, _, _, _ = manual.arch_gradient("second", mode, (xt, yt), (xv, yv), ETA)
+    manual.arch_optimizer.apply(arch, 0.3)
+    manual.weights_optimizer.apply(gradients, ETA)
+    for got, want in zip(reusing.arch_vars + reusing.weight_vars, manual.arch_vars + manual.weight_vars):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2e-4, atol=1e-6)
+    assert float(metrics["train_loss"]) == pytest.approx(float(loss), rel=1e-5)
+
+    # The default takes a fresh pass at the updated alphas, and lands elsewhere.
+    fresh = make_bilevel(seed=5)
+    fresh.compiled_iteration("second", mode)((xt, yt), (xv, yv), lr, arch_lr)
+    assert any(not np.allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-6)
+               for a, b in zip(fresh.weight_vars, reusing.weight_vars))
+    for a, b in zip(fresh.arch_vars, reusing.arch_vars):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-6)
 
 
 def float32_and_float64_gradients():

@@ -88,6 +88,10 @@ CORPUS = [
      "tied weights need embedding_size == hidden_size"),
     ("bptt of one", RECURRENT.replace("batch_size: 4", "batch_size: 4, bptt: 1"), "$.data.bptt",
      "expected a value >= 2, got 1"),
+    ("reuse without a virtual step", GOOD + "search: {order: first, reuse_virtual_gradient: true}\n",
+     "$.search.reuse_virtual_gradient", "only a second-order search takes a virtual step"),
+    ("recompute as a string", GOOD + "search: {recompute_cells: 'yes'}\n", "$.search.recompute_cells",
+     "expected boolean, got string 'yes'"),
     ("extends a missing file", "extends: nowhere.yaml\n" + GOOD, "$.extends", "nowhere.yaml: file not found"),
 ]
 
