@@ -41,6 +41,8 @@ CONFIGS = {
     "RNN": {"hidden": 64, "batch": 16, "bptt": 35, "vocabulary": 1000},
 }
 MODES = ["forward_backward", "first_order", "second_order_fd", "second_order_exact"]
+# Spec options under ``search`` that the benchmark can switch on, and their flags.
+OPTION_FLAGS = {"recompute_cells": "--recompute", "reuse_virtual_gradient": "--reuse-virtual-gradient"}
 EXTRA_MODES = ["retrain_step"]  # one retraining step of DARTS_V2 at the configuration's size
 # The reference implementation measured on a machine of this kind (seconds per iteration).
 REFERENCE = {
@@ -161,7 +163,7 @@ def search_epoch(config_name, steps):
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, recompute=False):
+def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -170,18 +172,14 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, re
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
 
-    if mode == "second_order_exact" and config_name != "RNN":
-        # As a search does: exact mode over max and average pooling runs one kernel at a time.
-        from keras_darts.runtime.search_loop import serialize_kernels_if_needed
-
-        serialize_kernels_if_needed(kd.load_spec({
-            "version": 1, "name": "bench", "search": {"order": "second", "second_order_mode": "exact"},
-            "retrain": {"enabled": False}}))
+    # Reusing the virtual step's gradient means nothing without one.
+    options = {k: v for k, v in (options or {}).items()
+               if k != "reuse_virtual_gradient" or mode.startswith("second_order")}
     strategy = replicated(replicas) if replicas else None
     config = dict(CONFIGS[config_name])
     if batch:
         config["batch"] = batch
-    extra = {"batch": config["batch"], "replicas": replicas, "recompute_cells": recompute}
+    extra = {"batch": config["batch"], "replicas": replicas, "search_options": options}
     if config_name == "RNN":
         if replicas or mode == "retrain_step":
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -192,9 +190,15 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, re
         "search_space": {"kind": "conv_cell", "network": {
             "init_channels": config["init_channels"], "layers": config["layers"],
             "input_shape": [32, 32, 3], "num_classes": 10}},
-        "search": {"recompute_cells": recompute},
+        "search": {**options, "order": "first" if mode == "first_order" else "second",
+                   "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference"},
         "retrain": {"enabled": False},
     })
+    if mode == "second_order_exact":
+        # As a search does: exact mode over max and average pooling runs one kernel at a time.
+        from keras_darts.runtime.search_loop import serialize_kernels_if_needed
+
+        serialize_kernels_if_needed(spec)
     batch = config["batch"]
     x = tf.random.normal((batch, 32, 32, 3))
     y = tf.random.uniform((batch,), 0, 10, tf.int32)
@@ -249,7 +253,7 @@ def timed_run(config_name, mode, call, function, warmup, iterations):
     }
 
 
-def estimate_config(config_name, recompute=False):
+def estimate_config(config_name, options=None):
     """keras-darts' own estimate for a benchmark configuration (run here, in this process)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras_darts as kd
@@ -271,7 +275,7 @@ def estimate_config(config_name, recompute=False):
             "init_channels": config["init_channels"], "layers": config["layers"],
             "input_shape": [32, 32, 3], "num_classes": 10}},
         "data": {"batch_size": config["batch"]},
-        "search": {"recompute_cells": recompute},
+        "search": dict(options or {}),
         "retrain": {"enabled": False},
     }
     return estimate(kd.load_spec(document))
@@ -307,18 +311,21 @@ def main():
                         help="instead of single iterations, time whole warm second-order search epochs of these "
                              "numbers of steps (is an epoch's time linear in its batches?)")
     parser.add_argument("--recompute", action="store_true",
-                        help="search networks with search.recompute_cells (each cell recomputed in the backward pass)")
+                        help="search with search.recompute_cells (each cell run again in the backward pass)")
+    parser.add_argument("--reuse-virtual-gradient", action="store_true",
+                        help="search with search.reuse_virtual_gradient (the opt-in four-pass second order)")
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    options = {key: True for key, flag in OPTION_FLAGS.items() if getattr(args, flag[2:].replace("-", "_"))}
     if args.child and args.child[1] == "search_epoch":
         print(json.dumps(search_epoch(args.child[0], args.steps)))
         return
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
-                                 args.replica_count, args.recompute)))
+                                 args.replica_count, options)))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -334,8 +341,7 @@ def main():
             command += ["--batch", str(batch)]
         if replicas:
             command += ["--replica-count", str(replicas)]
-        if args.recompute:
-            command.append("--recompute")
+        command += [OPTION_FLAGS[key] for key in options]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if done.returncode != 0:
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -343,7 +349,7 @@ def main():
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"measured {config} {mode} batch {batch or CONFIGS[config]['batch']} replicas {replicas or '-'}: "
               f"{results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
-    estimates = {config: estimate_config(config, args.recompute) for config in args.configs} if args.with_estimate else {}
+    estimates = {config: estimate_config(config, options) for config in args.configs} if args.with_estimate else {}
     report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'reference':>9s} {'x faster':>8s} {'first call':>10s} " \
