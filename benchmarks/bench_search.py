@@ -15,6 +15,7 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py                     # SMALL, PAPER and RNN
     python benchmarks/bench_search.py --configs SMALL --iterations 5
     python benchmarks/bench_search.py --configs SMALL --modes first_order retrain_step --replicas 1 2
+    python benchmarks/bench_search.py --configs SMALL --paired   # ratios to fwd+bwd timed alternately
 
 ``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
 devices, at the same global batch, for the throughput per replica
@@ -163,7 +164,7 @@ def search_epoch(config_name, steps):
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None):
+def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -184,7 +185,10 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         if replicas or mode == "retrain_step":
             raise SystemExit("the RNN configuration measures search iterations on one device only")
         call, function = recurrent_step(config, mode)
-        return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
+        result = {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
+        if paired and mode != "forward_backward":
+            result.update(paired_ratio(call, recurrent_step(config, "forward_backward")[0], iterations))
+        return result
     spec = kd.load_spec({
         "version": 1, "name": "bench",
         "search_space": {"kind": "conv_cell", "network": {
@@ -211,36 +215,55 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     lr = tf.constant(0.025, tf.float32)
     arch_lr = tf.constant(3e-4, tf.float32)
     model = bilevel.model
-    if mode == "forward_backward":
-        @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3)), tf.TensorSpec((None,), tf.int32)])
-        def run(x, y):
-            with tf.GradientTape() as tape:
-                loss = cross_entropy(y, model(x, training=True))
-            return tape.gradient(loss, model.trainable_variables)
 
-        call = lambda: run(x, y)
+    @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3)), tf.TensorSpec((None,), tf.int32)])
+    def run(x, y):
+        with tf.GradientTape() as tape:
+            loss = cross_entropy(y, model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    forward_backward = lambda: run(x, y)  # noqa: E731
+    if mode == "forward_backward":
+        call, function = forward_backward, run
     else:
         order = "first" if mode == "first_order" else "second"
-        step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
-        call = lambda: step((x, y), (x, y), lr, arch_lr)
+        function = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
+        call = lambda: function((x, y), (x, y), lr, arch_lr)  # noqa: E731
 
-    return {**timed_run(config_name, mode, call, run if mode == "forward_backward" else step, warmup, iterations),
-            **extra}
+    result = {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
+    if paired and mode != "forward_backward":
+        result.update(paired_ratio(call, forward_backward, iterations))
+    return result
+
+
+def timed(call):
+    """Seconds of one call, its results fetched."""
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    tf.nest.map_structure(lambda t: t.numpy(), call())
+    return time.perf_counter() - started
+
+
+def paired_ratio(call, baseline, iterations):
+    """The ratio of ``call`` to ``baseline`` (the plain forward+backward) timed alternately in this process.
+
+    Timings on a shared machine drift by a third between processes and over
+    minutes; alternating the two and taking the median of the per-pair ratios
+    cancels most of that drift.
+    """
+    for _ in range(2):
+        timed(baseline)  # trace and warm
+    pairs = [(timed(call), timed(baseline)) for _ in range(iterations)]
+    return {"paired_forward_backward_seconds": statistics.median(b for _, b in pairs),
+            "paired_ratio": statistics.median(c / b for c, b in pairs)}
 
 
 def timed_run(config_name, mode, call, function, warmup, iterations):
-    import tensorflow as tf
-
-    def timed():
-        started = time.perf_counter()
-        result = call()
-        tf.nest.map_structure(lambda t: t.numpy(), result)
-        return time.perf_counter() - started
-
-    first_call = timed()
+    first_call = timed(call)
     for _ in range(warmup - 1):
-        timed()
-    times = [timed() for _ in range(iterations)]
+        timed(call)
+    times = [timed(call) for _ in range(iterations)]
     tracing = function.experimental_get_tracing_count()
     return {
         "config": config_name,
@@ -314,6 +337,9 @@ def main():
                         help="search with search.recompute_cells (each cell run again in the backward pass)")
     parser.add_argument("--reuse-virtual-gradient", action="store_true",
                         help="search with search.reuse_virtual_gradient (the opt-in four-pass second order)")
+    parser.add_argument("--paired", action="store_true",
+                        help="also time each iteration alternately with a forward+backward in the same process and "
+                             "report the median ratio of the pairs (robust to the machine's drift)")
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -325,7 +351,7 @@ def main():
         return
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
-                                 args.replica_count, options)))
+                                 args.replica_count, options, args.paired)))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -342,6 +368,8 @@ def main():
         if replicas:
             command += ["--replica-count", str(replicas)]
         command += [OPTION_FLAGS[key] for key in options]
+        if args.paired:
+            command.append("--paired")
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if done.returncode != 0:
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -353,7 +381,7 @@ def main():
     report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'reference':>9s} {'x faster':>8s} {'first call':>10s} " \
-             f"{'peak GiB':>8s} {'traces':>6s}"
+             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s}"
     print(header)
     for row in results:
         batch = row["batch"]
@@ -361,6 +389,7 @@ def main():
         base = next((r["median_seconds"] for r in results if r["config"] == row["config"]
                      and r["mode"] == "forward_backward" and r["batch"] == batch and not r.get("replicas")), None)
         ratio = f"{row['median_seconds'] / base:9.2f}" if base else f"{'-':>9s}"
+        paired = f"{row['paired_ratio']:8.2f}" if "paired_ratio" in row else f"{'-':>8s}"
         own_batch = batch == CONFIGS[row["config"]]["batch"] and not row.get("replicas")
         reference = REFERENCE[row["config"]].get(row["mode"]) if own_batch else None
         ref_text = f"{reference:9.1f}" if reference else f"{'-':>9s}"
@@ -368,7 +397,8 @@ def main():
         print(f"{row['config']:7s} {row['mode']:20s} {batch:5d} {row.get('replicas') or '-':>3} "
               f"{row['median_seconds']:8.3f} {1000 * row['median_seconds'] / batch:10.2f} "
               f"{batch / row['median_seconds'] / replicas:8.1f} {ratio} {ref_text} {faster} "
-              f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6}")
+              f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6} "
+              f"{paired}")
     for config in args.configs:
         epochs = sorted((r for r in results if r["config"] == config and r["mode"] == "search_epoch"),
                         key=lambda r: r["steps"])

@@ -91,6 +91,7 @@ def static_estimate(spec, bilevel):
         "weights": int(sum(np.prod(v.shape) for v in bilevel.weight_vars)),
         "alphas": int(sum(np.prod(v.shape) for v in bilevel.arch_vars)),
         "activation_bytes": int(activation_bytes(spec, bilevel)),
+        "recompute_cells": bool(getattr(bilevel.model, "recompute_cells", False)),
     }
 
 
@@ -148,7 +149,10 @@ def format_bytes(count):
 def report_lines(report):
     lines = [
         f"parameters: {report['weights']:,} weights, {report['alphas']:,} architecture parameters",
-        f"activations: {format_bytes(report['activation_bytes'])} per forward pass at batch {report['batch_size']}",
+        f"activations: {format_bytes(report['activation_bytes'])} per forward pass at batch {report['batch_size']}"
+        + ("; cells run again in the backward pass, so only each cell's inputs are kept, and one cell's "
+           "activations at a time"
+           if report.get("recompute_cells") else ""),
     ]
     for order, measured in report["orders"].items():
         line = (f"{order} order: {measured['seconds_per_iteration']:.3f} s per iteration (first call, tracing "
