@@ -135,10 +135,13 @@ def recomputed(cell, s0, s1, probabilities, training):
     The cell runs once forward, and again inside its gradient, so its
     intermediate activations need not live from the forward to the backward
     pass: activation memory falls from the whole network's to the cell inputs
-    plus one cell's, for one more forward pass of time. Exact: the cell is a
-    deterministic function of its inputs, its weights (read from the stateless
-    scope of the pass, or the variables) and the probabilities, and gradients
-    flow to all of them.
+    plus one cell's, for one more forward pass of time. The gradients are the
+    stored-activation ones: the cell is a function of its inputs, its weights
+    (read from the stateless scope of the pass, or the variables) and the
+    probabilities, and gradients flow to all of them (equal up to rounding:
+    the tests find 1e-9 relative in float64). Keras exposes no
+    public reader of the current stateless scope, hence the private import
+    (Keras is pinned).
     """
     import tensorflow as tf
     from keras.src.backend.common.stateless_scope import get_stateless_scope, in_stateless_scope
