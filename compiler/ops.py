@@ -141,10 +141,10 @@ def batch_normalize(x, gamma=None, beta=None):
         scale = _graph_constant("ones", channels) if gamma is None else tf.cast(gamma, tf.float32)
         offset = _graph_constant("zeros", channels) if beta is None else tf.cast(beta, tf.float32)
         empty = _graph_constant("zeros", 0)
-        # As tf.compat.v1.nn.fused_batch_norm calls it (epsilon at least 1.001e-5),
-        # with the constant inputs shared by all BNs of a graph.
+        # As tf.compat.v1.nn.fused_batch_norm calls it, with the constant
+        # inputs shared by all BNs of a graph.
         y, mean, variance = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=max(BN_EPSILON, 1.001e-5),
+            x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=BN_EPSILON,
             data_format="NHWC", is_training=True,
         )[:3]
         return y, mean, variance

@@ -183,3 +183,11 @@ def test_weighted_sum_has_the_plain_expressions_gradients_to_second_order():
 
     for got, want in zip(derivatives(weighted_sum), derivatives(plain)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_batch_norm_adds_the_reference_epsilon_exactly():
+    # Batch variance about 1e-5, as large as epsilon: 1.001e-5 instead would move y by 2.5e-4 relative.
+    x = np.random.default_rng(5).normal(0.0, 3e-3, size=(8, 5, 5, 2))
+    y = np.asarray(batch_normalize(x.astype("float32"))[0])
+    expected = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(y, expected, rtol=2e-5, atol=1e-5)
