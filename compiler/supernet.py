@@ -95,13 +95,15 @@ class Supernet(keras.Model):
 
     def call(self, inputs, training=None):
         # Split each matrix into per-edge, per-op scalars once, shared by all
-        # cells of the type (slicing inside every MixedOp costs graph size).
+        # cells of the type (slicing inside every MixedOp costs graph size);
+        # a recomputed cell splits its own, inside the recomputation.
         matrices = self.arch_probabilities()
-        probabilities = {t: split_rows(p) for t, p in matrices.items()}
+        recompute = self.recompute_cells and training
+        probabilities = {} if recompute else {t: split_rows(p) for t, p in matrices.items()}
         s0 = s1 = batch_normalize(self.stem_conv(inputs), self.stem_gamma, self.stem_beta)[0]
         for cell in self.cells:
             cell_type = "reduce" if cell.reduction else "normal"
-            if self.recompute_cells and training:
+            if recompute:
                 output = recomputed(cell, s0, s1, matrices[cell_type], training=training)
             else:
                 output = cell(s0, s1, probabilities[cell_type], training=training)

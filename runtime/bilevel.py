@@ -292,10 +292,10 @@ class Bilevel:
             weights, self.current_alphas(), self._pass(train, PASS_WEIGHTS)
         )
         loss, metric, gradients = cross_replica_mean((loss, metric, gradients))
-        norm = self.weights_optimizer.apply(gradients, learning_rate)
-        return loss, metric, norm, state
+        return self._apply_weight_gradients((loss, metric, gradients, state), learning_rate)
 
-    def _reused_weight_step(self, train_pass, learning_rate):
+    def _apply_weight_gradients(self, train_pass, learning_rate):
+        """SGD on the weights with a train pass's (replica-averaged) gradients; (loss, metric, norm, state)."""
         loss, metric, gradients, state = train_pass
         return loss, metric, self.weights_optimizer.apply(gradients, learning_rate), state
 
@@ -309,7 +309,7 @@ class Bilevel:
             order, mode, train, val, weights_lr, weights)
         arch_grad_norm = self.arch_optimizer.apply(arch_grad, arch_lr)
         if self.reuse_virtual_gradient and train_pass is not None:
-            train_loss, train_metric, grad_norm, train_state = self._reused_weight_step(train_pass, weights_lr)
+            train_loss, train_metric, grad_norm, train_state = self._apply_weight_gradients(train_pass, weights_lr)
         else:
             # The weight step reads the alphas after their update (automatic control dependencies).
             train_loss, train_metric, grad_norm, train_state = self.weight_step(train, weights_lr, weights)
