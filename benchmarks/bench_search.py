@@ -53,6 +53,20 @@ REFERENCE = {
 }
 
 
+def conv_spec(config, **sections):
+    """The benchmark's convolutional search spec at ``config``'s width and depth (32x32x3, 10 classes)."""
+    import keras_darts as kd
+
+    return kd.load_spec({
+        "version": 1, "name": "bench",
+        "search_space": {"kind": "conv_cell", "network": {
+            "init_channels": config["init_channels"], "layers": config["layers"],
+            "input_shape": [32, 32, 3], "num_classes": 10}},
+        "retrain": {"enabled": False},
+        **sections,
+    })
+
+
 def recurrent_step(config, mode):
     """The RNN configuration's callable for ``mode`` and the tf.function it runs."""
     import numpy as np
@@ -133,22 +147,14 @@ def search_epoch(config_name, steps):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
-    import keras_darts as kd
     from keras_darts.runtime.data import ImageData
     from keras_darts.runtime.search_loop import search
 
     config = CONFIGS[config_name]
     batch = config["batch"]
-    spec = kd.load_spec({
-        "version": 1, "name": "bench",
-        "search_space": {"kind": "conv_cell", "network": {
-            "init_channels": config["init_channels"], "layers": config["layers"],
-            "input_shape": [32, 32, 3], "num_classes": 10}},
-        "data": {"batch_size": batch, "source": "npz", "path": "unused.npz"},
-        "search": {"epochs": 2, "order": "second", "diagnostics": {"hessian_eigenvalue": False},
-                   "tensorboard": False},
-        "retrain": {"enabled": False},
-    })
+    spec = conv_spec(config, data={"batch_size": batch, "source": "npz", "path": "unused.npz"},
+                     search={"epochs": 2, "order": "second", "diagnostics": {"hessian_eigenvalue": False},
+                             "tensorboard": False})
     rng = np.random.default_rng(0)
     count = 2 * steps * batch
     data = ImageData("random", rng.uniform(0, 1, (count, 32, 32, 3)).astype(np.float32),
@@ -156,8 +162,6 @@ def search_epoch(config_name, steps):
                      rng.integers(0, 10, batch), 10)
     result = search(spec, data=data)
     seconds = result.history[1]["seconds"]
-    import resource
-
     return {"config": config_name, "mode": "search_epoch", "batch": batch, "replicas": None, "steps": steps,
             "median_seconds": seconds / steps, "epoch_seconds": seconds,
             "first_call_seconds": result.history[0]["seconds"], "traces": None, "times": [seconds],
@@ -169,7 +173,6 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    import keras_darts as kd
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
 
@@ -189,15 +192,9 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         if paired and mode != "forward_backward":
             result.update(paired_ratio(call, recurrent_step(config, "forward_backward")[0], iterations))
         return result
-    spec = kd.load_spec({
-        "version": 1, "name": "bench",
-        "search_space": {"kind": "conv_cell", "network": {
-            "init_channels": config["init_channels"], "layers": config["layers"],
-            "input_shape": [32, 32, 3], "num_classes": 10}},
-        "search": {**options, "order": "first" if mode == "first_order" else "second",
-                   "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference"},
-        "retrain": {"enabled": False},
-    })
+    spec = conv_spec(config, search={
+        **options, "order": "first" if mode == "first_order" else "second",
+        "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference"})
     if mode == "second_order_exact":
         # As a search does: exact mode over max and average pooling runs one kernel at a time.
         from keras_darts.runtime.search_loop import serialize_kernels_if_needed
@@ -292,16 +289,7 @@ def estimate_config(config_name, options=None):
             "retrain": {"enabled": False},
         }
         return estimate(kd.load_spec(document), vocabulary_size=config["vocabulary"])
-    document = {
-        "version": 1, "name": "bench",
-        "search_space": {"kind": "conv_cell", "network": {
-            "init_channels": config["init_channels"], "layers": config["layers"],
-            "input_shape": [32, 32, 3], "num_classes": 10}},
-        "data": {"batch_size": config["batch"]},
-        "search": dict(options or {}),
-        "retrain": {"enabled": False},
-    }
-    return estimate(kd.load_spec(document))
+    return estimate(conv_spec(config, data={"batch_size": config["batch"]}, search=dict(options or {})))
 
 
 def machine():
@@ -333,9 +321,9 @@ def main():
     parser.add_argument("--epoch-steps", nargs="+", type=int,
                         help="instead of single iterations, time whole warm second-order search epochs of these "
                              "numbers of steps (is an epoch's time linear in its batches?)")
-    parser.add_argument("--recompute", action="store_true",
+    parser.add_argument(OPTION_FLAGS["recompute_cells"], dest="recompute_cells", action="store_true",
                         help="search with search.recompute_cells (each cell run again in the backward pass)")
-    parser.add_argument("--reuse-virtual-gradient", action="store_true",
+    parser.add_argument(OPTION_FLAGS["reuse_virtual_gradient"], dest="reuse_virtual_gradient", action="store_true",
                         help="search with search.reuse_virtual_gradient (the opt-in four-pass second order)")
     parser.add_argument("--paired", action="store_true",
                         help="also time each iteration alternately with a forward+backward in the same process and "
@@ -345,7 +333,7 @@ def main():
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    options = {key: True for key, flag in OPTION_FLAGS.items() if getattr(args, flag[2:].replace("-", "_"))}
+    options = {key: True for key in OPTION_FLAGS if getattr(args, key)}
     if args.child and args.child[1] == "search_epoch":
         print(json.dumps(search_epoch(args.child[0], args.steps)))
         return
