@@ -6,36 +6,58 @@ from keras import ops
 from keras_darts.spec import CellGenotype, Edge
 
 from .graph import build_cell_graph, build_derived_graph, concat_nodes, incoming_edges, node_order
-from .ops import PACKAGE, FactorizedReduce, ReLUConvBN, build_op, replica_uniform
+from .ops import PACKAGE, FactorizedReduce, IdentityConv1x1, Identity, ReLUConvBN, build_op, replica_uniform
+
+AUXILIARY_OPERATIONS = ("skip", "conv1")
+
+
+def auxiliary_op(operation, channels, stride, name):
+    """The auxiliary path of a mixed op (DARTS-): FactorizedReduce at stride 2, else the identity or a 1x1 conv."""
+    if operation not in AUXILIARY_OPERATIONS:
+        raise ValueError(f"Unknown auxiliary operation. Expected one of {AUXILIARY_OPERATIONS}. "
+                         f"Received: operation={operation!r}")
+    if stride == 2:
+        return FactorizedReduce(channels, 2, affine=False, name=name)
+    if operation == "conv1":
+        return IdentityConv1x1(channels, 1, affine=False, name=name)
+    return Identity(channels, 1, affine=False, name=name)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MixedOp(keras.layers.Layer):
-    """``sum_o p_o * o(x)`` over the candidate ops of one edge.
+    """``sum_o p_o * o(x)`` over the candidate ops of one edge, plus ``beta * aux(x)`` with an auxiliary path.
 
-    ``call(x, weights)`` takes the softmax row of this edge. Ops whose output
-    is identically zero (``none``) contribute nothing and are not computed;
-    their probability still takes its share of the softmax, so alpha
-    gradients are unchanged.
+    ``call(x, weights)`` takes the op weights of this edge (the softmax row
+    in DARTS), followed by ``beta`` when ``auxiliary`` names an auxiliary
+    path. Ops whose output is identically zero (``none``) contribute nothing
+    and are not computed; their probability still takes its share of the
+    softmax, so alpha gradients are unchanged.
     """
 
-    def __init__(self, operations, channels, stride, **kwargs):
+    def __init__(self, operations, channels, stride, auxiliary=None, **kwargs):
         super().__init__(**kwargs)
         self.operations = tuple(operations)
         self.channels = channels
         self.stride = stride
+        self.auxiliary = auxiliary
         self.candidates = [
             build_op(name, channels, stride, affine=False, layer_name=f"{self.name}__{name}", search=True)
             for name in self.operations
         ]
         self.active = [i for i, op in enumerate(self.candidates) if not getattr(op, "is_zero", False)]
+        self.auxiliary_path = (None if auxiliary is None
+                               else auxiliary_op(auxiliary, channels, stride, f"{self.name}__auxiliary"))
 
     def build(self, *args, **kwargs):
         self.built = True
 
     def call(self, x, weights, training=None):
-        return weighted_sum([weights[i] for i in self.active],
-                            [self.candidates[i](x, training=training) for i in self.active])
+        scalars = [weights[i] for i in self.active]
+        terms = [self.candidates[i](x, training=training) for i in self.active]
+        if self.auxiliary_path is not None:
+            scalars.append(weights[len(self.operations)])
+            terms.append(self.auxiliary_path(x, training=training))
+        return weighted_sum(scalars, terms)
 
     def get_config(self):
         return {
@@ -43,6 +65,7 @@ class MixedOp(keras.layers.Layer):
             "operations": list(self.operations),
             "channels": self.channels,
             "stride": self.stride,
+            "auxiliary": self.auxiliary,
         }
 
 
@@ -123,16 +146,18 @@ class SearchCell(_Cell):
     """A search cell: every intermediate node sums MixedOps over all predecessors.
 
     ``call(s0, s1, weights)`` takes the outputs of the previous two cells and
-    the cell type's softmaxed architecture matrix (edges x ops).
+    the cell type's op weights, one row of scalars per edge (with the
+    auxiliary path's weight last when ``auxiliary`` is set).
     """
 
-    def __init__(self, operations, nodes, channels, reduction, reduction_prev, **kwargs):
+    def __init__(self, operations, nodes, channels, reduction, reduction_prev, auxiliary=None, **kwargs):
         super().__init__(**kwargs)
         self.operations = tuple(operations)
         self.nodes = nodes
         self.channels = channels
         self.reduction = bool(reduction)
         self.reduction_prev = bool(reduction_prev)
+        self.auxiliary = auxiliary
         self.graph = build_cell_graph(self.operations, nodes, self.reduction)
         self.preprocess0, self.preprocess1 = _preprocessing(channels, self.reduction_prev, False, self.name)
         self.mixed_ops = []
@@ -142,7 +167,8 @@ class SearchCell(_Cell):
             for source, target, data in incoming_edges(self.graph, node):
                 inputs.append((source, len(self.mixed_ops), data["index"]))
                 self.mixed_ops.append(
-                    MixedOp(self.operations, channels, data["stride"], name=f"{self.name}__edge_{source}_{target}")
+                    MixedOp(self.operations, channels, data["stride"], auxiliary,
+                            name=f"{self.name}__edge_{source}_{target}")
                 )
             steps.append((node, inputs))
         self.wiring = _Wiring(steps)
@@ -161,6 +187,7 @@ class SearchCell(_Cell):
             "channels": self.channels,
             "reduction": self.reduction,
             "reduction_prev": self.reduction_prev,
+            "auxiliary": self.auxiliary,
         }
 
 

@@ -13,17 +13,16 @@ import numpy as np
 from keras_darts.spec import ZERO_OPERATION, CellGenotype, Edge, derived_from_document
 
 from .graph import cell_edges
+from .methods import SearchMethod, search_method
+from .methods.base import softmax
+
+DARTS = SearchMethod()
 
 
-def softmax(matrix):
-    matrix = np.asarray(matrix, dtype=np.float64)
-    shifted = np.exp(matrix - matrix.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def rank_edges(alpha, operations, edges, targets, k):
+def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
     """DARTS' rule over ``edges`` (``(source, target)`` per alpha row): per target, its k best edges.
 
+    The rule ranks ``method.derivation_weights(alpha)`` (DARTS: the softmax).
     Returns one tuple of ``Edge`` per target, strongest first.
     """
     alpha = np.asarray(alpha)
@@ -33,7 +32,7 @@ def rank_edges(alpha, operations, edges, targets, k):
         )
     if k < 1:
         raise ValueError(f"k must be at least 1. Received: k={k}")
-    probabilities = softmax(alpha)
+    probabilities = method.derivation_weights(alpha)
     candidates = [o for o, name in enumerate(operations) if name != ZERO_OPERATION]
     if not candidates:
         raise ValueError(f"operations must include one other than '{ZERO_OPERATION}'. Received: {list(operations)}")
@@ -56,14 +55,14 @@ def rank_edges(alpha, operations, edges, targets, k):
     return tuple(chosen_nodes)
 
 
-def derive_cell(alpha, operations, nodes, k):
+def derive_cell(alpha, operations, nodes, k, method=DARTS):
     """The ``CellGenotype`` of one convolutional cell type from its (edges x ops) alpha matrix."""
-    chosen = rank_edges(alpha, operations, cell_edges(nodes), range(2, 2 + nodes), k)
+    chosen = rank_edges(alpha, operations, cell_edges(nodes), range(2, 2 + nodes), k, method)
     return CellGenotype(nodes=chosen, concat=tuple(range(2, 2 + nodes)))
 
 
-def derive_genotype(alphas, operations, nodes, k):
-    """``{cell type: CellGenotype}`` from ``{cell type: (edges x ops) array}``.
+def derive_genotype(alphas, operations, nodes, k, method=DARTS):
+    """``{cell type: CellGenotype}`` from ``{cell type: (edges x ops) array}``, by ``method``'s rule.
 
     The cell type ``recurrent`` is derived as a recurrent cell, the others as
     convolutional cells.
@@ -71,7 +70,8 @@ def derive_genotype(alphas, operations, nodes, k):
     from .recurrent import CELL_TYPE, derive_recurrent_cell
 
     return {
-        cell_type: (derive_recurrent_cell if cell_type == CELL_TYPE else derive_cell)(alpha, operations, nodes, k)
+        cell_type: (derive_recurrent_cell if cell_type == CELL_TYPE else derive_cell)(
+            alpha, operations, nodes, k, method)
         for cell_type, alpha in alphas.items()
     }
 
@@ -83,7 +83,7 @@ def derived_spec_from_search(spec, alphas, retrain=True, origin=None, **network)
     spec's ``retrain`` block; otherwise the search network's settings.
     """
     space = spec.search_space
-    genotype = derive_genotype(alphas, space.operations, space.nodes, space.k)
+    genotype = derive_genotype(alphas, space.operations, space.nodes, space.k, search_method(spec))
     document = {
         "version": 1,
         "kind": space.kind,

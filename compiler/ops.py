@@ -334,6 +334,25 @@ class Identity(Op):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class IdentityConv1x1(Op):
+    """A 1x1 convolution without bias whose kernel starts as the identity (DARTS-' ``conv1`` auxiliary path)."""
+
+    def build_weights(self, in_channels):
+        if in_channels != self.channels:
+            raise ValueError(f"An identity-initialised 1x1 convolution needs as many input as output channels. "
+                             f"Received: in_channels={in_channels}, channels={self.channels}")
+        self.kernel_1 = self.add_weight(shape=(1, 1, in_channels, self.channels), initializer=_identity_kernel,
+                                        name="conv")
+
+    def call(self, x, training=None):
+        return ops.conv(x, self.kernel_1, strides=1, padding="valid")
+
+
+def _identity_kernel(shape, dtype=None):
+    return ops.reshape(ops.eye(shape[2], shape[3], dtype=dtype), shape)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class Zero(Op):
     """Zeros of the output shape. Mixtures skip it: its term is exactly zero."""
 

@@ -32,6 +32,7 @@ from keras import ops
 from keras_darts.spec import ZERO_OPERATION, CellGenotype, Edge, derived_from_document
 
 from .graph import _check_and_freeze, incoming_edges, node_order
+from .methods import MethodSupernet, search_method
 from .ops import BN_EPSILON, PACKAGE, cross_replica_moments
 
 ACTIVATIONS = {
@@ -76,12 +77,12 @@ def build_recurrent_derived_graph(genotype):
     return _check_and_freeze(graph)
 
 
-def derive_recurrent_cell(alpha, operations, nodes, k=1):
+def derive_recurrent_cell(alpha, operations, nodes, k=1, method=None):
     """The ``CellGenotype`` of a recurrent cell: DARTS' rule with k edges per node (k=1 in the paper)."""
-    from .derive import rank_edges
+    from .derive import DARTS, rank_edges
 
     edges = recurrent_edges(nodes)
-    chosen = rank_edges(alpha, operations, edges, range(1, nodes + 1), k)
+    chosen = rank_edges(alpha, operations, edges, range(1, nodes + 1), k, method or DARTS)
     return CellGenotype(nodes=chosen, concat=tuple(range(1, nodes + 1)))
 
 
@@ -341,12 +342,12 @@ def _dropouts(config):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class RecurrentSupernet(_LanguageModel):
+class RecurrentSupernet(MethodSupernet, _LanguageModel):
     """The language model with the recurrent search cell and its alpha (``alpha_recurrent``)."""
 
     def __init__(self, operations, nodes, vocabulary_size, embedding_size, hidden_size, dropouts,
                  tie_weights=True, highway=True, output="mean", batch_norm=True, init_range=0.04, seed=None,
-                 **kwargs):
+                 method=None, **kwargs):
         kwargs.setdefault("name", "recurrent_supernet")
         super().__init__(**kwargs)
         self.operations = tuple(operations)
@@ -366,6 +367,9 @@ class RecurrentSupernet(_LanguageModel):
             initializer=keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=seed), name="alpha_recurrent",
         )
         self.alphas = {CELL_TYPE: self.alpha}
+        self.use_method(method)
+        if self.method.auxiliary_operation is not None:
+            raise ValueError(f"A recurrent cell has no auxiliary path. Received: method={self.method.name!r}")
 
     @property
     def arch_variables(self):
@@ -376,7 +380,7 @@ class RecurrentSupernet(_LanguageModel):
         return [v for v in self.trainable_variables if v is not self.alpha]
 
     def probabilities(self):
-        return ops.softmax(self.alpha, axis=-1)
+        return self.method.mix(self.alpha)
 
     def get_config(self):
         return {
@@ -393,6 +397,7 @@ class RecurrentSupernet(_LanguageModel):
             "batch_norm": self.batch_norm,
             "init_range": self.init_range,
             "seed": self.seed,
+            "method": self.method.to_document(),
         }
 
 
@@ -431,6 +436,7 @@ def build_recurrent_supernet(spec, vocabulary_size, seed=None):
         embedding_size=network.embedding_size, hidden_size=network.hidden_size, dropouts=_dropouts(network),
         tie_weights=network.tie_weights, highway=space.highway, output=space.output, batch_norm=space.batch_norm,
         init_range=network.init_range, seed=spec.search.seed if seed is None else seed,
+        method=search_method(spec).to_document(),
     )
     model.build()
     return model

@@ -4,6 +4,9 @@ All normal cells share one architecture matrix and all reduction cells share
 another; both are Keras weights of the model, named ``alpha_normal`` and
 ``alpha_reduce``, initialised ``1e-3 * N(0, 1)``, and kept apart from the
 network weights (``arch_variables`` vs ``weight_variables``, by identity).
+The search method (``method``, a ``{"name": ..., **options}`` mapping) turns
+alphas into op weights and may give every mixed op an auxiliary path; the
+scalars it schedules over epochs are non-trainable weights (``schedule``).
 """
 
 import keras
@@ -11,6 +14,7 @@ from keras import ops
 
 from .cells import SearchCell
 from .graph import cell_edges, cell_schedule
+from .methods import MethodSupernet, search_method
 from .ops import PACKAGE, batch_normalize
 
 CELL_TYPES = ("normal", "reduce")
@@ -18,7 +22,7 @@ ALPHA_STDDEV = 1e-3
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class Supernet(keras.Model):
+class Supernet(MethodSupernet, keras.Model):
     def __init__(
         self,
         operations,
@@ -31,6 +35,7 @@ class Supernet(keras.Model):
         stem_multiplier=3,
         seed=None,
         recompute_cells=False,
+        method=None,
         **kwargs,
     ):
         kwargs.setdefault("name", "supernet")
@@ -46,6 +51,8 @@ class Supernet(keras.Model):
         self.seed = seed
         self.recompute_cells = bool(recompute_cells)
         self.num_edges = len(cell_edges(nodes))
+        self.use_method(method)
+        auxiliary = self.method.auxiliary_operation
 
         self.stem_conv = keras.layers.Conv2D(
             stem_multiplier * init_channels, 3, padding="same", use_bias=False, name="stem__conv"
@@ -57,7 +64,8 @@ class Supernet(keras.Model):
         self.stem_gamma = self.add_weight(shape=(stem_channels,), initializer="ones", name="stem__bn_gamma")
         self.stem_beta = self.add_weight(shape=(stem_channels,), initializer="zeros", name="stem__bn_beta")
         self.cells = [
-            SearchCell(self.operations, nodes, channels, reduction, reduction_prev, name=f"cell_{position:02d}")
+            SearchCell(self.operations, nodes, channels, reduction, reduction_prev, auxiliary,
+                       name=f"cell_{position:02d}")
             for position, channels, reduction, reduction_prev in cell_schedule(
                 layers, self.reduction_positions, init_channels
             )
@@ -91,13 +99,23 @@ class Supernet(keras.Model):
         return [v for v in self.trainable_variables if id(v) not in arch]
 
     def arch_probabilities(self):
-        return {t: ops.softmax(self.alphas[t], axis=-1) for t in CELL_TYPES}
+        """The op weights of each cell type, (edges x ops), from the method's mixing of the alphas."""
+        return {t: self.method.mix(self.alphas[t]) for t in CELL_TYPES}
+
+    def edge_weights(self):
+        """What the cells take: the op weights, with the auxiliary path's weight as one more column."""
+        matrices = self.arch_probabilities()
+        if self.method.auxiliary_operation is None:
+            return matrices
+        beta = self.schedule["auxiliary_weight"]
+        column = ops.ones((self.num_edges, 1), dtype=beta.dtype) * beta
+        return {t: ops.concatenate([m, ops.cast(column, m.dtype)], axis=-1) for t, m in matrices.items()}
 
     def call(self, inputs, training=None):
         # Split each matrix into per-edge, per-op scalars once, shared by all
         # cells of the type (slicing inside every MixedOp costs graph size);
         # a recomputed cell splits its own, inside the recomputation.
-        matrices = self.arch_probabilities()
+        matrices = self.edge_weights()
         recompute = self.recompute_cells and training
         probabilities = {} if recompute else {t: split_rows(p) for t, p in matrices.items()}
         s0 = s1 = batch_normalize(self.stem_conv(inputs), self.stem_gamma, self.stem_beta)[0]
@@ -123,6 +141,7 @@ class Supernet(keras.Model):
             "stem_multiplier": self.stem_multiplier,
             "seed": self.seed,
             "recompute_cells": self.recompute_cells,
+            "method": self.method.to_document(),
         }
 
 
@@ -190,6 +209,7 @@ def build_supernet(spec, seed=None):
         stem_multiplier=network.stem_multiplier,
         seed=spec.search.seed if seed is None else seed,
         recompute_cells=spec.search.recompute_cells,
+        method=search_method(spec).to_document(),
     )
     model.build((None, *network.input_shape))
     return model

@@ -12,6 +12,8 @@ One iteration on a (train batch, alpha batch) pair, as the reference does it:
        g   = g1 - eta hvp
    * second order, exact: g = d/da L_val(w'(a), a) = g1 - eta d/da[dL_train/dw . v],
      the mixed Hessian-vector product by double back-propagation (nested tapes).
+   The search method's extra alpha loss (``method.alpha_loss``, e.g.
+   beta-DARTS' regulariser), a function of alpha alone, adds its gradient.
 2. Weight step (SGD on w) on the same train batch with the updated alpha.
    With ``reuse_virtual_gradient`` (an opt-in approximation, second order
    only) it applies the gradient the virtual step already took, at the alpha
@@ -284,6 +286,20 @@ class Bilevel:
             terms = self.finite_difference_terms(train, val, learning_rate, weights)
         return terms["gradient"], terms["val_loss"], terms["val_metric"], terms["val_state"], terms["train_pass"]
 
+    def alpha_loss_gradient(self, alphas=None):
+        """``(loss, d loss/da)`` of the search method's extra alpha loss at the schedule's current values.
+
+        ``None`` for a method without one (DARTS).
+        """
+        alphas = self.current_alphas() if alphas is None else alphas
+        schedule = {name: tf.convert_to_tensor(v.value) for name, v in self.model.schedule.items()}
+        with tf.GradientTape() as tape:
+            tape.watch(alphas)
+            loss = self.model.method.alpha_loss(alphas, schedule)
+        if loss is None:
+            return None
+        return loss, dense_gradients(tape.gradient(loss, alphas), alphas)
+
     # -- steps ------------------------------------------------------------------
     def weight_step(self, train, learning_rate, weights=None):
         """One real SGD step; returns (loss, metric, gradient norm, end state)."""
@@ -307,6 +323,9 @@ class Bilevel:
         weights = self.current_weights()  # unchanged by the alpha step: read once
         arch_grad, val_loss, val_metric, val_state, train_pass = self._arch_gradient(
             order, mode, train, val, weights_lr, weights)
+        extra = self.alpha_loss_gradient()
+        if extra is not None:
+            arch_grad = [g + e for g, e in zip(arch_grad, extra[1])]
         arch_grad_norm = self.arch_optimizer.apply(arch_grad, arch_lr)
         if self.reuse_virtual_gradient and train_pass is not None:
             train_loss, train_metric, grad_norm, train_state = self._apply_weight_gradients(train_pass, weights_lr)
@@ -322,6 +341,8 @@ class Bilevel:
             "grad_norm": grad_norm,
             "arch_grad_norm": arch_grad_norm,
         }
+        if extra is not None:
+            metrics["alpha_loss"] = extra[0]
         return metrics, train_state, val_state
 
     def compiled_iteration(self, order, mode):

@@ -34,6 +34,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from keras_darts.compiler import CELL_TYPES, build_supernet, derived_spec_from_search
+from keras_darts.compiler.methods import search_method
 from keras_darts.compiler.derive import softmax
 
 from . import rundir
@@ -215,6 +216,7 @@ def search_origin(spec, epoch, alphas):
         "seed": config.seed,
         "epoch": epoch + 1,
         "order": config.order,
+        "method": search_method(spec).to_document(),
         "source": spec.source,
         "alphas": {t: a.tolist() for t, a in alphas.items()},
     }
@@ -288,6 +290,7 @@ class SearchDriver:
             lr = state["lr_scale"] * cosine_learning_rate(
                 epoch, config.epochs, weights_cfg.learning_rate, weights_cfg.learning_rate_min
             )
+            self.bilevel.model.set_epoch(epoch)
             started = time.perf_counter()
             total = self.task.steps_in_epoch(epoch)
             bar = tqdm(total=total, initial=state["step"], desc=f"search {epoch + 1}/{config.epochs}",
@@ -359,7 +362,8 @@ class SearchDriver:
 
     def end_epoch(self, state, lr, seconds):
         epoch = state["epoch"]
-        record = {"epoch": epoch + 1, "learning_rate": lr, **self.task.summarise(state["sums"], state["weight"])}
+        record = {"epoch": epoch + 1, "learning_rate": lr, **self.task.summarise(state["sums"], state["weight"]),
+                  **self.bilevel.model.method.schedule(epoch)}
         record.update(self.task.evaluate())
         alphas = self.task.alphas()
         derived = self.task.derive(alphas, search_origin(self.spec, epoch, alphas))

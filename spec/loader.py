@@ -156,7 +156,7 @@ def _semantic_problems_beside(schema_errors, document, source):
     if "retrain" in broken:
         kept["retrain"] = {"enabled": False}
     try:
-        spec = from_mapping(spec_class(kept), kept)
+        spec = dataclasses.replace(from_mapping(spec_class(kept), kept), document=kept)
     except (TypeError, ValueError):
         return []
     return [p for p in search_spec_problems(spec, source) if _top_level_key(p.path) not in broken]

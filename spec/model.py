@@ -102,9 +102,46 @@ class EarlyStoppingConfig:
 
 
 @frozen
-class RunControl:
-    """What every search shares: determinism, checkpoints, divergence handling, monitoring."""
+class BetaDartsConfig:
+    """beta-DARTS (Ye et al., CVPR 2022): ``lambda(e) * mean over alpha rows of logsumexp(row)`` added to the alpha loss.
 
+    ``lambda(e) = lambda_max * min(e, ramp_epochs) / ramp_epochs`` for the
+    0-based epoch ``e``; the official code hard-codes ``50 * e / 100``.
+    """
+
+    lambda_max: float = 50.0
+    ramp_epochs: int = 100
+
+
+@frozen
+class DartsMinusConfig:
+    """DARTS- (Chu et al., ICLR 2021): an auxiliary skip path on every mixed op, scaled by a decaying beta.
+
+    ``beta(e)`` follows the official ``DecayScheduler`` for the 0-based epoch
+    ``e``; ``max_epoch`` and ``stop_epoch`` (T_max, T_stop) default to the
+    search's epochs, as the official script sets both to its 50.
+    """
+
+    beta_0: float = 1.0
+    decay: str = "linear"
+    start_epoch: int = 0
+    max_epoch: typing.Optional[int] = None
+    stop_epoch: typing.Optional[int] = None
+    auxiliary_operation: str = "skip"
+
+
+# Each search method with options keeps them under its own key of ``search``.
+METHODS = ("darts", "beta_darts", "darts_minus")
+METHOD_OPTION_KEYS = ("beta_darts", "darts_minus")
+
+
+@frozen
+class RunControl:
+    """What every search shares: the method, determinism, checkpoints, divergence handling, monitoring."""
+
+    method: str = "darts"
+    beta_darts: BetaDartsConfig = BetaDartsConfig()
+    darts_minus: DartsMinusConfig = DartsMinusConfig()
     deterministic: bool = False
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"

@@ -3,7 +3,7 @@
 import difflib
 
 from .errors import Problem
-from .model import reduction_positions
+from .model import METHOD_OPTION_KEYS, reduction_positions
 from .operations import ZERO_OPERATION, known_conv_operations, known_recurrent_operations
 
 # The two cell inputs every intermediate node may draw from, at the least.
@@ -139,9 +139,35 @@ def feature_map_problems(input_shape, layers, positions, stem, auxiliary, source
     return problems
 
 
+def method_problems(spec, source):
+    """A search method's options: under its own key, consistent, and for a cell kind it is defined on."""
+    config = spec.search
+    method = config.method
+    problems = []
+    written = (spec.document or {}).get("search") or {}
+    for key in METHOD_OPTION_KEYS:
+        if key in written and key != method:
+            problems.append(Problem(source, f"$.search.{key}",
+                                    f"options for method '{key}', but $.search.method is '{method}'; "
+                                    f"set search.method: {key} or drop search.{key}"))
+    if method == "darts_minus":
+        if spec.search_space.kind != "conv_cell":
+            problems.append(Problem(source, "$.search.method",
+                                    f"darts_minus adds an auxiliary skip path to the mixed ops of convolutional "
+                                    f"cells; $.search_space.kind is '{spec.search_space.kind}', which has none "
+                                    f"(beta_darts and darts work on every kind)"))
+        options = config.darts_minus
+        max_epoch = config.epochs if options.max_epoch is None else options.max_epoch
+        if max_epoch <= options.start_epoch:
+            problems.append(Problem(source, "$.search.darts_minus.start_epoch",
+                                    f"expected start_epoch < max_epoch (the decay divides by their difference), "
+                                    f"got start_epoch {options.start_epoch} and max_epoch {max_epoch}"))
+    return problems
+
+
 def search_spec_problems(spec, source):
     if spec.search_space.kind == "recurrent_cell":
-        return recurrent_spec_problems(spec, source)
+        return recurrent_spec_problems(spec, source) + method_problems(spec, source)
     space = spec.search_space
     network = space.network
     problems = []
@@ -177,6 +203,7 @@ def search_spec_problems(spec, source):
         problems.append(Problem(source, "$.search.reuse_virtual_gradient",
                                 "only a second-order search takes a virtual step whose gradient the weight step "
                                 "could reuse; set search.order: second or drop this key"))
+    problems += method_problems(spec, source)
     data = spec.data
     if data.source == "tfds" and not data.name:
         problems.append(Problem(source, "$.data.name", "a tfds source needs the dataset name"))

@@ -93,6 +93,18 @@ CORPUS = [
     ("recompute as a string", GOOD + "search: {recompute_cells: 'yes'}\n", "$.search.recompute_cells",
      "expected boolean, got string 'yes'"),
     ("extends a missing file", "extends: nowhere.yaml\n" + GOOD, "$.extends", "nowhere.yaml: file not found"),
+    ("unknown search method", GOOD + "search: {method: pc-darts}\n", "$.search.method",
+     "expected one of 'darts', 'beta_darts', 'darts_minus'; got 'pc-darts'"),
+    ("options of another method", GOOD + "search: {method: beta_darts, darts_minus: {beta_0: 0.5}}\n",
+     "$.search.darts_minus", "options for method 'darts_minus', but $.search.method is 'beta_darts'"),
+    ("method options without the method", GOOD + "search: {beta_darts: {lambda_max: 10}}\n",
+     "$.search.beta_darts", "options for method 'beta_darts', but $.search.method is 'darts'"),
+    ("darts_minus on a recurrent cell", RECURRENT + "search: {method: darts_minus}\n", "$.search.method",
+     "darts_minus adds an auxiliary skip path to the mixed ops of convolutional cells"),
+    ("darts_minus decay over no epochs", GOOD + "search: {method: darts_minus, darts_minus: {start_epoch: 50}}\n",
+     "$.search.darts_minus.start_epoch", "expected start_epoch < max_epoch"),
+    ("unknown option of a method", GOOD + "search: {method: beta_darts, beta_darts: {lambda: 10}}\n",
+     "$.search.beta_darts.lambda", "unknown key 'lambda'; expected one of: lambda_max, ramp_epochs"),
 ]
 
 

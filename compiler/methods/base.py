@@ -1,0 +1,68 @@
+"""``SearchMethod``: the questions a DARTS successor answers differently, with DARTS' answers."""
+
+import numpy as np
+from keras import ops
+
+
+def softmax(matrix):
+    """Row softmax of an (edges x ops) array, in float64."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    shifted = np.exp(matrix - matrix.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class SearchMethod:
+    """DARTS (Liu et al., ICLR 2019), and the base every other method overrides.
+
+    ======================================  =====================================
+    question (axis of the successors)       DARTS' answer
+    ======================================  =====================================
+    A. op weights from alphas (``mix``)     softmax over each edge's ops
+    B. extra alpha loss (``alpha_loss``)    none
+    D. auxiliary path per mixed op          none (``auxiliary_operation = None``)
+    F. scalars scheduled over epochs        none (``schedule_names = ()``)
+    G. derivation (``derivation_weights``)  DARTS' rule on the softmax
+    ======================================  =====================================
+
+    A method object is built from its options (the spec's ``search.<method>``
+    block, as a mapping) and the search's epoch count. Schedules are read
+    per epoch (``schedule(epoch)``, 0-based) and held by the supernet in
+    non-trainable scalars, so a compiled step reads the current value, a
+    checkpoint keeps it, and nothing is traced again when it changes.
+    """
+
+    name = "darts"
+    schedule_names = ()
+    auxiliary_operation = None
+
+    def __init__(self, options=None, epochs=None):
+        self.options = dict(options or {})
+        self.epochs = epochs
+
+    def to_document(self):
+        """``{"name": ..., **options}``: what a derived spec records and ``method_from_document`` reads."""
+        return {"name": self.name, **self.options}
+
+    # -- A: op weights --------------------------------------------------------
+    def mix(self, alpha):
+        """The op weights of each edge from its alphas (a tensor, rows are edges)."""
+        return ops.softmax(alpha, axis=-1)
+
+    # -- B: extra alpha loss --------------------------------------------------
+    def alpha_loss(self, alphas, schedule):
+        """A scalar added to the loss the alpha step minimises, or ``None``.
+
+        ``alphas`` is the list of architecture tensors, ``schedule`` maps
+        ``schedule_names`` to their current scalar values.
+        """
+        return None
+
+    # -- F: schedules ---------------------------------------------------------
+    def schedule(self, epoch):
+        """``{name: value}`` for each of ``schedule_names`` during 0-based ``epoch``."""
+        return {}
+
+    # -- G: derivation --------------------------------------------------------
+    def derivation_weights(self, alpha):
+        """The (edges x ops) numpy weights DARTS' derivation rule ranks."""
+        return softmax(alpha)

@@ -1,0 +1,181 @@
+"""Search methods against independent computations: beta-DARTS' schedule and loss, DARTS-' auxiliary path."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_darts as kd
+from keras_darts.compiler.cells import MixedOp
+from keras_darts.compiler.methods import BetaDarts, DartsMinus, SearchMethod, method_from_document, search_method
+from tests.conftest import tiny_spec_document
+
+OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
+
+
+def spec_with(method=None, **options):
+    document = tiny_spec_document(operations=OPS)
+    if method:
+        document["search"]["method"] = method
+    if options:
+        document["search"][method] = options
+    return kd.load_spec(document)
+
+
+# -- beta-DARTS ----------------------------------------------------------------------
+def test_beta_darts_lambda_ramps_as_the_official_code_and_stops_at_lambda_max():
+    official = BetaDarts()  # 50 * e / 100 over the official 100 epochs
+    assert [official.schedule(e)["alpha_loss_weight"] for e in (0, 1, 50, 99)] == [0.0, 0.5, 25.0, 49.5]
+    assert official.schedule(100)["alpha_loss_weight"] == 50.0
+    assert official.schedule(250)["alpha_loss_weight"] == 50.0
+    short = BetaDarts({"lambda_max": 8.0, "ramp_epochs": 4})
+    assert [short.schedule(e)["alpha_loss_weight"] for e in range(6)] == [0.0, 2.0, 4.0, 6.0, 8.0, 8.0]
+
+
+def test_beta_darts_loss_is_lambda_times_the_mean_logsumexp_of_every_alpha_row():
+    rng = np.random.default_rng(0)
+    alphas = [rng.normal(0, 2, (5, 4)), rng.normal(0, 2, (5, 4))]
+    loss = BetaDarts().alpha_loss([tf.constant(a) for a in alphas], {"alpha_loss_weight": tf.constant(3.0)})
+    rows = np.concatenate(alphas)
+    expected = 3.0 * np.mean(np.log(np.exp(rows).sum(axis=1)))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-12)
+
+
+def test_darts_has_no_alpha_loss_and_no_schedule():
+    method = search_method(spec_with())
+    assert type(method) is SearchMethod and method.name == "darts"
+    assert method.alpha_loss([tf.zeros((3, 4))], {}) is None
+    assert method.schedule(7) == {}
+
+
+# -- DARTS- ------------------------------------------------------------------------------
+def test_darts_minus_beta_follows_the_official_decay_scheduler_by_hand():
+    # linear, beta_0 1, T_start 0, T_max = T_stop = 50 (the official script): 1 -> 0.02 over 50 epochs
+    linear = DartsMinus(epochs=50)
+    assert [linear.decay_rate(e) for e in (0, 25, 49)] == [1.0, 0.5, 0.02]
+    cosine = DartsMinus({"decay": "cosine"}, epochs=50)
+    assert cosine.decay_rate(0) == 1.0 and cosine.decay_rate(25) == pytest.approx(0.5, abs=1e-15)
+    slow = DartsMinus({"decay": "slow_cosine", "beta_0": 2.0}, epochs=50)
+    assert slow.decay_rate(25) == pytest.approx(2.0 * np.sqrt(0.5), abs=1e-15)
+    # past T_stop the rate keeps the value it had at T_stop
+    stopped = DartsMinus({"stop_epoch": 10}, epochs=50)
+    assert stopped.decay_rate(10) == stopped.decay_rate(30) == 0.8
+    # before T_start it is beta_0; from T_start on, (T_max - e) / (T_max - T_start) with e itself, not e - T_start
+    late = DartsMinus({"start_epoch": 5}, epochs=50)
+    assert late.decay_rate(3) == 1.0 and late.decay_rate(5) == 1.0 and late.decay_rate(14) == 36 / 45
+
+
+def test_darts_minus_defaults_take_the_searchs_epochs_and_the_document_round_trips():
+    method = search_method(spec_with("darts_minus"))
+    assert method.options == {"beta_0": 1.0, "decay": "linear", "start_epoch": 0, "max_epoch": 2, "stop_epoch": 2,
+                              "auxiliary_operation": "skip"}
+    again = method_from_document(method.to_document(), epochs=None)
+    assert again.options == method.options and again.decay_rate(1) == 0.5
+
+
+def test_auxiliary_path_at_stride_1_adds_beta_times_the_input():
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(3, 6, 6, 4)), tf.float32)
+    plain = MixedOp(OPS, 4, 1, name="plain")
+    with_aux = MixedOp(OPS, 4, 1, auxiliary="skip", name="aux")
+    weights = [tf.constant(w, tf.float32) for w in (0.1, 0.2, 0.3, 0.4)]
+    plain(x, weights)
+    with_aux(x, weights + [tf.constant(0.0)])
+    for source, target in zip(plain.weights, with_aux.weights):
+        target.assign(source)
+    expected = plain(x, weights, training=True).numpy() + 0.7 * x.numpy()
+    got = with_aux(x, weights + [tf.constant(0.7)], training=True).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_auxiliary_path_at_stride_2_is_a_factorized_reduce_without_affine_parameters():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 6, 6, 4)).astype("float32")
+    op = MixedOp(["none"], 4, 2, auxiliary="skip", name="reduce_edge")
+    y = op(tf.constant(x), [tf.constant(1.0), tf.constant(0.6)], training=True).numpy()
+    aux = op.auxiliary_path
+    assert not aux.trainable_weights[2:]  # two kernels, no gamma or beta
+    k1, k2 = (w.numpy()[0, 0] for w in aux.trainable_weights)
+    relu = np.maximum(x, 0.0)
+    left = relu[:, ::2, ::2, :] @ k1
+    right = relu[:, 1::2, 1::2, :] @ k2
+    joined = np.concatenate([left, right], axis=-1)
+    mean, var = joined.mean(axis=(0, 1, 2)), joined.var(axis=(0, 1, 2))
+    expected = 0.6 * (joined - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conv1_auxiliary_path_starts_as_the_identity_and_is_trained():
+    x = tf.constant(np.random.default_rng(3).normal(size=(2, 5, 5, 4)), tf.float32)
+    op = MixedOp(["none"], 4, 1, auxiliary="conv1", name="conv1_edge")
+    y = op(x, [tf.constant(1.0), tf.constant(1.0)])
+    np.testing.assert_allclose(y.numpy(), x.numpy(), rtol=1e-6, atol=1e-6)
+    assert [w.shape for w in op.trainable_weights] == [(1, 1, 4, 4)]
+
+
+def copy_by_path(source, target):
+    """Assign ``source``'s variables to the same-path variables of ``target``; return the paths not covered."""
+    values = {v.path: v for v in source.variables}
+    for variable in target.variables:
+        if variable.path in values:
+            variable.assign(values[variable.path])
+    return sorted(v.path for v in target.variables if v.path not in values)
+
+
+def test_darts_minus_supernet_with_beta_zero_is_the_darts_supernet_and_beta_adds_a_path():
+    darts = kd.build_supernet(spec_with(), seed=0)
+    minus = kd.build_supernet(spec_with("darts_minus"), seed=1)
+    extra = copy_by_path(darts, minus)
+    # Every mixed op gains an auxiliary path; only the FactorizedReduce ones have weights: the 4 edges that
+    # leave the two inputs of each of the 2 reduction cells, 2 kernels each. And the schedule's scalar.
+    assert sum(p.endswith("schedule__auxiliary_weight") for p in extra) == 1
+    auxiliary = [p for p in extra if "__auxiliary/" in p]
+    assert len(auxiliary) == 2 * 4 * 2 and len(extra) == len(auxiliary) + 1
+    assert {p.split("/")[-2].split("__")[0] for p in auxiliary} == {"cell_01", "cell_02"}
+    x = tf.constant(np.random.default_rng(4).normal(size=(4, 8, 8, 1)), tf.float32)
+    assert minus.schedule["auxiliary_weight"].numpy() == 1.0
+    minus.schedule["auxiliary_weight"].assign(0.0)
+    np.testing.assert_allclose(minus(x, training=True).numpy(), darts(x, training=True).numpy(), rtol=1e-5,
+                               atol=1e-6)
+    minus.set_epoch(1)  # beta 0.5 over 2 epochs
+    assert minus.schedule["auxiliary_weight"].numpy() == 0.5
+    assert np.abs(minus(x, training=True).numpy() - darts(x, training=True).numpy()).max() > 1e-3
+
+
+def test_set_epoch_changes_a_compiled_pass_without_tracing_it_again():
+    model = kd.build_supernet(spec_with("darts_minus", max_epoch=4), seed=0)
+    x = tf.constant(np.random.default_rng(5).normal(size=(4, 8, 8, 1)), tf.float32)
+    traces = []
+
+    @tf.function
+    def forward(x):
+        traces.append(1)
+        return model(x, training=True)
+
+    outputs = []
+    for epoch in range(3):
+        model.set_epoch(epoch)
+        outputs.append(forward(x).numpy())
+        eager = model(x, training=True).numpy()
+        np.testing.assert_allclose(outputs[-1], eager, rtol=1e-5, atol=1e-6)
+    assert len(traces) == 1
+    assert np.abs(outputs[0] - outputs[2]).max() > 1e-4
+
+
+def test_darts_minus_derives_by_darts_rule_without_its_auxiliary_path():
+    rng = np.random.default_rng(6)
+    alphas = {t: rng.normal(size=(5, len(OPS))) for t in ("normal", "reduce")}
+    darts = kd.derived_spec_from_search(spec_with(), alphas)
+    minus = kd.derived_spec_from_search(spec_with("darts_minus"), alphas)
+    assert darts.cells == minus.cells
+
+
+def test_supernet_config_round_trips_the_method_and_its_schedule():
+    model = kd.build_supernet(spec_with("beta_darts", lambda_max=4.0, ramp_epochs=2), seed=0)
+    config = model.get_config()
+    assert config["method"] == {"name": "beta_darts", "lambda_max": 4.0, "ramp_epochs": 2}
+    clone = type(model).from_config(config)
+    clone.build((None, 8, 8, 1))
+    clone.set_epoch(1)
+    assert clone.method.name == "beta_darts" and clone.schedule["alpha_loss_weight"].numpy() == 2.0
+    assert keras.ops.convert_to_numpy(clone.arch_probabilities()["normal"]).shape == (5, len(OPS))

@@ -1,0 +1,97 @@
+"""Search methods in the bilevel step and end to end (float64 where gradients are compared)."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+import keras_darts as kd
+from keras_darts.runtime.bilevel import Bilevel
+from keras_darts.runtime.cli import compile_and_search_main
+from keras_darts.runtime.optimizers import CoupledSGD
+from tests.conftest import tiny_spec_document
+
+OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
+
+
+def plain_sgd_bilevel(method, **options):
+    """A supernet whose alpha step is plain SGD (no momentum, decay or clipping): alpha moves by -lr * gradient."""
+    document = tiny_spec_document(operations=OPS)
+    document["search"].update(method=method, **({method: options} if options else {}))
+    spec = kd.load_spec(document)
+    keras.utils.set_random_seed(0)
+    model = kd.build_supernet(spec, seed=0)
+    for i, alpha in enumerate(model.arch_variables):
+        alpha.assign(np.random.default_rng(i).normal(0, 1.0, size=alpha.shape))
+    return Bilevel(model, CoupledSGD(model.weight_variables, 0.9, 3e-4, 5.0),
+                   CoupledSGD(model.arch_variables, 0.0, 0.0, None, name="arch_sgd"), hvp_epsilon=0.01)
+
+
+def batches(seed=0):
+    rng = np.random.default_rng(seed)
+    make = lambda: (tf.constant(rng.normal(size=(6, 8, 8, 1)), "float64"),  # noqa: E731
+                    tf.constant(rng.integers(0, 10, 6), tf.int32))
+    return make(), make()
+
+
+def beta_penalty_gradient(alphas, lam):
+    """d/da of lam * mean over all rows r of logsumexp(a_r): lam * softmax(a_r) / rows, by hand."""
+    rows = sum(a.shape[0] for a in alphas)
+    out = []
+    for a in alphas:
+        e = np.exp(a - a.max(axis=1, keepdims=True))
+        out.append(lam * e / e.sum(axis=1, keepdims=True) / rows)
+    return out
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_beta_darts_alpha_step_takes_the_darts_gradient_plus_the_regulariser_gradient(float64, order):
+    bilevel = plain_sgd_bilevel("beta_darts", lambda_max=10.0, ramp_epochs=4)
+    model = bilevel.model
+    model.set_epoch(3)  # lambda = 10 * 3 / 4
+    train, val = batches()
+    before = [a.numpy() for a in model.arch_variables]
+    darts_gradient = [g.numpy() for g in bilevel.arch_gradient(order, "finite_difference", train, val, 0.05)[0]]
+    arch_lr = 0.1
+    metrics, _, _ = bilevel.iteration(order, "finite_difference", train, val, tf.constant(0.05, "float64"),
+                                      tf.constant(arch_lr, "float64"))
+    taken = [(b - a.numpy()) / arch_lr for b, a in zip(before, model.arch_variables)]
+    penalty = beta_penalty_gradient(before, 7.5)
+    for t, d, p in zip(taken, darts_gradient, penalty):
+        np.testing.assert_allclose(t, d + p, rtol=1e-9, atol=1e-12)
+    rows = np.concatenate(before)
+    expected_loss = 7.5 * np.mean(np.log(np.exp(rows).sum(axis=1)))
+    np.testing.assert_allclose(float(metrics["alpha_loss"]), expected_loss, rtol=1e-12)
+
+
+def test_darts_alpha_step_takes_the_darts_gradient_alone(float64):
+    bilevel = plain_sgd_bilevel("darts")
+    train, val = batches()
+    before = [a.numpy() for a in bilevel.model.arch_variables]
+    darts_gradient = [g.numpy() for g in bilevel.arch_gradient("first", None, train, val, 0.05)[0]]
+    metrics, _, _ = bilevel.iteration("first", None, train, val, tf.constant(0.05, "float64"),
+                                      tf.constant(0.1, "float64"))
+    assert "alpha_loss" not in metrics
+    for b, a, d in zip(before, bilevel.model.arch_variables, darts_gradient):
+        np.testing.assert_allclose((b - a.numpy()) / 0.1, d, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["beta_darts", "darts_minus"])
+def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
+    document = tiny_spec_document()
+    document["search"].update(method=method, epochs=2, order="first", steps_per_epoch=4,
+                              diagnostics={"hessian_eigenvalue": False})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(document))
+    run_dir = tmp_path / "run"
+    assert compile_and_search_main([str(spec), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert os.path.exists(run_dir / "export" / "saved_model" / "saved_model.pb")
+    derived = kd.load_derived(str(run_dir / "derived.yaml"))
+    assert derived.origin["method"]["name"] == method
+    history = yaml.safe_load((run_dir / "search" / "history.json").read_text())
+    schedule = {"beta_darts": "alpha_loss_weight", "darts_minus": "auxiliary_weight"}[method]
+    # beta-DARTS' default ramp: 0, then 50/100; DARTS-' default decay over the 2 epochs: 1, then 0.5
+    assert [r[schedule] for r in history] == {"beta_darts": [0.0, 0.5], "darts_minus": [1.0, 0.5]}[method]
