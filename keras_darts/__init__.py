@@ -15,6 +15,10 @@ __version__ = "0.1.0"
 
 from keras_darts.spec import (  # noqa: E402
     DataError,
+    DivergenceError,
+    ExportVerificationError,
+    KerasDartsError,
+    RunDirectoryError,
     DerivedSpec,
     Spec,
     SpecError,
@@ -37,6 +41,10 @@ def __getattr__(name):
 
 __all__ = [
     "DataError",
+    "DivergenceError",
+    "ExportVerificationError",
+    "KerasDartsError",
+    "RunDirectoryError",
     "DerivedSpec",
     "Spec",
     "SpecError",

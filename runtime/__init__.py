@@ -19,7 +19,6 @@ _API = {
     "retrain_language_model": "language_retraining",
     "LanguageSearchTask": "language_search",
     "SearchDriver": "search_loop",
-    "DivergenceError": "search_loop",
     "make_plots": "plots",
     "TextData": "text_data",
     "load_text_data": "text_data",

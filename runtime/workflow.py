@@ -113,7 +113,7 @@ def plot_run(run_dir):
 
     for item in (os.path.join("search", "history.json"), "derived.yaml"):
         if not os.path.exists(os.path.join(run_dir, item)):
-            raise rundir.RunDirectoryError(f"{run_dir}: {item} is missing; run a search into it first")
+            raise rundir.RunDirectoryError.single(run_dir, item, "missing; run a search into it first")
     make_plots(run_dir)
     return os.path.join(run_dir, "plots")
 

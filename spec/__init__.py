@@ -3,7 +3,15 @@
 No TensorFlow and no networkx here; every other layer may import this one.
 """
 
-from .errors import DataError, Problem, RunDirectoryError, SpecError
+from .errors import (
+    DataError,
+    DivergenceError,
+    ExportVerificationError,
+    KerasDartsError,
+    Problem,
+    RunDirectoryError,
+    SpecError,
+)
 from .loader import (
     builtin_derived_names,
     canonical_sha256,

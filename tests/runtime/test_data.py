@@ -43,14 +43,14 @@ def test_npz_source_and_its_checks(tmp_path):
     data = load_image_data(spec_for({"source": "npz", "path": path}))
     assert data.x_train.shape == (80, 8, 8, 1) and data.x_train.dtype == np.float32
     np.savez(path, x_train=np.zeros((10, 8, 8)), y_train=np.zeros(10))
-    with pytest.raises(DataError, match=r"data.path: .*data.npz lacks the arrays x_test, y_test"):
+    with pytest.raises(DataError, match=r"\$.data.path: .*data.npz lacks the arrays x_test, y_test"):
         load_image_data(spec_for({"source": "npz", "path": path}))
     np.savez(path, x_train=np.zeros((10, 8, 8)), y_train=np.full(10, 12), x_test=np.zeros((4, 8, 8)),
              y_test=np.zeros(4))
     with pytest.raises(DataError) as excinfo:
         load_image_data(spec_for({"source": "npz", "path": path}))
     assert str(excinfo.value) == (
-        "<dict>: $.search_space.network.num_classes is 10 but data.npz train labels range over [12, 12]"
+        "<dict>: $.search_space.network.num_classes: 10 classes, but data.npz train labels range over [12, 12]"
     )
 
 
@@ -60,7 +60,7 @@ def test_too_few_examples_for_the_split():
     with pytest.raises(DataError) as excinfo:
         search_split(data, spec)
     assert str(excinfo.value) == (
-        "<dict>: $.data.batch_size is 32 but splitting 40 training examples at train_portion=0.5 leaves 20 and 20; "
+        "<dict>: $.data.batch_size: 32, but splitting 40 training examples at train_portion=0.5 leaves 20 and 20; "
         "each half needs at least one full batch"
     )
 

@@ -67,10 +67,10 @@ def test_penn_treebank_has_the_standard_splits():
 
 def test_text_data_problems_name_the_field(tmp_path, cyclic_corpus):
     document = tiny_recurrent_document(tmp_path / "absent")
-    with pytest.raises(DataError, match=r"data.path: .*absent is not a directory with train.txt"):
+    with pytest.raises(DataError, match=r"\$.data.path: .*absent is not a directory with train.txt"):
         load_text_data(kd.load_spec(document))
     os.remove(cyclic_corpus / "test.txt")
-    with pytest.raises(DataError, match=r"data.path: .*test.txt is missing"):
+    with pytest.raises(DataError, match=r"\$.data.path: .*test.txt is missing"):
         load_text_data(kd.load_spec(tiny_recurrent_document(cyclic_corpus)))
     (cyclic_corpus / "test.txt").write_bytes(b"ok \xff\xfe\n")
     with pytest.raises(DataError, match=r"test.txt is not UTF-8 text \(byte 3\)"):
@@ -79,7 +79,7 @@ def test_text_data_problems_name_the_field(tmp_path, cyclic_corpus):
     with pytest.raises(DataError) as excinfo:
         load_text_data(kd.load_spec(tiny_recurrent_document(cyclic_corpus)))
     assert str(excinfo.value) == (
-        "data.eval_batch_size: the test split of 'corpus' has 2 tokens, too few for 2 streams of at least 2 tokens; "
+        "<dict>: $.data.eval_batch_size: the test split of 'corpus' has 2 tokens, too few for 2 streams of at least 2 tokens; "
         "expected at least 4"
     )
 

@@ -128,7 +128,7 @@ def test_a_run_directory_of_another_spec_is_refused_untouched(tmp_path, capsys):
     code = compile_and_search_main([str(spec_path), "--run-dir", str(run_dir), "--no-progress"])
     assert code == 2
     assert capsys.readouterr().err == (
-        f"error: --run-dir: {run_dir} holds a run of another spec (its spec.yaml differs from {spec_path}); "
+        f"error: {run_dir}: --run-dir: holds a run of another spec (its spec.yaml differs from {spec_path}); "
         "pass --overwrite to start over, or choose another --run-dir\n"
     )
     assert sorted(os.listdir(run_dir)) == ["spec.yaml"]
@@ -144,7 +144,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
     err = capsys.readouterr().err
     assert code == 3 and "Traceback" not in err
     message = [line for line in err.splitlines() if line.startswith("error: ")][0]
-    assert message.startswith("error: search diverged at epoch 1, step ")
+    assert message.startswith(f"error: {spec_path}: $.search.on_divergence: the search diverged at epoch 1, step ")
     assert " = nan" in message or " = inf" in message
     checkpoints = run_dir / "search" / "checkpoints"
     assert message.endswith(f"the last good checkpoint is {checkpoints / 'iteration_000000000'}")

@@ -81,7 +81,7 @@ def test_export_command_in_a_fresh_process(finished_run):
 
 def test_export_of_a_directory_that_is_not_a_run_exits_2(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: not a keras-darts run directory (no spec.yaml)\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: spec.yaml: missing: not a keras-darts run directory\n"
 
 
 def test_running_again_resumes_and_repeats_nothing_finished(finished_run, capsys, caplog):
@@ -104,7 +104,7 @@ def test_running_again_resumes_and_repeats_nothing_finished(finished_run, capsys
 def test_retrain_a_published_cell_on_the_runs_data(finished_run, capsys):
     _, _, run_dir = finished_run
     assert main(["retrain", str(run_dir), "--derived", "DARTS_V2", "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"error: {run_dir}: retrain/ exists already; pass --overwrite to replace it\n"
+    assert capsys.readouterr().err == f"error: {run_dir}: retrain/: exists already; pass --overwrite to replace it\n"
     assert main(["retrain", str(run_dir), "--derived", "DARTS_V2", "--overwrite", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "retrain: " in out and "saved model:" in out
@@ -141,7 +141,7 @@ def test_data_that_does_not_fit_the_spec_exits_2(tmp_path, capsys):
     code = compile_and_search_main([str(spec), "--run-dir", str(tmp_path / "run")])
     assert code == 2
     assert capsys.readouterr().err == (
-        f"error: {spec}: $.search_space.network.input_shape is [16, 16, 1] but digits images are [8, 8, 1]; "
+        f"error: {spec}: $.search_space.network.input_shape: [16, 16, 1], but digits images are [8, 8, 1]; "
         "set input_shape to [8, 8, 1]\n"
     )
     assert not (tmp_path / "run").exists()
@@ -159,3 +159,41 @@ def test_validate_and_show(tmp_path, capsys):
     assert "parameters: 3349342 (auxiliary head excluded)" in out
     assert main(["validate", str(spec), "--set", "search.order=third"]) == 2
     assert capsys.readouterr().err == f"error: {spec}: $.search.order: expected one of 'first', 'second'; got 'third'\n"
+
+
+def test_an_unexpected_failure_exits_1_with_one_line_and_an_interrupt_exits_130(tmp_path, capsys, monkeypatch):
+    from keras_darts.runtime import cli
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(dump_yaml(tiny_spec_document()))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("keras_darts.runtime.workflow.run_compile_and_search", fail)
+    assert cli.compile_and_search_main([str(spec), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.endswith("error: RuntimeError: disk on fire\n(set KERAS_DARTS_DEBUG=1 for the traceback)\n")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("keras_darts.runtime.workflow.run_compile_and_search", interrupt)
+    assert cli.compile_and_search_main([str(spec), "--run-dir", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.endswith(
+        "interrupted; run the same command again to resume from the last checkpoint\n")
+
+
+def test_an_export_that_fails_verification_exits_1_naming_the_saved_model(tmp_path, capsys, monkeypatch):
+    from keras_darts.runtime import cli
+    from keras_darts.spec import ExportVerificationError
+
+    def disagree(*args, **kwargs):
+        raise ExportVerificationError.single(str(tmp_path / "saved_model"), "saved_model.pb",
+                                             "differs from the Keras model by 0.5 (expected at most 1e-05)")
+
+    monkeypatch.setattr("keras_darts.runtime.workflow.export_run", disagree)
+    assert cli.main(["export", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'saved_model'}: saved_model.pb: differs from the Keras "
+                                       "model by 0.5 (expected at most 1e-05)\n")
