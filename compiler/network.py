@@ -17,12 +17,12 @@ from .graph import cell_schedule
 from .ops import PACKAGE, batch_norm
 
 
-def _conv_bn(filters, kernel, stride, name, padding=0):
+def _conv_bn(filters, kernel, stride, name, padding=0, synchronized=False):
     layers = []
     if padding:
         layers.append(keras.layers.ZeroPadding2D(padding, name=f"{name}__pad"))
     layers.append(keras.layers.Conv2D(filters, kernel, strides=stride, use_bias=False, name=f"{name}__conv"))
-    layers.append(batch_norm(True, f"{name}__bn"))
+    layers.append(batch_norm(True, f"{name}__bn", synchronized))
     return layers
 
 
@@ -31,15 +31,16 @@ class AuxiliaryHead(keras.layers.Layer):
     """ReLU, 5x5 average pool (stride 3 CIFAR / 2 ImageNet), conv1x1 128 + BN + ReLU,
     conv2x2 768 (+ BN on CIFAR) + ReLU, global average pool, linear."""
 
-    def __init__(self, num_classes, style="cifar", **kwargs):
+    def __init__(self, num_classes, style="cifar", synchronized=False, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.style = style
+        self.synchronized = synchronized
         self.pool = keras.layers.AveragePooling2D(5, strides=3 if style == "cifar" else 2, name=f"{self.name}__pool")
         self.conv1 = keras.layers.Conv2D(128, 1, use_bias=False, name=f"{self.name}__conv1")
-        self.bn1 = batch_norm(True, f"{self.name}__bn1")
+        self.bn1 = batch_norm(True, f"{self.name}__bn1", synchronized)
         self.conv2 = keras.layers.Conv2D(768, 2, use_bias=False, name=f"{self.name}__conv2")
-        self.bn2 = batch_norm(True, f"{self.name}__bn2") if style == "cifar" else None
+        self.bn2 = batch_norm(True, f"{self.name}__bn2", synchronized) if style == "cifar" else None
         self.global_pool = keras.layers.GlobalAveragePooling2D(name=f"{self.name}__global_pool")
         self.classifier = keras.layers.Dense(num_classes, name=f"{self.name}__classifier")
 
@@ -55,34 +56,45 @@ class AuxiliaryHead(keras.layers.Layer):
         return self.classifier(self.global_pool(ops.relu(x)))
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "style": self.style}
+        return {**super().get_config(), "num_classes": self.num_classes, "style": self.style,
+                "synchronized": self.synchronized}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class DerivedNetwork(keras.Model):
-    def __init__(self, derived, seed=None, **kwargs):
+    """The derived cells stacked as the spec's network says.
+
+    ``synchronized=True`` builds its Keras BNs (stems, auxiliary head) to
+    compute batch statistics across replicas, for training under a
+    tf.distribute strategy; the cells' own BNs do so in a replica context
+    anyway.
+    """
+
+    def __init__(self, derived, seed=None, synchronized=False, **kwargs):
         kwargs.setdefault("name", "derived_network")
         super().__init__(**kwargs)
         if isinstance(derived, dict):
             derived = derived_from_document(derived)
         self.derived = derived
         self.seed = seed
+        self.synchronized = bool(synchronized)
         network = derived.network
         self.positions = network.reduction_positions
         self.auxiliary = network.auxiliary
         self.aux_position = max(self.positions) if (self.auxiliary and self.positions) else None
         channels = network.init_channels
         if network.stem == "cifar":
-            self.stem0 = _conv_bn(network.stem_multiplier * channels, 3, 1, "stem", padding=1)
+            self.stem0 = _conv_bn(network.stem_multiplier * channels, 3, 1, "stem", 1, synchronized)
             self.stem1 = None
             reduction_prev = False
         else:
             self.stem0 = [
-                *_conv_bn(channels // 2, 3, 2, "stem0_a", padding=1),
+                *_conv_bn(channels // 2, 3, 2, "stem0_a", 1, synchronized),
                 keras.layers.ReLU(name="stem0__relu"),
-                *_conv_bn(channels, 3, 2, "stem0_b", padding=1),
+                *_conv_bn(channels, 3, 2, "stem0_b", 1, synchronized),
             ]
-            self.stem1 = [keras.layers.ReLU(name="stem1__relu"), *_conv_bn(channels, 3, 2, "stem1", padding=1)]
+            self.stem1 = [keras.layers.ReLU(name="stem1__relu"),
+                          *_conv_bn(channels, 3, 2, "stem1", 1, synchronized)]
             reduction_prev = True
         self.cells = [
             DerivedCell(
@@ -94,7 +106,8 @@ class DerivedNetwork(keras.Model):
             )
         ]
         self.auxiliary_head = (
-            AuxiliaryHead(network.num_classes, network.stem, name="auxiliary_head") if self.aux_position is not None else None
+            AuxiliaryHead(network.num_classes, network.stem, synchronized, name="auxiliary_head")
+            if self.aux_position is not None else None
         )
         self.global_pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
         self.classifier = keras.layers.Dense(network.num_classes, name="classifier")
@@ -131,20 +144,22 @@ class DerivedNetwork(keras.Model):
         return logits
 
     def get_config(self):
-        return {"name": self.name, "derived": self.derived.to_document(), "seed": self.seed}
+        return {"name": self.name, "derived": self.derived.to_document(), "seed": self.seed,
+                "synchronized": self.synchronized}
 
 
-def build_network(derived, seed=None, **overrides):
+def build_network(derived, seed=None, synchronized=False, **overrides):
     """Build the derived network from a ``DerivedSpec`` (or a document).
 
-    ``overrides`` replace network settings: ``init_channels``, ``layers``,
+    ``synchronized`` makes its Keras BNs synchronise across replicas (see
+    ``DerivedNetwork``). ``overrides`` replace network settings: ``init_channels``, ``layers``,
     ``num_classes``, ``input_shape``, ``auxiliary``, ``stem``,
     ``reduction_cells``, ``stem_multiplier``, ``drop_path_prob``.
     """
     if isinstance(derived, dict):
         derived = derived_from_document(derived)
     derived = derived_with_network(derived, **overrides) if overrides else check_derived(derived)
-    model = DerivedNetwork(derived, seed=seed)
+    model = DerivedNetwork(derived, seed=seed, synchronized=synchronized)
     model.build((None, *derived.network.input_shape))
     return model
 

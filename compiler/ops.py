@@ -10,7 +10,6 @@ explicitly and use ``"valid"``; at stride 1 ``"same"`` is the same thing.
 parameters (``affine=False``), derived networks' BNs do.
 """
 
-import contextlib
 import dataclasses
 import weakref
 
@@ -29,30 +28,18 @@ BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPSILON = 1e-5
 
 
-_SYNCHRONIZED = [False]
+def batch_norm(affine, name, synchronized=False):
+    """A Keras BN with the reference's epsilon and momentum (stems, heads and derived cells).
 
-
-@contextlib.contextmanager
-def synchronized_batch_norm():
-    """Keras BNs made inside this block compute batch statistics over all replicas.
-
-    Derived networks trained under a tf.distribute strategy are built inside
-    it: each replica then normalises with the global batch's mean and
-    variance, as one device would, and the moving averages stay identical on
-    every replica. Outside a strategy such a BN behaves as any other.
+    ``synchronized=True`` computes batch statistics over all replicas: a
+    derived network trained under a tf.distribute strategy then normalises
+    with the global batch's mean and variance, as one device would, and its
+    moving averages stay identical on every replica. Outside a strategy such
+    a BN behaves as any other.
     """
-    _SYNCHRONIZED.append(True)
-    try:
-        yield
-    finally:
-        _SYNCHRONIZED.pop()
-
-
-def batch_norm(affine, name):
-    """A Keras BN with the reference's epsilon and momentum (stems, heads and derived cells)."""
     return keras.layers.BatchNormalization(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name,
-        synchronized=_SYNCHRONIZED[-1],
+        synchronized=synchronized,
     )
 
 

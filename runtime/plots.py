@@ -11,18 +11,21 @@ import os
 import shutil
 import subprocess
 
-import matplotlib
+import networkx as nx
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import networkx as nx  # noqa: E402
-import numpy as np  # noqa: E402
+from keras_darts.spec import load_derived
 
-from keras_darts.spec import load_derived  # noqa: E402
-
-from . import rundir  # noqa: E402
+from . import rundir
 
 FORMATS = ("png", "svg")
+
+
+def _subplots(*args, figsize=None, **kwargs):
+    """``pyplot.subplots`` without pyplot: a standalone Figure (no backend chosen, no global figure list)."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*args, **kwargs)
 
 
 def _save(figure, base):
@@ -31,7 +34,6 @@ def _save(figure, base):
         path = f"{base}.{extension}"
         figure.savefig(path, dpi=120, bbox_inches="tight")
         paths.append(path)
-    plt.close(figure)
     return paths
 
 
@@ -39,7 +41,6 @@ def figure_png(figure):
     """The figure as PNG bytes (for TensorBoard images)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    plt.close(figure)
     return buffer.getvalue()
 
 
@@ -88,7 +89,7 @@ def draw_cell(cell, base, recurrent=False, title=""):
         for node in nodes:
             graph.nodes[node]["layer"] = layer
     positions = nx.multipartite_layout(graph, subset_key="layer")
-    figure, axes = plt.subplots(figsize=(2 + 1.4 * graph.number_of_nodes(), 4))
+    figure, axes = _subplots(figsize=(2 + 1.4 * graph.number_of_nodes(), 4))
     colours = {"input": "#a6cee3", "node": "#dddddd", "output": "#fdbf6f"}
     nx.draw_networkx_nodes(graph, positions, ax=axes, node_size=900,
                            node_color=[colours[d["kind"]] for _, d in graph.nodes(data=True)])
@@ -122,7 +123,7 @@ def _nodes_for_rows(rows, recurrent):
 
 def heatmap_figure(probabilities, operations, labels, title):
     probabilities = np.asarray(probabilities)
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(operations), 0.8 + 0.28 * len(labels)))
+    figure, axes = _subplots(figsize=(1.2 + 0.9 * len(operations), 0.8 + 0.28 * len(labels)))
     image = axes.imshow(probabilities, aspect="auto", cmap="viridis", vmin=0.0)
     axes.set_xticks(range(len(operations)), operations, rotation=45, ha="right", fontsize=8)
     axes.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -158,7 +159,7 @@ def _evolution(history, cell_type, operations, labels, base):
     epochs = [record["epoch"] for record in history]
     columns = min(7, len(labels))
     rows = -(-len(labels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 1.8 * rows), sharex=True, sharey=True,
+    figure, axes = _subplots(rows, columns, figsize=(2.2 * columns, 1.8 * rows), sharex=True, sharey=True,
                                 squeeze=False)
     for index, label in enumerate(labels):
         ax = axes[index // columns][index % columns]
@@ -176,7 +177,7 @@ def _evolution(history, cell_type, operations, labels, base):
 
 def _diagnostics(history, base):
     epochs = [record["epoch"] for record in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    figure, (left, right) = _subplots(1, 2, figsize=(9, 3))
     left.plot(epochs, [record.get("skip_connections", np.nan) for record in history], marker="o",
               label="skip connections")
     left.plot(epochs, [record.get("parameter_free", np.nan) for record in history], marker="s",

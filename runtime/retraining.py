@@ -26,7 +26,6 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from keras_darts.compiler import build_network, count_parameters
-from keras_darts.compiler.ops import synchronized_batch_norm
 
 from . import rundir
 from .bilevel import dense_gradients
@@ -104,8 +103,7 @@ def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, wr
     config = spec.retrain
     keras.utils.set_random_seed(config.seed)
     with strategy.scope() if strategy else contextlib.nullcontext():
-        with synchronized_batch_norm() if strategy else contextlib.nullcontext():
-            model = build_network(derived, seed=config.seed)
+        model = build_network(derived, seed=config.seed, synchronized=strategy is not None)
         optimizer = CoupledSGD.from_config(model.trainable_variables, config.weights_optimizer)
     parameters = count_parameters(model)
     train_step = make_train_step(model, optimizer, config.auxiliary_weight, data.image_shape, strategy)

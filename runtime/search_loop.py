@@ -149,6 +149,12 @@ class ImageSearchTask:
 RACING_OPERATIONS = {"max_pool_3x3", "avg_pool_3x3"}
 
 
+def _races(spec):
+    config = spec.search
+    return (config.order == "second" and config.second_order_mode == "exact"
+            and RACING_OPERATIONS <= set(spec.search_space.operations))
+
+
 def serialize_kernels_if_needed(spec):
     """Run TensorFlow's kernels one at a time when exact second order would race; True if they do.
 
@@ -160,10 +166,7 @@ def serialize_kernels_if_needed(spec):
     before TensorFlow starts its runtime (the CLI does so); later, a warning
     says how (``TF_NUM_INTEROP_THREADS=1``).
     """
-    config = spec.search
-    if config.order != "second" or config.second_order_mode != "exact":
-        return False
-    if not RACING_OPERATIONS <= set(spec.search_space.operations):
+    if not _races(spec):
         return False
     if tf.config.threading.get_inter_op_parallelism_threads() == 1 or os.environ.get("TF_NUM_INTEROP_THREADS") == "1":
         return True
@@ -187,21 +190,49 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None, strateg
     """
     from .distribution import check_batch, is_chief, make_strategy
 
-    if spec.search.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    serialize_kernels_if_needed(spec)
+    warn_unless_kernels_serialized(spec)
     strategy = strategy or make_strategy(spec.distribute, spec.source)
     check_batch(spec, strategy)
-    keras.utils.set_random_seed(spec.search.seed)
-    if spec.search_space.kind == "recurrent_cell":
-        from .language_search import LanguageSearchTask
-        from .text_data import load_text_data
+    with op_determinism(spec.search.deterministic):
+        keras.utils.set_random_seed(spec.search.seed)
+        if spec.search_space.kind == "recurrent_cell":
+            from .language_search import LanguageSearchTask
+            from .text_data import load_text_data
 
-        task = LanguageSearchTask(spec, data or load_text_data(spec), strategy)
-    else:
-        task = ImageSearchTask(spec, data or load_image_data(spec), strategy)
-    chief = strategy is None or is_chief(strategy)
-    return SearchDriver(spec, task, run_dir, progress, on_epoch, writes=chief).run()
+            task = LanguageSearchTask(spec, data or load_text_data(spec), strategy)
+        else:
+            task = ImageSearchTask(spec, data or load_image_data(spec), strategy)
+        chief = strategy is None or is_chief(strategy)
+        return SearchDriver(spec, task, run_dir, progress, on_epoch, writes=chief).run()
+
+
+@contextlib.contextmanager
+def op_determinism(enabled):
+    """TensorFlow's op determinism on inside the block when ``enabled``, as it was after it.
+
+    TensorFlow's public API can only switch it on; the switch back uses its
+    internal ``disable_op_determinism`` (TensorFlow is pinned).
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    was_enabled = tf_config.is_op_determinism_enabled()
+    if enabled and not was_enabled:
+        tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled and not was_enabled:
+            tf_config.disable_op_determinism()
+
+
+def warn_unless_kernels_serialized(spec):
+    """Warn when exact second order would race (see ``serialize_kernels_if_needed``) and kernels run concurrently."""
+    if not _races(spec):
+        return
+    if tf.config.threading.get_inter_op_parallelism_threads() != 1 and os.environ.get("TF_NUM_INTEROP_THREADS") != "1":
+        log.warning("exact second order with max and average pooling needs TensorFlow's kernels run one at a time "
+                    "(concurrent kernels give wrong Hessian-vector products): call serialize_kernels_if_needed(spec) "
+                    "before TensorFlow runs anything, or set TF_NUM_INTEROP_THREADS=1 before starting Python")
 
 
 def search_origin(spec, epoch, alphas):
