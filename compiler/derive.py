@@ -88,6 +88,7 @@ def derived_spec_from_search(spec, alphas, retrain=True, origin=None, **network)
         "version": 1,
         "kind": space.kind,
         "name": spec.name,
+        **({"plugins": list(spec.plugins)} if spec.plugins else {}),
         "operations": list(space.operations),
         "cells": {t: c.to_document() for t, c in genotype.items()},
         "network": {**spec.derived_network(retrain), **network},

@@ -10,7 +10,6 @@ explicitly and use ``"valid"``; at stride 1 ``"same"`` is the same thing.
 parameters (``affine=False``), derived networks' BNs do.
 """
 
-import dataclasses
 import weakref
 
 import keras
@@ -19,8 +18,10 @@ from keras import ops
 from keras_darts.spec import (
     DARTS_CONV_OPERATIONS,
     ZERO_OPERATION,
-    register_conv_operation_name,
-    unregister_conv_operation_name,
+    OpDefinition,
+    conv_operation,
+    register_conv_operation,
+    unregister_conv_operation,
 )
 
 PACKAGE = "keras_darts"
@@ -393,48 +394,25 @@ class PoolBN(keras.layers.Layer):
         return {**super().get_config(), "op": keras.saving.serialize_keras_object(self.op)}
 
 
-@dataclasses.dataclass(frozen=True)
-class OpDefinition:
-    """How to build one named op.
-
-    ``factory(channels, stride, affine, name)`` returns a Keras layer.
-    ``batch_norm_in_search`` adds a non-affine BN after it in the search
-    network (the reference does this for pooling).
-    """
-
-    name: str
-    factory: object
-    batch_norm_in_search: bool = False
-
-
-_REGISTRY = {}
-
-
 def register_op(name, factory, batch_norm_in_search=False):
     """Register a candidate op under ``name`` for use in YAML specs.
 
     ``factory(channels, stride, affine, name)`` must return a Keras layer
     mapping ``(B, H, W, C)`` to ``(B, H/stride, W/stride, channels)``; to save
     and reload models, its class must be registered with
-    ``keras.saving.register_keras_serializable``.
+    ``keras.saving.register_keras_serializable``. A spec can import the
+    module that calls this with ``plugins: [module]``.
     """
-    if not callable(factory):
-        raise ValueError(f"factory must be callable. Received: factory={factory!r}")
-    register_conv_operation_name(name)
-    _REGISTRY[name] = OpDefinition(name, factory, batch_norm_in_search)
+    register_conv_operation(name, factory, batch_norm_in_search)
 
 
 def unregister_op(name):
     """Remove an op registered with ``register_op``; built-in ops stay."""
-    unregister_conv_operation_name(name)
-    _REGISTRY.pop(name, None)
+    unregister_conv_operation(name)
 
 
 def op_definition(name):
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown op. Expected one of {sorted(_REGISTRY)}. Received: name={name!r}") from None
+    return conv_operation(name)
 
 
 def build_op(name, channels, stride, affine, layer_name, search=False):
@@ -453,16 +431,20 @@ def _skip(channels, stride, affine, name):
 
 
 def _register_builtins():
-    register_op(ZERO_OPERATION, lambda c, s, a, n: Zero(c, s, a, name=n))
-    register_op("max_pool_3x3", lambda c, s, a, n: MaxPool3x3(c, s, a, name=n), batch_norm_in_search=True)
-    register_op("avg_pool_3x3", lambda c, s, a, n: AvgPool3x3(c, s, a, name=n), batch_norm_in_search=True)
-    register_op("skip_connect", _skip)
-    for k in (3, 5):
-        register_op(f"sep_conv_{k}x{k}", lambda c, s, a, n, k=k: SepConv(c, s, a, kernel_size=k, name=n))
-    for k in (3, 5):
-        register_op(f"dil_conv_{k}x{k}", lambda c, s, a, n, k=k: DilConv(c, s, a, kernel_size=k, name=n))
-    if tuple(_REGISTRY) != DARTS_CONV_OPERATIONS:
-        raise RuntimeError(f"built-in ops registered out of DARTS order: {tuple(_REGISTRY)}")
+    builtins = {
+        ZERO_OPERATION: (lambda c, s, a, n: Zero(c, s, a, name=n), False),
+        "max_pool_3x3": (lambda c, s, a, n: MaxPool3x3(c, s, a, name=n), True),
+        "avg_pool_3x3": (lambda c, s, a, n: AvgPool3x3(c, s, a, name=n), True),
+        "skip_connect": (_skip, False),
+        **{f"sep_conv_{k}x{k}": (lambda c, s, a, n, k=k: SepConv(c, s, a, kernel_size=k, name=n), False)
+           for k in (3, 5)},
+        **{f"dil_conv_{k}x{k}": (lambda c, s, a, n, k=k: DilConv(c, s, a, kernel_size=k, name=n), False)
+           for k in (3, 5)},
+    }
+    if tuple(builtins) != DARTS_CONV_OPERATIONS:
+        raise RuntimeError(f"built-in ops defined out of DARTS order: {tuple(builtins)}")
+    for name, (factory, batch_norm_in_search) in builtins.items():
+        register_conv_operation(name, factory, batch_norm_in_search, builtin=True)
 
 
 _register_builtins()

@@ -126,7 +126,7 @@ def estimate(spec, steps=3, orders=("first", "second"), vocabulary_size=None):
     """Static counts here, then each order measured in a fresh process."""
     bilevel = build_for_estimate(spec, vocabulary_size)
     report = {**static_estimate(spec, bilevel), "batch_size": spec.data.batch_size, "orders": {}}
-    document = json.dumps({"spec": spec.document, "vocabulary_size": vocabulary_size})
+    document = json.dumps({"spec": spec.document, "source": spec.source, "vocabulary_size": vocabulary_size})
     for order in orders:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         done = subprocess.run(
@@ -166,9 +166,11 @@ def report_lines(report):
 
 def _child():
     from keras_darts.spec import load_spec
+    from keras_darts.spec.plugins import import_plugins
 
     order, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     payload = json.loads(sys.stdin.read())
+    import_plugins(payload["spec"].get("plugins"), payload["source"])  # found beside the spec file, as there
     spec = load_spec(payload["spec"])
     print(json.dumps(measure(spec, order, mode, steps, payload["vocabulary_size"])))
 

@@ -12,6 +12,9 @@ from . import rundir
 
 log = logging.getLogger(__name__)
 
+# Where a run found the plugins its spec names (a JSON file in the run directory).
+PLUGINS = "plugins.json"
+
 
 @dataclasses.dataclass
 class RunReport:
@@ -38,6 +41,12 @@ def load_data(spec):
 
 def write_run_header(spec, data, run_dir):
     rundir.atomic_write_text(os.path.join(run_dir, rundir.MARKER), dump_yaml(spec.document))
+    if spec.plugins:
+        from keras_darts.spec.plugins import plugin_folders
+
+        # The run's copy of the spec lies elsewhere than the plugins: say where they were found.
+        rundir.write_json(os.path.join(run_dir, PLUGINS), {"modules": list(spec.plugins),
+                                                           "folders": plugin_folders(spec.plugins)})
     if is_recurrent(spec):
         rundir.write_json(os.path.join(run_dir, "data.json"), {"task": "language_model", **data.to_document()})
         rundir.atomic_write_text(os.path.join(run_dir, "vocabulary.txt"), "\n".join(data.vocabulary) + "\n")
@@ -118,11 +127,23 @@ def plot_run(run_dir):
     return os.path.join(run_dir, "plots")
 
 
+def import_run_plugins(run_dir):
+    """Import the plugins the run's spec names (and the compiler's layers), so its saved models reload."""
+    import keras_darts.compiler  # noqa: F401 - registers the custom layers model.keras refers to
+    from keras_darts.spec import read_yaml_file
+    from keras_darts.spec.plugins import import_plugins
+
+    marker = os.path.join(run_dir, rundir.MARKER)
+    found = os.path.join(run_dir, PLUGINS)
+    folders = rundir.read_json(found)["folders"] if os.path.exists(found) else ()
+    import_plugins(read_yaml_file(marker).get("plugins"), marker, folders=folders)
+
+
 def load_retrain_result(run_dir):
     """The result of a finished retraining, read back from ``run_dir/retrain``."""
     import keras
 
-    import keras_darts.compiler  # noqa: F401 - registers the custom layers model.keras refers to
+    import_run_plugins(run_dir)
 
     from .language_retraining import LanguageRetrainResult
     from .retraining import RetrainResult
@@ -179,11 +200,10 @@ def export_run(run_dir, model=None, data=None):
     """Export ``run_dir``'s retrained model as a SavedModel and verify it in a fresh process."""
     import keras
 
-    import keras_darts.compiler  # noqa: F401 - registers the custom layers model.keras refers to
-
     from .export import export_saved_model, verify_saved_model, write_signature_note
 
     rundir.require_run(run_dir, "data.json")
+    import_run_plugins(run_dir)
     info = rundir.read_json(os.path.join(run_dir, "data.json"))
     if info.get("task") == "language_model":
         return _export_language_model(run_dir, model, data)
@@ -231,6 +251,7 @@ def load_run_spec(run_dir, overrides=()):
     from keras_darts.spec import load_spec
 
     rundir.require_run(run_dir)
+    import_run_plugins(run_dir)
     return load_spec(os.path.join(run_dir, rundir.MARKER), overrides=list(overrides))
 
 

@@ -50,9 +50,11 @@ from .operations import (
     DARTS_CONV_OPERATIONS,
     DARTS_RECURRENT_OPERATIONS,
     ZERO_OPERATION,
+    OpDefinition,
+    conv_operation,
     known_conv_operations,
     known_recurrent_operations,
-    register_conv_operation_name,
-    unregister_conv_operation_name,
+    register_conv_operation,
+    unregister_conv_operation,
 )
 from .yaml_io import dump_yaml, read_yaml_file

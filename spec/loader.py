@@ -24,6 +24,7 @@ from .model import (
     Spec,
     from_mapping,
 )
+from .plugins import import_plugins
 from .semantic import derived_spec_problems, search_spec_problems
 from .validation import schema_problems
 from .yaml_io import parse_yaml_text, read_yaml_file, require_mapping
@@ -119,6 +120,7 @@ def load_spec(path_or_dict, overrides=None):
         source = os.fspath(path_or_dict)
         document = _read_with_extends(source)
     document = integral_floats_to_int(deep_merge(document, parse_overrides(overrides)))
+    import_plugins(document.get("plugins"), source)
     problems = schema_problems("search_space", document, source)
     if problems:
         raise SpecError(problems + _semantic_problems_beside(problems, document, source))
@@ -171,6 +173,7 @@ def builtin_derived_names():
 def derived_from_document(document, source="<dict>"):
     """Validate a derived-spec mapping and freeze it into a ``DerivedSpec``."""
     document = integral_floats_to_int(require_mapping(document, source))
+    import_plugins(document.get("plugins"), source)
     problems = schema_problems("derived", document, source)
     if problems:
         raise SpecError(problems)
@@ -191,6 +194,7 @@ def derived_from_document(document, source="<dict>"):
         cells=cells,
         network=network,
         origin=document.get("origin"),
+        plugins=tuple(document.get("plugins", ())),
         source=source,
     )
     check_derived(derived)

@@ -211,6 +211,7 @@ class Spec:
     version: int
     name: str
     search_space: ConvSearchSpace
+    plugins: tuple = ()
     data: DataConfig = DataConfig()
     search: SearchConfig = SearchConfig()
     retrain: RetrainConfig = RetrainConfig()
@@ -351,6 +352,7 @@ class RecurrentSpec:
     version: int
     name: str
     search_space: RecurrentSearchSpace
+    plugins: tuple = ()
     data: TextDataConfig = TextDataConfig()
     search: RecurrentSearchConfig = RecurrentSearchConfig()
     retrain: RecurrentRetrainConfig = RecurrentRetrainConfig()
@@ -448,17 +450,18 @@ class DerivedSpec:
     cells: typing.Any  # mapping cell type -> CellGenotype
     network: DerivedNetworkConfig
     origin: typing.Any = dataclasses.field(default=None, compare=False, repr=False)
+    plugins: tuple = ()
     source: str = "<dict>"
 
     def to_document(self):
-        doc = {
-            "version": self.version,
-            "kind": self.kind,
-            "name": self.name,
+        doc = {"version": self.version, "kind": self.kind, "name": self.name}
+        if self.plugins:
+            doc["plugins"] = list(self.plugins)
+        doc.update({
             "operations": list(self.operations),
             "cells": {t: c.to_document() for t, c in self.cells.items()},
             "network": to_plain(self.network),
-        }
+        })
         if self.origin:
             doc["origin"] = to_plain(self.origin)
         return doc

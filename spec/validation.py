@@ -79,7 +79,8 @@ def _describe(error, source, space_kind=None):
     elif validator == "oneOf":
         message = f"expected {_describe_alternatives(schema['oneOf'])}, got {json_type(value)} {value!r}"
     elif validator == "pattern":
-        message = f"expected a name of letters, digits, '_', '.' and '-', got {value!r}"
+        expected = schema.get("description", "a name of letters, digits, '_', '.' and '-'")
+        message = f"expected {expected}, got {value!r}"
     elif validator in ("minLength", "maxLength"):
         message = f"expected a string of length {'>=' if validator == 'minLength' else '<='} {schema[validator]}, got {value!r}"
     else:

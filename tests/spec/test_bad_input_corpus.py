@@ -103,6 +103,10 @@ CORPUS = [
      "darts_minus adds an auxiliary skip path to the mixed ops of convolutional cells"),
     ("darts_minus decay over no epochs", GOOD + "search: {method: darts_minus, darts_minus: {start_epoch: 50}}\n",
      "$.search.darts_minus.start_epoch", "expected start_epoch < max_epoch"),
+    ("a plugin that is not there", "plugins: [no_such_plugin_module]\n" + GOOD, "$.plugins[0]",
+     "cannot import plugin module 'no_such_plugin_module': ModuleNotFoundError"),
+    ("a plugin that is not a module name", "plugins: [my-ops.py]\n" + GOOD, "$.plugins[0]",
+     "expected a Python module name, dotted, without '.py', got 'my-ops.py'"),
     ("unknown option of a method", GOOD + "search: {method: beta_darts, beta_darts: {lambda: 10}}\n",
      "$.search.beta_darts.lambda", "unknown key 'lambda'; expected one of: lambda_max, ramp_epochs"),
 ]
