@@ -148,7 +148,7 @@ def search_epoch(config_name, steps):
     import numpy as np
 
     from keras_darts.runtime.data import ImageData
-    from keras_darts.runtime.search_loop import search
+    from keras_darts.runtime.workflow import search
 
     config = CONFIGS[config_name]
     batch = config["batch"]
@@ -197,7 +197,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference"})
     if mode == "second_order_exact":
         # As a search does: exact mode over max and average pooling runs one kernel at a time.
-        from keras_darts.runtime.search_loop import serialize_kernels_if_needed
+        from keras_darts.runtime.determinism import serialize_kernels_if_needed
 
         serialize_kernels_if_needed(spec)
     batch = config["batch"]
@@ -288,7 +288,7 @@ def estimate_config(config_name, options=None):
             "data": {"source": "text_files", "path": ".", "batch_size": config["batch"], "bptt": config["bptt"]},
             "retrain": {"enabled": False},
         }
-        return estimate(kd.load_spec(document), vocabulary_size=config["vocabulary"])
+        return estimate(kd.load_spec(document), context={"vocabulary_size": config["vocabulary"]})
     return estimate(conv_spec(config, data={"batch_size": config["batch"]}, search=dict(options or {})))
 
 

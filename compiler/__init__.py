@@ -3,6 +3,8 @@
 Keras and ``keras.ops`` only: no gradient tapes and no files here.
 """
 
+from keras_darts.spec import OpDefinition
+
 from .cells import DerivedCell, MixedOp, SearchCell
 from .derive import derive_cell, derive_genotype, derived_spec_from_search
 from .graph import build_cell_graph, build_derived_graph, cell_edges
@@ -15,5 +17,5 @@ from .recurrent import (
     build_recurrent_supernet,
     derive_recurrent_cell,
 )
-from .ops import OpDefinition, build_op, op_definition, register_op, unregister_op
+from .ops import build_op, op_definition, register_op, unregister_op
 from .supernet import CELL_TYPES, Supernet, build_supernet

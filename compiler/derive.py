@@ -8,51 +8,12 @@ with fewer than ``k`` inputs keeps all of them. The stronger
 edge is listed first; the cell output concatenates all intermediate nodes.
 """
 
-import numpy as np
-
-from keras_darts.spec import ZERO_OPERATION, CellGenotype, Edge, derived_from_document
+from keras_darts.spec import CellGenotype, derived_from_document
 
 from .graph import cell_edges
-from .methods import SearchMethod, search_method
-from .methods.base import softmax
-
-DARTS = SearchMethod()
-
-
-def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
-    """DARTS' rule over ``edges`` (``(source, target)`` per alpha row): per target, its k best edges.
-
-    The rule ranks ``method.derivation_weights(alpha)`` (DARTS: the softmax).
-    Returns one tuple of ``Edge`` per target, strongest first.
-    """
-    alpha = np.asarray(alpha)
-    if alpha.shape != (len(edges), len(operations)):
-        raise ValueError(
-            f"alpha must have shape (edges, ops) = ({len(edges)}, {len(operations)}). Received: shape={alpha.shape}"
-        )
-    if k < 1:
-        raise ValueError(f"k must be at least 1. Received: k={k}")
-    probabilities = method.derivation_weights(alpha)
-    candidates = [o for o, name in enumerate(operations) if name != ZERO_OPERATION]
-    if not candidates:
-        raise ValueError(f"operations must include one other than '{ZERO_OPERATION}'. Received: {list(operations)}")
-    chosen_nodes = []
-    for target in targets:
-        rows = [(row, source) for row, (source, t) in enumerate(edges) if t == target]
-        strength = [max(probabilities[row, o] for o in candidates) for row, _ in rows]
-        # A stable sort on -strength keeps the earlier input first among ties;
-        # a node with fewer than k inputs keeps them all.
-        ranked = sorted(range(len(rows)), key=lambda r: -strength[r])[:k]
-        chosen = []
-        for r in ranked:
-            row, source = rows[r]
-            best = candidates[0]
-            for o in candidates[1:]:
-                if probabilities[row, o] > probabilities[row, best]:
-                    best = o
-            chosen.append(Edge(operations[best], source))
-        chosen_nodes.append(tuple(chosen))
-    return tuple(chosen_nodes)
+from .methods import search_method
+from .ranking import DARTS, rank_edges
+from .recurrent import CELL_TYPE, derive_recurrent_cell
 
 
 def derive_cell(alpha, operations, nodes, k, method=DARTS):
@@ -67,8 +28,6 @@ def derive_genotype(alphas, operations, nodes, k, method=DARTS):
     The cell type ``recurrent`` is derived as a recurrent cell, the others as
     convolutional cells.
     """
-    from .recurrent import CELL_TYPE, derive_recurrent_cell
-
     return {
         cell_type: (derive_recurrent_cell if cell_type == CELL_TYPE else derive_cell)(
             alpha, operations, nodes, k, method)

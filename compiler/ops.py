@@ -18,7 +18,6 @@ from keras import ops
 from keras_darts.spec import (
     DARTS_CONV_OPERATIONS,
     ZERO_OPERATION,
-    OpDefinition,
     conv_operation,
     register_conv_operation,
     unregister_conv_operation,

@@ -33,6 +33,7 @@ from keras_darts.spec import ZERO_OPERATION, CellGenotype, Edge, derived_from_do
 
 from .graph import _check_and_freeze, incoming_edges, node_order
 from .methods import MethodSupernet, search_method
+from .ranking import DARTS, rank_edges
 from .ops import BN_EPSILON, PACKAGE, cross_replica_moments
 
 ACTIVATIONS = {
@@ -79,8 +80,6 @@ def build_recurrent_derived_graph(genotype):
 
 def derive_recurrent_cell(alpha, operations, nodes, k=1, method=None):
     """The ``CellGenotype`` of a recurrent cell: DARTS' rule with k edges per node (k=1 in the paper)."""
-    from .derive import DARTS, rank_edges
-
     edges = recurrent_edges(nodes)
     chosen = rank_edges(alpha, operations, edges, range(1, nodes + 1), k, method or DARTS)
     return CellGenotype(nodes=chosen, concat=tuple(range(1, nodes + 1)))

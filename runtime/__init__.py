@@ -28,7 +28,10 @@ _API = {
     "cosine_learning_rate": "optimizers",
     "retrain": "retraining",
     "build_search": "search_loop",
-    "search": "search_loop",
+    "search": "workflow",
+    "kind_of": "kinds",
+    "register_kind": "kinds",
+    "CellKind": "kinds",
     "export_run": "workflow",
     "run_compile_and_search": "workflow",
 }

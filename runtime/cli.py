@@ -80,19 +80,16 @@ def cmd_compile_and_search(args):
 
 def cmd_validate(args):
     spec = _load(args)
+    from keras_darts.runtime.kinds import kind_of
+
     space = spec.search_space
     print(f"{spec.source}: valid")
     print(f"  name: {spec.name}")
     print(f"  operations: {', '.join(space.operations)}")
-    if space.kind == "recurrent_cell":
-        network = space.network
-        print(f"  recurrent cell: {space.nodes} nodes, k: {space.k}, highway {str(space.highway).lower()}, "
-              f"output {space.output}; language model: embedding {network.embedding_size}, "
-              f"hidden {network.hidden_size}")
-    else:
-        print(f"  nodes: {space.nodes}, k: {space.k}, reduction cells at {list(space.reduction_positions)} "
-              f"of {space.network.layers}")
-    print(f"  search: {spec.search.epochs} epochs, {spec.search.order} order; data: {spec.data.source}")
+    print(f"  {kind_of(spec).describe_space(spec)}")
+    method = spec.search.method
+    print(f"  search: {spec.search.epochs} epochs, {spec.search.order} order, method {method}; "
+          f"data: {spec.data.source}")
     return EXIT_OK
 
 
@@ -102,15 +99,9 @@ def cmd_search(args):
 
 
 def cmd_retrain(args):
-    from keras_darts.runtime.workflow import (
-        check_retrainable,
-        export_run,
-        load_data,
-        load_run_spec,
-        retrain_run,
-        retrain_summary,
-    )
     from keras_darts.runtime.distribution import check_batch, is_chief, make_strategy
+    from keras_darts.runtime.kinds import kind_of
+    from keras_darts.runtime.workflow import check_retrainable, export_run, load_data, load_run_spec, retrain_run
     from keras_darts.spec import load_derived
 
     spec = load_run_spec(args.run_dir, _distribute_override(args))
@@ -129,7 +120,7 @@ def cmd_retrain(args):
                          writes=chief)
     if not chief:
         return EXIT_OK
-    print(retrain_summary(result))
+    print(kind_of(spec).retrain_summary(result))
     print(f"retrained model:  {os.path.join(args.run_dir, 'retrain', 'model.keras')}")
     if spec.export.enabled:
         print(f"saved model:      {export_run(args.run_dir, model=result.model, data=data)}")
@@ -147,13 +138,8 @@ def cmd_estimate(args):
     from keras_darts.runtime.estimate import estimate, report_lines
 
     spec = _load(args)
-    vocabulary = None
-    if spec.search_space.kind == "recurrent_cell":
-        from keras_darts.runtime.text_data import load_text_data
-
-        vocabulary = load_text_data(spec).vocabulary_size
     print(f"estimate for {spec.name} ({spec.source}), measured on this machine:")
-    for line in report_lines(estimate(spec, steps=args.steps, orders=args.orders, vocabulary_size=vocabulary)):
+    for line in report_lines(estimate(spec, steps=args.steps, orders=args.orders)):
         print(f"  {line}")
     return EXIT_OK
 
@@ -169,27 +155,17 @@ def cmd_show(args):
     from keras_darts.spec import load_derived
 
     derived = load_derived(args.derived)
-    from keras_darts.compiler import build_language_model, build_network, count_parameters
+    from keras_darts.runtime.kinds import kind_of
 
-    network = derived.network
-    recurrent = derived.kind == "recurrent_cell"
-    first = 1 if recurrent else 2
+    kind = kind_of(derived)
     print(f"{derived.name} ({derived.source})")
     for cell_type, cell in derived.cells.items():
         print(f"  {cell_type}:")
         for n, node in enumerate(cell.nodes):
-            print(f"    node {n + first}: " + ", ".join(f"{e.op} <- {e.input}" for e in node))
-        print(f"    output: {'mean of' if recurrent else 'concat'} {list(cell.concat)}")
-    if recurrent:
-        print(f"  language model: embedding {network.embedding_size}, hidden {network.hidden_size}, "
-              f"vocabulary {network.vocabulary_size}, tied weights {str(network.tie_weights).lower()}")
-        if network.vocabulary_size:
-            print(f"  parameters: {count_parameters(build_language_model(derived))}")
-        return EXIT_OK
-    model = build_network(derived)
-    print(f"  network: C={network.init_channels}, {network.layers} cells, reductions at "
-          f"{list(network.reduction_positions)}, input {list(network.input_shape)}, {network.num_classes} classes")
-    print(f"  parameters: {count_parameters(model)} (auxiliary head excluded)")
+            print(f"    node {n + kind.first_node}: " + ", ".join(f"{e.op} <- {e.input}" for e in node))
+        print(f"    output: {kind.output_rule} {list(cell.concat)}")
+    for line in kind.describe_derived(derived):
+        print(f"  {line}")
     return EXIT_OK
 
 

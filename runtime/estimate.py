@@ -25,84 +25,20 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import tensorflow as tf
 
-SKIPPED_OPS = {"Const", "ReadVariableOp", "Placeholder", "VarHandleOp", "Identity", "NoOp", "Shape", "Reshape"}
+from .determinism import serialize_kernels_if_needed
+from .footprint import format_bytes, static_estimate
+from .kinds import kind_of
 
 
-def graph_float_bytes(graph):
-    """Bytes of the statically shaped floating-point tensors produced by a graph's computing ops."""
-    total = 0
-    for op in graph.get_operations():
-        if op.type in SKIPPED_OPS:
-            continue
-        for tensor in op.outputs:
-            if tensor.dtype.is_floating and tensor.shape.is_fully_defined():
-                total += tensor.shape.num_elements() * tensor.dtype.size
-    return total
-
-
-def build_for_estimate(spec, vocabulary_size=None):
-    """The search's Bilevel, built as a search would build it."""
-    if spec.search_space.kind == "recurrent_cell":
-        from .language_search import build_language_search
-
-        return build_language_search(spec, vocabulary_size)
-    from .search_loop import build_search
-
-    return build_search(spec)
-
-
-def synthetic_batch(spec, bilevel, seed=0):
-    rng = np.random.default_rng(seed)
-    batch = spec.data.batch_size
-    if spec.search_space.kind == "recurrent_cell":
-        model = bilevel.model
-        tokens = rng.integers(0, model.vocabulary_size, (batch, spec.data.bptt + 1))
-        return (tf.constant(tokens[:, :-1], tf.int32), tf.constant(tokens[:, 1:], tf.int32),
-                tf.zeros((batch, model.hidden_size)), tf.constant([0, 0], tf.int32))
-    shape = spec.search_space.network.input_shape
-    classes = spec.search_space.network.num_classes
-    return (tf.constant(rng.normal(size=(batch, *shape)), tf.float32),
-            tf.constant(rng.integers(0, classes, batch), tf.int32))
-
-
-def activation_bytes(spec, bilevel):
-    """Floating-point bytes one forward pass produces at the spec's batch size."""
-    model = bilevel.model
-    batch = synthetic_batch(spec, bilevel)
-    if spec.search_space.kind != "recurrent_cell":
-        forward = tf.function(lambda x: model(x, training=True))
-        return graph_float_bytes(forward.get_concrete_function(tf.TensorSpec(batch[0].shape, tf.float32)).graph)
-    cell = model.cell
-    size = spec.data.batch_size
-    step = tf.function(lambda x, h: cell.step(x, h, cell.kernels(), model.probabilities(), {}))
-    per_step = graph_float_bytes(step.get_concrete_function(
-        tf.TensorSpec((size, model.embedding_size)), tf.TensorSpec((size, model.hidden_size))).graph)
-    # Embedded inputs, the outputs, and the logits over the vocabulary.
-    around = 4 * size * spec.data.bptt * (model.embedding_size + model.hidden_size + 2 * model.vocabulary_size)
-    return per_step * spec.data.bptt + around
-
-
-def static_estimate(spec, bilevel):
-    """Counts that need no timing: weights, alphas and activation bytes."""
-    return {
-        "weights": int(sum(np.prod(v.shape) for v in bilevel.weight_vars)),
-        "alphas": int(sum(np.prod(v.shape) for v in bilevel.arch_vars)),
-        "activation_bytes": int(activation_bytes(spec, bilevel)),
-        "recompute_cells": bool(getattr(bilevel.model, "recompute_cells", False)),
-    }
-
-
-def measure(spec, order, mode, steps, vocabulary_size=None):
+def measure(spec, order, mode, steps, context):
     """Runs in the child process: first-call and median seconds, peak memory of one order."""
     if order == "second":
-        from .search_loop import serialize_kernels_if_needed
-
         serialize_kernels_if_needed(spec)  # as the search will run it
-    bilevel = build_for_estimate(spec, vocabulary_size)
-    batch = synthetic_batch(spec, bilevel)
+    kind = kind_of(spec)
+    bilevel = kind.build_search(spec, **context)
+    batch = kind.synthetic_batch(spec, bilevel)
     step = bilevel.compiled_iteration(order, mode)
     learning_rate = tf.constant(spec.search.weights_optimizer.learning_rate, tf.float32)
     arch_lr = tf.constant(spec.search.arch_optimizer.learning_rate, tf.float32)
@@ -122,11 +58,16 @@ def measure(spec, order, mode, steps, vocabulary_size=None):
     return result
 
 
-def estimate(spec, steps=3, orders=("first", "second"), vocabulary_size=None):
-    """Static counts here, then each order measured in a fresh process."""
-    bilevel = build_for_estimate(spec, vocabulary_size)
-    report = {**static_estimate(spec, bilevel), "batch_size": spec.data.batch_size, "orders": {}}
-    document = json.dumps({"spec": spec.document, "source": spec.source, "vocabulary_size": vocabulary_size})
+def estimate(spec, steps=3, orders=("first", "second"), context=None):
+    """Static counts here, then each order measured in a fresh process.
+
+    ``context`` is what the kind needs beyond the spec (``kind.estimate_context(spec)`` by default).
+    """
+    kind = kind_of(spec)
+    context = kind.estimate_context(spec) if context is None else context
+    bilevel = kind.build_search(spec, **context)
+    report = {**static_estimate(spec, bilevel, kind), "batch_size": spec.data.batch_size, "orders": {}}
+    document = json.dumps({"spec": spec.document, "source": spec.source, "context": context})
     for order in orders:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         done = subprocess.run(
@@ -137,13 +78,6 @@ def estimate(spec, steps=3, orders=("first", "second"), vocabulary_size=None):
             raise RuntimeError(f"measuring the {order}-order iteration failed: {done.stderr.strip()[-1000:]}")
         report["orders"][order] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
-
-
-def format_bytes(count):
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"
 
 
 def report_lines(report):
@@ -172,7 +106,7 @@ def _child():
     payload = json.loads(sys.stdin.read())
     import_plugins(payload["spec"].get("plugins"), payload["source"])  # found beside the spec file, as there
     spec = load_spec(payload["spec"])
-    print(json.dumps(measure(spec, order, mode, steps, payload["vocabulary_size"])))
+    print(json.dumps(measure(spec, order, mode, steps, payload["context"])))
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ class LanguageSearchTask:
 
     metric = "perplexity"
 
-    def __init__(self, spec, data, strategy=None):
+    def __init__(self, spec, data, strategy=None, kind=None):
         self.spec = spec
+        self.kind = kind
         self.data = data
         self.settings = spec.data
         self.bilevel = build_language_search(spec, data.vocabulary_size, strategy=strategy)

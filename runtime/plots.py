@@ -6,57 +6,31 @@ Cells are drawn by graphviz's ``dot`` when it is installed, otherwise with
 matplotlib and networkx.
 """
 
-import io
 import os
 import shutil
 import subprocess
 
 import networkx as nx
 import numpy as np
-from matplotlib.figure import Figure
 
 from keras_darts.spec import load_derived
 
 from . import rundir
-
-FORMATS = ("png", "svg")
-
-
-def _subplots(*args, figsize=None, **kwargs):
-    """``pyplot.subplots`` without pyplot: a standalone Figure (no backend chosen, no global figure list)."""
-    figure = Figure(figsize=figsize)
-    return figure, figure.subplots(*args, **kwargs)
+from .figures import FORMATS, heatmap_figure, save, subplots
+from .kinds import kind_of
 
 
-def _save(figure, base):
-    paths = []
-    for extension in FORMATS:
-        path = f"{base}.{extension}"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
-        paths.append(path)
-    return paths
-
-
-def figure_png(figure):
-    """The figure as PNG bytes (for TensorBoard images)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def cell_graph(cell, recurrent):
-    """The derived cell as a labelled networkx graph (inputs, nodes, output)."""
+def cell_graph(cell, kind):
+    """The derived cell as a labelled networkx graph (inputs, nodes, output), as ``kind`` labels them."""
     graph = nx.MultiDiGraph()
-    first = 1 if recurrent else 2
-    inputs = {0: "s0 (x, h_prev)"} if recurrent else {0: "c_{k-2}", 1: "c_{k-1}"}
-    for node, label in inputs.items():
+    first = kind.first_node
+    for node, label in kind.cell_inputs.items():
         graph.add_node(node, label=label, kind="input")
     for n, edges in enumerate(cell.nodes):
         graph.add_node(n + first, label=str(n + first), kind="node")
         for edge in edges:
             graph.add_edge(edge.input, n + first, label=edge.op)
-    output = "h_t (mean)" if recurrent else "c_k (concat)"
-    graph.add_node("output", label=output, kind="output")
+    graph.add_node("output", label=kind.output_label, kind="output")
     for index in cell.concat:
         graph.add_edge(index, "output", label="")
     return graph
@@ -75,9 +49,9 @@ def _dot_source(graph):
     return "\n".join(lines)
 
 
-def draw_cell(cell, base, recurrent=False, title=""):
-    """Write ``base.png`` and ``base.svg`` of one derived cell."""
-    graph = cell_graph(cell, recurrent)
+def draw_cell(cell, base, kind, title=""):
+    """Write ``base.png`` and ``base.svg`` of one derived cell of ``kind``."""
+    graph = cell_graph(cell, kind)
     dot = shutil.which("dot")
     if dot:
         source = _dot_source(graph)
@@ -89,7 +63,7 @@ def draw_cell(cell, base, recurrent=False, title=""):
         for node in nodes:
             graph.nodes[node]["layer"] = layer
     positions = nx.multipartite_layout(graph, subset_key="layer")
-    figure, axes = _subplots(figsize=(2 + 1.4 * graph.number_of_nodes(), 4))
+    figure, axes = subplots(figsize=(2 + 1.4 * graph.number_of_nodes(), 4))
     colours = {"input": "#a6cee3", "node": "#dddddd", "output": "#fdbf6f"}
     nx.draw_networkx_nodes(graph, positions, ax=axes, node_size=900,
                            node_color=[colours[d["kind"]] for _, d in graph.nodes(data=True)])
@@ -99,56 +73,31 @@ def draw_cell(cell, base, recurrent=False, title=""):
     nx.draw_networkx_edge_labels(graph, positions, edge_labels=labels, ax=axes, font_size=7)
     axes.set_title(title)
     axes.axis("off")
-    return _save(figure, base)
+    return save(figure, base)
 
 
-def edge_labels(rows, recurrent):
-    """``source->target`` for each alpha row of a cell type."""
-    from keras_darts.compiler.graph import cell_edges
-    from keras_darts.compiler.recurrent import recurrent_edges
-
-    nodes = _nodes_for_rows(rows, recurrent)
-    edges = recurrent_edges(nodes) if recurrent else cell_edges(nodes)
-    return [f"{i}->{j}" for i, j in edges]
-
-
-def _nodes_for_rows(rows, recurrent):
-    nodes = 1
-    while True:
-        count = nodes * (nodes + 1) // 2 if recurrent else nodes * (nodes + 3) // 2
-        if count >= rows:
-            return nodes
-        nodes += 1
-
-
-def heatmap_figure(probabilities, operations, labels, title):
-    probabilities = np.asarray(probabilities)
-    figure, axes = _subplots(figsize=(1.2 + 0.9 * len(operations), 0.8 + 0.28 * len(labels)))
-    image = axes.imshow(probabilities, aspect="auto", cmap="viridis", vmin=0.0)
-    axes.set_xticks(range(len(operations)), operations, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(len(labels)), labels, fontsize=7)
-    axes.set_title(title, fontsize=9)
-    figure.colorbar(image, ax=axes)
-    return figure
+def edge_labels(kind, nodes):
+    """``source->target`` for each alpha row of a cell of ``kind`` with ``nodes`` intermediate nodes."""
+    return [f"{i}->{j}" for i, j in kind.alpha_edges(nodes)]
 
 
 def make_plots(run_dir):
     """All pictures of a finished (or stopped) search; returns the written paths."""
     history = rundir.read_json(os.path.join(run_dir, "search", "history.json"))
     derived = load_derived(os.path.join(run_dir, "derived.yaml"))
-    recurrent = derived.kind == "recurrent_cell"
+    kind = kind_of(derived)
     folder = os.path.join(run_dir, "plots")
     os.makedirs(folder, exist_ok=True)
     written = []
     for cell_type, cell in derived.cells.items():
-        written += draw_cell(cell, os.path.join(folder, f"cell_{cell_type}"), recurrent, f"{derived.name}: {cell_type}")
+        written += draw_cell(cell, os.path.join(folder, f"cell_{cell_type}"), kind, f"{derived.name}: {cell_type}")
     operations = list(derived.operations)
     last = history[-1]["alpha_softmax"]
     for cell_type, probabilities in last.items():
-        labels = edge_labels(len(probabilities), recurrent)
+        labels = edge_labels(kind, len(derived.cells[cell_type].nodes))
         figure = heatmap_figure(probabilities, operations, labels,
                                 f"softmax(alpha_{cell_type}) after epoch {history[-1]['epoch']}")
-        written += _save(figure, os.path.join(folder, f"alphas_{cell_type}"))
+        written += save(figure, os.path.join(folder, f"alphas_{cell_type}"))
         written += _evolution(history, cell_type, operations, labels, os.path.join(folder, f"alpha_evolution_{cell_type}"))
     written += _diagnostics(history, os.path.join(folder, "diagnostics"))
     return written
@@ -159,7 +108,7 @@ def _evolution(history, cell_type, operations, labels, base):
     epochs = [record["epoch"] for record in history]
     columns = min(7, len(labels))
     rows = -(-len(labels) // columns)
-    figure, axes = _subplots(rows, columns, figsize=(2.2 * columns, 1.8 * rows), sharex=True, sharey=True,
+    figure, axes = subplots(rows, columns, figsize=(2.2 * columns, 1.8 * rows), sharex=True, sharey=True,
                                 squeeze=False)
     for index, label in enumerate(labels):
         ax = axes[index // columns][index % columns]
@@ -172,12 +121,12 @@ def _evolution(history, cell_type, operations, labels, base):
     figure.legend(handles, names, loc="upper center", ncol=len(operations), fontsize=7)
     figure.supxlabel("epoch")
     figure.supylabel(f"softmax(alpha_{cell_type})")
-    return _save(figure, base)
+    return save(figure, base)
 
 
 def _diagnostics(history, base):
     epochs = [record["epoch"] for record in history]
-    figure, (left, right) = _subplots(1, 2, figsize=(9, 3))
+    figure, (left, right) = subplots(1, 2, figsize=(9, 3))
     left.plot(epochs, [record.get("skip_connections", np.nan) for record in history], marker="o",
               label="skip connections")
     left.plot(epochs, [record.get("parameter_free", np.nan) for record in history], marker="s",
@@ -188,4 +137,4 @@ def _diagnostics(history, base):
     right.plot(epochs, [record.get("hessian_eigenvalue", np.nan) for record in history], marker="o", color="C3")
     right.set_xlabel("epoch")
     right.set_title("dominant eigenvalue of the alpha Hessian", fontsize=9)
-    return _save(figure, base)
+    return save(figure, base)

@@ -93,8 +93,10 @@ def make_eval_step(model, image_shape, strategy=None):
     return eval_step
 
 
-def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, writes=True):
+def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, writes=True, model_builder=build_network):
     """Train ``derived`` on ``data`` as ``spec.retrain`` says; evaluate on the test split.
+
+    ``model_builder(derived, seed=..., synchronized=...)`` builds the network (its kind's).
 
     With ``run_dir``, per-epoch checkpoints go to ``run_dir/retrain/checkpoints``
     and a checkpoint found there is resumed; ``writes=False`` (a worker that
@@ -103,7 +105,7 @@ def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, wr
     config = spec.retrain
     keras.utils.set_random_seed(config.seed)
     with strategy.scope() if strategy else contextlib.nullcontext():
-        model = build_network(derived, seed=config.seed, synchronized=strategy is not None)
+        model = model_builder(derived, seed=config.seed, synchronized=strategy is not None)
         optimizer = CoupledSGD.from_config(model.trainable_variables, config.weights_optimizer)
     parameters = count_parameters(model)
     train_step = make_train_step(model, optimizer, config.auxiliary_weight, data.image_shape, strategy)

@@ -28,30 +28,25 @@ import math
 import os
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
 from keras_darts.compiler import CELL_TYPES, build_supernet, derived_spec_from_search
+from keras_darts.compiler.methods.base import softmax
 from keras_darts.compiler.methods import search_method
 from keras_darts.spec import DivergenceError
-from keras_darts.compiler.derive import softmax
 
 from . import rundir
 from .bilevel import Bilevel
 from .checkpoint import SearchCheckpoints
+from .data import pipeline, search_split
 from .distribution import check_workers_agree
-from .data import load_image_data, pipeline, search_split
+from .footprint import format_bytes, static_estimate
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
 
 log = logging.getLogger(__name__)
-
-# Ops without weights, per cell kind: a cell made of them has collapsed.
-PARAMETER_FREE = {"conv_cell": ("max_pool_3x3", "avg_pool_3x3", "skip_connect"), "recurrent_cell": ("identity",)}
-SKIP = {"conv_cell": "skip_connect", "recurrent_cell": "identity"}
-
 
 @dataclasses.dataclass
 class SearchResult:
@@ -70,10 +65,13 @@ def genotype_text(derived):
     return " | ".join(parts)
 
 
-def build_search(spec, model=None, strategy=None):
-    """The supernet, its two optimisers and the bilevel iteration for ``spec`` (under ``strategy``'s scope)."""
+def build_search(spec, model=None, strategy=None, model_builder=build_supernet):
+    """The supernet (``model``, or ``model_builder(spec)``), its two optimisers and the bilevel iteration.
+
+    Built under ``strategy``'s scope.
+    """
     with strategy.scope() if strategy else contextlib.nullcontext():
-        model = model or build_supernet(spec)
+        model = model or model_builder(spec)
         config = spec.search
         return Bilevel(
             model,
@@ -86,13 +84,14 @@ def build_search(spec, model=None, strategy=None):
 
 
 class ImageSearchTask:
-    """Batches, evaluation and records of a convolutional search on images."""
+    """Batches, evaluation and records of a search on images (of ``kind``, with ``bilevel``)."""
 
     metric = "accuracy"
 
-    def __init__(self, spec, data, strategy=None):
+    def __init__(self, spec, data, bilevel, kind):
         config = spec.search
         self.spec = spec
+        self.kind = kind
         weight_index, alpha_index = search_split(data, spec)
         batch = spec.data.batch_size
         augment = spec.data.augment
@@ -104,7 +103,7 @@ class ImageSearchTask:
         self.steps = min(self.weights_data.batches_per_epoch(), self.alpha_data.batches_per_epoch())
         if config.steps_per_epoch:
             self.steps = min(self.steps, config.steps_per_epoch)
-        self.bilevel = build_search(spec, strategy=strategy)
+        self.bilevel = bilevel
 
     def describe(self):
         bilevel = self.bilevel
@@ -144,95 +143,6 @@ class ImageSearchTask:
 
     def summarise(self, sums, weight):
         return {key: value / max(weight, 1e-12) for key, value in sums.items()}
-
-
-RACING_OPERATIONS = {"max_pool_3x3", "avg_pool_3x3"}
-
-
-def _races(spec):
-    config = spec.search
-    return (config.order == "second" and config.second_order_mode == "exact"
-            and RACING_OPERATIONS <= set(spec.search_space.operations))
-
-
-def serialize_kernels_if_needed(spec):
-    """Run TensorFlow's kernels one at a time when exact second order would race; True if they do.
-
-    Measured on TensorFlow 2.21's CPU kernels: the double back-propagation of
-    a supernet holding both max and average pooling gives a different, wrong
-    mixed Hessian-vector product from run to run when independent kernels run
-    concurrently, in float32 and float64 alike; with one inter-op thread it is
-    deterministic and matches float64 and central differences. It must be set
-    before TensorFlow starts its runtime (the CLI does so); later, a warning
-    says how (``TF_NUM_INTEROP_THREADS=1``).
-    """
-    if not _races(spec):
-        return False
-    if tf.config.threading.get_inter_op_parallelism_threads() == 1 or os.environ.get("TF_NUM_INTEROP_THREADS") == "1":
-        return True
-    try:
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        log.warning("exact second order with max and average pooling needs TensorFlow's kernels run one at a "
-                    "time (concurrent kernels give wrong Hessian-vector products); TensorFlow has started "
-                    "already, so set TF_NUM_INTEROP_THREADS=1 before starting Python")
-        return False
-    log.info("exact second order with max and average pooling: TensorFlow runs one kernel at a time")
-    return True
-
-
-def search(spec, run_dir=None, data=None, progress=False, on_epoch=None, strategy=None):
-    """Run (or resume, when ``run_dir`` holds a checkpoint) the search ``spec`` describes.
-
-    ``strategy`` (default: the one ``spec.distribute`` names) runs it data-parallel;
-    only the chief writes ``run_dir``. Returns a ``SearchResult`` with the
-    derived spec of the last epoch.
-    """
-    from .distribution import check_batch, is_chief, make_strategy
-
-    warn_unless_kernels_serialized(spec)
-    strategy = strategy or make_strategy(spec.distribute, spec.source)
-    check_batch(spec, strategy)
-    with op_determinism(spec.search.deterministic):
-        keras.utils.set_random_seed(spec.search.seed)
-        if spec.search_space.kind == "recurrent_cell":
-            from .language_search import LanguageSearchTask
-            from .text_data import load_text_data
-
-            task = LanguageSearchTask(spec, data or load_text_data(spec), strategy)
-        else:
-            task = ImageSearchTask(spec, data or load_image_data(spec), strategy)
-        chief = strategy is None or is_chief(strategy)
-        return SearchDriver(spec, task, run_dir, progress, on_epoch, writes=chief).run()
-
-
-@contextlib.contextmanager
-def op_determinism(enabled):
-    """TensorFlow's op determinism on inside the block when ``enabled``, as it was after it.
-
-    TensorFlow's public API can only switch it on; the switch back uses its
-    internal ``disable_op_determinism`` (TensorFlow is pinned).
-    """
-    from tensorflow.python.framework import config as tf_config
-
-    was_enabled = tf_config.is_op_determinism_enabled()
-    if enabled and not was_enabled:
-        tf_config.enable_op_determinism()
-    try:
-        yield
-    finally:
-        if enabled and not was_enabled:
-            tf_config.disable_op_determinism()
-
-
-def warn_unless_kernels_serialized(spec):
-    """Warn when exact second order would race (see ``serialize_kernels_if_needed``) and kernels run concurrently."""
-    if not _races(spec):
-        return
-    if tf.config.threading.get_inter_op_parallelism_threads() != 1 and os.environ.get("TF_NUM_INTEROP_THREADS") != "1":
-        log.warning("exact second order with max and average pooling needs TensorFlow's kernels run one at a time "
-                    "(concurrent kernels give wrong Hessian-vector products): call serialize_kernels_if_needed(spec) "
-                    "before TensorFlow runs anything, or set TF_NUM_INTEROP_THREADS=1 before starting Python")
 
 
 def search_origin(spec, epoch, alphas):
@@ -297,13 +207,12 @@ class SearchDriver:
         if self.run_dir and self.writes and self.config.tensorboard:
             from .monitor import TensorBoard
 
-            self.board = TensorBoard(self.run_dir, self.spec.search_space.operations,
-                                     self.spec.search_space.kind == "recurrent_cell")
+            space = self.spec.search_space
+            self.board = TensorBoard(self.run_dir, space.operations,
+                                     [f"{i}->{j}" for i, j in self.task.kind.alpha_edges(space.nodes)])
         log.info("search %s: %s, %s order%s, %d epochs", self.spec.name, self.task.describe(), config.order,
                  f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs)
-        from .estimate import format_bytes, static_estimate
-
-        counts = static_estimate(self.spec, self.bilevel)
+        counts = static_estimate(self.spec, self.bilevel, self.task.kind)
         log.info("estimate: %s weights, %s architecture parameters, %s of activations per forward pass at batch %d",
                  f"{counts['weights']:,}", f"{counts['alphas']:,}", format_bytes(counts["activation_bytes"]),
                  self.spec.data.batch_size)
@@ -421,13 +330,7 @@ class SearchDriver:
         return record
 
     def diagnostics(self, derived):
-        kind = self.spec.search_space.kind
-        cell = derived.cells["normal" if kind == "conv_cell" else "recurrent"]
-        ops = [edge.op for node in cell.nodes for edge in node]
-        found = {
-            "skip_connections": sum(op == SKIP[kind] for op in ops),
-            "parameter_free": sum(op in PARAMETER_FREE[kind] for op in ops),
-        }
+        found = self.task.kind.collapse(derived)
         settings = self.config.diagnostics
         if settings.hessian_eigenvalue:
             found["hessian_eigenvalue"] = self.bilevel.alpha_hessian_eigenvalue(

@@ -24,6 +24,7 @@ from .model import (
     Spec,
     from_mapping,
 )
+from .kinds import spec_layout
 from .plugins import import_plugins
 from .semantic import derived_spec_problems, search_spec_problems
 from .validation import schema_problems
@@ -121,7 +122,7 @@ def load_spec(path_or_dict, overrides=None):
         document = _read_with_extends(source)
     document = integral_floats_to_int(deep_merge(document, parse_overrides(overrides)))
     import_plugins(document.get("plugins"), source)
-    problems = schema_problems("search_space", document, source)
+    problems = schema_problems("search_space", _in_layout(document), source)
     if problems:
         raise SpecError(problems + _semantic_problems_beside(problems, document, source))
     spec = from_mapping(spec_class(document), document)
@@ -132,10 +133,23 @@ def load_spec(path_or_dict, overrides=None):
     return spec
 
 
+def _in_layout(document, parent="search_space"):
+    """``document`` with its kind replaced by the built-in kind whose layout it follows (for the schema)."""
+    holder = document.get(parent) if parent else document
+    if not isinstance(holder, dict):
+        return document
+    layout = spec_layout(holder.get("kind"))
+    if layout is None or layout == holder.get("kind"):
+        return document
+    if parent is None:
+        return {**document, "kind": layout}
+    return {**document, parent: {**holder, "kind": layout}}
+
+
 def spec_class(document):
-    """``RecurrentSpec`` for a recurrent search space, else ``Spec``."""
+    """``RecurrentSpec`` for a search space laid out as a recurrent one, else ``Spec``."""
     space = document.get("search_space")
-    if isinstance(space, dict) and space.get("kind") == "recurrent_cell":
+    if isinstance(space, dict) and spec_layout(space.get("kind")) == "recurrent_cell":
         return RecurrentSpec
     return Spec
 
@@ -174,10 +188,10 @@ def derived_from_document(document, source="<dict>"):
     """Validate a derived-spec mapping and freeze it into a ``DerivedSpec``."""
     document = integral_floats_to_int(require_mapping(document, source))
     import_plugins(document.get("plugins"), source)
-    problems = schema_problems("derived", document, source)
+    problems = schema_problems("derived", _in_layout(document, parent=None), source)
     if problems:
         raise SpecError(problems)
-    recurrent = document["kind"] == "recurrent_cell"
+    recurrent = spec_layout(document["kind"]) == "recurrent_cell"
     first_node = 1 if recurrent else 2
     cells = {}
     for cell_type, cell in document["cells"].items():

@@ -3,6 +3,7 @@
 import difflib
 
 from .errors import Problem
+from .kinds import spec_layout
 from .model import METHOD_OPTION_KEYS, reduction_positions
 from .operations import ZERO_OPERATION, known_conv_operations, known_recurrent_operations
 
@@ -151,7 +152,7 @@ def method_problems(spec, source):
                                     f"options for method '{key}', but $.search.method is '{method}'; "
                                     f"set search.method: {key} or drop search.{key}"))
     if method == "darts_minus":
-        if spec.search_space.kind != "conv_cell":
+        if spec_layout(spec.search_space.kind) != "conv_cell":
             problems.append(Problem(source, "$.search.method",
                                     f"darts_minus adds an auxiliary skip path to the mixed ops of convolutional "
                                     f"cells; $.search_space.kind is '{spec.search_space.kind}', which has none "
@@ -166,7 +167,7 @@ def method_problems(spec, source):
 
 
 def search_spec_problems(spec, source):
-    if spec.search_space.kind == "recurrent_cell":
+    if spec_layout(spec.search_space.kind) == "recurrent_cell":
         return recurrent_spec_problems(spec, source) + method_problems(spec, source)
     space = spec.search_space
     network = space.network
@@ -251,7 +252,7 @@ def derived_cell_problems(cell, base, first, operations, known, joined, source):
 
 
 def derived_spec_problems(derived, source):
-    if derived.kind == "recurrent_cell":
+    if spec_layout(derived.kind) == "recurrent_cell":
         return derived_recurrent_problems(derived, source)
     problems = operation_problems(derived.operations, source, "$.operations")
     for cell_type, cell in derived.cells.items():

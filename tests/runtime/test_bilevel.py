@@ -288,7 +288,7 @@ def float32_and_float64_gradients():
 EXACT_CHILD = """
 import json
 import keras_darts as kd
-from keras_darts.runtime.search_loop import serialize_kernels_if_needed
+from keras_darts.runtime.determinism import serialize_kernels_if_needed
 from tests.conftest import tiny_spec_document
 document = tiny_spec_document()
 document["search"]["second_order_mode"] = "exact"

@@ -12,7 +12,7 @@ import pytest
 
 import keras_darts as kd
 from keras_darts.runtime.distribution import check_batch
-from keras_darts.runtime.search_loop import search
+from keras_darts.runtime.workflow import search
 from keras_darts.runtime.workflow import load_data, retrain_run
 from keras_darts.spec import SpecError, dump_yaml
 from tests.conftest import tiny_spec_document
@@ -35,7 +35,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np
 import keras_darts as kd
-from keras_darts.runtime.search_loop import search
+from keras_darts.runtime.workflow import search
 from keras_darts.runtime.workflow import load_data, retrain_run
 from keras_darts.runtime.distribution import make_strategy
 out = {}
@@ -79,7 +79,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras_darts as kd
-from keras_darts.runtime.search_loop import search
+from keras_darts.runtime.workflow import search
 from keras_darts.runtime.distribution import make_strategy
 doc = json.loads(sys.argv[1])
 single = search(kd.load_spec(doc))
@@ -121,11 +121,11 @@ import keras_darts as kd
 from keras_darts.runtime.data import load_image_data
 from keras_darts.runtime.distribution import make_strategy
 from keras_darts.runtime.retraining import retrain
-from keras_darts.runtime.workflow import derived_for_run
+from keras_darts.spec import derived_with_network
 doc, folder = json.loads(sys.argv[1]), sys.argv[2]
 spec = kd.load_spec(doc)
 data = load_image_data(spec)
-derived = derived_for_run(spec, kd.load_derived("DARTS_V2"))
+derived = derived_with_network(kd.load_derived("DARTS_V2"), **spec.derived_network(retrain=True))
 strategy = make_strategy(kd.load_spec({**doc, "distribute": {"strategy": "mirrored",
                                                               "devices": ["/cpu:0", "/cpu:1"]}}).distribute)
 

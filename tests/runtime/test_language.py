@@ -201,7 +201,7 @@ def test_each_pass_draws_its_own_dropout_masks(cyclic_corpus):
 
 # -- search, retraining, export ---------------------------------------------------------
 def test_a_short_search_lowers_validation_perplexity(cyclic_corpus):
-    from keras_darts.runtime.search_loop import search
+    from keras_darts.runtime.workflow import search
 
     document = tiny_recurrent_document(cyclic_corpus)
     document["search"].update(epochs=3, order="first",

@@ -15,7 +15,9 @@ import tensorflow as tf
 import keras_darts as kd
 from keras_darts.runtime.checkpoint import SearchCheckpoints
 from keras_darts.runtime.cli import compile_and_search_main, main
-from keras_darts.runtime.search_loop import DivergenceError, build_search, search
+from keras_darts.runtime.search_loop import build_search
+from keras_darts.runtime.workflow import search
+from keras_darts.spec import DivergenceError
 from keras_darts.runtime.workflow import load_data, retrain_run
 from keras_darts.spec import dump_yaml
 from tests.conftest import tiny_spec_document
@@ -257,15 +259,17 @@ def test_tensorboard_history_and_pictures(tmp_path, capsys):
 
 # -- the resource estimate -----------------------------------------------------------------
 def test_estimate_counts_parameters_and_activations_that_grow_with_the_batch(capsys):
-    from keras_darts.runtime.estimate import static_estimate
+    from keras_darts.runtime.footprint import static_estimate
+    from keras_darts.runtime.kinds import kind_of
 
     spec = kd.load_spec(tiny())
     bilevel = build_search(spec)
-    counts = static_estimate(spec, bilevel)
+    counts = static_estimate(spec, bilevel, kind_of(spec))
     assert counts["weights"] == sum(int(np.prod(v.shape)) for v in bilevel.model.weight_variables)
     assert counts["alphas"] == 2 * 5 * 5  # two cell types, 5 edges for 2 nodes, 5 ops
     double = kd.load_spec(tiny(), overrides=["data.batch_size=64"])
-    ratio = static_estimate(double, build_search(double))["activation_bytes"] / counts["activation_bytes"]
+    ratio = (static_estimate(double, build_search(double), kind_of(double))["activation_bytes"]
+             / counts["activation_bytes"])
     assert 1.9 < ratio <= 2.0  # activations scale with the batch; a few per-channel tensors do not
 
 

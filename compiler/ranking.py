@@ -1,0 +1,45 @@
+"""DARTS' derivation rule over any cell's edges: per node, the k strongest incoming edges, each with its best op."""
+
+import numpy as np
+
+from keras_darts.spec import ZERO_OPERATION, Edge
+
+from .methods import SearchMethod
+
+DARTS = SearchMethod()
+
+
+def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
+    """DARTS' rule over ``edges`` (``(source, target)`` per alpha row): per target, its k best edges.
+
+    The rule ranks ``method.derivation_weights(alpha)`` (DARTS: the softmax).
+    Returns one tuple of ``Edge`` per target, strongest first.
+    """
+    alpha = np.asarray(alpha)
+    if alpha.shape != (len(edges), len(operations)):
+        raise ValueError(
+            f"alpha must have shape (edges, ops) = ({len(edges)}, {len(operations)}). Received: shape={alpha.shape}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be at least 1. Received: k={k}")
+    probabilities = method.derivation_weights(alpha)
+    candidates = [o for o, name in enumerate(operations) if name != ZERO_OPERATION]
+    if not candidates:
+        raise ValueError(f"operations must include one other than '{ZERO_OPERATION}'. Received: {list(operations)}")
+    chosen_nodes = []
+    for target in targets:
+        rows = [(row, source) for row, (source, t) in enumerate(edges) if t == target]
+        strength = [max(probabilities[row, o] for o in candidates) for row, _ in rows]
+        # A stable sort on -strength keeps the earlier input first among ties;
+        # a node with fewer than k inputs keeps them all.
+        ranked = sorted(range(len(rows)), key=lambda r: -strength[r])[:k]
+        chosen = []
+        for r in ranked:
+            row, source = rows[r]
+            best = candidates[0]
+            for o in candidates[1:]:
+                if probabilities[row, o] > probabilities[row, best]:
+                    best = o
+            chosen.append(Edge(operations[best], source))
+        chosen_nodes.append(tuple(chosen))
+    return tuple(chosen_nodes)

@@ -1,0 +1,145 @@
+"""``conv_cell``: DARTS' convolutional cells (normal and reduction) on image classification."""
+
+import logging
+import os
+
+import numpy as np
+
+from .base import CellKind
+
+log = logging.getLogger(__name__)
+
+
+class ConvCellKind(CellKind):
+    name = "conv_cell"
+    spec_layout = "conv_cell"
+    metric = "accuracy"
+    cell_inputs = {0: "c_{k-2}", 1: "c_{k-1}"}
+    first_node = 2
+    output_rule = "concat"
+    output_label = "c_k (concat)"
+    collapse_cell = "normal"
+    skip_operation = "skip_connect"
+    parameter_free = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")
+
+    # -- the models: a kind that keeps this data and objective may change only these ------
+    def build_supernet(self, spec):
+        from keras_darts.compiler import build_supernet
+
+        return build_supernet(spec)
+
+    def build_network(self, derived, seed=None, synchronized=False):
+        from keras_darts.compiler import build_network
+
+        return build_network(derived, seed=seed, synchronized=synchronized)
+
+    def alpha_edges(self, nodes):
+        from keras_darts.compiler.graph import cell_edges
+
+        return cell_edges(nodes)
+
+    # -- data -----------------------------------------------------------------------
+    def load_data(self, spec):
+        from ..data import load_image_data
+
+        return load_image_data(spec)
+
+    def data_document(self, spec, data):
+        return {
+            "name": data.name,
+            "image_shape": list(data.image_shape),
+            "num_classes": int(spec.search_space.network.num_classes),
+            "train_examples": int(len(data.y_train)),
+            "test_examples": int(len(data.y_test)),
+            "mean": data.mean.tolist(),
+            "std": data.std.tolist(),
+        }
+
+    # -- search ---------------------------------------------------------------------
+    def search_task(self, spec, data, strategy=None):
+        from ..search_loop import ImageSearchTask
+
+        return ImageSearchTask(spec, data, self.build_search(spec, strategy), self)
+
+    def build_search(self, spec, strategy=None, **context):
+        from ..search_loop import build_search
+
+        return build_search(spec, strategy=strategy, model_builder=self.build_supernet)
+
+    def synthetic_batch(self, spec, bilevel, seed=0):
+        import tensorflow as tf
+
+        rng = np.random.default_rng(seed)
+        batch = spec.data.batch_size
+        shape = spec.search_space.network.input_shape
+        classes = spec.search_space.network.num_classes
+        return (tf.constant(rng.normal(size=(batch, *shape)), tf.float32),
+                tf.constant(rng.integers(0, classes, batch), tf.int32))
+
+    def activation_bytes(self, spec, bilevel):
+        import tensorflow as tf
+
+        from ..footprint import graph_float_bytes
+
+        model = bilevel.model
+        batch = self.synthetic_batch(spec, bilevel)
+        forward = tf.function(lambda x: model(x, training=True))
+        return graph_float_bytes(forward.get_concrete_function(tf.TensorSpec(batch[0].shape, tf.float32)).graph)
+
+    # -- retraining and export ---------------------------------------------------------
+    def retrain(self, spec, derived, data, run_dir=None, progress=False, strategy=None, writes=True):
+        from keras_darts.spec import derived_with_network
+
+        from ..retraining import retrain
+
+        self.check_retrainable(spec, derived)
+        derived = derived_with_network(derived, **spec.derived_network(retrain=True))
+        return retrain(spec, derived, data, run_dir=run_dir, progress=progress, strategy=strategy, writes=writes,
+                       model_builder=self.build_network)
+
+    def check_retrainable(self, spec, derived):
+        from keras_darts.spec import SpecError
+
+        if derived.kind != spec.search_space.kind:
+            raise SpecError.single(derived.source, "$.kind", f"a derived spec of kind '{derived.kind}' cannot be "
+                                   f"retrained by a '{spec.search_space.kind}' spec")
+
+    def retrain_result(self, run_dir, model, metrics, history):
+        from ..retraining import RetrainResult
+
+        return RetrainResult(model, history, metrics["test_loss"], metrics["test_accuracy"], metrics["parameters"])
+
+    def retrain_summary(self, result):
+        return f"retrain: {result.parameters} parameters, test accuracy {result.test_accuracy:.4f}"
+
+    def export(self, run_dir, info, model=None, data=None):
+        from ..export import export_saved_model, verify_saved_model, write_signature_note
+
+        mean = np.asarray(info["mean"], np.float32)
+        std = np.asarray(info["std"], np.float32)
+        path = os.path.join(run_dir, "export", "saved_model")
+        export_saved_model(model, path, mean, std)
+        write_signature_note(path, info["image_shape"], info["num_classes"])
+        if data is not None:
+            sample = data.x_test[:16]
+        else:
+            sample = np.random.default_rng(0).uniform(0, 1, (4, *info["image_shape"])).astype(np.float32)
+        difference = verify_saved_model(path, model, sample, mean, std)
+        log.info("SavedModel verified in a fresh process: max |difference| %.2e", difference)
+        return path
+
+    # -- text ---------------------------------------------------------------------------
+    def describe_space(self, spec):
+        space = spec.search_space
+        return (f"nodes: {space.nodes}, k: {space.k}, reduction cells at {list(space.reduction_positions)} "
+                f"of {space.network.layers}")
+
+    def describe_derived(self, derived):
+        from keras_darts.compiler import count_parameters
+
+        network = derived.network
+        model = self.build_network(derived)
+        return [f"network: C={network.init_channels}, {network.layers} cells, reductions at "
+                f"{list(network.reduction_positions)}, input {list(network.input_shape)}, "
+                f"{network.num_classes} classes",
+                f"parameters: {count_parameters(model)} (auxiliary head excluded)"]

@@ -1,0 +1,152 @@
+"""``recurrent_cell``: DARTS' recurrent cell with highway connections, searched and retrained as a language model."""
+
+import logging
+import os
+
+import numpy as np
+
+from .base import CellKind
+
+log = logging.getLogger(__name__)
+
+
+class RecurrentCellKind(CellKind):
+    name = "recurrent_cell"
+    spec_layout = "recurrent_cell"
+    metric = "perplexity"
+    metric_format = "{:.2f}"
+    distributed_retraining = False
+    cell_inputs = {0: "s0 (x, h_prev)"}
+    first_node = 1
+    output_rule = "mean of"
+    output_label = "h_t (mean)"
+    collapse_cell = "recurrent"
+    skip_operation = "identity"
+    parameter_free = ("identity",)
+
+    def alpha_edges(self, nodes):
+        from keras_darts.compiler.recurrent import recurrent_edges
+
+        return recurrent_edges(nodes)
+
+    # -- data -----------------------------------------------------------------------
+    def load_data(self, spec):
+        from ..text_data import load_text_data
+
+        return load_text_data(spec)
+
+    def data_document(self, spec, data):
+        return {"task": "language_model", **data.to_document()}
+
+    def data_files(self, spec, data):
+        return {"vocabulary.txt": "\n".join(data.vocabulary) + "\n"}
+
+    # -- search ---------------------------------------------------------------------
+    def search_task(self, spec, data, strategy=None):
+        from ..language_search import LanguageSearchTask
+
+        return LanguageSearchTask(spec, data, strategy, self)
+
+    def estimate_context(self, spec):
+        return {"vocabulary_size": self.load_data(spec).vocabulary_size}
+
+    def build_search(self, spec, strategy=None, vocabulary_size=None, **context):
+        from ..language_search import build_language_search
+
+        return build_language_search(spec, vocabulary_size, strategy=strategy)
+
+    def synthetic_batch(self, spec, bilevel, seed=0):
+        import tensorflow as tf
+
+        rng = np.random.default_rng(seed)
+        batch = spec.data.batch_size
+        model = bilevel.model
+        tokens = rng.integers(0, model.vocabulary_size, (batch, spec.data.bptt + 1))
+        return (tf.constant(tokens[:, :-1], tf.int32), tf.constant(tokens[:, 1:], tf.int32),
+                tf.zeros((batch, model.hidden_size)), tf.constant([0, 0], tf.int32))
+
+    def activation_bytes(self, spec, bilevel):
+        """One time step's graph times ``bptt``, plus the embedding and decoder."""
+        import tensorflow as tf
+
+        from ..footprint import graph_float_bytes
+
+        model = bilevel.model
+        cell = model.cell
+        size = spec.data.batch_size
+        step = tf.function(lambda x, h: cell.step(x, h, cell.kernels(), model.probabilities(), {}))
+        per_step = graph_float_bytes(step.get_concrete_function(
+            tf.TensorSpec((size, model.embedding_size)), tf.TensorSpec((size, model.hidden_size))).graph)
+        # Embedded inputs, the outputs, and the logits over the vocabulary.
+        around = 4 * size * spec.data.bptt * (model.embedding_size + model.hidden_size + 2 * model.vocabulary_size)
+        return per_step * spec.data.bptt + around
+
+    # -- retraining and export ---------------------------------------------------------
+    def check_retrainable(self, spec, derived):
+        from keras_darts.spec import SpecError
+
+        space = spec.search_space
+        if derived.kind != space.kind:
+            raise SpecError.single(derived.source, "$.kind", f"a derived spec of kind '{derived.kind}' cannot be "
+                                   f"retrained by a '{space.kind}' spec")
+        ops = {e.op for cell in derived.cells.values() for node in cell.nodes for e in node}
+        unknown = sorted(ops - set(space.operations))
+        if unknown:
+            raise SpecError.single(derived.source, "$.cells",
+                                   f"operations {', '.join(unknown)} are not in the spec's operations")
+
+    def retrain(self, spec, derived, data, run_dir=None, progress=False, strategy=None, writes=True):
+        from keras_darts.spec import derived_with_network
+
+        from ..language_retraining import retrain_language_model
+
+        if strategy is not None:
+            log.warning("a language model retrains on one device; the distribute setting applies to its search")
+        self.check_retrainable(spec, derived)
+        derived = derived_with_network(derived, **spec.derived_network(retrain=True),
+                                       vocabulary_size=data.vocabulary_size)
+        return retrain_language_model(spec, derived, data, run_dir=run_dir if writes else None, progress=progress)
+
+    def retrain_result(self, run_dir, model, metrics, history):
+        from ..language_retraining import LanguageRetrainResult
+
+        return LanguageRetrainResult(model, history, metrics["test_loss"], metrics["test_perplexity"],
+                                     metrics["parameters"], metrics.get("switched_to_averaging_after_epoch"))
+
+    def retrain_summary(self, result):
+        return f"retrain: {result.parameters} parameters, test perplexity {result.test_perplexity:.2f}"
+
+    def export(self, run_dir, info, model=None, data=None):
+        from ..export import export_language_model, verify_language_model, write_language_signature_note
+
+        with open(os.path.join(run_dir, "vocabulary.txt"), encoding="utf-8") as handle:
+            vocabulary = handle.read().splitlines()
+        path = os.path.join(run_dir, "export", "saved_model")
+        export_language_model(model, path)
+        write_language_signature_note(path, model.hidden_size, vocabulary)
+        if data is not None:
+            sample = data.test[: 4 * 12].reshape(4, 12)
+        else:
+            sample = np.random.default_rng(0).integers(0, len(vocabulary), (4, 12))
+        difference = verify_language_model(path, model, sample)
+        log.info("SavedModel verified in a fresh process, run statefully in pieces: max |difference| %.2e",
+                 difference)
+        return path
+
+    # -- text ---------------------------------------------------------------------------
+    def describe_space(self, spec):
+        space = spec.search_space
+        network = space.network
+        return (f"recurrent cell: {space.nodes} nodes, k: {space.k}, highway {str(space.highway).lower()}, "
+                f"output {space.output}; language model: embedding {network.embedding_size}, "
+                f"hidden {network.hidden_size}")
+
+    def describe_derived(self, derived):
+        from keras_darts.compiler import build_language_model, count_parameters
+
+        network = derived.network
+        lines = [f"language model: embedding {network.embedding_size}, hidden {network.hidden_size}, "
+                 f"vocabulary {network.vocabulary_size}, tied weights {str(network.tie_weights).lower()}"]
+        if network.vocabulary_size:
+            lines.append(f"parameters: {count_parameters(build_language_model(derived))}")
+        return lines
