@@ -16,17 +16,17 @@ import dataclasses
 import logging
 import math
 import os
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from keras_darts.compiler import build_language_model, count_parameters
 
 from . import rundir
+from .checkpoint import Checkpoints
 from .language_search import evaluate_perplexity
+from .loop import Checkpointing, HistoryFiles, Loop, ProgressBar
 from .objectives import LanguageModeling
 from .optimizers import CoupledSGD
 from .text_data import batchify, sequence_lengths, window
@@ -94,8 +94,128 @@ class IterateAverage:
             mean.assign(current)
 
 
+class LanguageRetraining:
+    """Language-model retraining as the ``Loop`` runs it.
+
+    Epoch ``e``'s window lengths are drawn from ``(seed, e)`` and each step's
+    dropout masks from ``(seed, iteration)``, so a resumed epoch replays
+    exactly. The hidden state, the best weights so far and the running
+    average of the weights (once averaging is on) are the task's arrays in
+    every checkpoint; the validation losses and the switch epoch live in the
+    loop state.
+    """
+
+    def __init__(self, spec, model, train_step, eval_step, data):
+        self.spec = spec
+        self.config = spec.retrain
+        self.settings = spec.data
+        self.model = model
+        self.train_step = train_step
+        self.eval_step = eval_step
+        self.data = data
+        self.train = batchify(data.train, self.config.batch_size)
+        self.hidden = self.zeros()
+        self.pending = None
+        self.average = None
+        self.best = None  # the weights of the best validation loss so far
+
+    def zeros(self):
+        return tf.zeros((self.config.batch_size, self.model.hidden_size))
+
+    def lengths(self, epoch):
+        rng = np.random.default_rng([self.config.seed, epoch])
+        return sequence_lengths(self.train.shape[1], self.settings.bptt, self.settings.variable_length, rng)
+
+    def steps_in_epoch(self, epoch):
+        return len(self.lengths(epoch))
+
+    def begin_epoch(self, state):
+        if state.step == 0:
+            self.hidden = self.zeros()
+
+    def batches(self, state):
+        lengths = self.lengths(state.epoch)
+        position = sum(lengths[: state.step])
+        for length in lengths[state.step:]:
+            x, y = window(self.train, position, length)
+            yield x, y, length
+            position += length
+
+    def step(self, inputs, state):
+        x, y, length = inputs
+        seed = tf.constant([self.config.seed % 2**31, state.iteration % 2**31], tf.int32)
+        loss, self.pending = self.train_step(
+            (tf.constant(x), tf.constant(y), self.hidden, seed),
+            tf.constant(self.config.learning_rate * length / self.settings.bptt, tf.float32))
+        return {"train_loss": float(loss)}, float(x.size)
+
+    def accept(self):
+        self.hidden = self.pending
+        if self.average is not None:
+            self.average.update()
+
+    def end_epoch(self, state, seconds):
+        config = self.config
+        extra = state.extra
+        val_losses = extra.setdefault("val_losses", [])
+        if self.average is not None:
+            self.average.swap()
+        val_loss, val_perplexity = evaluate_perplexity(
+            self.eval_step, self.data.valid, self.settings.eval_batch_size, self.settings.bptt, self.model.hidden_size
+        )
+        if val_loss < extra.get("best_loss", math.inf):
+            extra["best_loss"] = val_loss
+            self.best = [v.numpy() for v in self.model.variables]
+        if self.average is not None:
+            self.average.swap()
+        if config.averaging and self.average is None and validation_stalled(val_losses, val_loss, config.nonmono):
+            self.average = IterateAverage(self.model.trainable_variables)
+            extra["switched"] = state.epoch + 1
+            log.info("validation stalled: switching to averaged SGD after epoch %d", extra["switched"])
+        val_losses.append(val_loss)
+        train_loss = state.means()["train_loss"]
+        record = {
+            "epoch": state.epoch + 1,
+            "learning_rate": config.learning_rate,
+            "averaging": self.average is not None,
+            "train_loss": train_loss,
+            "train_perplexity": math.exp(min(train_loss, 700.0)),
+            "val_loss": val_loss,
+            "val_perplexity": val_perplexity,
+            "seconds": seconds,
+        }
+        log.info("retrain epoch %d/%d: train ppl %.2f | val ppl %.2f%s | %.1fs", record["epoch"], config.epochs,
+                 record["train_perplexity"], val_perplexity, " (averaged)" if self.average is not None else "",
+                 seconds)
+        return record
+
+    def arrays(self):
+        arrays = {"hidden": self.hidden.numpy()}
+        for n, value in enumerate(self.best or ()):
+            arrays[f"best_{n}"] = value
+        if self.average is not None:
+            arrays["average_count"] = np.array(self.average.count)
+            for n, mean in enumerate(self.average.means):
+                arrays[f"average_{n}"] = mean.numpy()
+        return arrays
+
+    def load_arrays(self, arrays):
+        self.hidden = tf.constant(arrays["hidden"])
+        count = len(self.model.variables)
+        self.best = [arrays[f"best_{n}"] for n in range(count)] if "best_0" in arrays else None
+        if "average_count" in arrays:
+            self.average = IterateAverage(self.model.trainable_variables)
+            self.average.count = int(arrays["average_count"])
+            for n, mean in enumerate(self.average.means):
+                mean.assign(arrays[f"average_{n}"])
+
+
 def retrain_language_model(spec, derived, data, run_dir=None, progress=False):
-    """Train ``derived``'s language model on ``data`` as ``spec.retrain`` says; report test perplexity."""
+    """Train ``derived``'s language model on ``data`` as ``spec.retrain`` says; report test perplexity.
+
+    With ``run_dir``, a checkpoint goes to ``run_dir/retrain/checkpoints``
+    after every epoch and a checkpoint found there is resumed.
+    """
     config = spec.retrain
     settings = spec.data
     keras.utils.set_random_seed(config.seed)
@@ -104,86 +224,32 @@ def retrain_language_model(spec, derived, data, run_dir=None, progress=False):
     objective = LanguageModeling(model, config.activation_regularization, config.temporal_activation_regularization)
     optimizer = CoupledSGD(model.trainable_variables, momentum=0.0, weight_decay=config.weight_decay,
                            grad_clip=config.grad_clip)
-    train_step = make_language_train_step(model, optimizer, objective)
-    eval_step = make_language_eval_step(model, objective)
-    train = batchify(data.train, config.batch_size)
-    hidden_size = model.hidden_size
-    rng = np.random.default_rng(config.seed)
+    steps = LanguageRetraining(spec, model, make_language_train_step(model, optimizer, objective),
+                               make_language_eval_step(model, objective), data)
     log.info("retrain %s: %d parameters, vocabulary %d, %d epochs", derived.name, parameters,
              data.vocabulary_size, config.epochs)
-    history = []
-    val_losses = []
-    average = None
-    switched = None
-    best = (math.inf, None)
-    iteration = 0
-    for epoch in range(config.epochs):
-        started = time.perf_counter()
-        lengths = sequence_lengths(train.shape[1], settings.bptt, settings.variable_length, rng)
-        hidden = tf.zeros((config.batch_size, hidden_size))
-        total = tokens = 0.0
-        position = 0
-        bar = tqdm(total=len(lengths), desc=f"retrain {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=False, unit="step")
-        for length in lengths:
-            x, y = window(train, position, length)
-            seed = tf.constant([config.seed % 2**31, iteration % 2**31], tf.int32)
-            loss, hidden = train_step((tf.constant(x), tf.constant(y), hidden, seed),
-                                      tf.constant(config.learning_rate * length / settings.bptt, tf.float32))
-            if average is not None:
-                average.update()
-            total += float(loss) * x.size
-            tokens += x.size
-            position += length
-            iteration += 1
-            bar.update(1)
-            bar.set_postfix(ppl=f"{math.exp(min(total / tokens, 700.0)):.1f}")
-        bar.close()
-        if average is not None:
-            average.swap()
-        val_loss, val_perplexity = evaluate_perplexity(
-            eval_step, data.valid, settings.eval_batch_size, settings.bptt, hidden_size
-        )
-        if val_loss < best[0]:
-            best = (val_loss, [v.numpy() for v in model.variables])
-        if average is not None:
-            average.swap()
-        if config.averaging and average is None and validation_stalled(val_losses, val_loss, config.nonmono):
-            average = IterateAverage(model.trainable_variables)
-            switched = epoch + 1
-            log.info("validation stalled: switching to averaged SGD after epoch %d", switched)
-        val_losses.append(val_loss)
-        train_loss = total / max(tokens, 1)
-        record = {
-            "epoch": epoch + 1,
-            "learning_rate": config.learning_rate,
-            "averaging": average is not None,
-            "train_loss": train_loss,
-            "train_perplexity": math.exp(min(train_loss, 700.0)),
-            "val_loss": val_loss,
-            "val_perplexity": val_perplexity,
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-        log.info("retrain epoch %d/%d: train ppl %.2f | val ppl %.2f%s | %.1fs", epoch + 1, config.epochs,
-                 record["train_perplexity"], val_perplexity, " (averaged)" if average is not None else "",
-                 record["seconds"])
-        if run_dir:
-            rundir.write_json(os.path.join(run_dir, "retrain", "history.json"), history)
-            rundir.write_history_csv(os.path.join(run_dir, "retrain", "history.csv"), history)
-    for variable, value in zip(model.variables, best[1]):
+    callbacks = [ProgressBar("retrain", progress)]
+    if run_dir:
+        folder = os.path.join(run_dir, "retrain")
+        callbacks += [HistoryFiles(folder),
+                      Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, optimizer=optimizer),
+                                    name=f"the retraining of {derived.name}")]
+    state = Loop(steps, config.epochs, callbacks).run()
+    for variable, value in zip(model.variables, steps.best):
         variable.assign(value)
     test_loss, test_perplexity = evaluate_perplexity(
-        eval_step, data.test, settings.eval_batch_size, settings.bptt, hidden_size, progress, desc="test"
+        steps.eval_step, data.test, settings.eval_batch_size, settings.bptt, model.hidden_size, progress, desc="test"
     )
+    best_loss = state.extra["best_loss"]
+    switched = state.extra.get("switched")
     log.info("test: loss %.4f perplexity %.2f (best validation perplexity %.2f)", test_loss, test_perplexity,
-             math.exp(min(best[0], 700.0)))
+             math.exp(min(best_loss, 700.0)))
     if run_dir:
         model.save(os.path.join(run_dir, "retrain", "model.keras"))
         rundir.write_json(
             os.path.join(run_dir, "retrain", "metrics.json"),
-            {"test_loss": test_loss, "test_perplexity": test_perplexity, "val_loss": best[0],
-             "val_perplexity": math.exp(min(best[0], 700.0)), "parameters": parameters,
+            {"test_loss": test_loss, "test_perplexity": test_perplexity, "val_loss": best_loss,
+             "val_perplexity": math.exp(min(best_loss, 700.0)), "parameters": parameters,
              "test_tokens": int(len(data.test)), "switched_to_averaging_after_epoch": switched},
         )
-    return LanguageRetrainResult(model, history, test_loss, test_perplexity, parameters, switched)
+    return LanguageRetrainResult(model, state.history, test_loss, test_perplexity, parameters, switched)

@@ -19,11 +19,9 @@ import contextlib
 import dataclasses
 import logging
 import os
-import time
 
 import keras
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from keras_darts.compiler import build_network, count_parameters
 
@@ -31,7 +29,8 @@ from . import rundir
 from .bilevel import dense_gradients
 from .checkpoint import Checkpoints
 from .data import pipeline
-from .distribution import check_workers_agree, cross_replica_sum, run_on_replicas
+from .distribution import cross_replica_sum, run_on_replicas
+from .loop import Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
 from .metrics import correct_count, evaluate, summed_cross_entropy
 from .optimizers import CoupledSGD, cosine_learning_rate
 
@@ -93,11 +92,56 @@ def make_eval_step(model, image_shape, strategy=None):
     return eval_step
 
 
+class ImageRetraining:
+    """Retraining steps as the ``Loop`` runs them: epoch ``e`` draws order and augmentation from ``(seed, e)``."""
+
+    def __init__(self, config, model, train_step, train_data, drop_path_prob):
+        self.config = config
+        self.model = model
+        self.train_step = train_step
+        self.train_data = train_data
+        self.drop_path_prob = drop_path_prob
+        self.lr = None
+
+    def steps_in_epoch(self, epoch):
+        return self.train_data.batches_per_epoch()
+
+    def begin_epoch(self, state):
+        settings = self.config.weights_optimizer
+        self.lr = cosine_learning_rate(state.epoch, self.config.epochs, settings.learning_rate,
+                                       settings.learning_rate_min)
+        self.model.drop_path_rate.assign(self.drop_path_prob * state.epoch / self.config.epochs)
+
+    def batches(self, state):
+        return self.train_data.epoch(state.epoch, state.step)
+
+    def step(self, inputs, state):
+        x, y = inputs
+        loss, correct = self.train_step(x, y, tf.constant(self.lr, tf.float32))
+        count = int(y.shape[0])
+        return {"train_loss": float(loss) / count, "train_accuracy": float(correct) / count}, count
+
+    def accept(self):
+        pass
+
+    def end_epoch(self, state, seconds):
+        record = {"epoch": state.epoch + 1, "learning_rate": self.lr,
+                  "drop_path_prob": float(self.model.drop_path_rate.numpy()), **state.means(), "seconds": seconds}
+        log.info("retrain epoch %d/%d: loss %.4f acc %.3f | lr %.5f | %.1fs", record["epoch"], self.config.epochs,
+                 record["train_loss"], record["train_accuracy"], self.lr, seconds)
+        return record
+
+    def arrays(self):
+        return {}
+
+    def load_arrays(self, arrays):
+        pass
+
+
 def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, writes=True, model_builder=build_network):
     """Train ``derived`` on ``data`` as ``spec.retrain`` says; evaluate on the test split.
 
     ``model_builder(derived, seed=..., synchronized=...)`` builds the network (its kind's).
-
     With ``run_dir``, per-epoch checkpoints go to ``run_dir/retrain/checkpoints``
     and a checkpoint found there is resumed; ``writes=False`` (a worker that
     is not the chief) reads the run directory but writes nothing.
@@ -112,51 +156,19 @@ def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, wr
     eval_step = make_eval_step(model, data.image_shape, strategy)
     train_data = pipeline(data, data.x_train, data.y_train, config.batch_size, True, config.augment, config.seed)
     test_data = pipeline(data, data.x_test, data.y_test, config.batch_size)
-    history, first_epoch = [], 0
-    checkpoints = None
-    if run_dir:
-        checkpoints = Checkpoints(os.path.join(run_dir, "retrain", "checkpoints"), model, writes=writes,
-                                  optimizer=optimizer)
-        if checkpoints.latest():
-            state, _ = checkpoints.restore()
-            history, first_epoch = state["history"], state["epoch"]
-            log.info("resuming the retraining of %s after epoch %d from its checkpoint", derived.name, first_epoch)
-    check_workers_agree(strategy, first_epoch, "retraining", run_dir)
     replicas = strategy.num_replicas_in_sync if strategy else 1
     log.info("retrain %s: %d parameters (auxiliary head excluded), %d epochs, global batch %d on %d replica%s",
              derived.name, parameters, config.epochs, config.batch_size, replicas, "" if replicas == 1 else "s")
-    steps = train_data.batches_per_epoch()
-    opt_cfg = config.weights_optimizer
-    for epoch in range(first_epoch, config.epochs):
-        lr = cosine_learning_rate(epoch, config.epochs, opt_cfg.learning_rate, opt_cfg.learning_rate_min)
-        model.drop_path_rate.assign(derived.network.drop_path_prob * epoch / config.epochs)
-        started = time.perf_counter()
-        total_loss = total_correct = count = 0.0
-        bar = tqdm(total=steps, desc=f"retrain {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
-                   unit="step")
-        for x, y in train_data.epoch(epoch):
-            loss, correct = train_step(x, y, tf.constant(lr, tf.float32))
-            total_loss += float(loss)
-            total_correct += float(correct)
-            count += int(y.shape[0])
-            bar.update(1)
-            bar.set_postfix(loss=f"{total_loss / count:.3f}")
-        bar.close()
-        record = {
-            "epoch": epoch + 1,
-            "learning_rate": lr,
-            "drop_path_prob": float(model.drop_path_rate.numpy()),
-            "train_loss": total_loss / count,
-            "train_accuracy": total_correct / count,
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-        log.info("retrain epoch %d/%d: loss %.4f acc %.3f | lr %.5f | %.1fs", epoch + 1, config.epochs,
-                 record["train_loss"], record["train_accuracy"], lr, record["seconds"])
-        if run_dir and writes:
-            checkpoints.save({"epoch": epoch + 1, "iteration": (epoch + 1) * steps, "history": history})
-            rundir.write_json(os.path.join(run_dir, "retrain", "history.json"), history)
-            rundir.write_history_csv(os.path.join(run_dir, "retrain", "history.csv"), history)
+    callbacks = [WorkersAgree(strategy, "retraining", run_dir), ProgressBar("retrain", progress)]
+    if run_dir:
+        folder = os.path.join(run_dir, "retrain")
+        if writes:
+            callbacks.append(HistoryFiles(folder))
+        callbacks.append(Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, writes=writes,
+                                                   optimizer=optimizer),
+                                       name=f"the retraining of {derived.name}"))
+    steps = ImageRetraining(config, model, train_step, train_data, derived.network.drop_path_prob)
+    state = Loop(steps, config.epochs, callbacks).run()
     test_loss, test_accuracy = evaluate(eval_step, test_data.epoch(0), progress, desc="test")
     log.info("test: loss %.4f accuracy %.4f", test_loss, test_accuracy)
     if run_dir and writes:
@@ -166,4 +178,4 @@ def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, wr
             {"test_loss": test_loss, "test_accuracy": test_accuracy, "parameters": parameters,
              "test_examples": int(len(data.y_test))},
         )
-    return RetrainResult(model, history, test_loss, test_accuracy, parameters)
+    return RetrainResult(model, state.history, test_loss, test_accuracy, parameters)

@@ -26,11 +26,10 @@ import dataclasses
 import logging
 import math
 import os
-import time
+import resource
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
 
 from keras_darts.compiler import CELL_TYPES, build_supernet, derived_spec_from_search
 from keras_darts.compiler.methods.base import softmax
@@ -41,8 +40,8 @@ from . import rundir
 from .bilevel import Bilevel
 from .checkpoint import SearchCheckpoints
 from .data import pipeline, search_split
-from .distribution import check_workers_agree
 from .footprint import format_bytes, static_estimate
+from .loop import Callback, Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
 
@@ -160,186 +159,86 @@ def search_origin(spec, epoch, alphas):
     }
 
 
-class SearchDriver:
-    def __init__(self, spec, task, run_dir=None, progress=False, on_epoch=None, writes=True):
+class SearchSteps:
+    """A search task (``ImageSearchTask``, ``LanguageSearchTask``) as the ``Loop`` runs it: compiled bilevel steps."""
+
+    def __init__(self, spec, task):
         self.spec = spec
-        self.writes = writes
         self.config = spec.search
         self.task = task
         self.bilevel = task.bilevel
-        self.run_dir = run_dir
-        self.progress = progress
-        self.on_epoch = on_epoch
-        self.checkpoints = None
-        self.board = None
-        if run_dir:
-            self.checkpoints = SearchCheckpoints(
-                os.path.join(run_dir, "search", "checkpoints"), self.bilevel.model,
-                self.bilevel.weights_optimizer, self.bilevel.arch_optimizer, writes=writes,
-            )
+        self.step_function = self.bilevel.compiled_iteration(self.config.order, self.config.second_order_mode)
+        self.arch_lr = tf.constant(self.config.arch_optimizer.learning_rate, tf.float32)
+        self.lr = None
+        self.pending = None
+        self.derived = self.alphas = None
 
-    # -- state --------------------------------------------------------------------
-    def fresh_state(self):
-        return {"epoch": 0, "step": 0, "iteration": 0, "sums": {}, "weight": 0.0, "lr_scale": 1.0,
-                "rollbacks": 0, "history": [], "stopped_by": None}
+    def steps_in_epoch(self, epoch):
+        return self.task.steps_in_epoch(epoch)
 
-    def save(self, state):
-        if self.checkpoints and self.writes:
-            self.checkpoints.save(state, self.task.arrays())
+    def begin_epoch(self, state):
+        weights = self.config.weights_optimizer
+        self.lr = state.lr_scale * cosine_learning_rate(state.epoch, self.config.epochs, weights.learning_rate,
+                                                        weights.learning_rate_min)
+        self.bilevel.model.set_epoch(state.epoch)
 
-    def restore(self):
-        state, arrays = self.checkpoints.restore()
-        self.task.load_arrays(arrays)
-        return state
+    def batches(self, state):
+        return self.task.batches(state.epoch, state.step, state.iteration)
 
-    # -- the loop -----------------------------------------------------------------
-    def run(self):
-        config = self.config
-        if self.checkpoints and self.checkpoints.latest():
-            state = self.restore()
-            log.info("resuming %s from its checkpoint: epoch %d, step %d (iteration %d)", self.spec.name,
-                     state["epoch"] + 1, state["step"], state["iteration"])
-            check_workers_agree(self.bilevel.strategy, state["iteration"], "search", self.run_dir)
-        else:
-            state = self.fresh_state()
-            check_workers_agree(self.bilevel.strategy, state["iteration"], "search", self.run_dir)
-            self.save(state)
-        if self.run_dir and self.writes and self.config.tensorboard:
-            from .monitor import TensorBoard
+    def step(self, inputs, state):
+        train, val, factor, weight = inputs
+        metrics, train_state, val_state = self.step_function(train, val, tf.constant(self.lr * factor, tf.float32),
+                                                             self.arch_lr)
+        self.pending = (train_state, val_state)
+        return {key: float(value) for key, value in metrics.items()}, weight
 
-            space = self.spec.search_space
-            self.board = TensorBoard(self.run_dir, space.operations,
-                                     [f"{i}->{j}" for i, j in self.task.kind.alpha_edges(space.nodes)])
-        log.info("search %s: %s, %s order%s, %d epochs", self.spec.name, self.task.describe(), config.order,
-                 f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs)
-        counts = static_estimate(self.spec, self.bilevel, self.task.kind)
-        log.info("estimate: %s weights, %s architecture parameters, %s of activations per forward pass at batch %d",
-                 f"{counts['weights']:,}", f"{counts['alphas']:,}", format_bytes(counts["activation_bytes"]),
-                 self.spec.data.batch_size)
-        timings = []
-        step = self.bilevel.compiled_iteration(config.order, config.second_order_mode)
-        if state["epoch"] < config.epochs and not state["stopped_by"]:
-            log.info("the first iteration builds and optimises the step's graph; on a CPU this takes a while")
-        arch_lr = tf.constant(config.arch_optimizer.learning_rate, tf.float32)
-        weights_cfg = config.weights_optimizer
-        while state["epoch"] < config.epochs and not state["stopped_by"]:
-            epoch = state["epoch"]
-            lr = state["lr_scale"] * cosine_learning_rate(
-                epoch, config.epochs, weights_cfg.learning_rate, weights_cfg.learning_rate_min
-            )
-            self.bilevel.model.set_epoch(epoch)
-            started = time.perf_counter()
-            total = self.task.steps_in_epoch(epoch)
-            bar = tqdm(total=total, initial=state["step"], desc=f"search {epoch + 1}/{config.epochs}",
-                       disable=not self.progress, leave=False, unit="step")
-            diverged = False
-            for train, val, factor, weight in self.task.batches(epoch, state["step"], state["iteration"]):
-                began = time.perf_counter()
-                metrics, train_state, val_state = step(train, val, tf.constant(lr * factor, tf.float32), arch_lr)
-                values = {key: float(value) for key, value in metrics.items()}
-                timings.append(time.perf_counter() - began)
-                if len(timings) == 4:
-                    self.log_cost(timings)
-                bad = next(((k, v) for k, v in values.items() if not math.isfinite(v)), None)
-                if bad:
-                    state = self.diverged(state, bad)
-                    diverged = True
-                    break
-                self.task.carry(train_state, val_state)
-                for key, value in values.items():
-                    state["sums"][key] = state["sums"].get(key, 0.0) + value * weight
-                state["weight"] += weight
-                state["step"] += 1
-                state["iteration"] += 1
-                if self.board:
-                    self.board.step(state["iteration"], values)
-                if config.checkpoint_every_steps and state["iteration"] % config.checkpoint_every_steps == 0:
-                    self.save(state)
-                bar.update(1)
-                bar.set_postfix(loss=f"{state['sums']['train_loss'] / state['weight']:.3f}")
-            bar.close()
-            if diverged:
-                continue
-            record = self.end_epoch(state, lr, time.perf_counter() - started)
-            state["history"].append(record)
-            state.update(epoch=epoch + 1, step=0, sums={}, weight=0.0)
-            state["stopped_by"] = record.get("stopped_by")
-            self.write_epoch(state["history"])
-            self.save(state)
-            if self.on_epoch:
-                self.on_epoch(record)
-        return self.finish(state)
+    def accept(self):
+        self.task.carry(*self.pending)
 
-    def log_cost(self, timings):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
-        remaining = self.config.epochs * self.task.steps_in_epoch(0)
-        log.info("measured: first iteration %.1f s (tracing), then %.3f s per iteration (about %.1f min for %d "
-                 "iterations); peak memory so far %.2f GiB", timings[0], float(np.median(timings[1:])),
-                 float(np.median(timings[1:])) * remaining / 60, remaining, peak)
-
-    def diverged(self, state, bad):
-        key, value = bad
-        where = f"epoch {state['epoch'] + 1}, step {state['step'] + 1} (iteration {state['iteration'] + 1})"
-        kept = self.checkpoints.latest() if self.checkpoints else None
-        if self.config.on_divergence == "rollback" and kept and state["rollbacks"] < self.config.max_rollbacks:
-            restored = self.restore()
-            restored["lr_scale"] *= self.config.divergence_lr_factor
-            restored["rollbacks"] = state["rollbacks"] + 1
-            log.warning("search diverged at %s: %s = %s; rolled back to %s and scaled the learning rate by %g",
-                        where, key, value, kept, restored["lr_scale"])
-            return restored
-        message = f"the search diverged at {where}: {key} = {value}"
-        if kept:
-            message += f"; the last good checkpoint is {os.path.join(self.checkpoints.directory, kept)}"
-        if self.config.on_divergence == "rollback":
-            message += f" (after {state['rollbacks']} rollbacks)"
-        raise DivergenceError.single(self.spec.source, "$.search.on_divergence", message)
-
-    def end_epoch(self, state, lr, seconds):
-        epoch = state["epoch"]
-        record = {"epoch": epoch + 1, "learning_rate": lr, **self.task.summarise(state["sums"], state["weight"]),
+    def end_epoch(self, state, seconds):
+        epoch = state.epoch
+        record = {"epoch": epoch + 1, "learning_rate": self.lr, **self.task.summarise(state.sums, state.weight),
                   **self.bilevel.model.method.schedule(epoch)}
         record.update(self.task.evaluate())
-        alphas = self.task.alphas()
-        derived = self.task.derive(alphas, search_origin(self.spec, epoch, alphas))
-        self.derived, self.last_alphas = derived, alphas
-        record.update(self.diagnostics(derived))
+        self.alphas = self.task.alphas()
+        self.derived = self.task.derive(self.alphas, search_origin(self.spec, epoch, self.alphas))
         record["seconds"] = seconds
-        record["genotype"] = genotype_text(derived)
-        record["alpha_softmax"] = {t: softmax(a).round(4).tolist() for t, a in alphas.items()}
-        rule = self.stopping_rule(record, state["history"])
-        if rule:
-            record["stopped_by"] = rule
-        metric = self.task.metric
-        log.info(
-            "search epoch %d/%d: train loss %.4f | val loss %.4f %s %.4g | lr %.4g | skip %s | eigenvalue %s | %.1fs",
-            epoch + 1, self.config.epochs, record.get("train_loss", float("nan")), record["val_loss"], metric,
-            record[f"val_{metric}"], lr, record["skip_connections"],
-            "-" if record.get("hessian_eigenvalue") is None else f"{record['hessian_eigenvalue']:.4g}", seconds,
-        )
-        log.info("genotype: %s", record["genotype"])
-        if rule:
-            log.warning("early stopping: %s", rule)
-        if self.run_dir and self.writes:
-            rundir.write_yaml(os.path.join(self.run_dir, "search", "derived", f"epoch_{epoch + 1:03d}.yaml"),
-                              derived.to_document())
-        if self.board:
-            self.board.epoch(record)
+        record["genotype"] = genotype_text(self.derived)
+        record["alpha_softmax"] = {t: softmax(a).round(4).tolist() for t, a in self.alphas.items()}
         return record
 
-    def diagnostics(self, derived):
-        found = self.task.kind.collapse(derived)
+    def arrays(self):
+        return self.task.arrays()
+
+    def load_arrays(self, arrays):
+        self.task.load_arrays(arrays)
+
+
+class Diagnostics(Callback):
+    """Collapse diagnostics of each epoch's derived cell: the kind's statistic and the alpha Hessian's eigenvalue."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def on_epoch_end(self, loop, record):
+        steps = loop.task
+        record.update(steps.task.kind.collapse(steps.derived))
         settings = self.config.diagnostics
         if settings.hessian_eigenvalue:
-            found["hessian_eigenvalue"] = self.bilevel.alpha_hessian_eigenvalue(
-                self.task.diagnostic_batch(), settings.hessian_iterations, settings.hessian_radius, self.config.seed
+            record["hessian_eigenvalue"] = steps.bilevel.alpha_hessian_eigenvalue(
+                steps.task.diagnostic_batch(), settings.hessian_iterations, settings.hessian_radius, self.config.seed
             )
-        return found
 
-    def stopping_rule(self, record, history):
-        rules = self.config.early_stopping
+
+class EarlyStopping(Callback):
+    """The search's early-stopping rules; the one that fires is recorded and ends the loop."""
+
+    def __init__(self, rules):
+        self.rules = rules
+
+    def rule(self, record, history):
+        """The rule ``record`` (an epoch after ``history``) breaks, as text, or ``None``."""
+        rules = self.rules
         if rules.max_skip_connections is not None and record["skip_connections"] > rules.max_skip_connections:
             return (f"max_skip_connections: the derived cell has {record['skip_connections']} skip connections "
                     f"(> {rules.max_skip_connections}) after epoch {record['epoch']}")
@@ -353,25 +252,175 @@ class SearchDriver:
                         f"(epoch {record['epoch']})")
         return None
 
-    def write_epoch(self, history):
-        if not self.run_dir or not self.writes:
-            return
-        rundir.write_json(os.path.join(self.run_dir, "search", "history.json"), history)
-        rundir.write_history_csv(os.path.join(self.run_dir, "search", "history.csv"), history)
+    def on_epoch_end(self, loop, record):
+        rule = self.rule(record, loop.state.history[:-1])
+        if rule:
+            record["stopped_by"] = loop.state.stopped_by = rule
+
+
+class SearchLog(Callback):
+    """The search's own lines: what runs, the resource figures, the first iterations' cost, each epoch."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.timings = []
+
+    def on_train_begin(self, loop):
+        config = self.spec.search
+        steps = loop.task
+        log.info("search %s: %s, %s order%s, %d epochs", self.spec.name, steps.task.describe(), config.order,
+                 f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs)
+        counts = static_estimate(self.spec, steps.bilevel, steps.task.kind)
+        log.info("estimate: %s weights, %s architecture parameters, %s of activations per forward pass at batch %d",
+                 f"{counts['weights']:,}", f"{counts['alphas']:,}", format_bytes(counts["activation_bytes"]),
+                 self.spec.data.batch_size)
+        if loop.state.epoch < loop.epochs and not loop.state.stopped_by:
+            log.info("the first iteration builds and optimises the step's graph; on a CPU this takes a while")
+
+    def on_train_batch_end(self, loop, logs):
+        self.timings.append(logs["step_seconds"])
+        if len(self.timings) == 4:
+            timings = self.timings
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+            remaining = loop.epochs * loop.task.steps_in_epoch(0)
+            log.info("measured: first iteration %.1f s (tracing), then %.3f s per iteration (about %.1f min for %d "
+                     "iterations); peak memory so far %.2f GiB", timings[0], float(np.median(timings[1:])),
+                     float(np.median(timings[1:])) * remaining / 60, remaining, peak)
+
+    def on_epoch_end(self, loop, record):
+        metric = loop.task.task.metric
+        log.info(
+            "search epoch %d/%d: train loss %.4f | val loss %.4f %s %.4g | lr %.4g | skip %s | eigenvalue %s | %.1fs",
+            record["epoch"], loop.epochs, record.get("train_loss", float("nan")), record["val_loss"], metric,
+            record[f"val_{metric}"], record["learning_rate"], record["skip_connections"],
+            "-" if record.get("hessian_eigenvalue") is None else f"{record['hessian_eigenvalue']:.4g}",
+            record["seconds"],
+        )
+        log.info("genotype: %s", record["genotype"])
+        if record.get("stopped_by"):
+            log.warning("early stopping: %s", record["stopped_by"])
+
+
+class DerivedSpecs(Callback):
+    """Each epoch's derived spec as ``folder/epoch_NNN.yaml``."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_epoch_end(self, loop, record):
+        rundir.write_yaml(os.path.join(self.folder, f"epoch_{record['epoch']:03d}.yaml"),
+                          loop.task.derived.to_document())
+
+
+class TensorBoardLog(Callback):
+    """Scalars per step and per epoch, alpha heatmaps and the genotype in ``run_dir/tensorboard``."""
+
+    def __init__(self, run_dir, operations, edge_labels):
+        from .monitor import TensorBoard
+
+        self.board = TensorBoard(run_dir, operations, edge_labels)
+
+    def on_train_batch_end(self, loop, logs):
+        self.board.step(loop.state.iteration, logs)
+
+    def on_epoch_end(self, loop, record):
+        self.board.epoch(record)
+
+    def on_train_end(self, loop):
+        self.board.close()
+
+
+class EpochHook(Callback):
+    """Calls ``function(record)`` after every epoch (the search's ``on_epoch``)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def on_epoch_end(self, loop, record):
+        self.function(record)
+
+
+class DivergenceGuard:
+    """A NaN or infinite step value stops the search, or rolls back to the last checkpoint.
+
+    Called by the loop after every step, before the step counts; returns the
+    state to continue from after a rollback, ``None`` when the step is good.
+    """
+
+    def __init__(self, spec, checkpointing):
+        self.spec = spec
+        self.config = spec.search
+        self.checkpointing = checkpointing
+
+    def __call__(self, loop, values):
+        bad = next(((k, v) for k, v in values.items() if not math.isfinite(v)), None)
+        if bad is None:
+            return None
+        key, value = bad
+        state = loop.state
+        where = f"epoch {state.epoch + 1}, step {state.step + 1} (iteration {state.iteration + 1})"
+        kept = self.checkpointing.latest() if self.checkpointing else None
+        if self.config.on_divergence == "rollback" and kept and state.rollbacks < self.config.max_rollbacks:
+            restored = self.checkpointing.restore(loop)
+            restored.lr_scale *= self.config.divergence_lr_factor
+            restored.rollbacks = state.rollbacks + 1
+            log.warning("search diverged at %s: %s = %s; rolled back to %s and scaled the learning rate by %g",
+                        where, key, value, kept, restored.lr_scale)
+            return restored
+        message = f"the search diverged at {where}: {key} = {value}"
+        if kept:
+            message += f"; the last good checkpoint is {os.path.join(self.checkpointing.checkpoints.directory, kept)}"
+        if self.config.on_divergence == "rollback":
+            message += f" (after {state.rollbacks} rollbacks)"
+        raise DivergenceError.single(self.spec.source, "$.search.on_divergence", message)
+
+
+class SearchDriver:
+    """The search of ``task`` as one ``Loop``, with the callbacks a run directory gets (only the chief writes)."""
+
+    def __init__(self, spec, task, run_dir=None, progress=False, on_epoch=None, writes=True):
+        self.spec = spec
+        self.task = task
+        self.run_dir = run_dir
+        self.writes = writes
+        self.steps = SearchSteps(spec, task)
+        config = spec.search
+        self.checkpointing = None
+        callbacks = [Diagnostics(config), EarlyStopping(config.early_stopping), SearchLog(spec)]
+        if run_dir:
+            bilevel = task.bilevel
+            self.checkpointing = Checkpointing(
+                SearchCheckpoints(os.path.join(run_dir, "search", "checkpoints"), bilevel.model,
+                                  bilevel.weights_optimizer, bilevel.arch_optimizer, writes=writes),
+                every_steps=config.checkpoint_every_steps, save_at_start=True, name=spec.name)
+            callbacks.append(self.checkpointing)
+        callbacks.insert(0, WorkersAgree(task.bilevel.strategy, "search", run_dir))
+        if run_dir and writes:
+            space = spec.search_space
+            callbacks.append(DerivedSpecs(os.path.join(run_dir, "search", "derived")))
+            if config.tensorboard:
+                callbacks.append(TensorBoardLog(run_dir, space.operations,
+                                                [f"{i}->{j}" for i, j in task.kind.alpha_edges(space.nodes)]))
+            callbacks.append(HistoryFiles(os.path.join(run_dir, "search")))
+        callbacks.append(ProgressBar("search", progress))
+        if on_epoch:
+            callbacks.append(EpochHook(on_epoch))
+        self.loop = Loop(self.steps, config.epochs, callbacks, guard=DivergenceGuard(spec, self.checkpointing))
+
+    def run(self):
+        return self.finish(self.loop.run())
 
     def finish(self, state):
-        history = state["history"]
-        if not hasattr(self, "derived"):  # resumed after the last epoch: rebuild the result from the alphas
-            alphas = self.task.alphas()
-            self.last_alphas = alphas
-            self.derived = self.task.derive(alphas, search_origin(self.spec, len(history) - 1, alphas))
+        steps = self.steps
+        if steps.derived is None:  # resumed after the last epoch: rebuild the result from the alphas
+            steps.alphas = self.task.alphas()
+            steps.derived = self.task.derive(steps.alphas, search_origin(self.spec, len(state.history) - 1,
+                                                                         steps.alphas))
         if self.run_dir and self.writes:
-            rundir.write_npz(os.path.join(self.run_dir, "search", "alphas.npz"), self.last_alphas)
-            rundir.write_yaml(os.path.join(self.run_dir, "derived.yaml"), self.derived.to_document())
-            if state["stopped_by"]:
+            rundir.write_npz(os.path.join(self.run_dir, "search", "alphas.npz"), steps.alphas)
+            rundir.write_yaml(os.path.join(self.run_dir, "derived.yaml"), steps.derived.to_document())
+            if state.stopped_by:
                 rundir.write_json(os.path.join(self.run_dir, "search", "stopped.json"),
-                                  {"rule": state["stopped_by"], "epoch": len(history)})
-        if self.board:
-            self.board.close()
-        return SearchResult(derived=self.derived, alphas=self.last_alphas, history=history,
-                            model=self.bilevel.model, stopped_by=state["stopped_by"])
+                                  {"rule": state.stopped_by, "epoch": len(state.history)})
+        return SearchResult(derived=steps.derived, alphas=steps.alphas, history=state.history,
+                            model=self.task.bilevel.model, stopped_by=state.stopped_by)

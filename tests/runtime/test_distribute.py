@@ -219,8 +219,8 @@ def test_multi_worker_on_localhost_equals_one_device(tmp_path):
         assert code == 2, err[-3000:]
         folder = "run0" if f"error: {tmp_path / 'run0'}:" in err else "elsewhere"  # each names its own
         assert err.strip().splitlines()[-1] == (
-            f"error: {tmp_path / folder}: the workers would start the search at different iterations (0, 3); "
-            "give every worker the same run directory on a filesystem they all share, or start over with --overwrite"
+            f"error: {tmp_path / folder}: checkpoints: the workers would start the search at different iterations "
+            "(0, 3); give every worker the same run directory on a filesystem they all share, or start over with --overwrite"
         )
         assert "Traceback" not in err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run0").rglob("*")} == before

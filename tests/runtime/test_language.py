@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -23,7 +25,7 @@ from keras_darts.runtime.text_data import (
     window,
 )
 from keras_darts.spec import DataError
-from tests.conftest import tiny_recurrent_document
+from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
 
 ETA = 0.5
 NO_DROPOUT = {"dropout_output": 0.0, "dropout_hidden": 0.0, "dropout_cell_input": 0.0, "dropout_embedding": 0.0}
@@ -287,3 +289,53 @@ def test_averaged_sgd_switches_when_validation_stalls_and_averages_the_iterates(
     np.testing.assert_allclose(variable.numpy(), [4.0, 2.0])  # the mean of the three iterates
     average.swap()
     np.testing.assert_allclose(variable.numpy(), [8.0, 0.0])  # swapping back restores the last iterate
+
+
+def test_a_language_model_retraining_killed_with_sigkill_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
+    corpus = write_cyclic_corpus(tmp_path / "corpus", lines=(1500, 100, 30))
+    document = tiny_recurrent_document(corpus)
+    document["search"].update(epochs=1, order="first", steps_per_epoch=3, deterministic=True,
+                              diagnostics={"hessian_eigenvalue": False})
+    # At this rate validation stalls after epoch 5 (measured), and averaging takes over from there.
+    document["retrain"].update(epochs=8, nonmono=1, learning_rate=2.0)
+    document["export"] = {"enabled": False}
+    spec_path = tmp_path / "rnn.yaml"
+    spec_path.write_text(json.dumps(document), encoding="utf-8")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    code = "from keras_darts.runtime.cli import compile_and_search_main; raise SystemExit(compile_and_search_main())"
+
+    def start(run_dir):
+        return subprocess.Popen([sys.executable, "-c", code, str(spec_path), "--run-dir", str(run_dir),
+                                 "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    straight = start(tmp_path / "straight")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+    killed_dir = tmp_path / "killed"
+    process = start(killed_dir)
+    latest = killed_dir / "retrain" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 600
+    def averaging_checkpoint():
+        """The latest checkpoint once it holds the averaged weights (after the switch), else None."""
+        if not latest.exists():
+            return None
+        folder = latest.parent / json.loads(latest.read_text())["checkpoint"]
+        with np.load(folder / "arrays.npz") as arrays:
+            return folder if "average_count" in arrays.files else None
+
+    while time.monotonic() < deadline and process.poll() is None and averaging_checkpoint() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL  # killed during the retraining, not finished
+    assert not (killed_dir / "retrain" / "metrics.json").exists()
+    assert json.loads((averaging_checkpoint() / "state.json").read_text())["epoch"] < 8
+    resumed = start(killed_dir)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert "resuming the retraining of tiny-rnn from its checkpoint" in resumed.stderr.read()
+    finished = json.loads((tmp_path / "straight" / "retrain" / "metrics.json").read_text())
+    again = json.loads((killed_dir / "retrain" / "metrics.json").read_text())
+    assert again == finished and finished["switched_to_averaging_after_epoch"] is not None
+    history = json.loads((killed_dir / "retrain" / "history.json").read_text())
+    expected = json.loads((tmp_path / "straight" / "retrain" / "history.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in history] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in expected]

@@ -223,17 +223,16 @@ def test_early_stopping_on_skip_connections_records_the_rule(tmp_path):
 
 
 def test_eigenvalue_rule_compares_with_the_early_epochs():
-    from keras_darts.runtime.search_loop import SearchDriver
+    from keras_darts.runtime.search_loop import EarlyStopping
 
-    driver = SearchDriver.__new__(SearchDriver)
-    driver.config = kd.load_spec(tiny({"early_stopping": {"eigenvalue_ratio": 1.5,
-                                                          "eigenvalue_reference_epochs": 2}})).search
+    rules = kd.load_spec(tiny({"early_stopping": {"eigenvalue_ratio": 1.5, "eigenvalue_reference_epochs": 2}}))
+    stopping = EarlyStopping(rules.search.early_stopping)
     history = [{"hessian_eigenvalue": 1.0, "skip_connections": 0}, {"hessian_eigenvalue": 3.0, "skip_connections": 0}]
-    assert driver.stopping_rule({"epoch": 3, "hessian_eigenvalue": 2.9, "skip_connections": 0}, history) is None
-    rule = driver.stopping_rule({"epoch": 3, "hessian_eigenvalue": 3.1, "skip_connections": 0}, history)
+    assert stopping.rule({"epoch": 3, "hessian_eigenvalue": 2.9, "skip_connections": 0}, history) is None
+    rule = stopping.rule({"epoch": 3, "hessian_eigenvalue": 3.1, "skip_connections": 0}, history)
     assert rule == ("eigenvalue_ratio: the alpha Hessian's dominant eigenvalue 3.1 exceeds 1.5 x its mean 2 over the "
                     "first 2 epochs (epoch 3)")
-    assert driver.stopping_rule({"epoch": 2, "hessian_eigenvalue": 9.0, "skip_connections": 0}, history[:1]) is None
+    assert stopping.rule({"epoch": 2, "hessian_eigenvalue": 9.0, "skip_connections": 0}, history[:1]) is None
 
 
 # -- monitoring and pictures ------------------------------------------------------------
