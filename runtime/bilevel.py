@@ -45,7 +45,7 @@ import tensorflow as tf
 
 from .distribution import cross_replica_mean, replica_slices
 from .objectives import ImageClassification
-from .optimizers import clip_by_global_norm, scalar
+from .optimizers import clip_by_global_norm, clip_coefficient, scalar
 
 # Pass numbers: each pass of an iteration draws its own dropout masks.
 PASS_VIRTUAL, PASS_PLUS, PASS_MINUS, PASS_WEIGHTS, PASS_VALIDATION = range(5)
@@ -54,11 +54,6 @@ PASS_VIRTUAL, PASS_PLUS, PASS_MINUS, PASS_WEIGHTS, PASS_VALIDATION = range(5)
 def dense_gradients(gradients, variables):
     """Gradients with ``None`` (a variable the loss does not use) as zeros."""
     return [tf.zeros_like(v) if g is None else g for g, v in zip(gradients, variables)]
-
-
-def clip_coefficient(norm, max_norm):
-    """PyTorch's clipping factor ``min(1, max_norm / (norm + 1e-6))``."""
-    return tf.minimum(1.0, max_norm / (norm + 1e-6))
 
 
 class Bilevel:

@@ -1,4 +1,4 @@
-"""How TensorFlow runs kernels during a search: op determinism, and one kernel at a time where exact second order needs it.
+"""How TensorFlow runs kernels during a run: op determinism, and one kernel at a time where a run needs it.
 
 Both are process-wide TensorFlow settings. ``op_determinism`` turns
 determinism on for a block and back off after it. Inter-op threading cannot
@@ -19,35 +19,53 @@ log = logging.getLogger(__name__)
 RACING_OPERATIONS = {"max_pool_3x3", "avg_pool_3x3"}
 
 
-def _races(spec):
+def _why_serial(spec):
+    """Why ``spec``'s run needs TensorFlow's kernels one at a time, or ``None``."""
     config = spec.search
-    return (config.order == "second" and config.second_order_mode == "exact"
-            and RACING_OPERATIONS <= set(spec.search_space.operations))
+    if (config.order == "second" and config.second_order_mode == "exact"
+            and RACING_OPERATIONS <= set(spec.search_space.operations)):
+        return ("exact second order with max and average pooling needs TensorFlow's kernels run one at a time "
+                "(concurrent kernels give wrong Hessian-vector products)")
+    if config.deterministic:
+        return ("search.deterministic needs TensorFlow's kernels run one at a time (op determinism does not fix "
+                "the order in which concurrently run kernels' gradients are summed: a language-model search "
+                "then differs from run to run in the last bits, and the differences grow)")
+    return None
+
+
+def _serial():
+    return tf.config.threading.get_inter_op_parallelism_threads() == 1 or os.environ.get("TF_NUM_INTEROP_THREADS") == "1"
 
 
 def serialize_kernels_if_needed(spec):
-    """Run TensorFlow's kernels one at a time when exact second order would race; True if they do.
+    """Run TensorFlow's kernels one at a time where the run needs it; True if they do.
 
-    Measured on TensorFlow 2.21's CPU kernels: the double back-propagation of
-    a supernet holding both max and average pooling gives a different, wrong
-    mixed Hessian-vector product from run to run when independent kernels run
-    concurrently, in float32 and float64 alike; with one inter-op thread it is
-    deterministic and matches float64 and central differences. It must be set
-    before TensorFlow starts its runtime (the CLI does so); later, a warning
-    says how (``TF_NUM_INTEROP_THREADS=1``).
+    Measured on TensorFlow 2.21's CPU kernels:
+
+    * the double back-propagation of a supernet holding both max and average
+      pooling gives a different, wrong mixed Hessian-vector product from run
+      to run when independent kernels run concurrently, in float32 and
+      float64 alike; with one inter-op thread it is deterministic and matches
+      float64 and central differences;
+    * with concurrent kernels a language-model search step differs from run
+      to run in the last bits (about 1e-7) even under op determinism, so
+      ``search.deterministic`` runs one kernel at a time too.
+
+    It must be set before TensorFlow starts its runtime (the CLI does so);
+    later, a warning says how (``TF_NUM_INTEROP_THREADS=1``).
     """
-    if not _races(spec):
+    why = _why_serial(spec)
+    if why is None:
         return False
-    if tf.config.threading.get_inter_op_parallelism_threads() == 1 or os.environ.get("TF_NUM_INTEROP_THREADS") == "1":
+    if _serial():
         return True
     try:
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:
-        log.warning("exact second order with max and average pooling needs TensorFlow's kernels run one at a "
-                    "time (concurrent kernels give wrong Hessian-vector products); TensorFlow has started "
-                    "already, so set TF_NUM_INTEROP_THREADS=1 before starting Python")
+        log.warning("%s; TensorFlow has started already, so set TF_NUM_INTEROP_THREADS=1 before starting Python",
+                    why)
         return False
-    log.info("exact second order with max and average pooling: TensorFlow runs one kernel at a time")
+    log.info("%s: TensorFlow runs one kernel at a time", why.split(" needs ")[0])
     return True
 
 
@@ -71,10 +89,8 @@ def op_determinism(enabled):
 
 
 def warn_unless_kernels_serialized(spec):
-    """Warn when exact second order would race (see ``serialize_kernels_if_needed``) and kernels run concurrently."""
-    if not _races(spec):
-        return
-    if tf.config.threading.get_inter_op_parallelism_threads() != 1 and os.environ.get("TF_NUM_INTEROP_THREADS") != "1":
-        log.warning("exact second order with max and average pooling needs TensorFlow's kernels run one at a time "
-                    "(concurrent kernels give wrong Hessian-vector products): call serialize_kernels_if_needed(spec) "
-                    "before TensorFlow runs anything, or set TF_NUM_INTEROP_THREADS=1 before starting Python")
+    """Warn when the run needs one kernel at a time (see ``serialize_kernels_if_needed``) and kernels run concurrently."""
+    why = _why_serial(spec)
+    if why is not None and not _serial():
+        log.warning("%s: call serialize_kernels_if_needed(spec) before TensorFlow runs anything, or set "
+                    "TF_NUM_INTEROP_THREADS=1 before starting Python", why)

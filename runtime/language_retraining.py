@@ -235,12 +235,15 @@ def retrain_language_model(spec, derived, data, run_dir=None, progress=False):
                       Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, optimizer=optimizer),
                                     name=f"the retraining of {derived.name}")]
     state = Loop(steps, config.epochs, callbacks).run()
-    for variable, value in zip(model.variables, steps.best):
-        variable.assign(value)
+    if steps.best is None:
+        log.warning("no epoch had a finite validation loss; the last weights are the result")
+    else:
+        for variable, value in zip(model.variables, steps.best):
+            variable.assign(value)
     test_loss, test_perplexity = evaluate_perplexity(
         steps.eval_step, data.test, settings.eval_batch_size, settings.bptt, model.hidden_size, progress, desc="test"
     )
-    best_loss = state.extra["best_loss"]
+    best_loss = state.extra.get("best_loss", math.nan)
     switched = state.extra.get("switched")
     log.info("test: loss %.4f perplexity %.2f (best validation perplexity %.2f)", test_loss, test_perplexity,
              math.exp(min(best_loss, 700.0)))

@@ -49,10 +49,11 @@ def build_language_search(spec, vocabulary_size, model=None, strategy=None):
         )
 
 
-def evaluate_perplexity(loss_fn, tokens, streams, bptt, hidden_size, progress=False, desc="evaluate"):
+def evaluate_perplexity(loss_fn, tokens, streams, bptt, hidden_size, progress=False, desc="evaluate",
+                        dtype="float32"):
     """Mean token cross-entropy and perplexity of a split; ``loss_fn(x, y, hidden) -> (mean loss, hidden)``."""
     data = batchify(tokens, streams)
-    hidden = tf.zeros((streams, hidden_size))
+    hidden = tf.zeros((streams, hidden_size), dtype)
     total = count = 0.0
     lengths = sequence_lengths(data.shape[1], bptt, False, None)
     position = 0
@@ -95,8 +96,9 @@ class LanguageSearchTask:
 
     def reset_hidden(self):
         streams, size = self.settings.batch_size, self.model.hidden_size
-        self.hidden = tf.zeros((streams, size))
-        self.hidden_alpha = tf.zeros((streams, size))
+        dtype = self.model.embedding.dtype
+        self.hidden = tf.zeros((streams, size), dtype)
+        self.hidden_alpha = tf.zeros((streams, size), dtype)
 
     def lengths(self, epoch):
         config = self.spec.search
@@ -137,12 +139,14 @@ class LanguageSearchTask:
 
     def evaluate(self):
         loss, perplexity = evaluate_perplexity(self.loss_fn, self.data.valid, self.settings.batch_size,
-                                               self.settings.bptt, self.model.hidden_size)
+                                               self.settings.bptt, self.model.hidden_size,
+                                               dtype=self.model.embedding.dtype)
         return {"val_loss": loss, "val_perplexity": perplexity}
 
     def diagnostic_batch(self):
         x, y = window(self.alpha_data, 0, min(self.settings.bptt, self.alpha_data.shape[1] - 1))
-        return (tf.constant(x), tf.constant(y), tf.zeros((self.settings.batch_size, self.model.hidden_size)),
+        return (tf.constant(x), tf.constant(y),
+                tf.zeros((self.settings.batch_size, self.model.hidden_size), self.model.embedding.dtype),
                 tf.zeros((2,), tf.int32))
 
     def alphas(self):

@@ -200,8 +200,12 @@ class Checkpointing(Callback):
         if self.checkpoints.latest():
             loop.state = self.restore(loop)
             state = loop.state
-            log.info("resuming %s from its checkpoint: epoch %d, step %d (iteration %d)", self.name,
-                     min(state.epoch + 1, loop.epochs), state.step, state.iteration)
+            if state.epoch >= loop.epochs or state.stopped_by:
+                log.info("%s finished in an earlier run (%d epochs); its checkpoint gives the result", self.name,
+                         state.epoch)
+            else:
+                log.info("resuming %s from its checkpoint: epoch %d, step %d (iteration %d)", self.name,
+                         state.epoch + 1, state.step, state.iteration)
         elif self.save_at_start:
             self.save(loop)
 

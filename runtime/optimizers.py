@@ -29,10 +29,15 @@ def cosine_learning_rate(epoch, epochs, maximum, minimum):
     return minimum + (maximum - minimum) * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
 
 
+def clip_coefficient(norm, max_norm):
+    """PyTorch's clipping factor ``min(1, max_norm / (norm + 1e-6))``, in ``norm``'s dtype."""
+    return tf.minimum(tf.ones((), norm.dtype), max_norm / (norm + 1e-6))
+
+
 def clip_by_global_norm(gradients, max_norm):
-    """PyTorch's ``clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``."""
+    """PyTorch's ``clip_grad_norm_``: scale by ``clip_coefficient``; returns the clipped gradients and the norm."""
     norm = tf.linalg.global_norm(gradients)
-    scale = tf.cast(tf.minimum(1.0, max_norm / (norm + 1e-6)), gradients[0].dtype)
+    scale = tf.cast(clip_coefficient(norm, max_norm), gradients[0].dtype)
     return [g * scale for g in gradients], norm
 
 

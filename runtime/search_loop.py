@@ -316,9 +316,14 @@ class TensorBoardLog(Callback):
     """Scalars per step and per epoch, alpha heatmaps and the genotype in ``run_dir/tensorboard``."""
 
     def __init__(self, run_dir, operations, edge_labels):
+        self.arguments = (run_dir, operations, edge_labels)
+        self.board = None
+
+    def on_train_begin(self, loop):
         from .monitor import TensorBoard
 
-        self.board = TensorBoard(run_dir, operations, edge_labels)
+        # Only now, after the workers agreed: a refused start writes nothing.
+        self.board = TensorBoard(*self.arguments)
 
     def on_train_batch_end(self, loop, logs):
         self.board.step(loop.state.iteration, logs)

@@ -23,7 +23,7 @@ def register_spec_kind(name, layout):
 
 def spec_layout(kind):
     """The built-in layout of ``kind`` (itself for a built-in kind), or ``None`` for an unknown kind."""
-    return _LAYOUTS.get(kind)
+    return _LAYOUTS.get(kind) if isinstance(kind, str) else None
 
 
 def known_kinds():

@@ -63,7 +63,7 @@ class RecurrentCellKind(CellKind):
         model = bilevel.model
         tokens = rng.integers(0, model.vocabulary_size, (batch, spec.data.bptt + 1))
         return (tf.constant(tokens[:, :-1], tf.int32), tf.constant(tokens[:, 1:], tf.int32),
-                tf.zeros((batch, model.hidden_size)), tf.constant([0, 0], tf.int32))
+                tf.zeros((batch, model.hidden_size), model.embedding.dtype), tf.constant([0, 0], tf.int32))
 
     def activation_bytes(self, spec, bilevel):
         """One time step's graph times ``bptt``, plus the embedding and decoder."""
@@ -75,8 +75,9 @@ class RecurrentCellKind(CellKind):
         cell = model.cell
         size = spec.data.batch_size
         step = tf.function(lambda x, h: cell.step(x, h, cell.kernels(), model.probabilities(), {}))
+        dtype = model.embedding.dtype
         per_step = graph_float_bytes(step.get_concrete_function(
-            tf.TensorSpec((size, model.embedding_size)), tf.TensorSpec((size, model.hidden_size))).graph)
+            tf.TensorSpec((size, model.embedding_size), dtype), tf.TensorSpec((size, model.hidden_size), dtype)).graph)
         # Embedded inputs, the outputs, and the logits over the vocabulary.
         around = 4 * size * spec.data.bptt * (model.embedding_size + model.hidden_size + 2 * model.vocabulary_size)
         return per_step * spec.data.bptt + around

@@ -19,9 +19,15 @@ from tests.conftest import tiny_spec_document
 ETA = 0.05
 
 
-def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False, reuse_virtual_gradient=False):
-    # No max-pool: its kinks would spoil the finite-difference reference.
-    document = tiny_spec_document(operations=["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"])
+SMOOTH_OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
+
+
+def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False, reuse_virtual_gradient=False, arch_sgd=False,
+                 operations=SMOOTH_OPS):
+    """A tiny supernet's Bilevel; ``arch_sgd`` makes the alpha step plain SGD, which moves alphas by -lr * g
+    (Adam's first step moves them by about lr * sign(g), which would hide the gradient). By default no
+    max-pool, whose kinks could spoil a finite-difference reference."""
+    document = tiny_spec_document(operations=list(operations))
     document["search"]["recompute_cells"] = recompute_cells
     spec = kd.load_spec(document)
     keras.utils.set_random_seed(seed)
@@ -31,7 +37,8 @@ def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False, reuse_virtual_gra
     return Bilevel(
         model,
         CoupledSGD(model.weight_variables, 0.9, 3e-4, grad_clip),
-        CoupledAdam(model.arch_variables, 0.5, 0.999, 1e-8, 1e-3),
+        (CoupledSGD(model.arch_variables, 0.0, 0.0, None, name="arch_sgd") if arch_sgd
+         else CoupledAdam(model.arch_variables, 0.5, 0.999, 1e-8, 1e-3)),
         hvp_epsilon=0.01,
         reuse_virtual_gradient=reuse_virtual_gradient,
     )
@@ -99,10 +106,11 @@ def test_perturbed_gradients_differ_so_second_order_is_not_first_order(float64):
     assert not np.allclose(first, second, rtol=1e-3)
 
 
-def test_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64):
-    bilevel = make_bilevel(seed=1)
+def exact_and_central_differences(operations, seed=1, probes=8, h=1e-6):
+    """Exact-mode alpha gradient entries and central differences of the unrolled validation loss (float64)."""
+    bilevel = make_bilevel(seed=seed, operations=operations)
     model = bilevel.model
-    (xt, yt), (xv, yv) = batches(seed=1)
+    (xt, yt), (xv, yv) = batches(seed=seed)
     bilevel.weight_step((xt, yt), ETA)
     exact, _, _, _ = bilevel.exact_gradient((xt, yt), (xv, yv), ETA)
 
@@ -121,8 +129,8 @@ def test_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64):
         return loss
 
     rng = np.random.default_rng(0)
-    h = 1e-6
-    for _ in range(8):
+    pairs = []
+    for _ in range(probes):
         t = int(rng.integers(len(alphas)))
         index = tuple(int(rng.integers(n)) for n in a0[t].shape)
         up = [a.copy() for a in a0]
@@ -130,7 +138,13 @@ def test_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64):
         up[t][index] += h
         down[t][index] -= h
         numeric = (unrolled_validation_loss(up) - unrolled_validation_loss(down)) / (2 * h)
-        assert exact[t].numpy()[index] == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+        pairs.append((float(exact[t].numpy()[index]), numeric))
+    return pairs
+
+
+def test_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64):
+    for exact, numeric in exact_and_central_differences(SMOOTH_OPS):
+        assert exact == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
 
 def count_ops(function, args, op_type):
@@ -211,19 +225,25 @@ def test_the_iteration_is_traced_once_and_takes_the_alpha_step_first():
 def test_compiled_iteration_equals_the_steps_taken_one_by_one(order):
     # Graph mode must not reorder: the weight step has to see the updated alphas.
     (xt, yt), (xv, yv) = batches("float32")
-    compiled = make_bilevel(seed=4)
+    arch_lr = 0.1
+    compiled = make_bilevel(seed=4, arch_sgd=True)
+    before = [a.numpy().copy() for a in compiled.arch_vars]
     step = compiled.compiled_iteration(order, "finite_difference")
-    step((xt, yt), (xv, yv), tf.constant(ETA, tf.float32), tf.constant(3e-4, tf.float32))
+    step((xt, yt), (xv, yv), tf.constant(ETA, tf.float32), tf.constant(arch_lr, tf.float32))
 
-    manual = make_bilevel(seed=4)
+    manual = make_bilevel(seed=4, arch_sgd=True)
     gradient, _, _, _ = manual.arch_gradient(order, "finite_difference", (xt, yt), (xv, yv), ETA)
-    manual.arch_optimizer.apply(gradient, 3e-4)
+    # The compiled alpha step took the gradient itself (plain SGD: alpha moved by -lr * g).
+    for b, a, g in zip(before, compiled.arch_vars, gradient):
+        np.testing.assert_allclose((b - a.numpy()) / arch_lr, g.numpy(), rtol=1e-3, atol=1e-5)
+    assert max(float(np.abs(g.numpy()).max()) for g in gradient) > 1e-3
+    manual.arch_optimizer.apply(gradient, arch_lr)
     manual.weight_step((xt, yt), ETA)
 
-    for got, want in zip(compiled.arch_vars + compiled.weight_vars, manual.arch_vars + manual.weight_vars):
+    for got, want in zip(compiled.weight_vars, manual.weight_vars):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2e-4, atol=1e-6)
-    # And the alphas did move, so the comparison above could have failed.
-    stale = make_bilevel(seed=4)
+    # The weight step saw the updated alphas: one at the old alphas lands elsewhere.
+    stale = make_bilevel(seed=4, arch_sgd=True)
     stale.weight_step((xt, yt), ETA)
     assert any(not np.allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-6)
                for a, b in zip(compiled.weight_vars, stale.weight_vars))
@@ -234,12 +254,15 @@ def test_reusing_the_virtual_gradient_steps_the_weights_with_the_gradient_at_the
     mode = "finite_difference"
     (xt, yt), (xv, yv) = batches("float32", seed=5)
     lr, arch_lr = tf.constant(ETA, tf.float32), tf.constant(0.3, tf.float32)  # alphas move far
-    reusing = make_bilevel(seed=5, reuse_virtual_gradient=True)
+    reusing = make_bilevel(seed=5, reuse_virtual_gradient=True, arch_sgd=True)
+    before = [a.numpy().copy() for a in reusing.arch_vars]
     metrics, _, _ = reusing.compiled_iteration("second", mode)((xt, yt), (xv, yv), lr, arch_lr)
 
-    manual = make_bilevel(seed=5)
+    manual = make_bilevel(seed=5, arch_sgd=True)
     loss, _, gradients, _, _ = manual.gradients_at(manual.current_weights(), manual.current_alphas(), (xt, yt))
     arch, _, _, _ = manual.arch_gradient("second", mode, (xt, yt), (xv, yv), ETA)
+    for b, a, g in zip(before, reusing.arch_vars, arch):  # the alpha step took the second-order gradient
+        np.testing.assert_allclose((b - a.numpy()) / 0.3, g.numpy(), rtol=1e-3, atol=1e-5)
     manual.arch_optimizer.apply(arch, 0.3)
     manual.weights_optimizer.apply(gradients, ETA)
     for got, want in zip(reusing.arch_vars + reusing.weight_vars, manual.arch_vars + manual.weight_vars):
@@ -247,7 +270,7 @@ def test_reusing_the_virtual_gradient_steps_the_weights_with_the_gradient_at_the
     assert float(metrics["train_loss"]) == pytest.approx(float(loss), rel=1e-5)
 
     # The default takes a fresh pass at the updated alphas, and lands elsewhere.
-    fresh = make_bilevel(seed=5)
+    fresh = make_bilevel(seed=5, arch_sgd=True)
     fresh.compiled_iteration("second", mode)((xt, yt), (xv, yv), lr, arch_lr)
     assert any(not np.allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=1e-6)
                for a, b in zip(fresh.weight_vars, reusing.weight_vars))
@@ -293,16 +316,21 @@ from tests.conftest import tiny_spec_document
 document = tiny_spec_document()
 document["search"]["second_order_mode"] = "exact"
 serialized = serialize_kernels_if_needed(kd.load_spec(document))
-from tests.runtime.test_bilevel import float32_and_float64_gradients
-print(json.dumps({"serialized": serialized, "gradients": float32_and_float64_gradients()}))
+from tests.runtime.test_bilevel import exact_and_central_differences, float32_and_float64_gradients
+gradients = float32_and_float64_gradients()
+import keras
+keras.config.set_floatx("float64")
+keras.config.set_dtype_policy("float64")
+central = exact_and_central_differences(document["search_space"]["operations"])
+print(json.dumps({"serialized": serialized, "gradients": gradients, "central": central}))
 """
 
 
-def test_exact_mode_with_max_and_average_pooling_runs_serialized_and_float32_matches_float64():
+def test_exact_mode_with_max_and_average_pooling_runs_serialized_and_matches_float64_and_central_differences():
     # With max and average pooling together, TensorFlow's CPU kernels give a wrong
     # mixed Hessian-vector product, different from run to run, when independent
     # kernels run concurrently; exact mode therefore runs them one at a time. Then
-    # float32 matches float64, which matches central differences (test above).
+    # float32 matches float64, and float64 matches central differences.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": root}
     env.pop("TF_NUM_INTEROP_THREADS", None)
@@ -316,3 +344,6 @@ def test_exact_mode_with_max_and_average_pooling_runs_serialized_and_float32_mat
     np.testing.assert_allclose(exact_32, exact_64, rtol=2e-3, atol=2e-3 * np.abs(exact_64).max())
     # The second-order term matters here, so agreeing exact gradients say something.
     assert np.abs(exact_64 - first_64).max() > 0.05 * np.abs(first_64).max()
+    # And float64 exact mode over max and average pooling is the unrolled loss's derivative.
+    for exact, numeric in out["central"]:
+        assert exact == pytest.approx(numeric, rel=1e-5, abs=1e-9)

@@ -24,7 +24,7 @@ def toy_document():
     return document
 
 
-def test_a_kind_registered_by_a_plugin_runs_compile_and_search_to_a_saved_model(tmp_path, capsys):
+def test_a_kind_registered_by_a_plugin_runs_compile_and_search_to_a_saved_model(tmp_path, capsys, isolated_registries):
     spec = tmp_path / "mlp.yaml"
     spec.write_text(yaml.safe_dump(toy_document()))
     assert main(["validate", str(spec)]) == 0

@@ -39,7 +39,7 @@ def child_env():
     return env
 
 
-def test_a_spec_naming_a_plugin_uses_its_op_in_the_cli_in_a_child_process_and_in_a_fresh_export(tmp_path, capsys):
+def test_a_spec_naming_a_plugin_uses_its_op_in_the_cli_in_a_child_process_and_in_a_fresh_export(tmp_path, capsys, isolated_registries):
     (tmp_path / "plugin_ops.py").write_text(PLUGIN)
     document = tiny_spec_document(operations=["none", "skip_connect", "pointwise_conv"])
     document["plugins"] = ["plugin_ops"]

@@ -81,23 +81,22 @@ def test_an_interrupted_retraining_resumes_after_its_last_epoch_and_ends_as_an_u
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
 
 
-def run_search_process(spec_path, run_dir):
+def run_search_process(spec_path, run_dir, float64=False):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     code = "from keras_darts.runtime.cli import compile_and_search_main; raise SystemExit(compile_and_search_main())"
+    if float64:
+        code = "import keras; keras.config.set_floatx('float64'); keras.config.set_dtype_policy('float64')\n" + code
     return subprocess.Popen([sys.executable, "-c", code, str(spec_path), "--run-dir", str(run_dir), "--search-only",
                              "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_a_search_killed_with_sigkill_resumes_to_the_same_result(tmp_path):
-    document = tiny({"epochs": 2, "steps_per_epoch": 8, "deterministic": True, "checkpoint_every_steps": 2})
-    spec_path = tmp_path / "tiny.yaml"
-    spec_path.write_text(dump_yaml(document))
-
-    straight = run_search_process(spec_path, tmp_path / "straight")
+def kill_and_resume(spec_path, tmp_path, steps, float64=False):
+    """Run to the end; run again and kill -9 once a checkpoint after 2 iterations exists; resume. Both folders."""
+    straight = run_search_process(spec_path, tmp_path / "straight", float64)
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
 
     killed_dir = tmp_path / "killed"
-    process = run_search_process(spec_path, killed_dir)
+    process = run_search_process(spec_path, killed_dir, float64)
     latest = killed_dir / "search" / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
@@ -110,15 +109,46 @@ def test_a_search_killed_with_sigkill_resumes_to_the_same_result(tmp_path):
     assert not (killed_dir / "derived.yaml").exists()
     state = json.loads((killed_dir / "search" / "checkpoints" / json.loads(latest.read_text())["checkpoint"]
                         / "state.json").read_text())
-    assert state["iteration"] < 16
+    assert 2 <= state["iteration"] < steps
 
-    resumed = run_search_process(spec_path, killed_dir)
+    resumed = run_search_process(spec_path, killed_dir, float64)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    assert "resuming tiny from its checkpoint" in resumed.stderr.read()
-    with np.load(tmp_path / "straight" / "search" / "alphas.npz") as a, np.load(killed_dir / "search" / "alphas.npz") as b:
+    return tmp_path / "straight", killed_dir, resumed.stderr.read()
+
+
+def test_a_search_killed_with_sigkill_resumes_to_the_same_result_with_augmentation_on(tmp_path):
+    document = tiny({"epochs": 2, "steps_per_epoch": 8, "deterministic": True, "checkpoint_every_steps": 2})
+    document["data"]["augment"] = {"random_crop": 2, "horizontal_flip": True}
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(dump_yaml(document))
+    straight, killed, log = kill_and_resume(spec_path, tmp_path, 16)
+    assert "resuming tiny from its checkpoint" in log
+    with np.load(straight / "search" / "alphas.npz") as a, np.load(killed / "search" / "alphas.npz") as b:
         for key in ("normal", "reduce"):
             np.testing.assert_array_equal(a[key], b[key])
-    assert (tmp_path / "straight" / "derived.yaml").read_text() == (killed_dir / "derived.yaml").read_text()
+    assert (straight / "derived.yaml").read_text() == (killed / "derived.yaml").read_text()
+
+
+def test_a_language_model_search_killed_with_sigkill_resumes_with_its_hidden_states(tmp_path):
+    from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
+
+    document = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
+    document["search"].update({"epochs": 2, "steps_per_epoch": 6, "deterministic": True, "checkpoint_every_steps": 2,
+                               "diagnostics": {"hessian_eigenvalue": False}})
+    spec_path = tmp_path / "rnn.yaml"
+    spec_path.write_text(dump_yaml(document))
+    # In float64: a language-model step's last bits depend on the window lengths the process has run before
+    # (not on anything a checkpoint could hold), and Adam magnifies float32's differences within an epoch.
+    straight, killed, log = kill_and_resume(spec_path, tmp_path, 12, float64=True)
+    assert "resuming tiny-rnn from its checkpoint" in log
+    # A mid-epoch checkpoint carries the hidden states of both streams into the resumed epoch.
+    with np.load(next((killed / "search" / "checkpoints").glob("iteration_*")) / "arrays.npz") as arrays:
+        assert {"hidden", "hidden_alpha"} <= set(arrays.files)
+    with np.load(straight / "search" / "alphas.npz") as a, np.load(killed / "search" / "alphas.npz") as b:
+        np.testing.assert_allclose(b["recurrent"], a["recurrent"], rtol=1e-9, atol=1e-12)
+        moved = np.abs(a["recurrent"]).max()
+    assert moved > 1e-3  # alphas start at 1e-3 N(0, 1) and moved, so restarting the streams would show
+    assert kd.load_derived(str(straight / "derived.yaml")).cells == kd.load_derived(str(killed / "derived.yaml")).cells
 
 
 def test_a_run_directory_of_another_spec_is_refused_untouched(tmp_path, capsys):
@@ -264,7 +294,13 @@ def test_estimate_counts_parameters_and_activations_that_grow_with_the_batch(cap
     spec = kd.load_spec(tiny())
     bilevel = build_search(spec)
     counts = static_estimate(spec, bilevel, kind_of(spec))
-    assert counts["weights"] == sum(int(np.prod(v.shape)) for v in bilevel.model.weight_variables)
+    # By hand: stem conv 3x3 1->8 and its BN (72 + 16); per cell the preprocessing (1x1 convs, a factorized
+    # reduce 8->8+8 in cell 2) and, per edge, sep_conv_3x3 = 2 (9C + C^2) plus, on the 4 reducing edges of
+    # the two reduction cells, skip_connect as a factorized reduce (C^2); classifier 32*10 + 10.
+    cells = [(8 * 4 + 8 * 4) + 5 * 2 * (9 * 4 + 4 * 4),
+             (8 * 8 + 8 * 8) + 5 * 2 * (9 * 8 + 8 * 8) + 4 * 8 * 8,
+             (2 * 8 * 8 + 16 * 16) + 5 * 2 * (9 * 16 + 16 * 16) + 4 * 16 * 16]
+    assert counts["weights"] == 72 + 16 + sum(cells) + 32 * 10 + 10 == 8154
     assert counts["alphas"] == 2 * 5 * 5  # two cell types, 5 edges for 2 nodes, 5 ops
     double = kd.load_spec(tiny(), overrides=["data.batch_size=64"])
     ratio = (static_estimate(double, build_search(double), kind_of(double))["activation_bytes"]

@@ -92,7 +92,7 @@ def test_running_again_resumes_and_repeats_nothing_finished(finished_run, capsys
     caplog.set_level("INFO")
     code = compile_and_search_main([str(spec_path), "--run-dir", str(run_dir), "--no-progress"])
     assert code == 0
-    assert "resuming tiny from its checkpoint: epoch 3, step 0 (iteration 44)" in caplog.text
+    assert "tiny finished in an earlier run (2 epochs); its checkpoint gives the result" in caplog.text
     assert "retraining finished in an earlier run" in caplog.text
     assert "Traceback" not in capsys.readouterr().err
     for item in kept:
