@@ -370,14 +370,6 @@ class RecurrentSupernet(MethodSupernet, _LanguageModel):
         if self.method.auxiliary_operation is not None:
             raise ValueError(f"A recurrent cell has no auxiliary path. Received: method={self.method.name!r}")
 
-    @property
-    def arch_variables(self):
-        return [self.alpha]
-
-    @property
-    def weight_variables(self):
-        return [v for v in self.trainable_variables if v is not self.alpha]
-
     def probabilities(self):
         return self.method.mix(self.alpha)
 

@@ -87,17 +87,6 @@ class Supernet(MethodSupernet, keras.Model):
         self.call(ops.zeros((1, *tuple(input_shape)[1:])), training=False)
         self.built = True
 
-    @property
-    def arch_variables(self):
-        """The architecture parameters, in ``CELL_TYPES`` order."""
-        return [self.alphas[t] for t in CELL_TYPES]
-
-    @property
-    def weight_variables(self):
-        """Trainable weights that are not architecture parameters (partitioned by identity)."""
-        arch = {id(v) for v in self.arch_variables}
-        return [v for v in self.trainable_variables if id(v) not in arch]
-
     def arch_probabilities(self):
         """The op weights of each cell type, (edges x ops), from the method's mixing of the alphas."""
         return {t: self.method.mix(self.alphas[t]) for t in CELL_TYPES}

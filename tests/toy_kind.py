@@ -107,15 +107,6 @@ class VectorSupernet(MethodSupernet, keras.Model):
                        for t in CELL_TYPES}
         self.use_method(method)
 
-    @property
-    def arch_variables(self):
-        return [self.alphas[t] for t in CELL_TYPES]
-
-    @property
-    def weight_variables(self):
-        arch = {id(v) for v in self.arch_variables}
-        return [v for v in self.trainable_variables if id(v) not in arch]
-
     def build(self, input_shape):
         self.call(ops.zeros((1, *self.image_shape)))
         self.built = True

@@ -33,6 +33,10 @@ for _cls in (SearchMethod, BetaDarts, DartsMinus):
 class MethodSupernet:
     """What a supernet needs of its search method: the method object and its scheduled scalars.
 
+    It also partitions the supernet's variables: ``arch_variables`` are the
+    matrices in ``self.alphas``, ``weight_variables`` every other trainable
+    variable, by identity.
+
     ``use_method(document)`` (in ``__init__``, after the other weights) builds
     the method and one non-trainable scalar weight per schedule, named
     ``schedule__<name>`` and set to its epoch-0 value; a compiled step reads
@@ -55,6 +59,17 @@ class MethodSupernet:
         """Set the method's scheduled scalars to their values for 0-based ``epoch``."""
         for name, value in self.method.schedule(epoch).items():
             self.schedule[name].assign(value)
+
+    @property
+    def arch_variables(self):
+        """The architecture parameters: the values of ``self.alphas`` (cell type -> matrix), in its order."""
+        return list(self.alphas.values())
+
+    @property
+    def weight_variables(self):
+        """Trainable weights that are not architecture parameters (partitioned by identity)."""
+        arch = {id(v) for v in self.arch_variables}
+        return [v for v in self.trainable_variables if id(v) not in arch]
 
 
 def method_from_document(document, epochs):
