@@ -1,24 +1,27 @@
 """The DARTS search: bilevel iterations, a derived spec every epoch, and what makes a long run trustworthy.
 
 ``SearchDriver`` runs any search task (images: ``ImageSearchTask``;
-language modelling: ``language_search.LanguageSearchTask``) epoch by epoch:
+language modelling: ``language_search.LanguageSearchTask``; a cell kind
+supplies it) as one ``loop.Loop`` of compiled bilevel steps (``SearchSteps``),
+with the search's callbacks:
 
 * every ``checkpoint_every_steps`` iterations and after every epoch it writes
   an atomic checkpoint (weights, alphas, both optimisers, position, counters,
   carried arrays); a run directory with a checkpoint resumes from it. Data
   order and augmentation are functions of (seed, epoch, position), so a
-  resumed epoch replays exactly; ``search.deterministic`` also turns on
-  TensorFlow's op determinism, and then a killed and resumed search ends with
+  resumed epoch replays exactly; with ``search.deterministic`` (op
+  determinism and one kernel at a time) a killed and resumed search ends with
   the same alphas as an uninterrupted one;
 * a loss or gradient norm that is NaN or infinite stops the search
-  (``DivergenceError``, naming the step and the value) and leaves the last
-  good checkpoint as it was, or, with ``on_divergence: rollback``, restores it
-  and continues with the learning rate times ``divergence_lr_factor``;
+  (``DivergenceGuard`` raises ``DivergenceError``, naming the step and the
+  value) and leaves the last good checkpoint as it was, or, with
+  ``on_divergence: rollback``, restores it and continues with the learning
+  rate times ``divergence_lr_factor``;
 * each epoch it records losses, metrics, learning rate, alpha softmaxes, the
   genotype and collapse diagnostics (skip connections and parameter-free ops
   of the derived cell, the dominant eigenvalue of the alpha Hessian of the
-  validation loss) in CSV, JSON and TensorBoard, and applies the early-stopping
-  rules, recording the one that fired.
+  validation loss; ``Diagnostics``) in CSV, JSON and TensorBoard, and applies
+  the early-stopping rules (``EarlyStopping``), recording the one that fired.
 """
 
 import contextlib
@@ -32,8 +35,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_darts.compiler import CELL_TYPES, build_supernet, derived_spec_from_search
-from keras_darts.compiler.methods.base import softmax
 from keras_darts.compiler.methods import search_method
+from keras_darts.compiler.methods.base import softmax
 from keras_darts.spec import DivergenceError
 
 from . import rundir

@@ -1,6 +1,7 @@
 """Reading YAML documents safely, with errors that name the file and place."""
 
 import os
+import re
 
 import yaml
 
@@ -28,6 +29,12 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+# YAML 1.1 (PyYAML's) needs a dot in a float, so 1e-3 would be the string '1e-3';
+# YAML 1.2 and every user read it as a number, as here.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def expanded_size(value, _memo=None):

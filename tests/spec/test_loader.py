@@ -269,3 +269,20 @@ def test_semantic_problems_are_reported_beside_schema_errors(tmp_path):
         "(did you mean 'dil_conv_3x3'?)",
         f"{path}: $.search_space.reduction_cells[1]: expected a cell position in [0, 8), got 8",
     ]
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1E-3", 1e-3), ("3e-4", 3e-4), ("1e8", 1e8), (".5", 0.5),
+                                         ("5.", 5.0), ("2.5e+1", 25.0), ("1_000.5", 1000.5)])
+def test_every_float_a_user_writes_is_a_number_in_files_and_overrides(tmp_path, text, value):
+    path = write(tmp_path, f"""\
+        version: 1
+        name: floats
+        search_space: {{kind: conv_cell}}
+        search: {{arch_optimizer: {{learning_rate: {text}}}}}
+        """)
+    assert load_spec(path).search.arch_optimizer.learning_rate == value
+    spec = load_spec(path, overrides=[f"search.weights_optimizer.weight_decay={text}"])
+    assert spec.search.weights_optimizer.weight_decay == value
+    # Names that only look numeric stay strings, and integers stay integers.
+    assert load_spec(path, overrides=["search.epochs=7"]).search.epochs == 7
+    assert load_spec(path, overrides=["name=e5"]).name == "e5"
