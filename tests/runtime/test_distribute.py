@@ -74,8 +74,10 @@ def test_mirrored_on_two_logical_cpus_equals_one_device():
             assert np.abs(alpha - start[cell_type]).max() > 5e-4
         assert mirrored[order]["derived"] == single.derived.to_document()["cells"]
         assert mirrored[order]["train_loss"] == pytest.approx(single.history[-1]["train_loss"], rel=1e-5)
-        # Adam's steps show little of a gradient's size; the architecture gradient's norm does.
-        assert mirrored[order]["arch_grad_norm"] == pytest.approx(single.history[-1]["arch_grad_norm"], rel=1e-4)
+        # Adam's steps show little of a gradient's size; the architecture gradient's norm does. The
+        # second-order term subtracts two nearly equal float32 gradients, summed over the replicas in
+        # another order than on one device: 1e-3 relative (1.6e-4 seen).
+        assert mirrored[order]["arch_grad_norm"] == pytest.approx(single.history[-1]["arch_grad_norm"], rel=1e-3)
 
 
 EXACT_CHILD = """
