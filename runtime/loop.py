@@ -2,7 +2,8 @@
 
 ``Loop(task, epochs, callbacks).run()`` runs epochs of steps:
 
-    on_train_begin                      (a checkpoint callback restores the state here)
+    checkpointing.resume                (restores the latest checkpoint, before any callback)
+    on_train_begin
     per epoch: task.begin_epoch, on_epoch_begin
         per step: task.step -> (values, weight); the guard may roll back or stop;
                   task.accept; state.step, state.iteration += 1; on_train_batch_end
@@ -144,6 +145,8 @@ class ProgressBar(Callback):
         self.bar = None
 
     def on_epoch_begin(self, loop, epoch):
+        if self.bar is not None:  # a rollback left the epoch without its on_epoch_end
+            self.bar.close()
         self.bar = tqdm(total=loop.task.steps_in_epoch(epoch), initial=loop.state.step,
                         desc=f"{self.label} {epoch + 1}/{loop.epochs}", disable=not self.enabled, leave=False,
                         unit="step")

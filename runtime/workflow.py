@@ -80,7 +80,7 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
     A run directory that already holds this spec's run is resumed: the search
     from its last checkpoint, and steps already finished are not repeated.
     With ``search.deterministic`` the whole run (search and retraining) runs
-    with TensorFlow's op determinism on.
+    with TensorFlow's op determinism on and one kernel at a time.
     """
     serialize_kernels_if_needed(spec)  # before TensorFlow starts its runtime
     with op_determinism(spec.search.deterministic):
