@@ -96,7 +96,12 @@ class CellKind(abc.ABC):
 
     # -- retraining and export -----------------------------------------------------
     def check_retrainable(self, spec, derived):
-        """Raise ``SpecError`` unless ``spec`` can retrain ``derived``."""
+        """Raise ``SpecError`` unless ``spec`` can retrain ``derived`` (by default: the same kind)."""
+        from keras_darts.spec import SpecError
+
+        if derived.kind != spec.search_space.kind:
+            raise SpecError.single(derived.source, "$.kind", f"a derived spec of kind '{derived.kind}' cannot be "
+                                   f"retrained by a '{spec.search_space.kind}' spec")
 
     @abc.abstractmethod
     def retrain(self, spec, derived, data, run_dir=None, progress=False, strategy=None, writes=True):

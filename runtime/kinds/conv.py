@@ -97,13 +97,6 @@ class ConvCellKind(CellKind):
         return retrain(spec, derived, data, run_dir=run_dir, progress=progress, strategy=strategy, writes=writes,
                        model_builder=self.build_network)
 
-    def check_retrainable(self, spec, derived):
-        from keras_darts.spec import SpecError
-
-        if derived.kind != spec.search_space.kind:
-            raise SpecError.single(derived.source, "$.kind", f"a derived spec of kind '{derived.kind}' cannot be "
-                                   f"retrained by a '{spec.search_space.kind}' spec")
-
     def retrain_result(self, run_dir, model, metrics, history):
         from ..retraining import RetrainResult
 

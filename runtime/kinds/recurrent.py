@@ -86,10 +86,8 @@ class RecurrentCellKind(CellKind):
     def check_retrainable(self, spec, derived):
         from keras_darts.spec import SpecError
 
+        super().check_retrainable(spec, derived)
         space = spec.search_space
-        if derived.kind != space.kind:
-            raise SpecError.single(derived.source, "$.kind", f"a derived spec of kind '{derived.kind}' cannot be "
-                                   f"retrained by a '{space.kind}' spec")
         ops = {e.op for cell in derived.cells.values() for node in cell.nodes for e in node}
         unknown = sorted(ops - set(space.operations))
         if unknown:
