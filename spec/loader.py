@@ -158,12 +158,68 @@ def _top_level_key(path):
     return path[2:].split(".")[0].split("[")[0] if path.startswith("$.") else path
 
 
-def _semantic_problems_beside(schema_errors, document, source):
-    """Semantic problems of the sections the schema accepted, so one run reports both kinds.
+def _mapping_keys(path):
+    """The mapping keys down to the first list index of a ``$.a.b[0]`` path; None for quoted keys."""
+    if not path.startswith("$.") or "['" in path or '["' in path:
+        return None
+    return path[2:].split("[")[0].split(".")
 
-    Sections with schema errors are left out (``retrain`` as if disabled);
-    without a valid ``search_space`` there is nothing to check.
+
+def _inside(path, other):
+    return path == other or path.startswith(other + ".") or path.startswith(other + "[")
+
+
+def _touches(path, removed):
+    """Whether ``path`` is one of ``removed``, inside or around one, or a sibling of one."""
+    return any(_inside(path, other) or _inside(other, path) or _inside(path, other.rsplit(".", 1)[0])
+               and path.count(".") == other.count(".") for other in removed)
+
+
+# The fields that shape the cell and the network: with one of them refused, the
+# checks of the rest of the search space would be about a space the user did not write.
+_SHAPING = ("$.search_space.kind", "$.search_space.operations", "$.search_space.nodes", "$.search_space.k",
+            "$.search_space.reduction_cells", "$.search_space.network.layers",
+            "$.search_space.network.input_shape", "$.search_space.network.stem")
+
+
+def _without_broken_fields(schema_errors, document):
+    """``document`` without the fields the schema refused (their defaults take their place), and their paths."""
+    pruned = copy.deepcopy(document)
+    removed = []
+    for problem in schema_errors:
+        keys = _mapping_keys(problem.path)
+        if not keys:
+            return None, None
+        holder = pruned
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict):
+            holder.pop(keys[-1], None)
+        removed.append("$." + ".".join(keys))
+    pruned.update(version=1, name="spec")
+    return pruned, removed
+
+
+def _semantic_problems_beside(schema_errors, document, source):
+    """Semantic problems of the fields the schema accepted, so one run reports both kinds.
+
+    The refused fields are left out and take their defaults; semantic
+    problems of a refused field, its siblings or what holds it are not
+    reported. Where that leaves no spec (a required field refused) or a
+    field that shapes the cell or network was refused, whole sections are
+    left out instead (``retrain`` as if disabled); without a valid
+    ``search_space`` there is nothing to check.
     """
+    pruned, removed = _without_broken_fields(schema_errors, document)
+    if pruned is not None and not any(_inside(path, shaping) for path in removed for shaping in _SHAPING):
+        try:
+            spec = dataclasses.replace(from_mapping(spec_class(pruned), pruned), document=pruned)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            spec = None
+        if spec is not None:
+            known = {(p.path, p.message) for p in schema_errors}
+            return [p for p in search_spec_problems(spec, source)
+                    if not _touches(p.path, removed) and (p.path, p.message) not in known]
     broken = {_top_level_key(p.path) for p in schema_errors}
     if "search_space" in broken or not isinstance(document.get("search_space"), dict):
         return []

@@ -286,3 +286,42 @@ def test_every_float_a_user_writes_is_a_number_in_files_and_overrides(tmp_path, 
     # Names that only look numeric stay strings, and integers stay integers.
     assert load_spec(path, overrides=["search.epochs=7"]).search.epochs == 7
     assert load_spec(path, overrides=["name=e5"]).name == "e5"
+
+
+def test_problems_in_one_section_do_not_hide_semantic_problems_in_the_same_section(tmp_path):
+    # num_classes (a schema error) sits in search_space beside k (a semantic one);
+    # batch_size (a schema error) is in another section. All three at once.
+    path = write(
+        tmp_path,
+        """\
+        version: 1
+        name: three
+        search_space:
+          kind: conv_cell
+          nodes: 4
+          k: 9
+          network: {num_classes: 1}
+        data: {batch_size: 0}
+        """,
+    )
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    assert messages(excinfo) == [
+        f"{path}: $.data.batch_size: expected a value >= 1, got 0",
+        f"{path}: $.search_space.network.num_classes: expected a value >= 2, got 1",
+        f"{path}: $.search_space.k: k=9 exceeds the 5 predecessors of the last intermediate node; expected k <= 5",
+    ]
+
+
+@pytest.mark.parametrize("space, refused", [
+    ("{kind: conv_cell, nodes: 0, k: 9}", "$.search_space.nodes: expected a value >= 1, got 0"),
+    ("{kind: conv_cell, reduction_cells: [7], network: {layers: 0}}",
+     "$.search_space.network.layers: expected at least 1 cell, got 0"),
+])
+def test_checks_against_a_refused_field_that_shapes_the_space_wait_for_it(tmp_path, space, refused):
+    # With nodes or layers refused, checking k or reduction_cells against their
+    # defaults would describe a space the user did not write: only the schema error.
+    path = write(tmp_path, f"version: 1\nname: two\nsearch_space: {space}\n")
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    assert messages(excinfo) == [f"{path}: {refused}"]
