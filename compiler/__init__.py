@@ -8,7 +8,14 @@ from keras_darts.spec import OpDefinition
 from .cells import DerivedCell, MixedOp, SearchCell
 from .derive import derive_cell, derive_genotype, derived_spec_from_search
 from .graph import build_cell_graph, build_derived_graph, cell_edges
-from .network import AuxiliaryHead, DerivedNetwork, build_network, count_parameters
+from .network import (
+    AuxiliaryHead,
+    DerivedNetwork,
+    build_network,
+    count_parameters,
+    derived_network_of,
+    with_input_normalization,
+)
 from .recurrent import (
     DerivedLanguageModel,
     RecurrentCell,

@@ -4,10 +4,13 @@ Same stem, channel schedule and reduction positions as the search network,
 with derived cells; an optional auxiliary head on the output of the last
 reduction cell (DARTS' second one) and drop-path inside the cells.
 ``call`` returns logits, and ``(logits, auxiliary_logits)`` when training
-with the auxiliary head.
+with the auxiliary head. It takes images normalised with the training
+statistics; ``with_input_normalization`` wraps it into the model a run saves,
+which takes images as the data gives them.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_darts.spec import check_derived, derived_from_document, derived_with_network
@@ -171,3 +174,30 @@ def count_parameters(model, exclude_auxiliary=True):
     if exclude_auxiliary and head is not None:
         excluded = {id(v) for v in head.trainable_variables}
     return sum(int(ops.size(v)) for v in model.trainable_variables if id(v) not in excluded)
+
+
+def with_input_normalization(network, mean, std):
+    """The model a run saves: ``network`` behind a ``Normalization`` layer with the training statistics.
+
+    It takes images as the data loader gives them (float32, scaled to [0, 1])
+    and returns the network's logits; ``derived_network_of`` gives the network back.
+    """
+    inputs = keras.Input(tuple(network.derived.network.input_shape), name="images")
+    normalised = keras.layers.Normalization(mean=np.asarray(mean, np.float32),
+                                            variance=np.square(np.asarray(std, np.float32)),
+                                            name="normalize")(inputs)
+    return keras.Model(inputs, network(normalised, training=False), name="classifier")
+
+
+def derived_network_of(model):
+    """The network of a saved model: the model itself, or the one behind its normalisation.
+
+    A network is a model that carries its derived spec as ``derived`` (``DerivedNetwork``
+    and the networks of plugin kinds).
+    """
+    if hasattr(model, "derived"):
+        return model
+    inner = [layer for layer in getattr(model, "layers", ()) if hasattr(layer, "derived")]
+    if len(inner) != 1:
+        raise TypeError(f"{model.name} holds {len(inner)} derived networks, expected one")
+    return inner[0]

@@ -9,6 +9,9 @@ then does ``latest.json`` (itself replaced atomically) point at it. A crash
 at any moment leaves ``latest.json`` naming a complete checkpoint; stray
 temporary directories are removed when the directory is opened again. The
 last ``keep`` checkpoints are kept.
+
+``keep_start`` holds the starting state in memory, not on disk, so that a
+search can roll back before its first checkpoint (``restore(START)``).
 """
 
 import glob
@@ -22,6 +25,7 @@ import tensorflow as tf
 from . import rundir
 
 LATEST = "latest.json"
+START = "the start of this run"  # the name ``restore`` takes for the state ``keep_start`` holds
 
 
 class Checkpoints:
@@ -36,6 +40,8 @@ class Checkpoints:
         self.keep = keep
         self.writes = writes
         self.checkpoint = tf.train.Checkpoint(variables={_key(v): v for v in model.variables}, **optimizers)
+        self._variables = list(model.variables) + [v for o in optimizers.values() for v in o.variables]
+        self._start = None
         if writes:
             os.makedirs(directory, exist_ok=True)
             for stray in glob.glob(os.path.join(directory, ".tmp-*")):
@@ -66,9 +72,22 @@ class Checkpoints:
         self._prune(name)
         return name
 
+    def keep_start(self, state, arrays=None):
+        """Hold the variables' values, ``state`` and ``arrays`` in memory as the checkpoint ``START``."""
+        self._start = ([v.numpy() for v in self._variables], dict(state), dict(arrays or {}))
+
+    def last_good(self):
+        """The newest checkpoint on disk, else ``START`` where the start is kept, else ``None``."""
+        return self.latest() or (START if self._start is not None else None)
+
     def restore(self, name=None):
         """Load checkpoint ``name`` (default: the latest) into the variables; return ``(state, arrays)``."""
         name = name or self.latest()
+        if name == START:
+            values, state, arrays = self._start
+            for variable, value in zip(self._variables, values):
+                variable.assign(value)
+            return dict(state), dict(arrays)
         folder = os.path.join(self.directory, name)
         self.checkpoint.read(os.path.join(folder, "variables")).assert_existing_objects_matched()
         with np.load(os.path.join(folder, "arrays.npz")) as arrays:

@@ -57,6 +57,13 @@ def _run_dir(args, spec):
     return args.run_dir or default_run_dir(spec)
 
 
+def _tensorflow():
+    """Start TensorFlow without its start-up notices (see ``runtime.startup``)."""
+    from keras_darts.runtime.startup import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+
+
 def _print_report(report):
     from keras_darts.runtime.workflow import summary_lines
 
@@ -66,6 +73,10 @@ def _print_report(report):
 
 def cmd_compile_and_search(args):
     spec = _load(args)
+    from keras_darts.runtime.kinds import kind_of
+
+    kind_of(spec).check_data(spec, light=True)  # before TensorFlow loads
+    _tensorflow()
     from keras_darts.runtime.workflow import run_compile_and_search
 
     print(f"spec {spec.source}: valid ({spec.name}, {len(spec.search_space.operations)} ops, "
@@ -82,6 +93,7 @@ def cmd_validate(args):
     spec = _load(args)
     from keras_darts.runtime.kinds import kind_of
 
+    kind_of(spec).check_data(spec)
     space = spec.search_space
     print(f"{spec.source}: valid")
     print(f"  name: {spec.name}")
@@ -99,6 +111,7 @@ def cmd_search(args):
 
 
 def cmd_retrain(args):
+    _tensorflow()
     from keras_darts.runtime.distribution import check_batch, is_chief, make_strategy
     from keras_darts.runtime.kinds import kind_of
     from keras_darts.runtime.workflow import check_retrainable, export_run, load_data, load_run_spec, retrain_run
@@ -128,6 +141,7 @@ def cmd_retrain(args):
 
 
 def cmd_export(args):
+    _tensorflow()
     from keras_darts.runtime.workflow import export_run
 
     print(f"saved model: {export_run(args.run_dir)}")
@@ -138,6 +152,7 @@ def cmd_estimate(args):
     from keras_darts.runtime.estimate import estimate, report_lines
 
     spec = _load(args)
+    _tensorflow()
     print(f"estimate for {spec.name} ({spec.source}), measured on this machine:")
     for line in report_lines(estimate(spec, steps=args.steps, orders=args.orders)):
         print(f"  {line}")
@@ -145,6 +160,7 @@ def cmd_estimate(args):
 
 
 def cmd_plot(args):
+    _tensorflow()
     from keras_darts.runtime.workflow import plot_run
 
     print(f"pictures: {plot_run(args.run_dir)}")
@@ -155,6 +171,7 @@ def cmd_show(args):
     from keras_darts.spec import load_derived
 
     derived = load_derived(args.derived)
+    _tensorflow()
     from keras_darts.runtime.kinds import kind_of
 
     kind = kind_of(derived)

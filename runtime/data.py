@@ -27,9 +27,10 @@ import tensorflow as tf
 
 from keras_darts.spec import DataError
 
+from .data_checks import FASHION_MNIST_DIR, FASHION_MNIST_FILES, IMAGE_CHECKS, check_data_source
+
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclasses.dataclass
@@ -73,21 +74,7 @@ def _fashion_mnist_subset(config):
 
 def _fashion_mnist(config):
     folder = config.path or FASHION_MNIST_DIR
-    files = {
-        "x_train": ("train-images-idx3-ubyte.gz", 16),
-        "y_train": ("train-labels-idx1-ubyte.gz", 8),
-        "x_test": ("t10k-images-idx3-ubyte.gz", 16),
-        "y_test": ("t10k-labels-idx1-ubyte.gz", 8),
-    }
-    missing = [name for name, _ in files.values() if not os.path.exists(os.path.join(folder, name))]
-    if missing:
-        raise DataError.single(
-            None, "$.data.path" if config.path else "$.data.source",
-            f"fashion_mnist: {', '.join(missing)} not found in {folder}. Install them with "
-            "'apt-get install dataset-fashion-mnist' (Debian), point data.path at a folder holding the four "
-            "IDX files, or use data.source: fashion_mnist_subset (shipped with keras-darts)."
-        )
-    arrays = {key: _read_idx(os.path.join(folder, name), offset) for key, (name, offset) in files.items()}
+    arrays = {key: _read_idx(os.path.join(folder, name), offset) for key, (name, offset) in FASHION_MNIST_FILES.items()}
     arrays["x_train"] = arrays["x_train"].reshape(-1, 28, 28)
     arrays["x_test"] = arrays["x_test"].reshape(-1, 28, 28)
     return _from_arrays("fashion_mnist", arrays, scale=255.0)
@@ -140,9 +127,6 @@ def _tfds(config):
 
 
 def _npz(config):
-    if not os.path.isfile(config.path):
-        raise DataError.single(None, "$.data.path", f"{config.path} is not a file; expected an .npz with x_train, "
-                               "y_train, x_test, y_test")
     try:
         with np.load(config.path) as arrays:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
@@ -162,9 +146,6 @@ def _image_folder(config, image_shape):
     class_names = None
     for split in ("train", "test"):
         folder = os.path.join(config.path, split)
-        if not os.path.isdir(folder):
-            raise DataError.single(None, "$.data.path",
-                                       f"expected a folder {folder} with one sub-folder of images per class")
         dataset = keras.utils.image_dataset_from_directory(
             folder,
             image_size=image_shape[:2],
@@ -211,6 +192,7 @@ def load_image_data(spec):
         "npz": _npz,
         "image_folder": lambda c: _image_folder(c, network.input_shape),
     }
+    check_data_source(spec, IMAGE_CHECKS)
     try:
         data = loaders[config.source](config)
     except DataError as error:

@@ -175,28 +175,33 @@ class HistoryFiles(Callback):
 class Checkpointing(Callback):
     """Resume from the latest checkpoint; save every ``every_steps`` iterations and after every epoch.
 
-    ``save_at_start`` writes the starting state when there is no checkpoint
-    yet (a search keeps it to roll back to).
+    ``keep_start`` holds the starting state in memory when there is no
+    checkpoint yet (a search keeps it to roll back to before its first
+    checkpoint); the first checkpoint on disk follows the first steps.
     """
 
-    def __init__(self, checkpoints, every_steps=None, save_at_start=False, name="run"):
+    def __init__(self, checkpoints, every_steps=None, keep_start=False, name="run"):
         self.checkpoints = checkpoints
         self.every_steps = every_steps
-        self.save_at_start = save_at_start
+        self.keep_start = keep_start
         self.name = name
 
     def save(self, loop):
         if self.checkpoints.writes:
             self.checkpoints.save(loop.state.to_document(), loop.task.arrays())
 
-    def restore(self, loop):
-        """Load the latest checkpoint into the variables and the task; return its state."""
-        document, arrays = self.checkpoints.restore()
+    def restore(self, loop, name=None):
+        """Load checkpoint ``name`` (default: the latest on disk) into the variables and the task; return its state."""
+        document, arrays = self.checkpoints.restore(name)
         loop.task.load_arrays(arrays)
         return LoopState.from_document(document)
 
     def latest(self):
         return self.checkpoints.latest()
+
+    def last_good(self):
+        """What a rollback restores: the newest checkpoint, or the start held in memory (``checkpoint.START``)."""
+        return self.checkpoints.last_good()
 
     def resume(self, loop):
         """Before any callback runs: restore the latest checkpoint, or save the start where asked."""
@@ -209,8 +214,8 @@ class Checkpointing(Callback):
             else:
                 log.info("resuming %s from its checkpoint: epoch %d, step %d (iteration %d)", self.name,
                          state.epoch + 1, state.step, state.iteration)
-        elif self.save_at_start:
-            self.save(loop)
+        elif self.keep_start:
+            self.checkpoints.keep_start(loop.state.to_document(), loop.task.arrays())
 
     def on_train_batch_end(self, loop, logs):
         if self.every_steps and loop.state.iteration % self.every_steps == 0:

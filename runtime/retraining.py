@@ -23,7 +23,7 @@ import os
 import keras
 import tensorflow as tf
 
-from keras_darts.compiler import build_network, count_parameters
+from keras_darts.compiler import build_network, count_parameters, with_input_normalization
 
 from . import rundir
 from .bilevel import dense_gradients
@@ -172,7 +172,8 @@ def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, wr
     test_loss, test_accuracy = evaluate(eval_step, test_data.epoch(0), progress, desc="test")
     log.info("test: loss %.4f accuracy %.4f", test_loss, test_accuracy)
     if run_dir and writes:
-        model.save(os.path.join(run_dir, "retrain", "model.keras"))
+        # Saved behind the normalisation, it takes images as the SavedModel does.
+        with_input_normalization(model, data.mean, data.std).save(os.path.join(run_dir, "retrain", "model.keras"))
         rundir.write_json(
             os.path.join(run_dir, "retrain", "metrics.json"),
             {"test_loss": test_loss, "test_accuracy": test_accuracy, "parameters": parameters,

@@ -10,7 +10,9 @@ by Keras and TensorFlow.
     <run>/search/alphas.npz         final architecture parameters
     <run>/search/derived/epoch_NNN.yaml
     <run>/derived.yaml              the derived spec of the search's last epoch
+    <run>/search/finished.json      written last when the search finishes: its results above are complete
     <run>/retrain/model.keras, history.json|.csv, metrics.json
+                                    (model.keras: the network behind its input normalisation)
     <run>/export/saved_model/
 """
 
@@ -104,6 +106,14 @@ def prepare_new_run(path, overwrite=False):
     return path
 
 
+def holds_run_of(path, spec):
+    """Whether ``path`` holds a run of ``spec`` (its ``spec.yaml`` has the same canonical hash)."""
+    from keras_darts.spec import canonical_sha256, read_yaml_file
+
+    marker = os.path.join(path, MARKER)
+    return os.path.isfile(marker) and canonical_sha256(read_yaml_file(marker)) == spec.sha256
+
+
 def prepare_run(path, spec, overwrite=False):
     """Make ``path`` ready for ``spec``'s run; return True when it resumes an earlier run of the same spec.
 
@@ -111,11 +121,8 @@ def prepare_run(path, spec, overwrite=False):
     is resumed. Any other non-empty directory is refused unless
     ``overwrite``, which starts over; nothing is touched before that decision.
     """
-    from keras_darts.spec import canonical_sha256, read_yaml_file
-
-    marker = os.path.join(path, MARKER)
-    if not overwrite and os.path.isfile(marker):
-        if canonical_sha256(read_yaml_file(marker)) == spec.sha256:
+    if not overwrite and os.path.isfile(os.path.join(path, MARKER)):
+        if holds_run_of(path, spec):
             return True
         raise RunDirectoryError.single(
             path, "--run-dir", f"holds a run of another spec (its {MARKER} differs from {spec.source}); "

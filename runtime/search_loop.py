@@ -41,7 +41,7 @@ from keras_darts.spec import DivergenceError
 
 from . import rundir
 from .bilevel import Bilevel
-from .checkpoint import SearchCheckpoints
+from .checkpoint import START, SearchCheckpoints
 from .data import pipeline, search_split
 from .footprint import format_bytes, static_estimate
 from .loop import Callback, Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
@@ -57,6 +57,29 @@ class SearchResult:
     history: list
     model: object = None
     stopped_by: object = None
+
+
+# Written after a search's last results: a run directory that holds it has a finished search.
+SEARCH_FINISHED = os.path.join("search", "finished.json")
+
+
+def finished_search(run_dir):
+    """The result of the finished search in ``run_dir``, read from its files; ``None`` if it has none.
+
+    Nothing is built: the derived spec, the final alphas and the history are
+    what the search wrote after its last epoch.
+    """
+    from keras_darts.spec import load_derived
+
+    marker = os.path.join(run_dir, SEARCH_FINISHED)
+    if not os.path.exists(marker):
+        return None
+    finished = rundir.read_json(marker)
+    with np.load(os.path.join(run_dir, "search", "alphas.npz")) as arrays:
+        alphas = {key: arrays[key] for key in arrays.files}
+    return SearchResult(derived=load_derived(os.path.join(run_dir, "derived.yaml")), alphas=alphas,
+                        history=rundir.read_json(os.path.join(run_dir, "search", "history.json")),
+                        stopped_by=finished["stopped_by"])
 
 
 def genotype_text(derived):
@@ -367,16 +390,18 @@ class DivergenceGuard:
         key, value = bad
         state = loop.state
         where = f"epoch {state.epoch + 1}, step {state.step + 1} (iteration {state.iteration + 1})"
-        kept = self.checkpointing.latest() if self.checkpointing else None
+        kept = self.checkpointing.last_good() if self.checkpointing else None
         if self.config.on_divergence == "rollback" and kept and state.rollbacks < self.config.max_rollbacks:
-            restored = self.checkpointing.restore(loop)
+            restored = self.checkpointing.restore(loop, kept)
             restored.lr_scale *= self.config.divergence_lr_factor
             restored.rollbacks = state.rollbacks + 1
             log.warning("search diverged at %s: %s = %s; rolled back to %s and scaled the learning rate by %g",
                         where, key, value, kept, restored.lr_scale)
             return restored
         message = f"the search diverged at {where}: {key} = {value}"
-        if kept:
+        if kept == START:
+            message += "; it had written no checkpoint yet: the same command starts it again"
+        elif kept:
             message += f"; the last good checkpoint is {os.path.join(self.checkpointing.checkpoints.directory, kept)}"
         if self.config.on_divergence == "rollback":
             message += f" (after {state.rollbacks} rollbacks)"
@@ -400,7 +425,7 @@ class SearchDriver:
             self.checkpointing = Checkpointing(
                 SearchCheckpoints(os.path.join(run_dir, "search", "checkpoints"), bilevel.model,
                                   bilevel.weights_optimizer, bilevel.arch_optimizer, writes=writes),
-                every_steps=config.checkpoint_every_steps, save_at_start=True, name=spec.name)
+                every_steps=config.checkpoint_every_steps, keep_start=True, name=spec.name)
             callbacks.append(self.checkpointing)
         callbacks.insert(0, WorkersAgree(task.bilevel.strategy, "search", run_dir))
         if run_dir and writes:
@@ -430,5 +455,8 @@ class SearchDriver:
             if state.stopped_by:
                 rundir.write_json(os.path.join(self.run_dir, "search", "stopped.json"),
                                   {"rule": state.stopped_by, "epoch": len(state.history)})
+            # Last: the mark that the search's results above are complete.
+            rundir.write_json(os.path.join(self.run_dir, SEARCH_FINISHED),
+                              {"epochs": len(state.history), "stopped_by": state.stopped_by})
         return SearchResult(derived=steps.derived, alphas=steps.alphas, history=state.history,
                             model=self.task.bilevel.model, stopped_by=state.stopped_by)

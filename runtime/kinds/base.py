@@ -8,7 +8,8 @@ question                    method or attribute
 ==========================  ===================================================
 spec layout                 ``spec_layout`` (the built-in kind whose schema and
                             typed spec a spec of this kind uses)
-the data and its record     ``load_data``, ``data_document``, ``data_files``
+the data and its record     ``check_data`` (without loading it), ``load_data``,
+                            ``data_document``, ``data_files``
 the search                  ``search_task`` (batches, objective, evaluation,
                             derivation), ``build_search`` and
                             ``estimate_context`` (for ``keras-darts estimate``),
@@ -49,6 +50,14 @@ class CellKind(abc.ABC):
     parameter_free = ()
 
     # -- data ---------------------------------------------------------------------
+    data_checks = {}  # data.source -> checks of runtime.data_checks
+
+    def check_data(self, spec, light=False):
+        """Check what can be checked of ``spec.data`` without reading it; ``light``: nor importing TensorFlow."""
+        from ..data_checks import check_data_source
+
+        check_data_source(spec, self.data_checks, light=light)
+
     @abc.abstractmethod
     def load_data(self, spec):
         """The data ``spec.data`` names, checked against the spec; ``DataError`` naming the field otherwise."""

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from ..data_checks import IMAGE_CHECKS
 from .base import CellKind
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class ConvCellKind(CellKind):
         return cell_edges(nodes)
 
     # -- data -----------------------------------------------------------------------
+    data_checks = IMAGE_CHECKS
+
     def load_data(self, spec):
         from ..data import load_image_data
 
@@ -98,16 +101,21 @@ class ConvCellKind(CellKind):
                        model_builder=self.build_network)
 
     def retrain_result(self, run_dir, model, metrics, history):
+        from keras_darts.compiler import derived_network_of
+
         from ..retraining import RetrainResult
 
-        return RetrainResult(model, history, metrics["test_loss"], metrics["test_accuracy"], metrics["parameters"])
+        return RetrainResult(None if model is None else derived_network_of(model), history, metrics["test_loss"], metrics["test_accuracy"], metrics["parameters"])
 
     def retrain_summary(self, result):
         return f"retrain: {result.parameters} parameters, test accuracy {result.test_accuracy:.4f}"
 
     def export(self, run_dir, info, model=None, data=None):
+        from keras_darts.compiler import derived_network_of
+
         from ..export import export_saved_model, verify_saved_model, write_signature_note
 
+        model = derived_network_of(model)
         mean = np.asarray(info["mean"], np.float32)
         std = np.asarray(info["std"], np.float32)
         path = os.path.join(run_dir, "export", "saved_model")

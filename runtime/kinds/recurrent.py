@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from ..data_checks import TEXT_CHECKS
 from .base import CellKind
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class RecurrentCellKind(CellKind):
         return recurrent_edges(nodes)
 
     # -- data -----------------------------------------------------------------------
+    data_checks = TEXT_CHECKS
+
     def load_data(self, spec):
         from ..text_data import load_text_data
 

@@ -168,7 +168,8 @@ def test_a_run_directory_of_another_spec_is_refused_untouched(tmp_path, capsys):
 
 # -- divergence -----------------------------------------------------------------------
 def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    document = tiny({"weights_optimizer": {"learning_rate": 1e12, "learning_rate_min": 1e12}})
+    document = tiny({"weights_optimizer": {"learning_rate": 1e12, "learning_rate_min": 1e12},
+                     "checkpoint_every_steps": 1})
     spec_path = tmp_path / "diverge.yaml"
     spec_path.write_text(dump_yaml(document))
     run_dir = tmp_path / "run"
@@ -178,14 +179,20 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
     message = [line for line in err.splitlines() if line.startswith("error: ")][0]
     assert message.startswith(f"error: {spec_path}: $.search.on_divergence: the search diverged at epoch 1, step ")
     assert " = nan" in message or " = inf" in message
+    # The first step's values are finite (the weights move after them), so a
+    # checkpoint follows it; none is written before any step.
+    iteration = int(message.split("(iteration ")[1].split(")")[0])
+    assert iteration >= 2
     checkpoints = run_dir / "search" / "checkpoints"
-    assert message.endswith(f"the last good checkpoint is {checkpoints / 'iteration_000000000'}")
-    # The kept checkpoint is the untouched starting point: finite and loadable.
+    last_good = f"iteration_{iteration - 1:09d}"
+    assert message.endswith(f"the last good checkpoint is {checkpoints / last_good}")
+    assert "iteration_000000000" not in os.listdir(checkpoints)
+    # The kept checkpoint is the one before the bad step: finite and loadable.
     spec = kd.load_spec(str(spec_path))
     bilevel = build_search(spec)
     state, _ = SearchCheckpoints(str(checkpoints), bilevel.model, bilevel.weights_optimizer,
                                  bilevel.arch_optimizer).restore()
-    assert state["iteration"] == 0
+    assert state["iteration"] == iteration - 1
     assert all(np.all(np.isfinite(v.numpy())) for v in bilevel.model.variables)
 
 
@@ -196,7 +203,8 @@ def test_divergence_can_roll_back_and_lower_the_learning_rate(tmp_path):
     assert len(result.history) == 2
     assert result.history[0]["learning_rate"] == pytest.approx(0.1, rel=1e-6)
     assert all(np.isfinite(record["train_loss"]) for record in result.history)
-    with pytest.raises(DivergenceError, match=r"\(after 1 rollbacks\)"):
+    # Rolled back once to the start (held in memory: nothing was on disk yet), it stops.
+    with pytest.raises(DivergenceError, match=r"no checkpoint yet: the same command starts it again \(after 1 rollbacks\)$"):
         search(kd.load_spec({**document, "search": {**document["search"], "max_rollbacks": 1,
                                                       "divergence_lr_factor": 0.5}}),
                run_dir=str(tmp_path / "again"))

@@ -60,9 +60,32 @@ def test_retrained_model_is_well_above_chance_and_exported_model_agrees(finished
     model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras"))
     info = json.loads((run_dir / "data.json").read_text())
     images = np.random.default_rng(0).uniform(0, 1, (5, 8, 8, 1)).astype("float32")
-    difference = verify_saved_model(str(run_dir / "export" / "saved_model"), model, images,
+    network = model.get_layer("derived_network")
+    difference = verify_saved_model(str(run_dir / "export" / "saved_model"), network, images,
                                     np.asarray(info["mean"], "float32"), np.asarray(info["std"], "float32"))
     assert difference < 1e-5
+
+
+def test_saved_keras_model_takes_the_savedmodels_input_and_returns_its_logits(finished_run):
+    # The README's contract: model.keras takes images in [0, 1] as the SavedModel
+    # does (the normalisation is inside it) and returns logits, whose softmax is
+    # the SavedModel's probabilities.
+    import keras
+    import tensorflow as tf
+
+    _, _, run_dir = finished_run
+    model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras"))
+    served = tf.saved_model.load(str(run_dir / "export" / "saved_model")).signatures["serving_default"]
+    images = np.random.default_rng(1).uniform(0, 1, (6, 8, 8, 1)).astype("float32")
+    probabilities = served(images=tf.constant(images))["probabilities"].numpy()
+    logits = model.predict(images, verbose=0)
+    assert logits.shape == (6, 10)
+    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), probabilities, atol=1e-6)
+    # The network inside takes images normalised with data.json's statistics.
+    info = json.loads((run_dir / "data.json").read_text())
+    normalised = (images - np.asarray(info["mean"], "float32")) / np.asarray(info["std"], "float32")
+    np.testing.assert_allclose(model.get_layer("derived_network")(normalised, training=False).numpy(), logits,
+                               atol=1e-5)
 
 
 def test_export_command_in_a_fresh_process(finished_run):
@@ -92,9 +115,17 @@ def test_running_again_resumes_and_repeats_nothing_finished(finished_run, capsys
     caplog.set_level("INFO")
     code = compile_and_search_main([str(spec_path), "--run-dir", str(run_dir), "--no-progress"])
     assert code == 0
-    assert "tiny finished in an earlier run (2 epochs); its checkpoint gives the result" in caplog.text
-    assert "retraining finished in an earlier run" in caplog.text
-    assert "Traceback" not in capsys.readouterr().err
+    # Every stage is recognised as finished from the run directory alone: no
+    # data, no supernet, no checkpoint, no estimate; the numbers are printed once.
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [f"{run_dir} holds this spec's run: resuming it (--overwrite starts over)",
+                        "the search finished in an earlier run (2 epochs); derived.yaml holds its result",
+                        "the retraining finished in an earlier run"]
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    metrics = json.loads((run_dir / "retrain" / "metrics.json").read_text())
+    assert captured.out.count("retrain: ") == 1
+    assert f"retrain: {metrics['parameters']} parameters, test accuracy {metrics['test_accuracy']:.4f}" in captured.out
     for item in kept:
         if item.endswith((".json", ".keras", ".pb")) and item != "search/alphas.npz":
             assert before[item] == ((run_dir / item).stat().st_mtime_ns, (run_dir / item).read_bytes()), item
@@ -110,7 +141,7 @@ def test_retrain_a_published_cell_on_the_runs_data(finished_run, capsys):
     assert "retrain: " in out and "saved model:" in out
     import keras
 
-    model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras"))
+    model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras")).get_layer("derived_network")
     network = model.derived.network
     # The published cells, in the network the run's spec retrains: 8x8x1 digits, C=4, 3 cells.
     assert (list(network.input_shape), network.num_classes, network.init_channels, network.layers) == (
@@ -144,6 +175,47 @@ def test_data_that_does_not_fit_the_spec_exits_2(tmp_path, capsys):
         f"error: {spec}: $.search_space.network.input_shape: [16, 16, 1], but digits images are [8, 8, 1]; "
         "set input_shape to [8, 8, 1]\n"
     )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("data, field, message", [
+    ({"source": "npz", "path": "nowhere.npz"}, "$.data.path",
+     "nowhere.npz is not a file; expected an .npz with x_train, y_train, x_test, y_test"),
+    ({"source": "image_folder", "path": "nowhere"}, "$.data.path",
+     "expected a folder nowhere/train with one sub-folder of images per class"),
+    ({"source": "fashion_mnist", "path": "."}, "$.data.path",
+     "fashion_mnist: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+     "t10k-labels-idx1-ubyte.gz not found in .. Install them with 'apt-get install dataset-fashion-mnist' (Debian), "
+     "point data.path at a folder holding the four IDX files, or use data.source: fashion_mnist_subset "
+     "(shipped with keras-darts)."),
+    ({"source": "tfds", "name": "no_such_dataset"}, "$.data.name",
+     "tensorflow-datasets has no dataset named 'no_such_dataset'"),
+])
+def test_validate_finds_missing_data_without_reading_it(tmp_path, capsys, monkeypatch, data, field, message):
+    monkeypatch.chdir(tmp_path)
+    document = tiny_spec_document()
+    document["data"] = {**document["data"], **data}
+    spec = tmp_path / "data.yaml"
+    spec.write_text(dump_yaml(document))
+    assert main(["validate", str(spec)]) == 2
+    assert capsys.readouterr().err == f"error: {spec}: {field}: {message}\n"
+
+
+def test_compile_and_search_reports_a_missing_data_path_before_tensorflow_loads(tmp_path):
+    import subprocess
+    import sys
+
+    document = tiny_spec_document()
+    document["data"] = {**document["data"], "source": "npz", "path": str(tmp_path / "gone.npz")}
+    spec = tmp_path / "gone.yaml"
+    spec.write_text(dump_yaml(document))
+    script = ("import sys\nfrom keras_darts.runtime.cli import compile_and_search_main\n"
+              "code = compile_and_search_main(sys.argv[1:])\nprint(code, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, str(spec), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert done.stdout == "2 False\n"
+    assert done.stderr == (f"error: {spec}: $.data.path: {tmp_path / 'gone.npz'} is not a file; expected an .npz "
+                           "with x_train, y_train, x_test, y_test\n")
     assert not (tmp_path / "run").exists()
 
 
@@ -197,3 +269,27 @@ def test_an_export_that_fails_verification_exits_1_naming_the_saved_model(tmp_pa
     assert cli.main(["export", str(tmp_path)]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path / 'saved_model'}: saved_model.pb: differs from the Keras "
                                        "model by 0.5 (expected at most 1e-05)\n")
+
+
+def test_tensorflows_start_up_notices_stay_out_of_the_terminal_unless_debugging():
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "keras_darts.runtime.cli", "show", "DARTS_V2"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("KERAS_DARTS_DEBUG", "TF_CPP_MIN_LOG_LEVEL")}
+    quiet = subprocess.run(command, capture_output=True, text=True, env=environment)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert "parameters: 3349342 (auxiliary head excluded)" in quiet.stdout
+    # The notices are there to hide: with KERAS_DARTS_DEBUG=1 they reach the terminal.
+    loud = subprocess.run(command, capture_output=True, text=True, env={**environment, "KERAS_DARTS_DEBUG": "1"})
+    assert loud.returncode == 0 and "All log messages before absl::InitializeLog() is called" in loud.stderr
+
+
+def test_filtering_descriptor_2_keeps_every_line_that_is_not_a_start_up_notice(capfd):
+    from keras_darts.runtime.startup import descriptor_2_filtered
+
+    with descriptor_2_filtered():
+        os.write(2, b"I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on. You may see\n")
+        os.write(2, b"W0000 00:00:1.0 1 some_kernel.cc:10] a real warning\n")
+        os.write(2, b"E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n")
+    assert capfd.readouterr().err == "W0000 00:00:1.0 1 some_kernel.cc:10] a real warning\n"
