@@ -45,20 +45,26 @@ def deep_merge(base, update):
 
 
 def _read_with_extends(path, chain=()):
-    source = os.path.abspath(os.fspath(path))
-    if source in chain:
-        cycle = " -> ".join(os.path.basename(p) for p in (*chain, source))
+    """The document at ``path`` laid over the documents it extends.
+
+    Errors name each file as the user's path leads to it (the spec's path as
+    given, joined with the ``extends`` values), not as an absolute path.
+    """
+    path = os.fspath(path)
+    seen = [os.path.abspath(p) for p in chain]
+    if os.path.abspath(path) in seen:
+        cycle = " -> ".join(os.path.basename(p) for p in (*chain, path))
         raise SpecError.single(chain[-1], "$.extends", f"extends forms a cycle: {cycle}")
     document = read_yaml_file(path)
     base_name = document.pop("extends", None)
     if base_name is None:
         return document
     if not isinstance(base_name, str) or not base_name:
-        raise SpecError.single(os.fspath(path), "$.extends", f"expected a file path, got {base_name!r}")
-    base_path = os.path.join(os.path.dirname(source), base_name)
+        raise SpecError.single(path, "$.extends", f"expected a file path, got {base_name!r}")
+    base_path = os.path.join(os.path.dirname(path), base_name)
     if not os.path.isfile(base_path):
-        raise SpecError.single(os.fspath(path), "$.extends", f"{base_name}: file not found (looked for {base_path})")
-    base = _read_with_extends(base_path, (*chain, source))
+        raise SpecError.single(path, "$.extends", f"{base_name}: file not found (looked for {base_path})")
+    base = _read_with_extends(base_path, (*chain, path))
     return deep_merge(base, document)
 
 

@@ -78,6 +78,27 @@ def cyclic_corpus(tmp_path):
     return write_cyclic_corpus(tmp_path / "corpus")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_in_the_basetemp(tmp_path_factory):
+    """What the suite and its subprocesses write to the temporary directory goes under pytest's basetemp.
+
+    TensorFlow's AutoGraph sources, tensorflow-datasets' scratch folders and
+    the like; with ``tmp_path_retention_policy = "failed"`` pytest removes it
+    all when every test passed.
+    """
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield folder
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
+
 @pytest.fixture
 def isolated_registries():
     """Ops, kinds and the plugin modules a test registers or imports are forgotten after it."""

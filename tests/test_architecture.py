@@ -66,3 +66,19 @@ def test_imports_point_from_runtime_to_compiler_to_spec_to_schemas():
     wrong = [(a, b) for a, b in import_graph().edges
              if layer_of(b) in LAYERS and LAYERS.index(layer_of(b)) > LAYERS.index(layer_of(a))]
     assert wrong == []
+
+
+def test_the_suites_temporary_files_go_where_pytest_removes_them(tmp_path_factory):
+    # TMPDIR (for subprocesses) and this process' temporary directory lie under
+    # pytest's basetemp, which pytest removes when every test passed.
+    import os
+    import tempfile
+    import tomllib
+    from pathlib import Path
+
+    basetemp = tmp_path_factory.getbasetemp()
+    assert Path(os.environ["TMPDIR"]).is_relative_to(basetemp)
+    assert Path(tempfile.gettempdir()).is_relative_to(basetemp)
+    with open(Path(__file__).parent.parent / "pyproject.toml", "rb") as handle:
+        options = tomllib.load(handle)["tool"]["pytest"]["ini_options"]
+    assert options["tmp_path_retention_policy"] == "failed"

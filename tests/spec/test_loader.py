@@ -74,6 +74,29 @@ def test_overrides_change_the_hash(tmp_path):
     assert load_spec(path).sha256 == load_spec(path).sha256
 
 
+def test_extends_errors_name_files_as_the_users_path_leads_to_them(tmp_path, monkeypatch):
+    # Given a relative path, every file in an extends chain is named relative too.
+    (tmp_path / "specs").mkdir()
+    write(tmp_path / "specs", "extends: middle.yaml\nversion: 1\nname: top\n", "top.yaml")
+    write(tmp_path / "specs", "extends: gone.yaml\n", "middle.yaml")
+    write(tmp_path / "specs", "extends: top.yaml\n", "loop.yaml")
+    write(tmp_path / "specs", "search_space: {kind: [\n", "broken.yaml")
+    write(tmp_path / "specs", "extends: broken.yaml\n", "child.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as excinfo:
+        load_spec("specs/top.yaml")
+    assert messages(excinfo) == ["specs/middle.yaml: $.extends: gone.yaml: file not found "
+                                 "(looked for specs/gone.yaml)"]
+    write(tmp_path / "specs", "extends: loop.yaml\n", "middle.yaml")
+    with pytest.raises(SpecError) as excinfo:
+        load_spec("specs/top.yaml")
+    assert messages(excinfo) == ["specs/loop.yaml: $.extends: extends forms a cycle: "
+                                 "top.yaml -> middle.yaml -> loop.yaml -> top.yaml"]
+    with pytest.raises(SpecError) as excinfo:
+        load_spec("specs/child.yaml")
+    assert messages(excinfo)[0].startswith("specs/broken.yaml: line 2, column 1: invalid YAML")
+
+
 def test_extends_cycle_is_reported(tmp_path):
     write(tmp_path, "extends: b.yaml\n", "a.yaml")
     b = write(tmp_path, "extends: a.yaml\n", "b.yaml")
