@@ -37,7 +37,9 @@ def figure_png(figure):
 def heatmap_figure(probabilities, operations, labels, title):
     probabilities = np.asarray(probabilities)
     figure, axes = subplots(figsize=(1.2 + 0.9 * len(operations), 0.8 + 0.28 * len(labels)))
-    image = axes.imshow(probabilities, aspect="auto", cmap="viridis", vmin=0.0)
+    # The colour scale spans the values shown: early alphas all lie near 1/|ops|.
+    image = axes.imshow(probabilities, aspect="auto", cmap="viridis", vmin=float(probabilities.min()),
+                        vmax=float(probabilities.max()))
     axes.set_xticks(range(len(operations)), operations, rotation=45, ha="right", fontsize=8)
     axes.set_yticks(range(len(labels)), labels, fontsize=7)
     axes.set_title(title, fontsize=9)

@@ -230,7 +230,7 @@ class SearchSteps:
         self.derived = self.task.derive(self.alphas, search_origin(self.spec, epoch, self.alphas))
         record["seconds"] = seconds
         record["genotype"] = genotype_text(self.derived)
-        record["alpha_softmax"] = {t: softmax(a).round(4).tolist() for t, a in self.alphas.items()}
+        record["alpha_softmax"] = {t: softmax(a).tolist() for t, a in self.alphas.items()}
         return record
 
     def arrays(self):

@@ -44,6 +44,11 @@ def test_search_lowers_validation_loss_and_writes_a_valid_derived_spec(finished_
     assert document["origin"]["spec_name"] == "tiny"
     final = np.load(run_dir / "search" / "alphas.npz")
     np.testing.assert_allclose(np.asarray(document["origin"]["alphas"]["normal"]), final["normal"], rtol=1e-6)
+    # history.json keeps the alpha softmaxes at full precision (not rounded).
+    for cell_type in ("normal", "reduce"):
+        logits = final[cell_type] - final[cell_type].max(axis=-1, keepdims=True)
+        expected = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+        np.testing.assert_allclose(history[-1]["alpha_softmax"][cell_type], expected, rtol=1e-6, atol=0)
     # The derived cell is the derivation rule applied to the final alphas.
     rederived = kd.derive_genotype({t: final[t] for t in ("normal", "reduce")}, derived.operations, 2, 2)
     assert rederived == dict(derived.cells)
