@@ -8,18 +8,58 @@ with fewer than ``k`` inputs keeps all of them. The stronger
 edge is listed first; the cell output concatenates all intermediate nodes.
 """
 
-from keras_darts.spec import CellGenotype, derived_from_document
+from keras_darts.spec import CellGenotype, Edge, derived_from_document
 
 from .graph import cell_edges
-from .methods import search_method
+from .methods import SearchMethod, search_method
 from .ranking import DARTS, rank_edges
 from .recurrent import CELL_TYPE, derive_recurrent_cell
 
 
 def derive_cell(alpha, operations, nodes, k, method=DARTS):
-    """The ``CellGenotype`` of one convolutional cell type from its (edges x ops) alpha matrix."""
-    chosen = rank_edges(alpha, operations, cell_edges(nodes), range(2, 2 + nodes), k, method)
+    """The ``CellGenotype`` of one convolutional cell type from its (edges x ops) alpha matrix.
+
+    Under a method with a derivation threshold, nodes left without inputs are
+    dropped (``prune_isolated``); a cell in which no edge reaches the
+    threshold (early in a search, when every weight is still near its start)
+    is derived without it, so that every epoch has a cell to show and retrain.
+    """
+    edges, targets = cell_edges(nodes), range(2, 2 + nodes)
+    chosen = rank_edges(alpha, operations, edges, targets, k, method)
+    if method.derivation_threshold is not None:
+        kept = prune_isolated(chosen)
+        if kept.nodes:
+            return kept
+        chosen = rank_edges(alpha, operations, edges, targets, k, _WithoutThreshold(method))
     return CellGenotype(nodes=chosen, concat=tuple(range(2, 2 + nodes)))
+
+
+class _WithoutThreshold(SearchMethod):
+    """``method``'s derivation weights under DARTS' rule, with no threshold."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.weights_of = method
+
+    def derivation_weights(self, alpha):
+        return self.weights_of.derivation_weights(alpha)
+
+
+def prune_isolated(chosen, first=2):
+    """Drop the nodes without inputs, and the edges they feed, until none is left; renumber the rest.
+
+    ``chosen`` holds each node's edges (node ``first + n`` at index ``n``);
+    inputs below ``first`` always exist. Returns the ``CellGenotype`` of the
+    remaining nodes, numbered from ``first`` in their order, all concatenated.
+    """
+    number = {source: source for source in range(first)}
+    nodes = []
+    for n, edges in enumerate(chosen):
+        kept = tuple(Edge(edge.op, number[edge.input]) for edge in edges if edge.input in number)
+        if kept:
+            number[first + n] = first + len(nodes)
+            nodes.append(kept)
+    return CellGenotype(nodes=tuple(nodes), concat=tuple(range(first, first + len(nodes))))
 
 
 def derive_genotype(alphas, operations, nodes, k, method=DARTS):

@@ -13,6 +13,8 @@ def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
     """DARTS' rule over ``edges`` (``(source, target)`` per alpha row): per target, its k best edges.
 
     The rule ranks ``method.derivation_weights(alpha)`` (DARTS: the softmax).
+    With a ``method.derivation_threshold``, a chosen edge whose best op
+    weighs less is dropped, so a target may keep fewer than k edges, or none.
     Returns one tuple of ``Edge`` per target, strongest first.
     """
     alpha = np.asarray(alpha)
@@ -40,6 +42,8 @@ def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
             for o in candidates[1:]:
                 if probabilities[row, o] > probabilities[row, best]:
                     best = o
+            if method.derivation_threshold is not None and probabilities[row, best] < method.derivation_threshold:
+                continue  # under the method's threshold, the edge is dropped
             chosen.append(Edge(operations[best], source))
         chosen_nodes.append(tuple(chosen))
     return tuple(chosen_nodes)

@@ -130,9 +130,23 @@ class DartsMinusConfig:
     auxiliary_operation: str = "skip"
 
 
+@frozen
+class FairDartsConfig:
+    """FairDARTS (Chu et al., ECCV 2020): sigmoid op weights, the zero-one loss, threshold derivation.
+
+    The alpha step minimises ``L_val - zero_one_weight * mean((sigmoid(alpha) - 0.5)^2)``
+    over both cell types' alphas (the official ``--aux_loss_weight 10``);
+    derivation keeps, of each node's k strongest edges, those whose best op
+    weight reaches ``threshold`` (``--op_threshold 0.85``).
+    """
+
+    zero_one_weight: float = 10.0
+    threshold: float = 0.85
+
+
 # Each search method with options keeps them under its own key of ``search``.
-METHODS = ("darts", "beta_darts", "darts_minus")
-METHOD_OPTION_KEYS = ("beta_darts", "darts_minus")
+METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts")
+METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts")
 
 
 @frozen
@@ -142,6 +156,7 @@ class RunControl:
     method: str = "darts"
     beta_darts: BetaDartsConfig = BetaDartsConfig()
     darts_minus: DartsMinusConfig = DartsMinusConfig()
+    fair_darts: FairDartsConfig = FairDartsConfig()
     deterministic: bool = False
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"

@@ -151,6 +151,16 @@ def method_problems(spec, source):
             problems.append(Problem(source, f"$.search.{key}",
                                     f"options for method '{key}', but $.search.method is '{method}'; "
                                     f"set search.method: {key} or drop search.{key}"))
+    if method == "fair_darts":
+        if spec_layout(spec.search_space.kind) != "conv_cell":
+            problems.append(Problem(source, "$.search.method",
+                                    f"fair_darts is defined for convolutional cells; $.search_space.kind is "
+                                    f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
+        elif ZERO_OPERATION in spec.search_space.operations:
+            problems.append(Problem(source, "$.search_space.operations",
+                                    f"$.search.method is fair_darts, whose op set has no '{ZERO_OPERATION}' (each op "
+                                    f"is weighed by its own sigmoid, so '{ZERO_OPERATION}' only adds a zero term); "
+                                    f"drop '{ZERO_OPERATION}' from the operations"))
     if method == "darts_minus":
         if spec_layout(spec.search_space.kind) != "conv_cell":
             problems.append(Problem(source, "$.search.method",

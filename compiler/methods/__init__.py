@@ -14,6 +14,7 @@ runtime ask the method at those points and never ask which method they have.
 from .base import SearchMethod
 from .beta_darts import BetaDarts
 from .darts_minus import DartsMinus
+from .fair_darts import FairDarts
 
 _METHODS = {}
 
@@ -26,7 +27,7 @@ def register_method(cls):
     return cls
 
 
-for _cls in (SearchMethod, BetaDarts, DartsMinus):
+for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts):
     register_method(_cls)
 
 
@@ -90,5 +91,5 @@ def search_method(spec):
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
-__all__ = ["BetaDarts", "DartsMinus", "MethodSupernet", "SearchMethod", "method_from_document", "register_method",
-           "search_method"]
+__all__ = ["BetaDarts", "DartsMinus", "FairDarts", "MethodSupernet", "SearchMethod", "method_from_document",
+           "register_method", "search_method"]

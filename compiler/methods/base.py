@@ -11,6 +11,11 @@ def softmax(matrix):
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+def sigmoid(matrix):
+    """Elementwise logistic function of an array, in float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(matrix, dtype=np.float64)))
+
+
 class SearchMethod:
     """DARTS (Liu et al., ICLR 2019), and the base every other method overrides.
 
@@ -21,7 +26,8 @@ class SearchMethod:
     B. extra alpha loss (``alpha_loss``)    none
     D. auxiliary path per mixed op          none (``auxiliary_operation = None``)
     F. scalars scheduled over epochs        none (``schedule_names = ()``)
-    G. derivation (``derivation_weights``)  DARTS' rule on the softmax
+    G. derivation (``derivation_weights``,  DARTS' rule on the softmax, every
+       ``derivation_threshold``)            chosen edge kept (no threshold)
     ======================================  =====================================
 
     A method object is built from its options (the spec's ``search.<method>``
@@ -34,6 +40,8 @@ class SearchMethod:
     name = "darts"
     schedule_names = ()
     auxiliary_operation = None
+    # With a threshold, a chosen edge whose best op weighs less is dropped (FairDARTS).
+    derivation_threshold = None
 
     def __init__(self, options=None, epochs=None):
         self.options = dict(options or {})

@@ -1,4 +1,5 @@
-"""Search methods against independent computations: beta-DARTS' schedule and loss, DARTS-' auxiliary path."""
+"""Search methods against independent computations: beta-DARTS' schedule and loss, DARTS-' auxiliary path,
+FairDARTS' sigmoid mixing, zero-one loss and threshold derivation."""
 
 import keras
 import numpy as np
@@ -7,7 +8,15 @@ import tensorflow as tf
 
 import keras_darts as kd
 from keras_darts.compiler.cells import MixedOp
-from keras_darts.compiler.methods import BetaDarts, DartsMinus, SearchMethod, method_from_document, search_method
+from keras_darts.compiler.methods import (
+    BetaDarts,
+    DartsMinus,
+    FairDarts,
+    SearchMethod,
+    method_from_document,
+    search_method,
+)
+from keras_darts.spec import Edge
 from tests.conftest import tiny_spec_document
 
 OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
@@ -179,3 +188,99 @@ def test_supernet_config_round_trips_the_method_and_its_schedule():
     clone.set_epoch(1)
     assert clone.method.name == "beta_darts" and clone.schedule["alpha_loss_weight"].numpy() == 2.0
     assert keras.ops.convert_to_numpy(clone.arch_probabilities()["normal"]).shape == (5, len(OPS))
+
+
+# -- FairDARTS --------------------------------------------------------------------------
+FAIR_OPS = ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_fair_darts_weighs_each_op_by_its_own_sigmoid():
+    document = tiny_spec_document(operations=FAIR_OPS)
+    document["search"]["method"] = "fair_darts"
+    model = kd.build_supernet(kd.load_spec(document), seed=0)
+    rng = np.random.default_rng(3)
+    for alpha in model.arch_variables:
+        alpha.assign(rng.normal(0, 2, alpha.shape))
+    for cell_type, weights in model.arch_probabilities().items():
+        expected = sigmoid(model.alphas[cell_type].numpy().astype(np.float64))
+        np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
+        assert np.abs(weights.numpy().sum(axis=1) - 1).max() > 0.1  # no softmax: rows need not sum to 1
+
+
+def test_fair_darts_zero_one_loss_and_its_gradient_by_hand():
+    rng = np.random.default_rng(1)
+    alphas = [rng.normal(0, 2, (5, 3)), rng.normal(0, 2, (5, 3))]
+    method = FairDarts({"zero_one_weight": 7.0})
+    variables = [tf.Variable(a) for a in alphas]
+    with tf.GradientTape() as tape:
+        loss = method.alpha_loss(variables, {})
+    gradients = tape.gradient(loss, variables)
+    s = sigmoid(np.concatenate([a.ravel() for a in alphas]))
+    np.testing.assert_allclose(float(loss), -7.0 * np.mean((s - 0.5) ** 2), rtol=1e-12)
+    for a, g in zip(alphas, gradients):
+        sa = sigmoid(a)
+        # d/da of -w mean((s - 1/2)^2) over all N entries: -w * 2 (s - 1/2) s (1 - s) / N
+        np.testing.assert_allclose(g.numpy(), -7.0 * 2 * (sa - 0.5) * sa * (1 - sa) / s.size, rtol=1e-10)
+    assert FairDarts().options == {"zero_one_weight": 10.0, "threshold": 0.85}  # the official defaults
+
+
+def logit(p):
+    return float(np.log(p / (1 - p)))
+
+
+def test_fair_darts_derivation_keeps_edges_over_the_threshold_and_drops_isolated_nodes():
+    # Three nodes; edges (rows) in order: node 2 <- 0, 1; node 3 <- 0, 1, 2; node 4 <- 0, 1, 2, 3.
+    alpha = np.full((9, 3), logit(0.1))
+    alpha[0, 2] = logit(0.95)   # node 2 <- 0: sep_conv_3x3 at 0.95, kept
+    alpha[1, 1] = logit(0.80)   # node 2 <- 1: skip_connect at 0.80, one of its top 2 but under 0.85: dropped
+    alpha[2, 0] = logit(0.60)   # node 3's edges all under 0.85: node 3 is isolated and dropped
+    alpha[4, 1] = logit(0.70)   # node 3 <- 2: skip_connect at 0.70
+    alpha[6, 0] = logit(0.90)   # node 4 <- 1: max_pool_3x3, kept
+    alpha[8, 2] = logit(0.99)   # node 4 <- 3: the strongest, but node 3 is gone
+    genotype = kd.derive_genotype({"normal": alpha}, FAIR_OPS, 3, 2, FairDarts())["normal"]
+    # Node 4 becomes node 3; the cell concatenates the two nodes left.
+    assert genotype.nodes == ((Edge("sep_conv_3x3", 0),), (Edge("max_pool_3x3", 1),))
+    assert genotype.concat == (2, 3)
+    # With a threshold of 0.5, node 3 keeps its edge from node 2, and node 4 its edge from node 3.
+    lower = kd.derive_genotype({"normal": alpha}, FAIR_OPS, 3, 2, FairDarts({"threshold": 0.5}))["normal"]
+    assert lower.nodes == ((Edge("sep_conv_3x3", 0), Edge("skip_connect", 1)),
+                           (Edge("skip_connect", 2), Edge("max_pool_3x3", 0)),
+                           (Edge("sep_conv_3x3", 3), Edge("max_pool_3x3", 1)))
+
+
+def test_fair_darts_cell_with_no_edge_over_the_threshold_is_derived_by_darts_rule_on_the_sigmoids():
+    alpha = np.random.default_rng(2).normal(0, 0.01, (9, 3))  # every sigmoid near 0.5, as a search starts
+    fair = kd.derive_genotype({"normal": alpha}, FAIR_OPS, 3, 2, FairDarts())["normal"]
+    # By hand: per node, the two edges with the largest sigmoid, each with its argmax op.
+    weights, row, nodes = sigmoid(alpha), 0, []
+    for node in range(3):
+        rows = list(range(row, row + 2 + node))
+        row += 2 + node
+        best = sorted(rows, key=lambda r: -weights[r].max())[:2]
+        nodes.append(tuple(Edge(FAIR_OPS[int(weights[r].argmax())], rows.index(r)) for r in best))
+    assert fair.nodes == tuple(nodes) and fair.concat == (2, 3, 4)
+
+
+def test_fair_darts_is_refused_with_none_in_the_op_set_and_on_recurrent_cells(tmp_path):
+    from keras_darts.spec import SpecError
+
+    document = tiny_spec_document()
+    document["search"]["method"] = "fair_darts"
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(document)
+    assert [str(p) for p in excinfo.value.problems] == [
+        "<dict>: $.search_space.operations: $.search.method is fair_darts, whose op set has no 'none' (each op is "
+        "weighed by its own sigmoid, so 'none' only adds a zero term); drop 'none' from the operations"]
+    from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
+
+    recurrent = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
+    recurrent["search"]["method"] = "fair_darts"
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(recurrent)
+    assert [str(p) for p in excinfo.value.problems] == [
+        "<dict>: $.search.method: fair_darts is defined for convolutional cells; $.search_space.kind is "
+        "'recurrent_cell' (beta_darts and darts work on every kind)"]

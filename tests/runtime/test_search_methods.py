@@ -17,9 +17,9 @@ from tests.conftest import tiny_spec_document
 OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
 
 
-def plain_sgd_bilevel(method, **options):
+def plain_sgd_bilevel(method, operations=OPS, **options):
     """A supernet whose alpha step is plain SGD (no momentum, decay or clipping): alpha moves by -lr * gradient."""
-    document = tiny_spec_document(operations=OPS)
+    document = tiny_spec_document(operations=operations)
     document["search"].update(method=method, **({method: options} if options else {}))
     spec = kd.load_spec(document)
     keras.utils.set_random_seed(0)
@@ -79,9 +79,26 @@ def test_darts_alpha_step_takes_the_darts_gradient_alone(float64):
         np.testing.assert_allclose((b - a.numpy()) / 0.1, d, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["beta_darts", "darts_minus"])
+def test_fair_darts_alpha_step_takes_the_darts_gradient_plus_the_zero_one_gradient(float64):
+    bilevel = plain_sgd_bilevel("fair_darts", ["max_pool_3x3", "skip_connect", "sep_conv_3x3"], zero_one_weight=4.0)
+    model = bilevel.model
+    train, val = batches()
+    before = [a.numpy() for a in model.arch_variables]
+    darts_gradient = [g.numpy() for g in bilevel.arch_gradient("first", None, train, val, 0.05)[0]]
+    metrics, _, _ = bilevel.iteration("first", None, train, val, tf.constant(0.05, "float64"),
+                                      tf.constant(0.1, "float64"))
+    s = 1 / (1 + np.exp(-np.concatenate([b.ravel() for b in before])))
+    np.testing.assert_allclose(float(metrics["alpha_loss"]), -4.0 * np.mean((s - 0.5) ** 2), rtol=1e-12)
+    for b, a, d in zip(before, model.arch_variables, darts_gradient):
+        sb = 1 / (1 + np.exp(-b))
+        zero_one = -4.0 * 2 * (sb - 0.5) * sb * (1 - sb) / s.size
+        np.testing.assert_allclose((b - a.numpy()) / 0.1, d + zero_one, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts"])
 def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
-    document = tiny_spec_document()
+    document = tiny_spec_document(**({"operations": ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]}
+                                     if method == "fair_darts" else {}))
     document["search"].update(method=method, epochs=2, order="first", steps_per_epoch=4,
                               diagnostics={"hessian_eigenvalue": False})
     spec = tmp_path / "spec.yaml"
@@ -92,6 +109,10 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     derived = kd.load_derived(str(run_dir / "derived.yaml"))
     assert derived.origin["method"]["name"] == method
     history = yaml.safe_load((run_dir / "search" / "history.json").read_text())
+    if method == "fair_darts":  # no schedule: the zero-one loss is negative (sigmoids away from 0.5)
+        assert all(r["alpha_loss"] < 0 for r in history)
+        assert derived.origin["method"] == {"name": "fair_darts", "zero_one_weight": 10, "threshold": 0.85}
+        return
     schedule = {"beta_darts": "alpha_loss_weight", "darts_minus": "auxiliary_weight"}[method]
     # beta-DARTS' default ramp: 0, then 50/100; DARTS-' default decay over the 2 epochs: 1, then 0.5
     assert [r[schedule] for r in history] == {"beta_darts": [0.0, 0.5], "darts_minus": [1.0, 0.5]}[method]
