@@ -34,12 +34,13 @@ class MixedOp(keras.layers.Layer):
     softmax, so alpha gradients are unchanged.
     """
 
-    def __init__(self, operations, channels, stride, auxiliary=None, **kwargs):
+    def __init__(self, operations, channels, stride, auxiliary=None, sampled=False, **kwargs):
         super().__init__(**kwargs)
         self.operations = tuple(operations)
         self.channels = channels
         self.stride = stride
         self.auxiliary = auxiliary
+        self.sampled = bool(sampled)
         self.candidates = [
             build_op(name, channels, stride, affine=False, layer_name=f"{self.name}__{name}", search=True)
             for name in self.operations
@@ -52,12 +53,30 @@ class MixedOp(keras.layers.Layer):
         self.built = True
 
     def call(self, x, weights, training=None):
+        if self.sampled and training:
+            return self._sampled(x, weights, training)
         scalars = [weights[i] for i in self.active]
         terms = [self.candidates[i](x, training=training) for i in self.active]
         if self.auxiliary_path is not None:
             scalars.append(weights[len(self.operations)])
             terms.append(self.auxiliary_path(x, training=training))
         return weighted_sum(scalars, terms)
+
+    def _sampled(self, x, weights, training):
+        """``h_k o_k(x)`` for the op ``k`` that the one-hot valued weights ``h`` select: no other op runs.
+
+        ``tf.switch_case`` runs (and differentiates) one branch, so the other
+        ops cost nothing forward or backward (GDAS); ``h_k`` carries the
+        straight-through gradient to the alphas.
+        """
+        import tensorflow as tf
+
+        selected = ops.argmax(ops.stack(weights[: len(self.operations)]))
+
+        def branch(i):
+            return lambda: ops.cast(weights[i], x.dtype) * self.candidates[i](x, training=training)
+
+        return tf.switch_case(ops.cast(selected, "int32"), [branch(i) for i in range(len(self.operations))])
 
     def get_config(self):
         return {
@@ -66,6 +85,7 @@ class MixedOp(keras.layers.Layer):
             "channels": self.channels,
             "stride": self.stride,
             "auxiliary": self.auxiliary,
+            "sampled": self.sampled,
         }
 
 
@@ -150,7 +170,8 @@ class SearchCell(_Cell):
     auxiliary path's weight last when ``auxiliary`` is set).
     """
 
-    def __init__(self, operations, nodes, channels, reduction, reduction_prev, auxiliary=None, **kwargs):
+    def __init__(self, operations, nodes, channels, reduction, reduction_prev, auxiliary=None, sampled=False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.operations = tuple(operations)
         self.nodes = nodes
@@ -158,6 +179,7 @@ class SearchCell(_Cell):
         self.reduction = bool(reduction)
         self.reduction_prev = bool(reduction_prev)
         self.auxiliary = auxiliary
+        self.sampled = bool(sampled)
         self.graph = build_cell_graph(self.operations, nodes, self.reduction)
         self.preprocess0, self.preprocess1 = _preprocessing(channels, self.reduction_prev, False, self.name)
         self.mixed_ops = []
@@ -167,7 +189,7 @@ class SearchCell(_Cell):
             for source, target, data in incoming_edges(self.graph, node):
                 inputs.append((source, len(self.mixed_ops), data["index"]))
                 self.mixed_ops.append(
-                    MixedOp(self.operations, channels, data["stride"], auxiliary,
+                    MixedOp(self.operations, channels, data["stride"], auxiliary, sampled,
                             name=f"{self.name}__edge_{source}_{target}")
                 )
             steps.append((node, inputs))
@@ -188,6 +210,7 @@ class SearchCell(_Cell):
             "reduction": self.reduction,
             "reduction_prev": self.reduction_prev,
             "auxiliary": self.auxiliary,
+            "sampled": self.sampled,
         }
 
 

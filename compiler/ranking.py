@@ -15,6 +15,8 @@ def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
     The rule ranks ``method.derivation_weights(alpha)`` (DARTS: the softmax).
     With a ``method.derivation_threshold``, a chosen edge whose best op
     weighs less is dropped, so a target may keep fewer than k edges, or none.
+    With ``method.rank_pairs`` the k strongest (input, op) pairs are kept
+    instead, inputs not necessarily distinct.
     Returns one tuple of ``Edge`` per target, strongest first.
     """
     alpha = np.asarray(alpha)
@@ -31,6 +33,12 @@ def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
     chosen_nodes = []
     for target in targets:
         rows = [(row, source) for row, (source, t) in enumerate(edges) if t == target]
+        if method.rank_pairs:
+            # Every (input, op) pair competes: a node may take two ops from one input (GDAS).
+            pairs = sorted(((row, source, o) for row, source in rows for o in candidates),
+                           key=lambda pair: -probabilities[pair[0], pair[2]])[:k]
+            chosen_nodes.append(tuple(Edge(operations[o], source) for _, source, o in pairs))
+            continue
         strength = [max(probabilities[row, o] for o in candidates) for row, _ in rows]
         # A stable sort on -strength keeps the earlier input first among ties;
         # a node with fewer than k inputs keeps them all.

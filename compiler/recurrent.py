@@ -371,7 +371,7 @@ class RecurrentSupernet(MethodSupernet, _LanguageModel):
             raise ValueError(f"A recurrent cell has no auxiliary path. Received: method={self.method.name!r}")
 
     def probabilities(self):
-        return self.method.mix(self.alpha)
+        return self.mix_alphas(self.alpha)
 
     def get_config(self):
         return {

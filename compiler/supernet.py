@@ -65,7 +65,7 @@ class Supernet(MethodSupernet, keras.Model):
         self.stem_beta = self.add_weight(shape=(stem_channels,), initializer="zeros", name="stem__bn_beta")
         self.cells = [
             SearchCell(self.operations, nodes, channels, reduction, reduction_prev, auxiliary,
-                       name=f"cell_{position:02d}")
+                       sampled=self.method.sampled_op, name=f"cell_{position:02d}")
             for position, channels, reduction, reduction_prev in cell_schedule(
                 layers, self.reduction_positions, init_channels
             )
@@ -89,7 +89,7 @@ class Supernet(MethodSupernet, keras.Model):
 
     def arch_probabilities(self):
         """The op weights of each cell type, (edges x ops), from the method's mixing of the alphas."""
-        return {t: self.method.mix(self.alphas[t]) for t in CELL_TYPES}
+        return {t: self.mix_alphas(self.alphas[t], stream=i) for i, t in enumerate(CELL_TYPES)}
 
     def edge_weights(self):
         """What the cells take: the op weights, with the auxiliary path's weight as one more column."""

@@ -310,11 +310,25 @@ class Bilevel:
         loss, metric, gradients, state = train_pass
         return loss, metric, self.weights_optimizer.apply(gradients, learning_rate), state
 
+    def draw(self, phase):
+        """Give a stochastic method's passes the draws of this iteration's ``phase`` (0: alpha step, 1: weights).
+
+        The draws follow from the weight optimiser's step count and the
+        phase, so each step and phase has its own, the passes of one step
+        (unrolled ones included) share them, and a resumed search draws the same.
+        """
+        if getattr(self.model, "noise_seed", None) is not None:
+            self.model.set_noise(tf.cast(self.weights_optimizer.iterations, tf.int32) * 2 + phase)
+
     def iteration(self, order, mode, train, val, weights_lr, arch_lr):
         """Alpha step then weight step on the same train batch.
 
-        Returns ``(metrics, train end state, validation end state)``.
+        Returns ``(metrics, train end state, validation end state)``. A
+        single-level method (SNAS) takes one step instead (``single_level_iteration``).
         """
+        if self.model.method.single_level:
+            return self.single_level_iteration(train, weights_lr, arch_lr)
+        self.draw(0)
         weights = self.current_weights()  # unchanged by the alpha step: read once
         arch_grad, val_loss, val_metric, val_state, train_pass = self._arch_gradient(
             order, mode, train, val, weights_lr, weights)
@@ -322,6 +336,7 @@ class Bilevel:
         if extra is not None:
             arch_grad = [g + e for g, e in zip(arch_grad, extra[1])]
         arch_grad_norm = self.arch_optimizer.apply(arch_grad, arch_lr)
+        self.draw(1)
         if self.reuse_virtual_gradient and train_pass is not None:
             train_loss, train_metric, grad_norm, train_state = self._apply_weight_gradients(train_pass, weights_lr)
         else:
@@ -339,6 +354,28 @@ class Bilevel:
         if extra is not None:
             metrics["alpha_loss"] = extra[0]
         return metrics, train_state, val_state
+
+    def single_level_iteration(self, train, weights_lr, arch_lr):
+        """Weights and alphas each take a step down the same training loss, from one pass (SNAS).
+
+        The alpha step adds the method's extra alpha loss. The validation batch
+        is not used; ``arch_loss`` reports the training loss the alphas descended.
+        """
+        self.draw(1)
+        loss, metric, weight_grads, arch_grads, state = self.step_gradients_at(
+            self.current_weights(), self.current_alphas(), self._pass(train, PASS_WEIGHTS))
+        loss, metric, weight_grads, arch_grads = cross_replica_mean((loss, metric, weight_grads, arch_grads))
+        extra = self.alpha_loss_gradient()
+        if extra is not None:
+            arch_grads = [g + e for g, e in zip(arch_grads, extra[1])]
+        arch_grad_norm = self.arch_optimizer.apply(arch_grads, arch_lr)
+        grad_norm = self.weights_optimizer.apply(weight_grads, weights_lr)
+        metric_name = self.objective.metric_name
+        metrics = {"train_loss": loss, f"train_{metric_name}": metric, "arch_loss": loss,
+                   f"arch_{metric_name}": metric, "grad_norm": grad_norm, "arch_grad_norm": arch_grad_norm}
+        if extra is not None:
+            metrics["alpha_loss"] = extra[0]
+        return metrics, state, state
 
     def compiled_iteration(self, order, mode):
         """The whole iteration as one ``tf.function``, traced once (batch and sequence sizes left open).

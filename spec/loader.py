@@ -127,6 +127,7 @@ def load_spec(path_or_dict, overrides=None):
         source = os.fspath(path_or_dict)
         document = _read_with_extends(source)
     document = integral_floats_to_int(deep_merge(document, parse_overrides(overrides)))
+    document = _method_defaults(document)
     import_plugins(document.get("plugins"), source)
     problems = schema_problems("search_space", _in_layout(document), source)
     if problems:
@@ -137,6 +138,18 @@ def load_spec(path_or_dict, overrides=None):
     if problems:
         raise SpecError(problems)
     return spec
+
+
+# Methods whose official code searches first order only: a spec that names one
+# and says nothing of the order searches first order.
+FIRST_ORDER_METHODS = ("snas", "gdas")
+
+
+def _method_defaults(document):
+    search = document.get("search")
+    if isinstance(search, dict) and search.get("method") in FIRST_ORDER_METHODS and "order" not in search:
+        return {**document, "search": {**search, "order": "first"}}
+    return document
 
 
 def _in_layout(document, parent="search_space"):

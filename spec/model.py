@@ -144,9 +144,37 @@ class FairDartsConfig:
     threshold: float = 0.85
 
 
+@frozen
+class SnasConfig:
+    """SNAS (Xie et al., ICLR 2019): soft Gumbel-softmax op weights, one training loss for weights and alphas.
+
+    Op weights ``softmax((alpha + g) / t)`` with fresh Gumbel noise ``g`` each
+    pass; ``t(e) = (1 - e / anneal_epochs) (temperature_start - temperature_min)
+    + temperature_min`` for the 0-based epoch (official: 150 hard-coded, 1 and 0.03).
+    """
+
+    temperature_start: float = 1.0
+    temperature_min: float = 0.03
+    anneal_epochs: int = 150
+
+
+@frozen
+class GdasConfig:
+    """GDAS (Dong and Yang, CVPR 2019): one op per edge, sampled by the hard straight-through Gumbel-softmax.
+
+    ``tau(e) = tau_max - (tau_max - tau_min) e / (E - 1)`` for the 0-based epoch
+    ``e`` (the official scripts' 10 and 0.1); ``E`` is ``anneal_epochs``, by
+    default the search's epochs, as the official code uses its total.
+    """
+
+    tau_max: float = 10.0
+    tau_min: float = 0.1
+    anneal_epochs: typing.Optional[int] = None
+
+
 # Each search method with options keeps them under its own key of ``search``.
-METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts")
-METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts")
+METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas")
+METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas")
 
 
 @frozen
@@ -157,6 +185,8 @@ class RunControl:
     beta_darts: BetaDartsConfig = BetaDartsConfig()
     darts_minus: DartsMinusConfig = DartsMinusConfig()
     fair_darts: FairDartsConfig = FairDartsConfig()
+    snas: SnasConfig = SnasConfig()
+    gdas: GdasConfig = GdasConfig()
     deterministic: bool = False
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"

@@ -161,6 +161,21 @@ def method_problems(spec, source):
                                     f"$.search.method is fair_darts, whose op set has no '{ZERO_OPERATION}' (each op "
                                     f"is weighed by its own sigmoid, so '{ZERO_OPERATION}' only adds a zero term); "
                                     f"drop '{ZERO_OPERATION}' from the operations"))
+    if method in ("snas", "gdas"):
+        if spec_layout(spec.search_space.kind) != "conv_cell":
+            problems.append(Problem(source, "$.search.method",
+                                    f"{method} is defined for convolutional cells; $.search_space.kind is "
+                                    f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
+        if written.get("order") == "second":
+            how = ("updates weights and alphas with one training loss" if method == "snas"
+                   else "alternates first-order steps, each on its own sample")
+            problems.append(Problem(source, "$.search.order",
+                                    f"$.search.method {method} {how}, as its official code does; expected "
+                                    f"order: first, got second"))
+    if method == "gdas" and config.gdas.tau_min > config.gdas.tau_max:
+        problems.append(Problem(source, "$.search.gdas.tau_min",
+                                f"expected tau_min <= tau_max (the temperature anneals down), got "
+                                f"{config.gdas.tau_min} > {config.gdas.tau_max}"))
     if method == "darts_minus":
         if spec_layout(spec.search_space.kind) != "conv_cell":
             problems.append(Problem(source, "$.search.method",

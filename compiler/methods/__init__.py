@@ -11,10 +11,13 @@ runtime ask the method at those points and never ask which method they have.
 (its name must also be a ``search.method`` the spec schema accepts).
 """
 
+from keras import ops
+
 from .base import SearchMethod
 from .beta_darts import BetaDarts
 from .darts_minus import DartsMinus
 from .fair_darts import FairDarts
+from .gumbel import Gdas, Snas
 
 _METHODS = {}
 
@@ -27,7 +30,7 @@ def register_method(cls):
     return cls
 
 
-for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts):
+for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas):
     register_method(_cls)
 
 
@@ -55,6 +58,29 @@ class MethodSupernet:
                                   name=f"schedule__{name}")
             for name in self.method.schedule_names
         }
+        # A stochastic method's draws come from (step, seed): the step sets it (``set_noise``).
+        self.noise_seed = (self.add_weight(shape=(2,), dtype="int32", initializer="zeros", trainable=False,
+                                           aggregation="only_first_replica", name="noise_seed")
+                           if self.method.stochastic else None)
+
+    def set_noise(self, step):
+        """Make the stochastic method's draws those of ``step`` (an int tensor; each step its own)."""
+        if self.noise_seed is not None:
+            base = 0 if getattr(self, "seed", None) is None else self.seed
+            self.noise_seed.assign(ops.stack([ops.cast(step, "int32"), ops.convert_to_tensor(base, "int32")]))
+
+    def mix_alphas(self, alpha, stream=0):
+        """The method's op weights of ``alpha``; a stochastic method draws from its own ``stream`` (a cell type)."""
+        if self.noise_seed is None:
+            return self.method.mix(alpha)
+        import tensorflow as tf
+
+        seed = self.noise_seed + ops.convert_to_tensor([0, 1_000_003 * (stream + 1)], "int32")
+
+        def noise(shape):
+            return tf.random.stateless_uniform(shape, seed=seed, dtype=alpha.dtype)
+
+        return self.method.mix(alpha, noise=noise, schedule=self.schedule)
 
     def set_epoch(self, epoch):
         """Set the method's scheduled scalars to their values for 0-based ``epoch``."""
@@ -91,5 +117,5 @@ def search_method(spec):
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
-__all__ = ["BetaDarts", "DartsMinus", "FairDarts", "MethodSupernet", "SearchMethod", "method_from_document",
+__all__ = ["BetaDarts", "DartsMinus", "FairDarts", "Gdas", "MethodSupernet", "Snas", "SearchMethod", "method_from_document",
            "register_method", "search_method"]

@@ -22,12 +22,18 @@ class SearchMethod:
     ======================================  =====================================
     question (axis of the successors)       DARTS' answer
     ======================================  =====================================
-    A. op weights from alphas (``mix``)     softmax over each edge's ops
+    A. op weights from alphas (``mix``)     softmax over each edge's ops, no noise
+       (``stochastic``: ``mix`` draws         (``stochastic = False``); every op
+       noise; ``sampled_op``: an edge runs    of an edge runs
+       only the op its weights select)
     B. extra alpha loss (``alpha_loss``)    none
     D. auxiliary path per mixed op          none (``auxiliary_operation = None``)
     F. scalars scheduled over epochs        none (``schedule_names = ()``)
     G. derivation (``derivation_weights``,  DARTS' rule on the softmax, every
-       ``derivation_threshold``)            chosen edge kept (no threshold)
+       ``derivation_threshold``,            chosen edge kept (no threshold), k
+       ``rank_pairs``)                      distinct inputs per node
+    H. one loss for weights and alphas      no: bilevel (``single_level = False``)
+       (``single_level``)
     ======================================  =====================================
 
     A method object is built from its options (the spec's ``search.<method>``
@@ -42,6 +48,14 @@ class SearchMethod:
     auxiliary_operation = None
     # With a threshold, a chosen edge whose best op weighs less is dropped (FairDARTS).
     derivation_threshold = None
+    # Rank (input, op) pairs rather than inputs: a node may take two ops from one input (GDAS).
+    rank_pairs = False
+    # ``mix`` draws noise (its ``noise`` argument), fresh for every step.
+    stochastic = False
+    # Each edge computes only the op its (one-hot valued) weights select, forward and backward.
+    sampled_op = False
+    # Weights and alphas both descend the training loss in one step (SNAS).
+    single_level = False
 
     def __init__(self, options=None, epochs=None):
         self.options = dict(options or {})
@@ -52,8 +66,15 @@ class SearchMethod:
         return {"name": self.name, **self.options}
 
     # -- A: op weights --------------------------------------------------------
-    def mix(self, alpha):
-        """The op weights of each edge from its alphas (a tensor, rows are edges)."""
+    def mix(self, alpha, noise=None, schedule=None):
+        """The op weights of each edge from its alphas (a tensor, rows are edges).
+
+        ``noise(shape)`` draws uniform [0, 1) samples, fresh for each step and
+        reproducible from the search's seed, and ``schedule`` maps
+        ``schedule_names`` to their current values; a ``stochastic`` method
+        uses them. Without noise, a stochastic method gives the weights its
+        noise is centred on (for display).
+        """
         return ops.softmax(alpha, axis=-1)
 
     # -- B: extra alpha loss --------------------------------------------------

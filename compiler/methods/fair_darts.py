@@ -34,7 +34,7 @@ class FairDarts(SearchMethod):
                          epochs)
         self.derivation_threshold = self.options["threshold"]
 
-    def mix(self, alpha):
+    def mix(self, alpha, noise=None, schedule=None):
         return ops.sigmoid(alpha)
 
     def alpha_loss(self, alphas, schedule):

@@ -12,7 +12,9 @@ from keras_darts.compiler.methods import (
     BetaDarts,
     DartsMinus,
     FairDarts,
+    Gdas,
     SearchMethod,
+    Snas,
     method_from_document,
     search_method,
 )
@@ -283,4 +285,131 @@ def test_fair_darts_is_refused_with_none_in_the_op_set_and_on_recurrent_cells(tm
         kd.load_spec(recurrent)
     assert [str(p) for p in excinfo.value.problems] == [
         "<dict>: $.search.method: fair_darts is defined for convolutional cells; $.search_space.kind is "
+        "'recurrent_cell' (beta_darts and darts work on every kind)"]
+
+
+# -- SNAS and GDAS: the Gumbel-softmax ----------------------------------------------------
+def uniform_noise(seed):
+    rng = np.random.default_rng(seed)
+    drawn = {}
+
+    def noise(shape):
+        drawn["u"] = rng.uniform(size=tuple(int(d) for d in shape))
+        return tf.constant(drawn["u"])
+
+    return noise, drawn
+
+
+def test_gdas_samples_each_op_with_its_softmax_probability_one_hot_valued():
+    alpha = np.array([0.3, -1.0, 1.2, 0.1])
+    rows = tf.constant(np.tile(alpha, (40000, 1)))
+    noise, _ = uniform_noise(0)
+    h = Gdas().mix(rows, noise=noise, schedule={"temperature": tf.constant(5.0, "float64")}).numpy()
+    assert set(np.unique(h)) == {0.0, 1.0} and np.all(h.sum(axis=1) == 1.0)
+    # Gumbel-max: argmax(log_softmax(alpha) + g) is op o with probability softmax(alpha)_o, at any tau.
+    expected = np.exp(alpha) / np.exp(alpha).sum()
+    frequencies = h.mean(axis=0)
+    assert np.all(np.abs(frequencies - expected) < 4 * np.sqrt(expected * (1 - expected) / len(h)))
+
+
+def test_gdas_straight_through_gradient_is_the_gradient_of_the_relaxed_weights():
+    alpha = tf.Variable(np.array([[0.3, -1.0, 1.2, 0.1], [0.0, 0.5, -0.5, 2.0]]))
+    noise, drawn = uniform_noise(1)
+    tau = 0.7
+    coefficients = np.array([[1.0, -2.0, 0.5, 3.0], [0.2, 0.4, -1.0, 1.5]])
+    with tf.GradientTape() as tape:
+        h = Gdas().mix(alpha, noise=noise, schedule={"temperature": tf.constant(tau, "float64")})
+        objective = tf.reduce_sum(h * coefficients)
+    gradient = tape.gradient(objective, alpha).numpy()
+    # By hand: p = softmax(z), z = (log_softmax(alpha) + g) / tau; dp/dz = diag(p) - p p^T,
+    # dz/dalpha = (I - 1 softmax(alpha)^T) / tau.
+    g = -np.log(-np.log(drawn["u"]))
+    for row in range(2):
+        a = alpha.numpy()[row]
+        s = np.exp(a) / np.exp(a).sum()
+        z = (np.log(s) + g[row]) / tau
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        jacobian = (np.diag(p) - np.outer(p, p)) @ (np.eye(4) - np.outer(np.ones(4), s)) / tau
+        np.testing.assert_allclose(gradient[row], jacobian.T @ coefficients[row], rtol=1e-10, atol=1e-14)
+        assert h.numpy()[row, int(np.argmax(z))] == 1.0  # the value: one_hot(argmax p)
+
+
+def test_snas_weights_are_the_softmax_of_alpha_plus_gumbel_noise_over_the_temperature():
+    alpha = np.random.default_rng(4).normal(0, 1, (5, 4))
+    noise, drawn = uniform_noise(2)
+    weights = Snas().mix(tf.constant(alpha), noise=noise, schedule={"temperature": tf.constant(0.4, "float64")})
+    z = (alpha - np.log(-np.log(drawn["u"]))) / 0.4
+    expected = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(weights.numpy(), expected / expected.sum(axis=1, keepdims=True), rtol=1e-12)
+
+
+def test_snas_and_gdas_temperatures_follow_the_official_schedules():
+    snas = Snas()  # t(e) = (1 - e / 150) (1 - 0.03) + 0.03
+    assert [round(snas.schedule(e)["temperature"], 10) for e in (0, 75, 150)] == [1.0, 0.515, 0.03]
+    gdas = Gdas(epochs=5)  # tau(e) = 10 - (10 - 0.1) e / 4
+    assert [round(gdas.schedule(e)["temperature"], 10) for e in range(5)] == [10.0, 7.525, 5.05, 2.575, 0.1]
+    assert Gdas({"anneal_epochs": 1}).schedule(0)["temperature"] == 10.0
+
+
+def test_a_sampled_edge_runs_only_the_selected_op():
+    # A candidate whose output is NaN poisons any weighted sum that computes it, even at weight 0.
+    edge = MixedOp(["avg_pool_3x3", "skip_connect", "sep_conv_3x3"], 4, 1, sampled=True)
+    x = tf.constant(np.random.default_rng(5).normal(size=(2, 6, 6, 4)), "float32")
+    edge(x, [tf.constant(1.0)] * 3, training=False)  # builds every op
+    poisoned = edge.candidates[2]
+    edge.candidates[2] = lambda value, training=None: poisoned(value, training=training) * np.nan
+    weights = [tf.constant(0.0), tf.constant(1.0), tf.constant(0.0)]  # skip_connect selected
+    np.testing.assert_allclose(edge(x, weights, training=True).numpy(), x.numpy())
+    assert np.isnan(edge(x, weights, training=False).numpy()).all()  # the full sum runs the NaN op
+    weights = [tf.constant(1.0), tf.constant(0.0), tf.constant(0.0)]
+    pooled = keras.layers.AveragePooling2D(3, 1, padding="same")(x)
+    assert np.isfinite(edge(x, weights, training=True).numpy()).all()
+    assert edge(x, weights, training=True).shape == pooled.shape
+
+
+def test_gdas_derivation_ranks_input_op_pairs_so_two_ops_may_share_an_input():
+    operations = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"]
+    alpha = np.zeros((5, 4))
+    alpha[0] = [0.0, 2.5, -3.0, 3.0]   # node 2 <- 0: sep 0.593, max_pool 0.360
+    alpha[1] = [0.0, 0.0, 1.0, 0.0]    # node 2 <- 1: skip 0.475
+    alpha[2] = [5.0, 0.0, 0.0, 0.0]    # node 3 <- 0: 'none' never counts
+    alpha[3] = [0.0, 1.0, 0.0, 0.0]    # node 3 <- 1: max_pool 0.475
+    alpha[4] = [0.0, 0.0, 2.0, 1.9]    # node 3 <- 2: skip 0.473, sep 0.428
+    s = np.exp(alpha) / np.exp(alpha).sum(axis=1, keepdims=True)
+    assert s[0, 3] > s[1, 2] > s[0, 1] and s[3, 1] > s[4, 2] > s[4, 3] > s[2, 1]
+    genotype = kd.derive_genotype({"normal": alpha}, operations, 2, 2, Gdas())["normal"]
+    assert genotype.nodes == ((Edge("sep_conv_3x3", 0), Edge("skip_connect", 1)),
+                              (Edge("max_pool_3x3", 1), Edge("skip_connect", 2)))
+    alpha[1] = [0.0, 0.0, -1.0, 0.0]   # now node 2's two strongest pairs both read input 0
+    genotype = kd.derive_genotype({"normal": alpha}, operations, 2, 2, Gdas())["normal"]
+    assert genotype.nodes[0] == (Edge("sep_conv_3x3", 0), Edge("max_pool_3x3", 0))
+    # DARTS' rule keeps two distinct inputs on the same alphas.
+    darts = kd.derive_genotype({"normal": alpha}, operations, 2, 2)["normal"]
+    assert {edge.input for edge in darts.nodes[0]} == {0, 1}
+
+
+@pytest.mark.parametrize("method, how", [
+    ("snas", "updates weights and alphas with one training loss"),
+    ("gdas", "alternates first-order steps, each on its own sample"),
+])
+def test_gumbel_methods_search_first_order_and_refuse_second_order_and_recurrent_cells(tmp_path, method, how):
+    from keras_darts.spec import SpecError
+    from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
+
+    document = tiny_spec_document()
+    del document["search"]["order"]
+    document["search"]["method"] = method
+    assert kd.load_spec(document).search.order == "first"  # unless the spec says otherwise
+    document["search"]["order"] = "second"
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(document)
+    assert [str(p) for p in excinfo.value.problems] == [
+        f"<dict>: $.search.order: $.search.method {method} {how}, as its official code does; expected order: first, "
+        "got second"]
+    recurrent = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
+    recurrent["search"]["method"] = method
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(recurrent)
+    assert [str(p) for p in excinfo.value.problems] == [
+        f"<dict>: $.search.method: {method} is defined for convolutional cells; $.search_space.kind is "
         "'recurrent_cell' (beta_darts and darts work on every kind)"]

@@ -21,6 +21,8 @@ def plain_sgd_bilevel(method, operations=OPS, **options):
     """A supernet whose alpha step is plain SGD (no momentum, decay or clipping): alpha moves by -lr * gradient."""
     document = tiny_spec_document(operations=operations)
     document["search"].update(method=method, **({method: options} if options else {}))
+    if method in ("snas", "gdas"):
+        document["search"]["order"] = "first"
     spec = kd.load_spec(document)
     keras.utils.set_random_seed(0)
     model = kd.build_supernet(spec, seed=0)
@@ -95,7 +97,36 @@ def test_fair_darts_alpha_step_takes_the_darts_gradient_plus_the_zero_one_gradie
         np.testing.assert_allclose((b - a.numpy()) / 0.1, d + zero_one, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts"])
+def test_snas_takes_one_step_of_weights_and_alphas_down_the_training_loss_with_the_steps_own_draw(float64):
+    bilevel = plain_sgd_bilevel("snas", OPS, temperature_start=0.5)
+    model = bilevel.model
+    model.set_epoch(0)
+    train, val = batches()
+    _, other_val = batches(seed=9)
+    # The draw of the step: its weight-step phase, at the weight optimiser's count (0).
+    model.set_noise(tf.constant(1))
+    weights, alphas = bilevel.current_weights(), bilevel.current_alphas()
+    loss, _, _, alpha_grads, _ = bilevel.gradients_at(weights, alphas, train)
+    before = [a.numpy() for a in alphas]
+    metrics, _, _ = bilevel.iteration("first", None, train, val, tf.constant(0.05, "float64"),
+                                      tf.constant(0.1, "float64"))
+    np.testing.assert_allclose(float(metrics["train_loss"]), float(loss), rtol=1e-12)
+    assert float(metrics["arch_loss"]) == float(metrics["train_loss"])
+    for b, a, g in zip(before, model.arch_variables, alpha_grads):
+        np.testing.assert_allclose((b - a.numpy()) / 0.1, g.numpy(), rtol=1e-9, atol=1e-12)
+    assert any(np.abs(w.numpy() - v.numpy()).max() > 0 for w, v in zip(weights, bilevel.weight_vars))
+    # The validation batch plays no part; the next step draws anew.
+    again = plain_sgd_bilevel("snas", OPS, temperature_start=0.5)
+    again.model.set_epoch(0)
+    again.iteration("first", None, train, other_val, tf.constant(0.05, "float64"), tf.constant(0.1, "float64"))
+    for a, b in zip(model.arch_variables, again.model.arch_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    first = model.mix_alphas(model.alphas["normal"]).numpy()
+    model.set_noise(tf.constant(3))
+    assert np.abs(model.mix_alphas(model.alphas["normal"]).numpy() - first).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas"])
 def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
     document = tiny_spec_document(**({"operations": ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]}
                                      if method == "fair_darts" else {}))
@@ -109,6 +140,10 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     derived = kd.load_derived(str(run_dir / "derived.yaml"))
     assert derived.origin["method"]["name"] == method
     history = yaml.safe_load((run_dir / "search" / "history.json").read_text())
+    if method in ("snas", "gdas"):  # the temperature anneals: SNAS over 150 epochs, GDAS over the search's 2
+        assert [r["temperature"] for r in history] == pytest.approx(
+            {"snas": [1.0, 1 - 0.97 / 150], "gdas": [10.0, 0.1]}[method], rel=1e-12)
+        return
     if method == "fair_darts":  # no schedule: the zero-one loss is negative (sigmoids away from 0.5)
         assert all(r["alpha_loss"] < 0 for r in history)
         assert derived.origin["method"] == {"name": "fair_darts", "zero_one_weight": 10, "threshold": 0.85}
