@@ -16,6 +16,7 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL --iterations 5
     python benchmarks/bench_search.py --configs SMALL --modes first_order retrain_step --replicas 1 2
     python benchmarks/bench_search.py --configs SMALL --paired   # ratios to fwd+bwd timed alternately
+    python benchmarks/bench_search.py --configs SMALL PAPER --modes first_order --methods gdas snas
 
 ``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
 devices, at the same global batch, for the throughput per replica
@@ -36,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from keras_darts.spec.model import METHODS
+
 CONFIGS = {
     "SMALL": {"init_channels": 8, "layers": 5, "batch": 16},
     "PAPER": {"init_channels": 16, "layers": 8, "batch": 64},
@@ -53,15 +56,24 @@ REFERENCE = {
 }
 
 
-def conv_spec(config, **sections):
+# FairDARTS' op set has no 'none' (its validator refuses one): the seven other DARTS ops.
+METHOD_OPERATIONS = {"fair_darts": ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+                                    "dil_conv_3x3", "dil_conv_5x5"]}
+FIRST_ORDER_ONLY = ("snas", "gdas")
+
+
+def conv_spec(config, operations=None, **sections):
     """The benchmark's convolutional search spec at ``config``'s width and depth (32x32x3, 10 classes)."""
     import keras_darts as kd
 
+    space = {"kind": "conv_cell", "network": {
+        "init_channels": config["init_channels"], "layers": config["layers"],
+        "input_shape": [32, 32, 3], "num_classes": 10}}
+    if operations:
+        space["operations"] = list(operations)
     return kd.load_spec({
         "version": 1, "name": "bench",
-        "search_space": {"kind": "conv_cell", "network": {
-            "init_channels": config["init_channels"], "layers": config["layers"],
-            "input_shape": [32, 32, 3], "num_classes": 10}},
+        "search_space": space,
         "retrain": {"enabled": False},
         **sections,
     })
@@ -168,7 +180,8 @@ def search_epoch(config_name, steps):
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False):
+def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
+            method=None):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -183,7 +196,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     config = dict(CONFIGS[config_name])
     if batch:
         config["batch"] = batch
-    extra = {"batch": config["batch"], "replicas": replicas, "search_options": options}
+    extra = {"batch": config["batch"], "replicas": replicas, "search_options": options, "method": method or "darts"}
     if config_name == "RNN":
         if replicas or mode == "retrain_step":
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -192,9 +205,10 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         if paired and mode != "forward_backward":
             result.update(paired_ratio(call, recurrent_step(config, "forward_backward")[0], iterations))
         return result
-    spec = conv_spec(config, search={
+    spec = conv_spec(config, METHOD_OPERATIONS.get(method), search={
         **options, "order": "first" if mode == "first_order" else "second",
-        "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference"})
+        "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference",
+        **({"method": method} if method else {})})
     if mode == "second_order_exact":
         # As a search does: exact mode over max and average pooling runs one kernel at a time.
         from keras_darts.runtime.determinism import serialize_kernels_if_needed
@@ -292,6 +306,19 @@ def estimate_config(config_name, options=None):
     return estimate(conv_spec(config, data={"batch_size": config["batch"]}, search=dict(options or {})))
 
 
+def print_methods(results):
+    """Each method's time per iteration, first call and peak memory beside plain DARTS' in the same mode."""
+    print(f"\n{'config':7s} {'mode':18s} {'method':12s} {'s/iter':>8s} {'x darts':>8s} {'first call':>10s} "
+          f"{'peak GiB':>8s} {'x darts':>8s}")
+    for row in results:
+        darts = next((r for r in results if r["config"] == row["config"] and r["mode"] == row["mode"]
+                      and r.get("method") == "darts"), None)
+        time_ratio = f"{row['median_seconds'] / darts['median_seconds']:8.2f}" if darts else f"{'-':>8s}"
+        memory_ratio = f"{row['peak_rss_gib'] / darts['peak_rss_gib']:8.2f}" if darts else f"{'-':>8s}"
+        print(f"{row['config']:7s} {row['mode']:18s} {row.get('method', 'darts'):12s} {row['median_seconds']:8.3f} "
+              f"{time_ratio} {row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {memory_ratio}")
+
+
 def machine():
     import tensorflow as tf
 
@@ -328,6 +355,10 @@ def main():
     parser.add_argument("--paired", action="store_true",
                         help="also time each iteration alternately with a forward+backward in the same process and "
                              "report the median ratio of the pairs (robust to the machine's drift)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="measure the search modes under each of these search methods (darts added), beside "
+                             "plain DARTS (first-order-only methods skip second order)")
+    parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -339,16 +370,26 @@ def main():
         return
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
-                                 args.replica_count, options, args.paired)))
+                                 args.replica_count, options, args.paired, args.method)))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
             for r in (args.replicas or [None])]
+    methods = [None]
+    if args.methods:
+        methods = ["darts"] + [m for m in args.methods if m != "darts"]
+        runs = [(c, m, b, r) for c, m, b, r in runs
+                if c != "RNN" and m in ("first_order", "second_order_fd", "second_order_exact")]
+    runs = [(*run, method) for run in runs for method in methods
+            if not (method in FIRST_ORDER_ONLY and run[1] != "first_order")]
     if args.epoch_steps:
-        runs = [(c, "search_epoch", None, None, steps) for c in args.configs if c != "RNN" for steps in args.epoch_steps]
-    for config, mode, batch, replicas, *steps in runs:
+        runs = [(c, "search_epoch", None, None, None, steps) for c in args.configs if c != "RNN"
+                for steps in args.epoch_steps]
+    for config, mode, batch, replicas, method, *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode,
                    "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
+        if method:
+            command += ["--method", method]
         if steps:
             command += ["--steps", str(steps[0])]
         if batch:
@@ -363,8 +404,8 @@ def main():
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"measured {config} {mode} batch {batch or CONFIGS[config]['batch']} replicas {replicas or '-'}: "
-              f"{results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
+        print(f"measured {config} {mode} {method or ''} batch {batch or CONFIGS[config]['batch']} "
+              f"replicas {replicas or '-'}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
     estimates = {config: estimate_config(config, options) for config in args.configs} if args.with_estimate else {}
     report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
@@ -387,6 +428,8 @@ def main():
               f"{batch / row['median_seconds'] / replicas:8.1f} {ratio} {ref_text} {faster} "
               f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6} "
               f"{paired}")
+    if args.methods:
+        print_methods(results)
     for config in args.configs:
         epochs = sorted((r for r in results if r["config"] == config and r["mode"] == "search_epoch"),
                         key=lambda r: r["steps"])

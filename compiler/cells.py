@@ -34,25 +34,44 @@ class MixedOp(keras.layers.Layer):
     softmax, so alpha gradients are unchanged.
     """
 
-    def __init__(self, operations, channels, stride, auxiliary=None, sampled=False, **kwargs):
+    def __init__(self, operations, channels, stride, auxiliary=None, sampled=False, partial_channels=1,
+                 edge_scaled=False, **kwargs):
         super().__init__(**kwargs)
         self.operations = tuple(operations)
         self.channels = channels
         self.stride = stride
         self.auxiliary = auxiliary
         self.sampled = bool(sampled)
+        self.partial_channels = int(partial_channels)
+        self.edge_scaled = bool(edge_scaled)
+        self.op_channels = channels // self.partial_channels
         self.candidates = [
-            build_op(name, channels, stride, affine=False, layer_name=f"{self.name}__{name}", search=True)
+            build_op(name, self.op_channels, stride, affine=False, layer_name=f"{self.name}__{name}", search=True)
             for name in self.operations
         ]
         self.active = [i for i, op in enumerate(self.candidates) if not getattr(op, "is_zero", False)]
         self.auxiliary_path = (None if auxiliary is None
-                               else auxiliary_op(auxiliary, channels, stride, f"{self.name}__auxiliary"))
+                               else auxiliary_op(auxiliary, self.op_channels, stride, f"{self.name}__auxiliary"))
+        # PC-DARTS: the channels the ops do not see pass by, max-pooled at stride 2.
+        self.bypass_pool = (keras.layers.MaxPooling2D(2, 2, name=f"{self.name}__bypass_pool")
+                            if self.partial_channels > 1 and stride == 2 else None)
 
     def build(self, *args, **kwargs):
         self.built = True
 
     def call(self, x, weights, training=None):
+        if self.partial_channels > 1:
+            x, bypass = x[..., : self.op_channels], x[..., self.op_channels:]
+        y = self._mixed(x, weights, training)
+        if self.partial_channels > 1:
+            if self.bypass_pool is not None:
+                bypass = self.bypass_pool(bypass)
+            y = channel_shuffle(ops.concatenate([y, bypass], axis=-1), self.partial_channels)
+        if self.edge_scaled:
+            y = ops.cast(weights[-1], y.dtype) * y
+        return y
+
+    def _mixed(self, x, weights, training):
         if self.sampled and training:
             return self._sampled(x, weights, training)
         scalars = [weights[i] for i in self.active]
@@ -86,7 +105,17 @@ class MixedOp(keras.layers.Layer):
             "stride": self.stride,
             "auxiliary": self.auxiliary,
             "sampled": self.sampled,
+            "partial_channels": self.partial_channels,
+            "edge_scaled": self.edge_scaled,
         }
+
+
+def channel_shuffle(x, groups):
+    """ShuffleNet's channel shuffle, channels last: channel ``g * (C / groups) + j`` moves to ``j * groups + g``."""
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    x = ops.reshape(x, (-1, height, width, groups, channels // groups))
+    x = ops.transpose(x, (0, 1, 2, 4, 3))
+    return ops.reshape(x, (-1, height, width, channels))
 
 
 def weighted_sum(scalars, tensors):
@@ -171,7 +200,7 @@ class SearchCell(_Cell):
     """
 
     def __init__(self, operations, nodes, channels, reduction, reduction_prev, auxiliary=None, sampled=False,
-                 **kwargs):
+                 partial_channels=1, edge_scaled=False, **kwargs):
         super().__init__(**kwargs)
         self.operations = tuple(operations)
         self.nodes = nodes
@@ -180,6 +209,8 @@ class SearchCell(_Cell):
         self.reduction_prev = bool(reduction_prev)
         self.auxiliary = auxiliary
         self.sampled = bool(sampled)
+        self.partial_channels = int(partial_channels)
+        self.edge_scaled = bool(edge_scaled)
         self.graph = build_cell_graph(self.operations, nodes, self.reduction)
         self.preprocess0, self.preprocess1 = _preprocessing(channels, self.reduction_prev, False, self.name)
         self.mixed_ops = []
@@ -189,8 +220,8 @@ class SearchCell(_Cell):
             for source, target, data in incoming_edges(self.graph, node):
                 inputs.append((source, len(self.mixed_ops), data["index"]))
                 self.mixed_ops.append(
-                    MixedOp(self.operations, channels, data["stride"], auxiliary, sampled,
-                            name=f"{self.name}__edge_{source}_{target}")
+                    MixedOp(self.operations, channels, data["stride"], auxiliary, sampled, self.partial_channels,
+                            self.edge_scaled, name=f"{self.name}__edge_{source}_{target}")
                 )
             steps.append((node, inputs))
         self.wiring = _Wiring(steps)
@@ -211,6 +242,8 @@ class SearchCell(_Cell):
             "reduction_prev": self.reduction_prev,
             "auxiliary": self.auxiliary,
             "sampled": self.sampled,
+            "partial_channels": self.partial_channels,
+            "edge_scaled": self.edge_scaled,
         }
 
 

@@ -16,7 +16,7 @@ from .ranking import DARTS, rank_edges
 from .recurrent import CELL_TYPE, derive_recurrent_cell
 
 
-def derive_cell(alpha, operations, nodes, k, method=DARTS):
+def derive_cell(alpha, operations, nodes, k, method=DARTS, edge_betas=None):
     """The ``CellGenotype`` of one convolutional cell type from its (edges x ops) alpha matrix.
 
     Under a method with a derivation threshold, nodes left without inputs are
@@ -25,7 +25,7 @@ def derive_cell(alpha, operations, nodes, k, method=DARTS):
     is derived without it, so that every epoch has a cell to show and retrain.
     """
     edges, targets = cell_edges(nodes), range(2, 2 + nodes)
-    chosen = rank_edges(alpha, operations, edges, targets, k, method)
+    chosen = rank_edges(alpha, operations, edges, targets, k, method, edge_betas)
     if method.derivation_threshold is not None:
         kept = prune_isolated(chosen)
         if kept.nodes:
@@ -62,27 +62,29 @@ def prune_isolated(chosen, first=2):
     return CellGenotype(nodes=tuple(nodes), concat=tuple(range(first, first + len(nodes))))
 
 
-def derive_genotype(alphas, operations, nodes, k, method=DARTS):
+def derive_genotype(alphas, operations, nodes, k, method=DARTS, edge_betas=None):
     """``{cell type: CellGenotype}`` from ``{cell type: (edges x ops) array}``, by ``method``'s rule.
 
     The cell type ``recurrent`` is derived as a recurrent cell, the others as
-    convolutional cells.
+    convolutional cells; ``edge_betas`` (``{cell type: vector}``, PC-DARTS)
+    scale the convolutional cells' edges.
     """
     return {
-        cell_type: (derive_recurrent_cell if cell_type == CELL_TYPE else derive_cell)(
-            alpha, operations, nodes, k, method)
+        cell_type: (derive_recurrent_cell(alpha, operations, nodes, k, method) if cell_type == CELL_TYPE else
+                    derive_cell(alpha, operations, nodes, k, method, (edge_betas or {}).get(cell_type)))
         for cell_type, alpha in alphas.items()
     }
 
 
-def derived_spec_from_search(spec, alphas, retrain=True, origin=None, **network):
+def derived_spec_from_search(spec, alphas, retrain=True, origin=None, edge_betas=None, **network):
     """The derived spec a search produced, with the network it will be retrained as.
 
     ``retrain=True`` takes channels, depth, stem and auxiliary head from the
     spec's ``retrain`` block; otherwise the search network's settings.
+    ``edge_betas``: PC-DARTS' edge weights of each cell type.
     """
     space = spec.search_space
-    genotype = derive_genotype(alphas, space.operations, space.nodes, space.k, search_method(spec))
+    genotype = derive_genotype(alphas, space.operations, space.nodes, space.k, search_method(spec), edge_betas)
     document = {
         "version": 1,
         "kind": space.kind,

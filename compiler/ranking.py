@@ -4,19 +4,20 @@ import numpy as np
 
 from keras_darts.spec import ZERO_OPERATION, Edge
 
-from .methods import SearchMethod
+from .methods import SearchMethod, normalized_edge_weights
 
 DARTS = SearchMethod()
 
 
-def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
+def rank_edges(alpha, operations, edges, targets, k, method=DARTS, edge_betas=None):
     """DARTS' rule over ``edges`` (``(source, target)`` per alpha row): per target, its k best edges.
 
     The rule ranks ``method.derivation_weights(alpha)`` (DARTS: the softmax).
     With a ``method.derivation_threshold``, a chosen edge whose best op
     weighs less is dropped, so a target may keep fewer than k edges, or none.
     With ``method.rank_pairs`` the k strongest (input, op) pairs are kept
-    instead, inputs not necessarily distinct.
+    instead, inputs not necessarily distinct. ``edge_betas`` (PC-DARTS) scale
+    each edge's weights by the softmax of the betas over its target's edges.
     Returns one tuple of ``Edge`` per target, strongest first.
     """
     alpha = np.asarray(alpha)
@@ -27,6 +28,9 @@ def rank_edges(alpha, operations, edges, targets, k, method=DARTS):
     if k < 1:
         raise ValueError(f"k must be at least 1. Received: k={k}")
     probabilities = method.derivation_weights(alpha)
+    if edge_betas is not None:
+        # PC-DARTS: each edge's op weights times its node-normalised edge weight.
+        probabilities = probabilities * normalized_edge_weights(edge_betas, edges)[:, None]
     candidates = [o for o, name in enumerate(operations) if name != ZERO_OPERATION]
     if not candidates:
         raise ValueError(f"operations must include one other than '{ZERO_OPERATION}'. Received: {list(operations)}")

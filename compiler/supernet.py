@@ -65,7 +65,8 @@ class Supernet(MethodSupernet, keras.Model):
         self.stem_beta = self.add_weight(shape=(stem_channels,), initializer="zeros", name="stem__bn_beta")
         self.cells = [
             SearchCell(self.operations, nodes, channels, reduction, reduction_prev, auxiliary,
-                       sampled=self.method.sampled_op, name=f"cell_{position:02d}")
+                       sampled=self.method.sampled_op, partial_channels=self.method.partial_channels,
+                       edge_scaled=self.method.edge_normalization, name=f"cell_{position:02d}")
             for position, channels, reduction, reduction_prev in cell_schedule(
                 layers, self.reduction_positions, init_channels
             )
@@ -80,6 +81,17 @@ class Supernet(MethodSupernet, keras.Model):
                 initializer=keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=init_seed),
                 name=f"alpha_{cell_type}",
             )
+        if self.method.edge_normalization:
+            # PC-DARTS' edge weights, one per edge, initialised as the alphas are.
+            self.edge_betas = {
+                cell_type: self.add_weight(
+                    shape=(self.num_edges,),
+                    initializer=keras.initializers.RandomNormal(stddev=ALPHA_STDDEV,
+                                                                seed=None if seed is None else seed + 2 + i),
+                    name=f"beta_{cell_type}",
+                )
+                for i, cell_type in enumerate(CELL_TYPES)
+            }
 
     def build(self, input_shape):
         # Sublayers create their weights on first use: run one forward pass on
@@ -91,14 +103,32 @@ class Supernet(MethodSupernet, keras.Model):
         """The op weights of each cell type, (edges x ops), from the method's mixing of the alphas."""
         return {t: self.mix_alphas(self.alphas[t], stream=i) for i, t in enumerate(CELL_TYPES)}
 
+    def normalized_edge_betas(self):
+        """PC-DARTS' edge weights: per node, the softmax of the betas of its incoming edges (edges x 1)."""
+        normalized = {}
+        for cell_type, beta in self.edge_betas.items():
+            parts, start = [], 0
+            for count in range(2, 2 + self.nodes):  # node i has 2 + i inputs; its edges are contiguous
+                parts.append(ops.softmax(beta[start:start + count]))
+                start += count
+            normalized[cell_type] = ops.expand_dims(ops.concatenate(parts, axis=0), -1)
+        return normalized
+
     def edge_weights(self):
-        """What the cells take: the op weights, with the auxiliary path's weight as one more column."""
+        """What the cells take: the op weights, then the auxiliary path's weight and the edge's weight if any."""
         matrices = self.arch_probabilities()
-        if self.method.auxiliary_operation is None:
+        columns = {t: [] for t in matrices}
+        if self.method.auxiliary_operation is not None:
+            beta = self.schedule["auxiliary_weight"]
+            for t in matrices:
+                columns[t].append(ops.ones((self.num_edges, 1), dtype=beta.dtype) * beta)
+        if self.method.edge_normalization:
+            for t, column in self.normalized_edge_betas().items():
+                columns[t].append(column)
+        if not any(columns.values()):
             return matrices
-        beta = self.schedule["auxiliary_weight"]
-        column = ops.ones((self.num_edges, 1), dtype=beta.dtype) * beta
-        return {t: ops.concatenate([m, ops.cast(column, m.dtype)], axis=-1) for t, m in matrices.items()}
+        return {t: ops.concatenate([m, *[ops.cast(c, m.dtype) for c in columns[t]]], axis=-1)
+                for t, m in matrices.items()}
 
     def call(self, inputs, training=None):
         # Split each matrix into per-edge, per-op scalars once, shared by all

@@ -377,11 +377,29 @@ class Bilevel:
             metrics["alpha_loss"] = extra[0]
         return metrics, state, state
 
+    def weights_only_iteration(self, train, val, weights_lr, arch_lr):
+        """The weight step alone, the alphas left as they are (a method's warm-up, PC-DARTS').
+
+        Returns what ``iteration`` does, without the architecture step's values.
+        """
+        self.draw(1)
+        loss, metric, grad_norm, state = self.weight_step(train, weights_lr)
+        return ({"train_loss": loss, f"train_{self.objective.metric_name}": metric, "grad_norm": grad_norm},
+                state, state)
+
+    def compiled_weight_step(self):
+        """``weights_only_iteration`` compiled as ``compiled_iteration`` compiles the whole iteration."""
+        return self._compile(self.weights_only_iteration)
+
     def compiled_iteration(self, order, mode):
         """The whole iteration as one ``tf.function``, traced once (batch and sequence sizes left open).
 
         ``step(train, val, weights_lr, arch_lr)`` with batches as tuples.
         """
+        return self._compile(functools.partial(self.iteration, order, mode))
+
+    def _compile(self, iteration):
+        """``iteration(train, val, weights_lr, arch_lr)`` as one ``tf.function``, on the replicas under a strategy."""
         batch = self.objective.batch_signature()
         scalar_spec = tf.TensorSpec((), tf.float32)
         strategy = self.strategy
@@ -389,7 +407,7 @@ class Bilevel:
         if strategy is None:
             @tf.function(input_signature=[batch, batch, scalar_spec, scalar_spec])
             def step(train, val, weights_lr, arch_lr):
-                return self.iteration(order, mode, train, val, weights_lr, arch_lr)
+                return iteration(train, val, weights_lr, arch_lr)
 
             return step
 
@@ -400,7 +418,7 @@ class Bilevel:
             # Each replica takes its slice of the global batches; metrics are averaged
             # already, and the carried states are gathered back into global ones.
             metrics, train_state, val_state = strategy.run(
-                functools.partial(self.iteration, order, mode),
+                iteration,
                 args=(replica_slices(strategy, train, split), replica_slices(strategy, val, split), weights_lr, arch_lr),
             )
             metrics = {k: strategy.experimental_local_results(v)[0] for k, v in metrics.items()}

@@ -164,7 +164,11 @@ class ImageSearchTask:
         return {t: self.bilevel.model.alphas[t].numpy() for t in CELL_TYPES}
 
     def derive(self, alphas, origin):
-        return derived_spec_from_search(self.spec, alphas, retrain=self.spec.retrain.enabled, origin=origin)
+        betas = {t: v.numpy() for t, v in getattr(self.bilevel.model, "edge_betas", {}).items()}
+        if betas:  # PC-DARTS' edge weights take part in the derivation: record them too
+            origin = {**origin, "edge_weights": {t: b.tolist() for t, b in betas.items()}}
+        return derived_spec_from_search(self.spec, alphas, retrain=self.spec.retrain.enabled, origin=origin,
+                                        edge_betas=betas or None)
 
     def summarise(self, sums, weight):
         return {key: value / max(weight, 1e-12) for key, value in sums.items()}
@@ -194,6 +198,7 @@ class SearchSteps:
         self.task = task
         self.bilevel = task.bilevel
         self.step_function = self.bilevel.compiled_iteration(self.config.order, self.config.second_order_mode)
+        self.warmup_function = None  # the weights-only step of a method's warm-up (PC-DARTS), built when used
         self.arch_lr = tf.constant(self.config.arch_optimizer.learning_rate, tf.float32)
         self.lr = None
         self.pending = None
@@ -213,8 +218,13 @@ class SearchSteps:
 
     def step(self, inputs, state):
         train, val, factor, weight = inputs
-        metrics, train_state, val_state = self.step_function(train, val, tf.constant(self.lr * factor, tf.float32),
-                                                             self.arch_lr)
+        function = self.step_function
+        if self.bilevel.model.method.arch_frozen(state.epoch):
+            if self.warmup_function is None:
+                self.warmup_function = self.bilevel.compiled_weight_step()
+            function = self.warmup_function
+        metrics, train_state, val_state = function(train, val, tf.constant(self.lr * factor, tf.float32),
+                                                   self.arch_lr)
         self.pending = (train_state, val_state)
         return {key: float(value) for key, value in metrics.items()}, weight
 

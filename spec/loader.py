@@ -140,9 +140,9 @@ def load_spec(path_or_dict, overrides=None):
     return spec
 
 
-# Methods whose official code searches first order only: a spec that names one
-# and says nothing of the order searches first order.
-FIRST_ORDER_METHODS = ("snas", "gdas")
+# Methods whose official code searches first order by default (SNAS and GDAS
+# only): a spec that names one and says nothing of the order searches first order.
+FIRST_ORDER_METHODS = ("snas", "gdas", "pc_darts")
 
 
 def _method_defaults(document):

@@ -172,9 +172,24 @@ class GdasConfig:
     anneal_epochs: typing.Optional[int] = None
 
 
+@frozen
+class PcDartsConfig:
+    """PC-DARTS (Xu et al., ICLR 2020): partial channels, edge normalisation, alpha warm-up.
+
+    The first ``C / partial_channels`` channels of an edge's input go through
+    its ops, the rest bypass them, then a channel shuffle; a weight per edge,
+    softmaxed over each node's inputs, scales its output; alphas and edge
+    weights are not updated during the first ``warmup_epochs`` epochs
+    (official: K = 4, 15 epochs).
+    """
+
+    partial_channels: int = 4
+    warmup_epochs: int = 15
+
+
 # Each search method with options keeps them under its own key of ``search``.
-METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas")
-METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas")
+METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts")
+METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts")
 
 
 @frozen
@@ -187,6 +202,7 @@ class RunControl:
     fair_darts: FairDartsConfig = FairDartsConfig()
     snas: SnasConfig = SnasConfig()
     gdas: GdasConfig = GdasConfig()
+    pc_darts: PcDartsConfig = PcDartsConfig()
     deterministic: bool = False
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"

@@ -172,6 +172,19 @@ def method_problems(spec, source):
             problems.append(Problem(source, "$.search.order",
                                     f"$.search.method {method} {how}, as its official code does; expected "
                                     f"order: first, got second"))
+    if method == "pc_darts":
+        if spec_layout(spec.search_space.kind) != "conv_cell":
+            problems.append(Problem(source, "$.search.method",
+                                    f"pc_darts is defined for convolutional cells; $.search_space.kind is "
+                                    f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
+        else:
+            k = config.pc_darts.partial_channels
+            channels = spec.search_space.network.init_channels
+            if channels % k:
+                problems.append(Problem(source, "$.search.pc_darts.partial_channels",
+                                        f"{k} does not divide $.search_space.network.init_channels {channels}: the "
+                                        f"ops of an edge take the first C/{k} of its C channels; expected a divisor "
+                                        f"of {channels}"))
     if method == "gdas" and config.gdas.tau_min > config.gdas.tau_max:
         problems.append(Problem(source, "$.search.gdas.tau_min",
                                 f"expected tau_min <= tau_max (the temperature anneals down), got "

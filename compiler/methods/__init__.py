@@ -18,6 +18,7 @@ from .beta_darts import BetaDarts
 from .darts_minus import DartsMinus
 from .fair_darts import FairDarts
 from .gumbel import Gdas, Snas
+from .pc_darts import PcDarts, normalized_edge_weights
 
 _METHODS = {}
 
@@ -30,7 +31,7 @@ def register_method(cls):
     return cls
 
 
-for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas):
+for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts):
     register_method(_cls)
 
 
@@ -89,8 +90,8 @@ class MethodSupernet:
 
     @property
     def arch_variables(self):
-        """The architecture parameters: the values of ``self.alphas`` (cell type -> matrix), in its order."""
-        return list(self.alphas.values())
+        """The architecture parameters: ``self.alphas`` (cell type -> matrix), then any ``self.edge_betas``."""
+        return list(self.alphas.values()) + list(getattr(self, "edge_betas", {}).values())
 
     @property
     def weight_variables(self):
@@ -117,5 +118,6 @@ def search_method(spec):
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
-__all__ = ["BetaDarts", "DartsMinus", "FairDarts", "Gdas", "MethodSupernet", "Snas", "SearchMethod", "method_from_document",
+__all__ = ["BetaDarts", "DartsMinus", "FairDarts", "Gdas", "MethodSupernet", "PcDarts", "Snas",
+           "normalized_edge_weights", "SearchMethod", "method_from_document",
            "register_method", "search_method"]

@@ -34,6 +34,10 @@ class SearchMethod:
        ``rank_pairs``)                      distinct inputs per node
     H. one loss for weights and alphas      no: bilevel (``single_level = False``)
        (``single_level``)
+    E. partial channels, edge weights       all channels, no edge weights
+       (``partial_channels``,
+       ``edge_normalization``)
+    F. frozen architecture (``arch_frozen``) never
     ======================================  =====================================
 
     A method object is built from its options (the spec's ``search.<method>``
@@ -56,6 +60,14 @@ class SearchMethod:
     sampled_op = False
     # Weights and alphas both descend the training loss in one step (SNAS).
     single_level = False
+    # Partial channels: an edge's ops see the first C/K channels (PC-DARTS; 1: all of them).
+    partial_channels = 1
+    # A weight per edge, softmaxed over each node's inputs, scales the edge (PC-DARTS).
+    edge_normalization = False
+
+    def arch_frozen(self, epoch):
+        """Whether the architecture step is left out during 0-based ``epoch`` (PC-DARTS' warm-up)."""
+        return False
 
     def __init__(self, options=None, epochs=None):
         self.options = dict(options or {})

@@ -13,6 +13,7 @@ from keras_darts.compiler.methods import (
     DartsMinus,
     FairDarts,
     Gdas,
+    PcDarts,
     SearchMethod,
     Snas,
     method_from_document,
@@ -412,4 +413,119 @@ def test_gumbel_methods_search_first_order_and_refuse_second_order_and_recurrent
         kd.load_spec(recurrent)
     assert [str(p) for p in excinfo.value.problems] == [
         f"<dict>: $.search.method: {method} is defined for convolutional cells; $.search_space.kind is "
+        "'recurrent_cell' (beta_darts and darts work on every kind)"]
+
+
+# -- PC-DARTS -----------------------------------------------------------------------------
+def max_pool_2x2(x):
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_channel_edge_is_the_shuffled_concat_of_its_ops_on_the_first_channels_and_the_bypass(stride):
+    operations = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
+    edge = MixedOp(operations, 8, stride, partial_channels=4, edge_scaled=True)
+    x = np.random.default_rng(6).normal(size=(2, 6, 6, 8)).astype("float32")
+    weights = [tf.constant(w) for w in (0.1, 0.2, 0.3, 0.4, 0.7)]  # four op weights, then the edge's weight
+    out = edge(tf.constant(x), weights, training=True).numpy()
+    # By hand: the ops on the first 8/4 = 2 channels (as the edge's own op layers compute them), ...
+    seen = tf.constant(x[..., :2])
+    mixed = sum(w * edge.candidates[i](seen, training=True).numpy() for i, w in ((1, 0.2), (2, 0.3), (3, 0.4)))
+    # ... the other 6 channels as they are, or max-pooled 2x2 at stride 2, ...
+    bypass = x[..., 2:] if stride == 1 else max_pool_2x2(x[..., 2:])
+    joined = np.concatenate([mixed, bypass], axis=-1)
+    # ... shuffled in 4 groups: channel g * 2 + j goes to j * 4 + g, then scaled by the edge weight.
+    shuffled = np.empty_like(joined)
+    for g in range(4):
+        for j in range(2):
+            shuffled[..., j * 4 + g] = joined[..., g * 2 + j]
+    np.testing.assert_allclose(out, 0.7 * shuffled, rtol=1e-5, atol=1e-6)
+    assert all(op.channels == 2 for op in edge.candidates if hasattr(op, "channels"))
+
+
+def pc_darts_spec(**options):
+    document = tiny_spec_document(operations=OPS, network={"init_channels": 4, "layers": 3, "stem_multiplier": 2,
+                                                          "input_shape": [8, 8, 1], "num_classes": 10})
+    del document["search"]["order"]
+    document["search"].update(method="pc_darts", pc_darts={"partial_channels": 2, **options})
+    return kd.load_spec(document)
+
+
+def test_pc_darts_edge_weights_are_the_softmax_over_each_nodes_inputs_and_trained_as_architecture():
+    model = kd.build_supernet(pc_darts_spec(), seed=0)
+    betas = np.random.default_rng(7).normal(0, 1, (2, 5))
+    for i, cell_type in enumerate(("normal", "reduce")):
+        model.edge_betas[cell_type].assign(betas[i])
+    normalized = model.normalized_edge_betas()
+    for i, cell_type in enumerate(("normal", "reduce")):
+        b = betas[i]
+        expected = np.concatenate([np.exp(b[:2]) / np.exp(b[:2]).sum(), np.exp(b[2:]) / np.exp(b[2:]).sum()])
+        np.testing.assert_allclose(normalized[cell_type].numpy()[:, 0], expected, rtol=1e-6)
+        np.testing.assert_allclose(model.edge_weights()[cell_type].numpy()[:, -1], expected, rtol=1e-6)
+    assert [v.path for v in model.arch_variables] == ["supernet/alpha_normal", "supernet/alpha_reduce",
+                                                      "supernet/beta_normal", "supernet/beta_reduce"]
+    assert not {id(v) for v in model.arch_variables} & {id(v) for v in model.weight_variables}
+
+
+def test_pc_darts_derivation_weighs_each_edge_by_its_normalized_edge_weight():
+    operations = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"]
+    alpha = np.zeros((5, 4))
+    alpha[0] = [0.0, 0.0, 0.0, 2.0]   # node 2 <- 0: sep 0.711 ...
+    alpha[1] = [0.0, 1.5, 0.0, 0.0]   # node 2 <- 1: max_pool 0.599
+    alpha[2] = [0.0, 0.0, 1.0, 0.0]   # node 3 <- 0: skip 0.475
+    alpha[3] = [0.0, 0.0, 0.0, 1.2]   # node 3 <- 1: sep 0.525
+    alpha[4] = [0.0, 1.1, 0.0, 0.0]   # node 3 <- 2: max_pool 0.500
+    s = np.exp(alpha) / np.exp(alpha).sum(axis=1, keepdims=True)
+    betas = np.array([0.0, 0.0, 3.0, -3.0, 0.0])  # node 3 favours its edge from 0, then from 2
+    scale = np.concatenate([[0.5, 0.5], np.exp(betas[2:]) / np.exp(betas[2:]).sum()])
+    strength = (s * scale[:, None])[:, 1:].max(axis=1)
+    assert strength[2] > strength[4] > strength[3]  # by hand: the betas reorder node 3's inputs
+    genotype = kd.derive_genotype({"normal": alpha}, operations, 2, 2, PcDarts(),
+                                  edge_betas={"normal": betas})["normal"]
+    assert genotype.nodes == ((Edge("sep_conv_3x3", 0), Edge("max_pool_3x3", 1)),
+                              (Edge("skip_connect", 0), Edge("max_pool_3x3", 2)))
+    without = kd.derive_genotype({"normal": alpha}, operations, 2, 2)["normal"]
+    assert without.nodes[1] == (Edge("sep_conv_3x3", 1), Edge("max_pool_3x3", 2))
+
+
+def test_pc_darts_defaults_warm_up_and_the_checks_of_its_options(tmp_path):
+    from keras_darts.spec import SpecError
+    from keras_darts.runtime.bilevel import Bilevel
+    from keras_darts.runtime.optimizers import CoupledSGD
+
+    assert PcDarts().options == {"partial_channels": 4, "warmup_epochs": 15}  # the official K and warm-up
+    assert [PcDarts({"warmup_epochs": 2}).arch_frozen(e) for e in range(4)] == [True, True, False, False]
+    spec = pc_darts_spec(warmup_epochs=1)
+    assert spec.search.order == "first"  # the official default, unless the spec says otherwise
+    # The warm-up step trains the weights and leaves alphas and edge weights alone.
+    model = kd.build_supernet(spec, seed=0)
+    bilevel = Bilevel(model, CoupledSGD(model.weight_variables, 0.9, 3e-4, 5.0),
+                      CoupledSGD(model.arch_variables, 0.0, 0.0, None, name="arch_sgd"))
+    rng = np.random.default_rng(0)
+    batch = (tf.constant(rng.normal(size=(4, 8, 8, 1)), "float32"), tf.constant(rng.integers(0, 10, 4), tf.int32))
+    arch, weights = [v.numpy() for v in model.arch_variables], [v.numpy() for v in model.weight_variables]
+    metrics, _, _ = bilevel.compiled_weight_step()(batch, batch, tf.constant(0.1), tf.constant(0.1))
+    assert sorted(metrics) == ["grad_norm", "train_accuracy", "train_loss"]
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(arch, model.arch_variables))
+    assert any(not np.array_equal(w, v.numpy()) for w, v in zip(weights, model.weight_variables))
+    document = tiny_spec_document(operations=OPS)
+    document["search"].update(method="pc_darts", pc_darts={"partial_channels": 3})
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(document)
+    assert [str(p) for p in excinfo.value.problems] == [
+        "<dict>: $.search.pc_darts.partial_channels: 3 does not divide $.search_space.network.init_channels 4: the "
+        "ops of an edge take the first C/3 of its C channels; expected a divisor of 4"]
+
+
+def test_pc_darts_is_refused_on_recurrent_cells(tmp_path):
+    from keras_darts.spec import SpecError
+    from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
+
+    recurrent = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
+    recurrent["search"]["method"] = "pc_darts"
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(recurrent)
+    assert [str(p) for p in excinfo.value.problems] == [
+        "<dict>: $.search.method: pc_darts is defined for convolutional cells; $.search_space.kind is "
         "'recurrent_cell' (beta_darts and darts work on every kind)"]
