@@ -19,14 +19,15 @@ from .recurrent import CELL_TYPE, derive_recurrent_cell
 def derive_cell(alpha, operations, nodes, k, method=DARTS, edge_betas=None):
     """The ``CellGenotype`` of one convolutional cell type from its (edges x ops) alpha matrix.
 
-    Under a method with a derivation threshold, nodes left without inputs are
-    dropped (``prune_isolated``); a cell in which no edge reaches the
-    threshold (early in a search, when every weight is still near its start)
-    is derived without it, so that every epoch has a cell to show and retrain.
+    Under a method that drops edges (a derivation threshold, or ``none``
+    ranked like any op), nodes left without inputs are dropped
+    (``prune_isolated``); a cell left with no node (early in a search, when
+    every weight is still near its start) is derived by DARTS' rule on the
+    method's weights, so that every epoch has a cell to show and retrain.
     """
     edges, targets = cell_edges(nodes), range(2, 2 + nodes)
     chosen = rank_edges(alpha, operations, edges, targets, k, method, edge_betas)
-    if method.derivation_threshold is not None:
+    if method.derivation_threshold is not None or method.derivation_includes_zero:
         kept = prune_isolated(chosen)
         if kept.nodes:
             return kept
@@ -35,7 +36,7 @@ def derive_cell(alpha, operations, nodes, k, method=DARTS, edge_betas=None):
 
 
 class _WithoutThreshold(SearchMethod):
-    """``method``'s derivation weights under DARTS' rule, with no threshold."""
+    """``method``'s derivation weights under DARTS' rule: no threshold, 'none' never chosen."""
 
     def __init__(self, method):
         super().__init__()

@@ -187,9 +187,27 @@ class PcDartsConfig:
     warmup_epochs: int = 15
 
 
+@frozen
+class DrnasConfig:
+    """DrNAS (Chen et al., ICLR 2021): op weights sampled from ``Dirichlet(elu(alpha) + 1)``, reparameterised.
+
+    ``regularization: l2`` (the official default) is the architecture
+    optimiser's weight decay (official ``reg_scale`` 1e-3, the default
+    ``arch_optimizer.weight_decay``); ``kl`` adds ``kl_scale * sum over edges
+    of KL(Dir(elu(alpha) + 1) || Dir(1))`` to the alpha loss (the official code
+    then sets the weight decay to 0). The official derivation keeps ``none``
+    in the ranking (``exclude_none: false``): an edge whose best op is
+    ``none`` is dropped, and a node left without inputs with it.
+    """
+
+    regularization: str = "l2"
+    kl_scale: float = 1e-3
+    exclude_none: bool = False
+
+
 # Each search method with options keeps them under its own key of ``search``.
-METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts")
-METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts")
+METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas")
+METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas")
 
 
 @frozen
@@ -203,6 +221,7 @@ class RunControl:
     snas: SnasConfig = SnasConfig()
     gdas: GdasConfig = GdasConfig()
     pc_darts: PcDartsConfig = PcDartsConfig()
+    drnas: DrnasConfig = DrnasConfig()
     deterministic: bool = False
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"

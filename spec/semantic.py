@@ -172,6 +172,10 @@ def method_problems(spec, source):
             problems.append(Problem(source, "$.search.order",
                                     f"$.search.method {method} {how}, as its official code does; expected "
                                     f"order: first, got second"))
+    if method == "drnas" and spec_layout(spec.search_space.kind) != "conv_cell":
+        problems.append(Problem(source, "$.search.method",
+                                f"drnas is defined for convolutional cells; $.search_space.kind is "
+                                f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
     if method == "pc_darts":
         if spec_layout(spec.search_space.kind) != "conv_cell":
             problems.append(Problem(source, "$.search.method",

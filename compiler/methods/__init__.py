@@ -16,6 +16,7 @@ from keras import ops
 from .base import SearchMethod
 from .beta_darts import BetaDarts
 from .darts_minus import DartsMinus
+from .drnas import Drnas
 from .fair_darts import FairDarts
 from .gumbel import Gdas, Snas
 from .pc_darts import PcDarts, normalized_edge_weights
@@ -31,7 +32,7 @@ def register_method(cls):
     return cls
 
 
-for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts):
+for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts, Drnas):
     register_method(_cls)
 
 
@@ -81,6 +82,8 @@ class MethodSupernet:
         def noise(shape):
             return tf.random.stateless_uniform(shape, seed=seed, dtype=alpha.dtype)
 
+        noise.seed = seed  # for draws other than uniform ones (DrNAS' gamma samples)
+
         return self.method.mix(alpha, noise=noise, schedule=self.schedule)
 
     def set_epoch(self, epoch):
@@ -118,6 +121,6 @@ def search_method(spec):
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
-__all__ = ["BetaDarts", "DartsMinus", "FairDarts", "Gdas", "MethodSupernet", "PcDarts", "Snas",
+__all__ = ["BetaDarts", "DartsMinus", "Drnas", "FairDarts", "Gdas", "MethodSupernet", "PcDarts", "Snas",
            "normalized_edge_weights", "SearchMethod", "method_from_document",
            "register_method", "search_method"]

@@ -54,6 +54,8 @@ class SearchMethod:
     derivation_threshold = None
     # Rank (input, op) pairs rather than inputs: a node may take two ops from one input (GDAS).
     rank_pairs = False
+    # Rank with 'none' like any op; an edge whose best is 'none' is dropped (DrNAS' official derivation).
+    derivation_includes_zero = False
     # ``mix`` draws noise (its ``noise`` argument), fresh for every step.
     stochastic = False
     # Each edge computes only the op its (one-hot valued) weights select, forward and backward.

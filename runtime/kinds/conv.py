@@ -105,7 +105,8 @@ class ConvCellKind(CellKind):
 
         from ..retraining import RetrainResult
 
-        return RetrainResult(None if model is None else derived_network_of(model), history, metrics["test_loss"], metrics["test_accuracy"], metrics["parameters"])
+        network = None if model is None else derived_network_of(model)
+        return RetrainResult(network, history, metrics["test_loss"], metrics["test_accuracy"], metrics["parameters"])
 
     def retrain_summary(self, result):
         return f"retrain: {result.parameters} parameters, test accuracy {result.test_accuracy:.4f}"

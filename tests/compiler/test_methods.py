@@ -11,6 +11,7 @@ from keras_darts.compiler.cells import MixedOp
 from keras_darts.compiler.methods import (
     BetaDarts,
     DartsMinus,
+    Drnas,
     FairDarts,
     Gdas,
     PcDarts,
@@ -528,4 +529,82 @@ def test_pc_darts_is_refused_on_recurrent_cells(tmp_path):
         kd.load_spec(recurrent)
     assert [str(p) for p in excinfo.value.problems] == [
         "<dict>: $.search.method: pc_darts is defined for convolutional cells; $.search_space.kind is "
+        "'recurrent_cell' (beta_darts and darts work on every kind)"]
+
+
+# -- DrNAS --------------------------------------------------------------------------------
+def test_drnas_samples_the_dirichlet_of_elu_alpha_plus_one_with_reparameterised_gradients():
+    from keras_darts.compiler.methods.drnas import concentration
+
+    alpha = tf.Variable(np.array([[0.5, -0.7, 1.5, 0.0]]))
+    rows = 20000
+    c = np.where(alpha.numpy() > 0, alpha.numpy(), np.exp(alpha.numpy()) - 1) + 1  # elu(alpha) + 1 by hand
+    np.testing.assert_allclose(concentration(alpha).numpy(), c, rtol=1e-12)
+    coefficients = np.array([1.0, -2.0, 0.5, 3.0])
+    noise, _ = uniform_noise(0)
+    noise.seed = tf.constant([3, 4], tf.int32)
+    with tf.GradientTape() as tape:
+        tiled = tf.tile(alpha, (rows, 1))
+        weights = Drnas().mix(tiled, noise=noise)
+        objective = tf.reduce_sum(tf.reduce_mean(weights, axis=0) * coefficients)
+    gradient = tape.gradient(objective, alpha).numpy()[0]
+    w = weights.numpy()
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-12)
+    mean = c[0] / c[0].sum()
+    assert np.all(np.abs(w.mean(axis=0) - mean) < 4 * w.std(axis=0) / np.sqrt(rows))  # E[w] = c / sum(c)
+    # The pathwise gradient averages to the gradient of E[w] = c / sum(c), by hand through elu.
+    dc = np.where(alpha.numpy()[0] > 0, 1.0, np.exp(alpha.numpy()[0]))
+    total = c[0].sum()
+    jacobian = (np.eye(4) * total - c[0][:, None]) / total ** 2  # d(c_i / sum c) / d c_j
+    expected = (coefficients @ jacobian) * dc
+    np.testing.assert_allclose(gradient, expected, rtol=0.05, atol=0.01 * np.abs(expected).max())
+
+
+def test_drnas_kl_regulariser_is_the_kl_to_the_uniform_dirichlet():
+    from scipy.special import gammaln
+    from scipy.stats import dirichlet
+
+    rng = np.random.default_rng(8)
+    alphas = [rng.normal(0, 1, (5, 4)), rng.normal(0, 1, (5, 4))]
+    method = Drnas({"regularization": "kl", "kl_scale": 0.5})
+    loss = float(method.alpha_loss([tf.constant(a) for a in alphas], {}))
+    # KL(q || Dir(1)) = -H(q) - log Dir(1)'s constant density Gamma(K): scipy's entropy, row by row.
+    expected = 0.0
+    for a in alphas:
+        for row in np.where(a > 0, a, np.exp(a) - 1) + 1:
+            expected += -dirichlet(row).entropy() - gammaln(4)
+    np.testing.assert_allclose(loss, 0.5 * expected, rtol=1e-9)
+    assert Drnas().alpha_loss([tf.constant(alphas[0])], {}) is None  # l2: the optimiser's weight decay
+    assert Drnas().options == {"regularization": "l2", "kl_scale": 1e-3, "exclude_none": False}
+
+
+def test_drnas_derivation_ranks_none_like_any_op_and_drops_the_edges_it_wins():
+    operations = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"]
+    alpha = np.zeros((5, 4))
+    alpha[0] = [3.0, 0.0, 0.0, 1.0]   # node 2 <- 0: none is its best, and the strongest edge: dropped
+    alpha[1] = [0.0, 0.0, 0.0, 2.0]   # node 2 <- 1: sep_conv_3x3
+    alpha[2] = [0.0, 1.0, 0.0, 0.0]   # node 3 <- 0: max_pool_3x3
+    alpha[3] = [0.0, 0.0, 0.0, 0.0]
+    alpha[4] = [0.0, 0.0, 2.5, 0.0]   # node 3 <- 2: skip_connect
+    genotype = kd.derive_genotype({"normal": alpha}, operations, 2, 2, Drnas())["normal"]
+    assert genotype.nodes == ((Edge("sep_conv_3x3", 1),), (Edge("skip_connect", 2), Edge("max_pool_3x3", 0)))
+    # exclude_none: DARTS' rule, none never counts.
+    excluded = kd.derive_genotype({"normal": alpha}, operations, 2, 2, Drnas({"exclude_none": True}))["normal"]
+    assert excluded.nodes[0] == (Edge("sep_conv_3x3", 1), Edge("sep_conv_3x3", 0))
+
+
+def test_drnas_is_refused_on_recurrent_cells_and_searches_first_order_by_default(tmp_path):
+    from keras_darts.spec import SpecError
+    from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
+
+    document = tiny_spec_document()
+    del document["search"]["order"]
+    document["search"]["method"] = "drnas"
+    assert kd.load_spec(document).search.order == "first"
+    recurrent = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
+    recurrent["search"]["method"] = "drnas"
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(recurrent)
+    assert [str(p) for p in excinfo.value.problems] == [
+        "<dict>: $.search.method: drnas is defined for convolutional cells; $.search_space.kind is "
         "'recurrent_cell' (beta_darts and darts work on every kind)"]

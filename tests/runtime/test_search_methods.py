@@ -126,7 +126,7 @@ def test_snas_takes_one_step_of_weights_and_alphas_down_the_training_loss_with_t
     assert np.abs(model.mix_alphas(model.alphas["normal"]).numpy() - first).max() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts"])
+@pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas"])
 def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
     document = tiny_spec_document(**({"operations": ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]}
                                      if method == "fair_darts" else {}))
@@ -134,6 +134,8 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
                               diagnostics={"hessian_eigenvalue": False})
     if method == "pc_darts":  # C = 4: two partial channels; one warm-up epoch of the two
         document["search"]["pc_darts"] = {"partial_channels": 2, "warmup_epochs": 1}
+    if method == "drnas":
+        document["search"]["drnas"] = {"regularization": "kl"}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(document))
     run_dir = tmp_path / "run"
@@ -145,6 +147,9 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     if method in ("snas", "gdas"):  # the temperature anneals: SNAS over 150 epochs, GDAS over the search's 2
         assert [r["temperature"] for r in history] == pytest.approx(
             {"snas": [1.0, 1 - 0.97 / 150], "gdas": [10.0, 0.1]}[method], rel=1e-12)
+        return
+    if method == "drnas":  # the KL regulariser's value is recorded each epoch, positive
+        assert all(r["alpha_loss"] > 0 for r in history)
         return
     if method == "pc_darts":  # no architecture step in the warm-up epoch; the edge weights are recorded
         assert "arch_loss" not in history[0] and "arch_loss" in history[1]
