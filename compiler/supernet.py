@@ -99,8 +99,14 @@ class Supernet(MethodSupernet, keras.Model):
         self.call(ops.zeros((1, *tuple(input_shape)[1:])), training=False)
         self.built = True
 
-    def arch_probabilities(self):
-        """The op weights of each cell type, (edges x ops), from the method's mixing of the alphas."""
+    def arch_probabilities(self, mixing=None):
+        """The op weights of each cell type, (edges x ops), from the method's mixing of the alphas.
+
+        ``mixing="given"`` takes the alpha values as the op weights themselves
+        (SDARTS' weight step substitutes perturbed probabilities for them).
+        """
+        if mixing == "given":
+            return dict(self.alphas)
         return {t: self.mix_alphas(self.alphas[t], stream=i) for i, t in enumerate(CELL_TYPES)}
 
     def normalized_edge_betas(self):
@@ -114,9 +120,9 @@ class Supernet(MethodSupernet, keras.Model):
             normalized[cell_type] = ops.expand_dims(ops.concatenate(parts, axis=0), -1)
         return normalized
 
-    def edge_weights(self):
+    def edge_weights(self, mixing=None):
         """What the cells take: the op weights, then the auxiliary path's weight and the edge's weight if any."""
-        matrices = self.arch_probabilities()
+        matrices = self.arch_probabilities(mixing)
         columns = {t: [] for t in matrices}
         if self.method.auxiliary_operation is not None:
             beta = self.schedule["auxiliary_weight"]
@@ -130,11 +136,11 @@ class Supernet(MethodSupernet, keras.Model):
         return {t: ops.concatenate([m, *[ops.cast(c, m.dtype) for c in columns[t]]], axis=-1)
                 for t, m in matrices.items()}
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, mixing=None):
         # Split each matrix into per-edge, per-op scalars once, shared by all
         # cells of the type (slicing inside every MixedOp costs graph size);
         # a recomputed cell splits its own, inside the recomputation.
-        matrices = self.edge_weights()
+        matrices = self.edge_weights(mixing)
         recompute = self.recompute_cells and training
         probabilities = {} if recompute else {t: split_rows(p) for t, p in matrices.items()}
         s0 = s1 = batch_normalize(self.stem_conv(inputs), self.stem_gamma, self.stem_beta)[0]

@@ -106,14 +106,23 @@ class Bilevel:
             self.step_gradients_at = compile_pass(functools.partial(self._gradients_at, regularize=True))
         else:
             self.step_gradients_at = self.gradients_at
+        if model.method.perturbs_weight_step:
+            # SDARTS: passes on given op probabilities (the alpha inputs are the mixing weights).
+            self.given_gradients_at = compile_pass(
+                functools.partial(self._gradients_at, regularize=self.objective.regularized, mixing="given"))
+            self.given_alpha_gradients_at = compile_pass(functools.partial(self._alpha_gradients_at, mixing="given"))
+            self.given_train_loss_at = compile_pass(self._given_train_loss_at)
         self.eval_alpha_gradients_at = (
             self.alpha_gradients_at if strategy is None else tf.function(self._alpha_gradients_at,
                                                                          input_signature=signature)
         )
 
     # -- passes on substituted values -------------------------------------------
-    def forward(self, weights, alphas):
-        """The model as a function of its inputs, with ``weights`` and ``alphas`` substituted."""
+    def forward(self, weights, alphas, **call_options):
+        """The model as a function of its inputs, with ``weights`` and ``alphas`` substituted.
+
+        ``call_options`` go to every call (``mixing="given"``: the alphas are the op weights).
+        """
         values = [None] * len(self.trainable)
         for position, value in zip(self.weight_positions, weights):
             values[position] = value
@@ -122,7 +131,7 @@ class Bilevel:
         non_trainable = [v.value for v in self.model.non_trainable_variables]
 
         def call(*args, **kwargs):
-            outputs, _ = self.model.stateless_call(values, non_trainable, *args, **kwargs)
+            outputs, _ = self.model.stateless_call(values, non_trainable, *args, **kwargs, **call_options)
             return outputs
 
         return call
@@ -132,23 +141,30 @@ class Bilevel:
         _, loss, metric, state = self.objective.loss(self.forward(weights, alphas), batch, training=False)
         return loss, metric, state
 
-    def _gradients_at(self, weights, alphas, batch, regularize=False):
+    def _gradients_at(self, weights, alphas, batch, regularize=False, mixing=None):
         """Loss, metric, dL/dw, dL/da and end state at the given values."""
+        options = {"mixing": mixing} if mixing else {}
         with tf.GradientTape() as tape:
             tape.watch(weights)
             tape.watch(alphas)
             value, loss, metric, state = self.objective.loss(
-                self.forward(weights, alphas), batch, training=True, regularize=regularize
+                self.forward(weights, alphas, **options), batch, training=True, regularize=regularize
             )
         weight_grads, alpha_grads = tape.gradient(value, [weights, alphas])
         return loss, metric, dense_gradients(weight_grads, weights), dense_gradients(alpha_grads, alphas), state
 
-    def _alpha_gradients_at(self, weights, alphas, batch):
+    def _alpha_gradients_at(self, weights, alphas, batch, mixing=None):
         """Loss, metric, dL/da and end state (no weight gradients are formed)."""
+        options = {"mixing": mixing} if mixing else {}
         with tf.GradientTape() as tape:
             tape.watch(alphas)
-            value, loss, metric, state = self.objective.loss(self.forward(weights, alphas), batch, training=True)
+            value, loss, metric, state = self.objective.loss(self.forward(weights, alphas, **options), batch,
+                                                             training=True)
         return loss, metric, dense_gradients(tape.gradient(value, alphas), alphas), state
+
+    def _given_train_loss_at(self, weights, probabilities, batch):
+        """The training-mode loss with ``probabilities`` as the op weights (no gradients)."""
+        return self.objective.loss(self.forward(weights, probabilities, mixing="given"), batch, training=True)[1]
 
     def current_weights(self):
         # Read as tensors (on a replica: its own copy), so every pass differentiates values, not variables.
@@ -297,13 +313,53 @@ class Bilevel:
 
     # -- steps ------------------------------------------------------------------
     def weight_step(self, train, learning_rate, weights=None):
-        """One real SGD step; returns (loss, metric, gradient norm, end state)."""
+        """One real SGD step; returns (loss, metric, gradient norm, end state).
+
+        Under a method that perturbs the weight step (SDARTS), the step's
+        gradients are taken with ``perturbed_probabilities`` as the op weights.
+        """
         weights = self.current_weights() if weights is None else weights
-        loss, metric, gradients, _, state = self.step_gradients_at(
-            weights, self.current_alphas(), self._pass(train, PASS_WEIGHTS)
-        )
+        batch = self._pass(train, PASS_WEIGHTS)
+        if self.model.method.perturbs_weight_step:
+            loss, metric, gradients, _, state = self.given_gradients_at(
+                weights, self.perturbed_probabilities(weights, batch), batch)
+        else:
+            loss, metric, gradients, _, state = self.step_gradients_at(weights, self.current_alphas(), batch)
         loss, metric, gradients = cross_replica_mean((loss, metric, gradients))
         return self._apply_weight_gradients((loss, metric, gradients, state), learning_rate)
+
+    def perturbed_probabilities(self, weights, batch):
+        """SDARTS' op probabilities for the weight step: ``softmax(alpha)`` perturbed within epsilon.
+
+        ``rs``: a uniform draw in [-epsilon, epsilon] per entry; ``adv``: PGD on
+        the training loss of ``batch`` from a random start, projected into the
+        epsilon box after each step, kept only if it raised the loss; each
+        clipped to the simplex (``clip_to_simplex``). The draws are the step's
+        (``draw``).
+        """
+        from keras_darts.compiler.methods import clip_to_simplex
+
+        method = self.model.method
+        clean = [tf.nn.softmax(a, axis=-1) for a in self.current_alphas()]
+        epsilon = tf.cast(self.model.schedule["epsilon"], clean[0].dtype)
+
+        def uniform(index, shape):
+            seed = self.model.noise_seed + tf.constant([0, 7919], tf.int32) * (index + 1)
+            return tf.random.stateless_uniform(shape, seed, minval=-1.0, maxval=1.0, dtype=clean[0].dtype) * epsilon
+
+        started = [clip_to_simplex(p + uniform(i, tf.shape(p))) for i, p in enumerate(clean)]
+        if method.options["perturbation"] == "rs":
+            return started
+        steps = method.options["pgd_steps"]
+        size = 2.0 * epsilon / steps
+        before = cross_replica_mean(self.given_train_loss_at(weights, clean, batch))
+        attacked = started
+        for _ in range(steps):
+            gradients = cross_replica_mean(self.given_alpha_gradients_at(weights, attacked, batch)[2])
+            attacked = [clip_to_simplex(p + tf.clip_by_value(a + size * tf.sign(g) - p, -epsilon, epsilon))
+                        for p, a, g in zip(clean, attacked, gradients)]
+        after = cross_replica_mean(self.given_train_loss_at(weights, attacked, batch))
+        return [tf.where(before > after, p, a) for p, a in zip(clean, attacked)]
 
     def _apply_weight_gradients(self, train_pass, learning_rate):
         """SGD on the weights with a train pass's (replica-averaged) gradients; (loss, metric, norm, state)."""

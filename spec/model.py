@@ -205,9 +205,28 @@ class DrnasConfig:
     exclude_none: bool = False
 
 
+@frozen
+class SdartsConfig:
+    """SDARTS (Chen and Hsieh, ICML 2020): the weight step on perturbed op probabilities.
+
+    ``perturbation: rs`` adds uniform noise in [-epsilon, epsilon] to
+    ``softmax(alpha)``; ``adv`` runs ``pgd_steps`` steps of L-infinity PGD on
+    the training loss; either is then clipped to [0, 1] and renormalised per
+    edge. ``epsilon(e) = epsilon_start + (epsilon_max - epsilon_start) e / E``
+    over E = ``anneal_epochs``, by default the search's epochs (official: 0.03
+    and ``--epsilon_alpha 0.3``, 7 steps).
+    """
+
+    perturbation: str = "rs"
+    epsilon_start: float = 0.03
+    epsilon_max: float = 0.3
+    pgd_steps: int = 7
+    anneal_epochs: typing.Optional[int] = None
+
+
 # Each search method with options keeps them under its own key of ``search``.
-METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas")
-METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas")
+METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts")
+METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts")
 
 
 @frozen
@@ -222,6 +241,7 @@ class RunControl:
     gdas: GdasConfig = GdasConfig()
     pc_darts: PcDartsConfig = PcDartsConfig()
     drnas: DrnasConfig = DrnasConfig()
+    sdarts: SdartsConfig = SdartsConfig()
     deterministic: bool = False
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"

@@ -20,6 +20,7 @@ from .drnas import Drnas
 from .fair_darts import FairDarts
 from .gumbel import Gdas, Snas
 from .pc_darts import PcDarts, normalized_edge_weights
+from .sdarts import Sdarts, clip_to_simplex
 
 _METHODS = {}
 
@@ -32,7 +33,7 @@ def register_method(cls):
     return cls
 
 
-for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts, Drnas):
+for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts, Drnas, Sdarts):
     register_method(_cls)
 
 
@@ -121,6 +122,6 @@ def search_method(spec):
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
-__all__ = ["BetaDarts", "DartsMinus", "Drnas", "FairDarts", "Gdas", "MethodSupernet", "PcDarts", "Snas",
-           "normalized_edge_weights", "SearchMethod", "method_from_document",
-           "register_method", "search_method"]
+__all__ = ["BetaDarts", "DartsMinus", "Drnas", "FairDarts", "Gdas", "MethodSupernet", "PcDarts", "SearchMethod",
+           "Sdarts", "Snas", "clip_to_simplex", "method_from_document", "normalized_edge_weights", "register_method",
+           "search_method"]

@@ -38,6 +38,8 @@ class SearchMethod:
        (``partial_channels``,
        ``edge_normalization``)
     F. frozen architecture (``arch_frozen``) never
+    C. perturbed weight step                 no (``perturbs_weight_step = False``)
+       (``perturbs_weight_step``)
     ======================================  =====================================
 
     A method object is built from its options (the spec's ``search.<method>``
@@ -62,6 +64,8 @@ class SearchMethod:
     sampled_op = False
     # Weights and alphas both descend the training loss in one step (SNAS).
     single_level = False
+    # The weight step runs on perturbed op probabilities (SDARTS; ``Bilevel.perturbed_probabilities``).
+    perturbs_weight_step = False
     # Partial channels: an edge's ops see the first C/K channels (PC-DARTS; 1: all of them).
     partial_channels = 1
     # A weight per edge, softmaxed over each node's inputs, scales the edge (PC-DARTS).

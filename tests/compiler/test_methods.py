@@ -16,6 +16,7 @@ from keras_darts.compiler.methods import (
     Gdas,
     PcDarts,
     SearchMethod,
+    Sdarts,
     Snas,
     method_from_document,
     search_method,
@@ -608,3 +609,17 @@ def test_drnas_is_refused_on_recurrent_cells_and_searches_first_order_by_default
     assert [str(p) for p in excinfo.value.problems] == [
         "<dict>: $.search.method: drnas is defined for convolutional cells; $.search_space.kind is "
         "'recurrent_cell' (beta_darts and darts work on every kind)"]
+
+
+# -- SDARTS -------------------------------------------------------------------------------
+def test_sdarts_clip_is_the_official_clamp_and_renormalisation_and_epsilon_ramps():
+    from keras_darts.compiler.methods import clip_to_simplex
+
+    p = tf.constant([[0.5, -0.2, 0.9, 0.1], [-0.1, -0.3, -0.05, -0.2], [1.4, 0.2, 0.0, 0.0]], "float64")
+    expected = np.array([[0.5, 0.0, 0.9, 0.1], [0.0, 0.0, 1.0, 0.0], [1.0, 0.2, 0.0, 0.0]])
+    expected /= expected.sum(axis=1, keepdims=True)  # row 2 clamped to zeros: 1 at its argmax (-0.05)
+    np.testing.assert_allclose(clip_to_simplex(p).numpy(), expected, rtol=1e-12)
+    method = Sdarts(epochs=10)  # epsilon(e) = 0.03 + (0.3 - 0.03) e / 10
+    assert [round(method.schedule(e)["epsilon"], 10) for e in (0, 5, 9)] == [0.03, 0.165, 0.273]
+    assert method.options == {"perturbation": "rs", "epsilon_start": 0.03, "epsilon_max": 0.3, "pgd_steps": 7,
+                              "anneal_epochs": 10}

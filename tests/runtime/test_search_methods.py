@@ -21,7 +21,7 @@ def plain_sgd_bilevel(method, operations=OPS, **options):
     """A supernet whose alpha step is plain SGD (no momentum, decay or clipping): alpha moves by -lr * gradient."""
     document = tiny_spec_document(operations=operations)
     document["search"].update(method=method, **({method: options} if options else {}))
-    if method in ("snas", "gdas"):
+    if method in ("snas", "gdas", "sdarts"):
         document["search"]["order"] = "first"
     spec = kd.load_spec(document)
     keras.utils.set_random_seed(0)
@@ -126,7 +126,63 @@ def test_snas_takes_one_step_of_weights_and_alphas_down_the_training_loss_with_t
     assert np.abs(model.mix_alphas(model.alphas["normal"]).numpy() - first).max() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas"])
+def sdarts_bilevel(perturbation, epsilon, **options):
+    """An SDARTS supernet whose weight step is plain SGD (no momentum, decay or clipping), at ``epsilon``."""
+    bilevel = plain_sgd_bilevel("sdarts", OPS, perturbation=perturbation, epsilon_start=epsilon,
+                                epsilon_max=epsilon, **options)
+    model = bilevel.model
+    model.set_epoch(0)
+    model.set_noise(tf.constant(1))
+    plain = CoupledSGD(model.weight_variables, 0.0, 0.0, None)
+    return Bilevel(model, plain, bilevel.arch_optimizer, hvp_epsilon=0.01)
+
+
+def test_sdarts_weight_step_runs_on_the_perturbed_probabilities_as_op_weights(float64):
+    bilevel = sdarts_bilevel("rs", 0.2)
+    model = bilevel.model
+    train, _ = batches()
+    weights = bilevel.current_weights()
+    perturbed = [p.numpy() for p in bilevel.perturbed_probabilities(weights, train)]
+    clean = [tf.nn.softmax(a, axis=-1).numpy() for a in bilevel.current_alphas()]
+    for p, q in zip(perturbed, clean):
+        assert np.all(p >= 0) and np.allclose(p.sum(axis=1), 1.0) and np.abs(p - q).max() > 1e-3
+    # Independently: a copy of the model whose alphas are log(p) (so softmax gives p back), differentiated as usual.
+    twin = plain_sgd_bilevel("darts", OPS).model
+    for source, target in zip(model.weight_variables, twin.weight_variables):
+        target.assign(source)
+    for p, alpha in zip(perturbed, twin.arch_variables):
+        alpha.assign(np.log(np.maximum(p, 1e-300)))
+    x, y = train
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, twin(x, training=True),
+                                                                           from_logits=True))
+    expected = [-0.05 * g.numpy() for g in tape.gradient(loss, twin.weight_variables)]
+    before = [w.numpy() for w in weights]
+    bilevel.weight_step(train, tf.constant(0.05, "float64"))
+    for b, w, e in zip(before, model.weight_variables, expected):
+        np.testing.assert_allclose(w.numpy() - b, e, rtol=1e-7, atol=1e-12)
+    # With epsilon 0 there is no perturbation.
+    still = sdarts_bilevel("rs", 0.0)
+    for p, a in zip(still.perturbed_probabilities(still.current_weights(), train), still.current_alphas()):
+        np.testing.assert_allclose(p.numpy(), tf.nn.softmax(a, axis=-1).numpy(), rtol=1e-12)
+
+
+def test_sdarts_adversarial_probabilities_raise_the_training_loss_within_the_simplex(float64):
+    bilevel = sdarts_bilevel("adv", 0.3, pgd_steps=4)
+    train, _ = batches()
+    weights = bilevel.current_weights()
+    clean = [tf.nn.softmax(a, axis=-1) for a in bilevel.current_alphas()]
+    attacked = bilevel.perturbed_probabilities(weights, train)
+    loss = lambda p: float(bilevel.given_train_loss_at(weights, p, train))  # noqa: E731
+    assert loss(attacked) > loss(clean)
+    random_start = sdarts_bilevel("rs", 0.3).perturbed_probabilities(weights, train)
+    assert loss(attacked) > loss(random_start)  # PGD climbs beyond its random start
+    for p in attacked:
+        assert np.all(p.numpy() >= 0) and np.allclose(p.numpy().sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas",
+                                    "sdarts"])
 def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
     document = tiny_spec_document(**({"operations": ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]}
                                      if method == "fair_darts" else {}))
@@ -147,6 +203,9 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     if method in ("snas", "gdas"):  # the temperature anneals: SNAS over 150 epochs, GDAS over the search's 2
         assert [r["temperature"] for r in history] == pytest.approx(
             {"snas": [1.0, 1 - 0.97 / 150], "gdas": [10.0, 0.1]}[method], rel=1e-12)
+        return
+    if method == "sdarts":  # epsilon ramps from 0.03 over the search's 2 epochs
+        assert [r["epsilon"] for r in history] == pytest.approx([0.03, 0.165], rel=1e-12)
         return
     if method == "drnas":  # the KL regulariser's value is recorded each epoch, positive
         assert all(r["alpha_loss"] > 0 for r in history)

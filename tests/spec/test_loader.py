@@ -128,7 +128,8 @@ def test_every_schema_error_is_reported_at_once(tmp_path):
         "checkpoint_every_steps, darts_minus, deterministic, diagnostics, divergence_lr_factor, drnas, early_stopping, "
         "epochs, fair_darts, gdas, hvp_epsilon, max_rollbacks, method, on_divergence, order, pc_darts, "
         "recompute_cells, "
-        "reuse_virtual_gradient, second_order_mode, seed, snas, steps_per_epoch, tensorboard, weights_optimizer "
+        "reuse_virtual_gradient, sdarts, second_order_mode, seed, snas, steps_per_epoch, tensorboard, "
+        "weights_optimizer "
         "(did you mean 'epochs'?)",
         f"{path}: $.search.order: expected one of 'first', 'second'; got 'third'",
         f"{path}: $.search_space.highway: unknown key 'highway': it is an option of kind 'recurrent_cell', "
@@ -287,7 +288,8 @@ def test_semantic_problems_are_reported_beside_schema_errors(tmp_path):
         "checkpoint_every_steps, darts_minus, deterministic, diagnostics, divergence_lr_factor, drnas, early_stopping, "
         "epochs, fair_darts, gdas, hvp_epsilon, max_rollbacks, method, on_divergence, order, pc_darts, "
         "recompute_cells, "
-        "reuse_virtual_gradient, second_order_mode, seed, snas, steps_per_epoch, tensorboard, weights_optimizer "
+        "reuse_virtual_gradient, sdarts, second_order_mode, seed, snas, steps_per_epoch, tensorboard, "
+        "weights_optimizer "
         "(did you mean 'order'?)",
         f"{path}: $.search_space.operations[2]: unknown operation 'dil_conv3x3'; known operations: none, "
         "max_pool_3x3, avg_pool_3x3, skip_connect, sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5 "
