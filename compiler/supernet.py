@@ -136,17 +136,20 @@ class Supernet(MethodSupernet, keras.Model):
         return {t: ops.concatenate([m, *[ops.cast(c, m.dtype) for c in columns[t]]], axis=-1)
                 for t, m in matrices.items()}
 
-    def call(self, inputs, training=None, mixing=None):
+    def call(self, inputs, training=None, mixing=None, cell_weights=None):
+        """Logits; ``cell_weights`` (one op-weight matrix per cell, Lambda-DARTS) replaces the shared ones."""
         # Split each matrix into per-edge, per-op scalars once, shared by all
         # cells of the type (slicing inside every MixedOp costs graph size);
         # a recomputed cell splits its own, inside the recomputation.
         matrices = self.edge_weights(mixing)
-        recompute = self.recompute_cells and training
+        recompute = self.recompute_cells and training and cell_weights is None
         probabilities = {} if recompute else {t: split_rows(p) for t, p in matrices.items()}
         s0 = s1 = batch_normalize(self.stem_conv(inputs), self.stem_gamma, self.stem_beta)[0]
-        for cell in self.cells:
+        for index, cell in enumerate(self.cells):
             cell_type = "reduce" if cell.reduction else "normal"
-            if recompute:
+            if cell_weights is not None:
+                output = cell(s0, s1, split_rows(cell_weights[index]), training=training)
+            elif recompute:
                 output = recomputed(cell, s0, s1, matrices[cell_type], training=training)
             else:
                 output = cell(s0, s1, probabilities[cell_type], training=training)

@@ -112,6 +112,11 @@ class Bilevel:
                 functools.partial(self._gradients_at, regularize=self.objective.regularized, mixing="given"))
             self.given_alpha_gradients_at = compile_pass(functools.partial(self._alpha_gradients_at, mixing="given"))
             self.given_train_loss_at = compile_pass(self._given_train_loss_at)
+        if model.method.harmonizes_cells:
+            # Lambda-DARTS: passes with one op-weight matrix per cell.
+            cells = [tf.TensorSpec(model.alphas["reduce" if c.reduction else "normal"].shape,
+                                   model.alphas["normal"].dtype) for c in model.cells]
+            self.cell_gradients_at = compile_pass(self._cell_gradients_at, [weights, alphas, cells, batch])
         self.eval_alpha_gradients_at = (
             self.alpha_gradients_at if strategy is None else tf.function(self._alpha_gradients_at,
                                                                          input_signature=signature)
@@ -161,6 +166,48 @@ class Bilevel:
             value, loss, metric, state = self.objective.loss(self.forward(weights, alphas, **options), batch,
                                                              training=True)
         return loss, metric, dense_gradients(tape.gradient(value, alphas), alphas), state
+
+    def _cell_gradients_at(self, weights, alphas, cell_weights, batch):
+        """Loss, metric, dL/dW and dL/d(each cell's op weights), with ``cell_weights`` as the cells' op weights."""
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            tape.watch(cell_weights)
+            value, loss, metric, state = self.objective.loss(
+                self.forward(weights, alphas, cell_weights=cell_weights), batch, training=True,
+                regularize=self.objective.regularized)
+        weight_grads, cell_grads = tape.gradient(value, [weights, cell_weights])
+        return loss, metric, dense_gradients(weight_grads, weights), dense_gradients(cell_grads, cell_weights), state
+
+    def harmonizing_gradients(self, weights, batch):
+        """Lambda-DARTS' weight gradients: the training loss's plus its gradient-alignment regulariser.
+
+        Returns ``(loss, metric, gradients, end state)`` at the unperturbed op weights.
+        """
+        model = self.model
+        alphas = self.current_alphas()
+        shared = {t: tf.nn.softmax(tf.convert_to_tensor(v.value), axis=-1) for t, v in model.alphas.items()}
+        cells = [shared["reduce" if c.reduction else "normal"] for c in model.cells]
+        normal = [not c.reduction for c in model.cells]
+        loss, metric, gradients, cell_grads, state = self.cell_gradients_at(weights, alphas, cells, batch)
+        loss, metric, gradients, cell_grads = cross_replica_mean((loss, metric, gradients, cell_grads))
+        units = [g / tf.maximum(tf.norm(g), 1e-12) for g, n in zip(cell_grads, normal) if n]
+        total = tf.add_n(units)
+        directions, k = [], 0
+        for g, n in zip(cell_grads, normal):
+            if n:
+                unit = units[k]
+                k += 1
+                directions.append(total - tf.reduce_sum(total * unit) * unit)
+            else:
+                directions.append(tf.zeros_like(g))
+        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(u)) for u in directions]))
+        epsilon = tf.cast(model.method.options["epsilon_0"], norm.dtype) / tf.maximum(norm, 1e-12)
+        minus = self.cell_gradients_at(weights, alphas, [c - epsilon * u for c, u in zip(cells, directions)], batch)[2]
+        plus = self.cell_gradients_at(weights, alphas, [c + epsilon * u for c, u in zip(cells, directions)], batch)[2]
+        minus, plus = cross_replica_mean((minus, plus))
+        weight = tf.cast(model.schedule["lambda_weight"], norm.dtype)
+        gradients = [g + weight * (m - p) / (2 * epsilon) for g, m, p in zip(gradients, minus, plus)]
+        return loss, metric, gradients, state
 
     def _given_train_loss_at(self, weights, probabilities, batch):
         """The training-mode loss with ``probabilities`` as the op weights (no gradients)."""
@@ -320,6 +367,9 @@ class Bilevel:
         """
         weights = self.current_weights() if weights is None else weights
         batch = self._pass(train, PASS_WEIGHTS)
+        if self.model.method.harmonizes_cells:
+            loss, metric, gradients, state = self.harmonizing_gradients(weights, batch)  # averaged already
+            return self._apply_weight_gradients((loss, metric, gradients, state), learning_rate)
         if self.model.method.perturbs_weight_step:
             loss, metric, gradients, _, state = self.given_gradients_at(
                 weights, self.perturbed_probabilities(weights, batch), batch)

@@ -142,7 +142,7 @@ def load_spec(path_or_dict, overrides=None):
 
 # Methods whose official code searches first order by default (SNAS and GDAS
 # only): a spec that names one and says nothing of the order searches first order.
-FIRST_ORDER_METHODS = ("snas", "gdas", "pc_darts", "drnas", "sdarts")
+FIRST_ORDER_METHODS = ("snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts")
 
 
 def _method_defaults(document):

@@ -224,9 +224,25 @@ class SdartsConfig:
     anneal_epochs: typing.Optional[int] = None
 
 
+@frozen
+class LambdaDartsConfig:
+    """Lambda-DARTS (Movahedi et al., ICLR 2023): the gradient-alignment regulariser on the weights.
+
+    ``lambda(e) = lambda_max * e / (E - 1)`` over ``anneal_epochs`` E (by
+    default the search's epochs); ``epsilon_0`` sets the finite-difference
+    radius ``epsilon_0 / ||u||`` (official: 0.125 and 1e-4, ``corr``).
+    """
+
+    lambda_max: float = 0.125
+    epsilon_0: float = 1e-4
+    anneal_epochs: typing.Optional[int] = None
+
+
 # Each search method with options keeps them under its own key of ``search``.
-METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts")
-METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts")
+METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts",
+           "lambda_darts")
+METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts",
+                      "lambda_darts")
 
 
 @frozen
@@ -242,6 +258,7 @@ class RunControl:
     pc_darts: PcDartsConfig = PcDartsConfig()
     drnas: DrnasConfig = DrnasConfig()
     sdarts: SdartsConfig = SdartsConfig()
+    lambda_darts: LambdaDartsConfig = LambdaDartsConfig()
     deterministic: bool = False
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"

@@ -172,7 +172,7 @@ def method_problems(spec, source):
             problems.append(Problem(source, "$.search.order",
                                     f"$.search.method {method} {how}, as its official code does; expected "
                                     f"order: first, got second"))
-    if method in ("drnas", "sdarts") and spec_layout(spec.search_space.kind) != "conv_cell":
+    if method in ("drnas", "sdarts", "lambda_darts") and spec_layout(spec.search_space.kind) != "conv_cell":
         problems.append(Problem(source, "$.search.method",
                                 f"{method} is defined for convolutional cells; $.search_space.kind is "
                                 f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
@@ -193,10 +193,10 @@ def method_problems(spec, source):
         problems.append(Problem(source, "$.search.gdas.tau_min",
                                 f"expected tau_min <= tau_max (the temperature anneals down), got "
                                 f"{config.gdas.tau_min} > {config.gdas.tau_max}"))
-    if method == "sdarts" and config.reuse_virtual_gradient:
+    if method in ("sdarts", "lambda_darts") and config.reuse_virtual_gradient:
         problems.append(Problem(source, "$.search.reuse_virtual_gradient",
-                                "reuses the virtual step's gradient for the weight step, but $.search.method "
-                                "sdarts takes the weight step on perturbed op probabilities; drop one of them"))
+                                f"reuses the virtual step's gradient for the weight step, but $.search.method "
+                                f"{method} takes a weight step of its own; drop one of them"))
     if method == "darts_minus":
         if spec_layout(spec.search_space.kind) != "conv_cell":
             problems.append(Problem(source, "$.search.method",

@@ -19,6 +19,7 @@ from .darts_minus import DartsMinus
 from .drnas import Drnas
 from .fair_darts import FairDarts
 from .gumbel import Gdas, Snas
+from .lambda_darts import LambdaDarts
 from .pc_darts import PcDarts, normalized_edge_weights
 from .sdarts import Sdarts, clip_to_simplex
 
@@ -33,7 +34,7 @@ def register_method(cls):
     return cls
 
 
-for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts, Drnas, Sdarts):
+for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts, Drnas, Sdarts, LambdaDarts):
     register_method(_cls)
 
 
@@ -122,6 +123,6 @@ def search_method(spec):
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
-__all__ = ["BetaDarts", "DartsMinus", "Drnas", "FairDarts", "Gdas", "MethodSupernet", "PcDarts", "SearchMethod",
+__all__ = ["BetaDarts", "DartsMinus", "Drnas", "FairDarts", "Gdas", "LambdaDarts", "MethodSupernet", "PcDarts", "SearchMethod",
            "Sdarts", "Snas", "clip_to_simplex", "method_from_document", "normalized_edge_weights", "register_method",
            "search_method"]

@@ -38,8 +38,9 @@ class SearchMethod:
        (``partial_channels``,
        ``edge_normalization``)
     F. frozen architecture (``arch_frozen``) never
-    C. perturbed weight step                 no (``perturbs_weight_step = False``)
-       (``perturbs_weight_step``)
+    C. perturbed weight step                 no (``perturbs_weight_step = False``,
+       (``perturbs_weight_step``,             ``harmonizes_cells = False``)
+       ``harmonizes_cells``)
     ======================================  =====================================
 
     A method object is built from its options (the spec's ``search.<method>``
@@ -66,6 +67,8 @@ class SearchMethod:
     single_level = False
     # The weight step runs on perturbed op probabilities (SDARTS; ``Bilevel.perturbed_probabilities``).
     perturbs_weight_step = False
+    # The weight step adds the cells' gradient-alignment regulariser (Lambda-DARTS; ``Bilevel.harmonizing_gradients``).
+    harmonizes_cells = False
     # Partial channels: an edge's ops see the first C/K channels (PC-DARTS; 1: all of them).
     partial_channels = 1
     # A weight per edge, softmaxed over each node's inputs, scales the edge (PC-DARTS).

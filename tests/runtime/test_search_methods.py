@@ -181,8 +181,56 @@ def test_sdarts_adversarial_probabilities_raise_the_training_loss_within_the_sim
         assert np.all(p.numpy() >= 0) and np.allclose(p.numpy().sum(axis=1), 1.0)
 
 
+def test_lambda_darts_weight_step_adds_the_gradient_alignment_term_computed_by_hand(float64):
+    document = tiny_spec_document(operations=OPS, network={"init_channels": 4, "layers": 5, "stem_multiplier": 2,
+                                                          "input_shape": [8, 8, 1], "num_classes": 10})
+    document["search"].update(method="lambda_darts", order="first", lambda_darts={"lambda_max": 0.5,
+                                                                                  "epsilon_0": 1e-3})
+    spec = kd.load_spec(document)
+    keras.utils.set_random_seed(0)
+    model = kd.build_supernet(spec, seed=0)
+    for i, alpha in enumerate(model.arch_variables):
+        alpha.assign(np.random.default_rng(i).normal(0, 1.0, size=alpha.shape))
+    model.set_epoch(1)  # lambda = 0.5 * 1 / (2 - 1)
+    bilevel = Bilevel(model, CoupledSGD(model.weight_variables, 0.0, 0.0, None),
+                      CoupledSGD(model.arch_variables, 0.0, 0.0, None, name="arch_sgd"))
+    train, _ = batches()
+    x, y = train
+    shared = {t: tf.nn.softmax(a, axis=-1).numpy() for t, a in model.alphas.items()}
+    cells = [shared["reduce" if c.reduction else "normal"] for c in model.cells]
+    normal = [i for i, c in enumerate(model.cells) if not c.reduction]
+    assert normal == [0, 2, 4]
+
+    def gradients_at(cell_weights):
+        values = [tf.constant(c) for c in cell_weights]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            logits = model(x, training=True, cell_weights=values)
+            loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        weight_grads, cell_grads = tape.gradient(loss, [model.weight_variables, values])
+        return [g.numpy() for g in weight_grads], [g.numpy() for g in cell_grads]
+
+    # The shared op weights given to every cell are the usual forward.
+    np.testing.assert_allclose(model(x, training=True, cell_weights=[tf.constant(c) for c in cells]).numpy(),
+                               model(x, training=True).numpy(), rtol=1e-12)
+    base, cell_grads = gradients_at(cells)
+    units = {i: cell_grads[i] / np.linalg.norm(cell_grads[i]) for i in normal}
+    total = sum(units.values())
+    u = [total - np.sum(total * units[i]) * units[i] if i in units else np.zeros_like(c) for i, c in enumerate(cells)]
+    epsilon = 1e-3 / np.sqrt(sum(np.sum(v ** 2) for v in u))
+    minus, _ = gradients_at([c - epsilon * v for c, v in zip(cells, u)])
+    plus, _ = gradients_at([c + epsilon * v for c, v in zip(cells, u)])
+    expected = [-0.1 * (g + 0.5 * (m - p) / (2 * epsilon)) for g, m, p in zip(base, minus, plus)]
+    assert max(np.abs(m - p).max() for m, p in zip(minus, plus)) > 0  # the term is not zero here
+    before = [w.numpy() for w in model.weight_variables]
+    bilevel.weight_step(train, tf.constant(0.1, "float64"))
+    # The term divides a difference of gradients by 2 epsilon: rounding grows by about 1 / epsilon.
+    for b, w, e in zip(before, model.weight_variables, expected):
+        np.testing.assert_allclose(w.numpy() - b, e, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas",
-                                    "sdarts"])
+                                    "sdarts", "lambda_darts"])
 def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
     document = tiny_spec_document(**({"operations": ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]}
                                      if method == "fair_darts" else {}))
@@ -203,6 +251,9 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     if method in ("snas", "gdas"):  # the temperature anneals: SNAS over 150 epochs, GDAS over the search's 2
         assert [r["temperature"] for r in history] == pytest.approx(
             {"snas": [1.0, 1 - 0.97 / 150], "gdas": [10.0, 0.1]}[method], rel=1e-12)
+        return
+    if method == "lambda_darts":  # lambda ramps from 0 to 0.125 over the search's 2 epochs
+        assert [r["lambda_weight"] for r in history] == pytest.approx([0.0, 0.125], rel=1e-12)
         return
     if method == "sdarts":  # epsilon ramps from 0.03 over the search's 2 epochs
         assert [r["epsilon"] for r in history] == pytest.approx([0.03, 0.165], rel=1e-12)

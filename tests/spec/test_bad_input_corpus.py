@@ -95,7 +95,7 @@ CORPUS = [
     ("extends a missing file", "extends: nowhere.yaml\n" + GOOD, "$.extends", "nowhere.yaml: file not found"),
     ("unknown search method", GOOD + "search: {method: pc-darts}\n", "$.search.method",
      "expected one of 'darts', 'beta_darts', 'darts_minus', 'fair_darts', 'snas', 'gdas', 'pc_darts', 'drnas', "
-     "'sdarts'; got 'pc-darts'"),
+     "'sdarts', 'lambda_darts'; got 'pc-darts'"),
     ("options of another method", GOOD + "search: {method: beta_darts, darts_minus: {beta_0: 0.5}}\n",
      "$.search.darts_minus", "options for method 'darts_minus', but $.search.method is 'beta_darts'"),
     ("method options without the method", GOOD + "search: {beta_darts: {lambda_max: 10}}\n",
