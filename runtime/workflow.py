@@ -102,7 +102,9 @@ def _run(spec, run_dir, overwrite, search_only, progress):
             report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress, strategy, writes=False)
         return report
     # What an earlier run finished, from the run directory alone (only a run of this spec is resumed).
-    done = _finished_stages(spec, run_dir, overwrite, search_only)
+    # Workers of a cluster go through every stage together, each agreeing on where it starts.
+    cluster = strategy is not None and getattr(strategy, "cluster_resolver", None) is not None
+    done = _finished_stages(spec, run_dir, overwrite or cluster, search_only)
     data = kind.load_data(spec) if not all(done.values()) else None  # fails before anything is written
     resuming = rundir.prepare_run(run_dir, spec, overwrite=overwrite)
     if resuming:
@@ -143,7 +145,7 @@ def _finished_stages(spec, run_dir, overwrite, search_only):
 
     A stage that will not run counts as finished. Nothing is finished in a run
     directory that will be emptied, or that holds another spec's run (which
-    ``prepare_run`` refuses).
+    ``prepare_run`` refuses), or for a worker of a cluster (``overwrite`` true).
     """
     resumable = not overwrite and rundir.holds_run_of(run_dir, spec)
     retrains = not search_only and spec.retrain.enabled
