@@ -140,6 +140,10 @@ def feature_map_problems(input_shape, layers, positions, stem, auxiliary, source
     return problems
 
 
+# The successors whose official code searches convolutional cells only (darts_minus has its own message).
+CONVOLUTIONAL_ONLY_METHODS = ("fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts")
+
+
 def method_problems(spec, source):
     """A search method's options: under its own key, consistent, and for a cell kind it is defined on."""
     config = spec.search
@@ -151,49 +155,35 @@ def method_problems(spec, source):
             problems.append(Problem(source, f"$.search.{key}",
                                     f"options for method '{key}', but $.search.method is '{method}'; "
                                     f"set search.method: {key} or drop search.{key}"))
-    if method == "fair_darts":
-        if spec_layout(spec.search_space.kind) != "conv_cell":
-            problems.append(Problem(source, "$.search.method",
-                                    f"fair_darts is defined for convolutional cells; $.search_space.kind is "
-                                    f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
-        elif ZERO_OPERATION in spec.search_space.operations:
-            problems.append(Problem(source, "$.search_space.operations",
-                                    f"$.search.method is fair_darts, whose op set has no '{ZERO_OPERATION}' (each op "
-                                    f"is weighed by its own sigmoid, so '{ZERO_OPERATION}' only adds a zero term); "
-                                    f"drop '{ZERO_OPERATION}' from the operations"))
-    if method in ("snas", "gdas"):
-        if spec_layout(spec.search_space.kind) != "conv_cell":
-            problems.append(Problem(source, "$.search.method",
-                                    f"{method} is defined for convolutional cells; $.search_space.kind is "
-                                    f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
-        if written.get("order") == "second":
-            how = ("updates weights and alphas with one training loss" if method == "snas"
-                   else "alternates first-order steps, each on its own sample")
-            problems.append(Problem(source, "$.search.order",
-                                    f"$.search.method {method} {how}, as its official code does; expected "
-                                    f"order: first, got second"))
-    if method in ("drnas", "sdarts", "lambda_darts") and spec_layout(spec.search_space.kind) != "conv_cell":
+    convolutional = spec_layout(spec.search_space.kind) == "conv_cell"
+    if method in CONVOLUTIONAL_ONLY_METHODS and not convolutional:
         problems.append(Problem(source, "$.search.method",
                                 f"{method} is defined for convolutional cells; $.search_space.kind is "
                                 f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
-    if method == "pc_darts":
-        if spec_layout(spec.search_space.kind) != "conv_cell":
-            problems.append(Problem(source, "$.search.method",
-                                    f"pc_darts is defined for convolutional cells; $.search_space.kind is "
-                                    f"'{spec.search_space.kind}' (beta_darts and darts work on every kind)"))
-        else:
-            k = config.pc_darts.partial_channels
-            channels = spec.search_space.network.init_channels
-            if channels % k:
-                problems.append(Problem(source, "$.search.pc_darts.partial_channels",
-                                        f"{k} does not divide $.search_space.network.init_channels {channels}: the "
-                                        f"ops of an edge take the first C/{k} of its C channels; expected a divisor "
-                                        f"of {channels}"))
+    if method == "fair_darts" and convolutional and ZERO_OPERATION in spec.search_space.operations:
+        problems.append(Problem(source, "$.search_space.operations",
+                                f"$.search.method is fair_darts, whose op set has no '{ZERO_OPERATION}' (each op "
+                                f"is weighed by its own sigmoid, so '{ZERO_OPERATION}' only adds a zero term); "
+                                f"drop '{ZERO_OPERATION}' from the operations"))
+    if method in ("snas", "gdas") and written.get("order") == "second":
+        how = ("updates weights and alphas with one training loss" if method == "snas"
+               else "alternates first-order steps, each on its own sample")
+        problems.append(Problem(source, "$.search.order",
+                                f"$.search.method {method} {how}, as its official code does; expected "
+                                f"order: first, got second"))
+    if method == "pc_darts" and convolutional:
+        k = config.pc_darts.partial_channels
+        channels = spec.search_space.network.init_channels
+        if channels % k:
+            problems.append(Problem(source, "$.search.pc_darts.partial_channels",
+                                    f"{k} does not divide $.search_space.network.init_channels {channels}: the "
+                                    f"ops of an edge take the first C/{k} of its C channels; expected a divisor "
+                                    f"of {channels}"))
     if method == "gdas" and config.gdas.tau_min > config.gdas.tau_max:
         problems.append(Problem(source, "$.search.gdas.tau_min",
                                 f"expected tau_min <= tau_max (the temperature anneals down), got "
                                 f"{config.gdas.tau_min} > {config.gdas.tau_max}"))
-    if method in ("sdarts", "lambda_darts") and config.reuse_virtual_gradient:
+    if method in ("sdarts", "lambda_darts") and getattr(config, "reuse_virtual_gradient", False):
         problems.append(Problem(source, "$.search.reuse_virtual_gradient",
                                 f"reuses the virtual step's gradient for the weight step, but $.search.method "
                                 f"{method} takes a weight step of its own; drop one of them"))
