@@ -31,11 +31,11 @@ def derive_cell(alpha, operations, nodes, k, method=DARTS, edge_betas=None):
         kept = prune_isolated(chosen)
         if kept.nodes:
             return kept
-        chosen = rank_edges(alpha, operations, edges, targets, k, _WithoutThreshold(method))
+        chosen = rank_edges(alpha, operations, edges, targets, k, _DartsRuleOn(method))
     return CellGenotype(nodes=chosen, concat=tuple(range(2, 2 + nodes)))
 
 
-class _WithoutThreshold(SearchMethod):
+class _DartsRuleOn(SearchMethod):
     """``method``'s derivation weights under DARTS' rule: no threshold, 'none' never chosen."""
 
     def __init__(self, method):

@@ -43,6 +43,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from keras_darts.compiler.methods import clip_to_simplex
+
 from .distribution import cross_replica_mean, replica_slices
 from .objectives import ImageClassification
 from .optimizers import clip_by_global_norm, clip_coefficient, scalar
@@ -185,7 +187,7 @@ class Bilevel:
         """
         model = self.model
         alphas = self.current_alphas()
-        shared = {t: tf.nn.softmax(tf.convert_to_tensor(v.value), axis=-1) for t, v in model.alphas.items()}
+        shared = {t: tf.nn.softmax(a, axis=-1) for t, a in zip(model.alphas, alphas)}  # alphas come first
         cells = [shared["reduce" if c.reduction else "normal"] for c in model.cells]
         normal = [not c.reduction for c in model.cells]
         loss, metric, gradients, cell_grads, state = self.cell_gradients_at(weights, alphas, cells, batch)
@@ -387,8 +389,6 @@ class Bilevel:
         clipped to the simplex (``clip_to_simplex``). The draws are the step's
         (``draw``).
         """
-        from keras_darts.compiler.methods import clip_to_simplex
-
         method = self.model.method
         clean = [tf.nn.softmax(a, axis=-1) for a in self.current_alphas()]
         epsilon = tf.cast(self.model.schedule["epsilon"], clean[0].dtype)

@@ -186,9 +186,8 @@ def load_retrain_result(run_dir, model=True):
     kind = import_run_plugins(run_dir)
     metrics = rundir.read_json(os.path.join(run_dir, "retrain", "metrics.json"))
     history = rundir.read_json(os.path.join(run_dir, "retrain", "history.json"))
-    if model:
-        model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
-    return kind.retrain_result(run_dir, model or None, metrics, history)
+    loaded = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras")) if model else None
+    return kind.retrain_result(run_dir, loaded, metrics, history)
 
 
 def retrain_run(spec, derived, data, run_dir, progress=False, strategy=None, writes=True):

@@ -140,8 +140,8 @@ def load_spec(path_or_dict, overrides=None):
     return spec
 
 
-# Methods whose official code searches first order by default (SNAS and GDAS
-# only): a spec that names one and says nothing of the order searches first order.
+# Methods whose official code searches first order by default: a spec that names
+# one and says nothing of the order searches first order (SNAS and GDAS refuse second).
 FIRST_ORDER_METHODS = ("snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts")
 
 
@@ -190,8 +190,9 @@ def _inside(path, other):
 
 def _touches(path, removed):
     """Whether ``path`` is one of ``removed``, inside or around one, or a sibling of one."""
-    return any(_inside(path, other) or _inside(other, path) or _inside(path, other.rsplit(".", 1)[0])
-               and path.count(".") == other.count(".") for other in removed)
+    return any(_inside(path, other) or _inside(other, path)
+               or (_inside(path, other.rsplit(".", 1)[0]) and path.count(".") == other.count("."))
+               for other in removed)
 
 
 # The fields that shape the cell and the network: with one of them refused, the

@@ -11,6 +11,7 @@ runtime ask the method at those points and never ask which method they have.
 (its name must also be a ``search.method`` the spec schema accepts).
 """
 
+import tensorflow as tf
 from keras import ops
 
 from .base import SearchMethod
@@ -77,8 +78,6 @@ class MethodSupernet:
         """The method's op weights of ``alpha``; a stochastic method draws from its own ``stream`` (a cell type)."""
         if self.noise_seed is None:
             return self.method.mix(alpha)
-        import tensorflow as tf
-
         seed = self.noise_seed + ops.convert_to_tensor([0, 1_000_003 * (stream + 1)], "int32")
 
         def noise(shape):
@@ -123,6 +122,6 @@ def search_method(spec):
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
-__all__ = ["BetaDarts", "DartsMinus", "Drnas", "FairDarts", "Gdas", "LambdaDarts", "MethodSupernet", "PcDarts", "SearchMethod",
-           "Sdarts", "Snas", "clip_to_simplex", "method_from_document", "normalized_edge_weights", "register_method",
-           "search_method"]
+__all__ = ["BetaDarts", "DartsMinus", "Drnas", "FairDarts", "Gdas", "LambdaDarts", "MethodSupernet", "PcDarts",
+           "SearchMethod", "Sdarts", "Snas", "clip_to_simplex", "method_from_document", "normalized_edge_weights",
+           "register_method", "search_method"]

@@ -82,6 +82,12 @@ class SearchMethod:
         self.options = dict(options or {})
         self.epochs = epochs
 
+    @staticmethod
+    def anneal_epochs(configured, epochs):
+        """A schedule's length: ``configured`` if given, else the search's ``epochs`` (1 when neither is known)."""
+        chosen = configured if configured is not None else epochs
+        return int(chosen if chosen is not None else 1)
+
     def to_document(self):
         """``{"name": ..., **options}``: what a derived spec records and ``method_from_document`` reads."""
         return {"name": self.name, **self.options}

@@ -74,9 +74,8 @@ class Gdas(SearchMethod):
 
     def __init__(self, options=None, epochs=None):
         config = GdasConfig(**dict(options or {}))
-        anneal = config.anneal_epochs if config.anneal_epochs is not None else epochs
         super().__init__({"tau_max": float(config.tau_max), "tau_min": float(config.tau_min),
-                          "anneal_epochs": int(anneal if anneal is not None else 1)}, epochs)
+                          "anneal_epochs": self.anneal_epochs(config.anneal_epochs, epochs)}, epochs)
 
     def schedule(self, epoch):
         o = self.options

@@ -32,9 +32,8 @@ class LambdaDarts(SearchMethod):
 
     def __init__(self, options=None, epochs=None):
         config = LambdaDartsConfig(**dict(options or {}))
-        anneal = config.anneal_epochs if config.anneal_epochs is not None else epochs
         super().__init__({"lambda_max": float(config.lambda_max), "epsilon_0": float(config.epsilon_0),
-                          "anneal_epochs": int(anneal if anneal is not None else 1)}, epochs)
+                          "anneal_epochs": self.anneal_epochs(config.anneal_epochs, epochs)}, epochs)
 
     def schedule(self, epoch):
         last = self.options["anneal_epochs"] - 1

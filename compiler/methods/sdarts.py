@@ -47,10 +47,9 @@ class Sdarts(SearchMethod):
 
     def __init__(self, options=None, epochs=None):
         config = SdartsConfig(**dict(options or {}))
-        anneal = config.anneal_epochs if config.anneal_epochs is not None else epochs
         super().__init__({"perturbation": str(config.perturbation), "epsilon_start": float(config.epsilon_start),
                           "epsilon_max": float(config.epsilon_max), "pgd_steps": int(config.pgd_steps),
-                          "anneal_epochs": int(anneal if anneal is not None else 1)}, epochs)
+                          "anneal_epochs": self.anneal_epochs(config.anneal_epochs, epochs)}, epochs)
 
     def schedule(self, epoch):
         o = self.options

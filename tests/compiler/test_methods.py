@@ -270,7 +270,7 @@ def test_fair_darts_cell_with_no_edge_over_the_threshold_is_derived_by_darts_rul
     assert fair.nodes == tuple(nodes) and fair.concat == (2, 3, 4)
 
 
-def test_fair_darts_is_refused_with_none_in_the_op_set_and_on_recurrent_cells(tmp_path):
+def test_fair_darts_is_refused_with_none_in_the_op_set():
     from keras_darts.spec import SpecError
 
     document = tiny_spec_document()
@@ -280,14 +280,19 @@ def test_fair_darts_is_refused_with_none_in_the_op_set_and_on_recurrent_cells(tm
     assert [str(p) for p in excinfo.value.problems] == [
         "<dict>: $.search_space.operations: $.search.method is fair_darts, whose op set has no 'none' (each op is "
         "weighed by its own sigmoid, so 'none' only adds a zero term); drop 'none' from the operations"]
+
+
+@pytest.mark.parametrize("method", ["fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts"])
+def test_methods_of_convolutional_cells_are_refused_on_recurrent_cells(tmp_path, method):
+    from keras_darts.spec import SpecError
     from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
 
     recurrent = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
-    recurrent["search"]["method"] = "fair_darts"
+    recurrent["search"]["method"] = method
     with pytest.raises(SpecError) as excinfo:
         kd.load_spec(recurrent)
     assert [str(p) for p in excinfo.value.problems] == [
-        "<dict>: $.search.method: fair_darts is defined for convolutional cells; $.search_space.kind is "
+        f"<dict>: $.search.method: {method} is defined for convolutional cells; $.search_space.kind is "
         "'recurrent_cell' (beta_darts and darts work on every kind)"]
 
 
@@ -395,9 +400,8 @@ def test_gdas_derivation_ranks_input_op_pairs_so_two_ops_may_share_an_input():
     ("snas", "updates weights and alphas with one training loss"),
     ("gdas", "alternates first-order steps, each on its own sample"),
 ])
-def test_gumbel_methods_search_first_order_and_refuse_second_order_and_recurrent_cells(tmp_path, method, how):
+def test_gumbel_methods_search_first_order_and_refuse_second_order(method, how):
     from keras_darts.spec import SpecError
-    from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
 
     document = tiny_spec_document()
     del document["search"]["order"]
@@ -409,13 +413,6 @@ def test_gumbel_methods_search_first_order_and_refuse_second_order_and_recurrent
     assert [str(p) for p in excinfo.value.problems] == [
         f"<dict>: $.search.order: $.search.method {method} {how}, as its official code does; expected order: first, "
         "got second"]
-    recurrent = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
-    recurrent["search"]["method"] = method
-    with pytest.raises(SpecError) as excinfo:
-        kd.load_spec(recurrent)
-    assert [str(p) for p in excinfo.value.problems] == [
-        f"<dict>: $.search.method: {method} is defined for convolutional cells; $.search_space.kind is "
-        "'recurrent_cell' (beta_darts and darts work on every kind)"]
 
 
 # -- PC-DARTS -----------------------------------------------------------------------------
@@ -520,19 +517,6 @@ def test_pc_darts_defaults_warm_up_and_the_checks_of_its_options(tmp_path):
         "ops of an edge take the first C/3 of its C channels; expected a divisor of 4"]
 
 
-def test_pc_darts_is_refused_on_recurrent_cells(tmp_path):
-    from keras_darts.spec import SpecError
-    from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
-
-    recurrent = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
-    recurrent["search"]["method"] = "pc_darts"
-    with pytest.raises(SpecError) as excinfo:
-        kd.load_spec(recurrent)
-    assert [str(p) for p in excinfo.value.problems] == [
-        "<dict>: $.search.method: pc_darts is defined for convolutional cells; $.search_space.kind is "
-        "'recurrent_cell' (beta_darts and darts work on every kind)"]
-
-
 # -- DrNAS --------------------------------------------------------------------------------
 def test_drnas_samples_the_dirichlet_of_elu_alpha_plus_one_with_reparameterised_gradients():
     from keras_darts.compiler.methods.drnas import concentration
@@ -594,32 +578,8 @@ def test_drnas_derivation_ranks_none_like_any_op_and_drops_the_edges_it_wins():
     assert excluded.nodes[0] == (Edge("sep_conv_3x3", 1), Edge("sep_conv_3x3", 0))
 
 
-def test_drnas_is_refused_on_recurrent_cells_and_searches_first_order_by_default(tmp_path):
-    from keras_darts.spec import SpecError
-    from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
-
+def test_drnas_searches_first_order_by_default():
     document = tiny_spec_document()
     del document["search"]["order"]
     document["search"]["method"] = "drnas"
     assert kd.load_spec(document).search.order == "first"
-    recurrent = tiny_recurrent_document(write_cyclic_corpus(tmp_path / "corpus"))
-    recurrent["search"]["method"] = "drnas"
-    with pytest.raises(SpecError) as excinfo:
-        kd.load_spec(recurrent)
-    assert [str(p) for p in excinfo.value.problems] == [
-        "<dict>: $.search.method: drnas is defined for convolutional cells; $.search_space.kind is "
-        "'recurrent_cell' (beta_darts and darts work on every kind)"]
-
-
-# -- SDARTS -------------------------------------------------------------------------------
-def test_sdarts_clip_is_the_official_clamp_and_renormalisation_and_epsilon_ramps():
-    from keras_darts.compiler.methods import clip_to_simplex
-
-    p = tf.constant([[0.5, -0.2, 0.9, 0.1], [-0.1, -0.3, -0.05, -0.2], [1.4, 0.2, 0.0, 0.0]], "float64")
-    expected = np.array([[0.5, 0.0, 0.9, 0.1], [0.0, 0.0, 1.0, 0.0], [1.0, 0.2, 0.0, 0.0]])
-    expected /= expected.sum(axis=1, keepdims=True)  # row 2 clamped to zeros: 1 at its argmax (-0.05)
-    np.testing.assert_allclose(clip_to_simplex(p).numpy(), expected, rtol=1e-12)
-    method = Sdarts(epochs=10)  # epsilon(e) = 0.03 + (0.3 - 0.03) e / 10
-    assert [round(method.schedule(e)["epsilon"], 10) for e in (0, 5, 9)] == [0.03, 0.165, 0.273]
-    assert method.options == {"perturbation": "rs", "epsilon_start": 0.03, "epsilon_max": 0.3, "pgd_steps": 7,
-                              "anneal_epochs": 10}
