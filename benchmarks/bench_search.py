@@ -9,7 +9,8 @@ second-order iteration by finite differences and exactly), a fresh Python
 process builds the supernet, runs warm-up iterations, then times iterations
 on synthetic inputs. It prints the median seconds per iteration, each mode's
 ratio to the plain forward+backward of the same configuration, the first-call
-(trace and graph optimisation) time and the process's peak resident memory;
+time (tracing, graph optimisation, one run) with its tracing part, whether
+TensorFlow's graph optimiser was on, and the process's peak resident memory;
 it writes everything, with the machine, to JSON.
 
     python benchmarks/bench_search.py                     # SMALL, PAPER and RNN
@@ -17,6 +18,8 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL --modes first_order retrain_step --replicas 1 2
     python benchmarks/bench_search.py --configs SMALL --paired   # ratios to fwd+bwd timed alternately
     python benchmarks/bench_search.py --configs SMALL PAPER --modes first_order --methods gdas snas
+    python benchmarks/bench_search.py --configs SMALL --grappler on off --paired-grappler   # graph optimiser
+    python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --replicas 2 --batch-norm global replica
 
 ``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
 devices, at the same global batch, for the throughput per replica
@@ -48,7 +51,9 @@ MODES = ["forward_backward", "first_order", "second_order_fd", "second_order_exa
 # Spec options under ``search`` that the benchmark can switch on, and their flags.
 OPTION_FLAGS = {"recompute_cells": "--recompute", "reuse_virtual_gradient": "--reuse-virtual-gradient"}
 EXTRA_MODES = ["retrain_step"]  # one retraining step of DARTS_V2 at the configuration's size
-# The reference implementation measured on a machine of this kind (seconds per iteration).
+# The PyTorch reference implementation's seconds per iteration, measured on 2026-11-27 on a 2-core
+# x86_64 machine of this kind in separate processes (benchmarks/README.md, "Earlier measurements").
+# Kept in the JSON for comparison; the printed table holds this run's figures only.
 REFERENCE = {
     "SMALL": {"forward_backward": 1.0, "first_order": 2.0, "second_order_fd": 4.5},
     "PAPER": {"forward_backward": 9.9, "first_order": 21.2, "second_order_fd": 47.6},
@@ -60,6 +65,10 @@ REFERENCE = {
 METHOD_OPERATIONS = {"fair_darts": ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
                                     "dil_conv_3x3", "dil_conv_5x5"]}
 FIRST_ORDER_ONLY = ("snas", "gdas")
+# ``--grappler`` values and what ``compiled_iteration`` takes for them.
+GRAPPLER_FLAGS = {"auto": None, "on": True, "off": False}
+GRAPPLER_NAMES = {None: "auto", True: "on", False: "off"}
+STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 
 
 def conv_spec(config, operations=None, **sections):
@@ -79,7 +88,7 @@ def conv_spec(config, operations=None, **sections):
     })
 
 
-def recurrent_step(config, mode):
+def recurrent_step(config, mode, grappler=None):
     """The RNN configuration's callable for ``mode`` and the tf.function it runs."""
     import numpy as np
     import tensorflow as tf
@@ -110,10 +119,11 @@ def recurrent_step(config, mode):
                 value = bilevel.objective.loss(bilevel.model, batch, training=True)[0]
             return tape.gradient(value, bilevel.model.trainable_variables)
 
-        return (lambda: run(batch)), run
+        return (lambda: run(batch)), run, None
     order = "first" if mode == "first_order" else "second"
-    step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
-    return (lambda: step(batch, batch, lr, arch_lr)), step
+    step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference", grappler)
+    call_with = lambda function: (lambda: function(batch, batch, lr, arch_lr))  # noqa: E731
+    return call_with(step), step, call_with
 
 
 def replicated(replicas):
@@ -181,7 +191,7 @@ def search_epoch(config_name, steps):
 
 
 def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
-            method=None):
+            method=None, grappler=None, batch_norm="global", paired_grappler=False):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -196,19 +206,22 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     config = dict(CONFIGS[config_name])
     if batch:
         config["batch"] = batch
-    extra = {"batch": config["batch"], "replicas": replicas, "search_options": options, "method": method or "darts"}
+    extra = {"batch": config["batch"], "replicas": replicas, "search_options": options, "method": method or "darts",
+             "grappler": GRAPPLER_NAMES[grappler], "batch_norm": batch_norm if replicas else None}
     if config_name == "RNN":
         if replicas or mode == "retrain_step":
             raise SystemExit("the RNN configuration measures search iterations on one device only")
-        call, function = recurrent_step(config, mode)
+        call, function, call_with = recurrent_step(config, mode, grappler)
         result = {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
         if paired and mode != "forward_backward":
             result.update(paired_ratio(call, recurrent_step(config, "forward_backward")[0], iterations))
+        if paired_grappler and mode in STEP_MODES:
+            result.update(grappler_ratio(function, call, call_with, iterations))
         return result
     spec = conv_spec(config, METHOD_OPERATIONS.get(method), search={
         **options, "order": "first" if mode == "first_order" else "second",
         "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference",
-        **({"method": method} if method else {})})
+        **({"method": method} if method else {})}, distribute={"batch_norm": batch_norm})
     if mode == "second_order_exact":
         # As a search does: exact mode over max and average pooling runs one kernel at a time.
         from keras_darts.runtime.determinism import serialize_kernels_if_needed
@@ -238,12 +251,16 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         call, function = forward_backward, run
     else:
         order = "first" if mode == "first_order" else "second"
-        function = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference")
-        call = lambda: function((x, y), (x, y), lr, arch_lr)  # noqa: E731
+        function = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference",
+                                              grappler)
+        call_with = lambda f: (lambda: f((x, y), (x, y), lr, arch_lr))  # noqa: E731
+        call = call_with(function)
 
     result = {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
     if paired and mode != "forward_backward":
         result.update(paired_ratio(call, forward_backward, iterations))
+    if paired_grappler and mode in STEP_MODES:
+        result.update(grappler_ratio(function, call, call_with, iterations))
     return result
 
 
@@ -270,6 +287,24 @@ def paired_ratio(call, baseline, iterations):
             "paired_ratio": statistics.median(c / b for c, b in pairs)}
 
 
+def grappler_ratio(function, call, call_with, iterations):
+    """This step's time over the same step's with the graph optimiser the other way, timed alternately.
+
+    The same traced function, optimised once for each setting, in one process:
+    the ratio is free of the drift between processes.
+    """
+    from keras_darts.runtime.graph_build import StepFunction
+
+    other = StepFunction(function.function, grappler=not function.grappler)
+    other_call = call_with(other)
+    timed(other_call)  # its own optimisation and first run
+    timed(other_call)
+    pairs = [(timed(call), timed(other_call)) for _ in range(iterations)]
+    return {"other_grappler_seconds": statistics.median(b for _, b in pairs),
+            "other_grappler_first_call_seconds": other.first_call_seconds,
+            "grappler_ratio": statistics.median(c / b for c, b in pairs)}
+
+
 def timed_run(config_name, mode, call, function, warmup, iterations):
     first_call = timed(call)
     for _ in range(warmup - 1):
@@ -282,6 +317,9 @@ def timed_run(config_name, mode, call, function, warmup, iterations):
         "median_seconds": statistics.median(times),
         "times": times,
         "first_call_seconds": first_call,
+        # A search step's first call split into tracing and the rest (optimisation, executors, one run).
+        "trace_seconds": getattr(function, "trace_seconds", None),
+        "grappler_on": getattr(function, "grappler", None),
         "traces": tracing,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
@@ -358,6 +396,14 @@ def main():
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="measure the search modes under each of these search methods (darts added), beside "
                              "plain DARTS (first-order-only methods skip second order)")
+    parser.add_argument("--grappler", nargs="+", default=["auto"], choices=list(GRAPPLER_FLAGS),
+                        help="TensorFlow's graph optimiser for the search steps: auto (off on CPUs only, as a search "
+                             "runs), on, off; several values measure each search configuration under each")
+    parser.add_argument("--batch-norm", nargs="+", default=["global"], choices=["global", "replica"],
+                        help="distribute.batch_norm for the --replicas runs; several values measure each")
+    parser.add_argument("--paired-grappler", action="store_true",
+                        help="also time each search step with the graph optimiser the other way, alternately "
+                             "in the same process (the 'x other' column: this setting's time over the other's)")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
@@ -370,7 +416,8 @@ def main():
         return
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
-                                 args.replica_count, options, args.paired, args.method)))
+                                 args.replica_count, options, args.paired, args.method,
+                                 GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler)))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -385,8 +432,13 @@ def main():
     if args.epoch_steps:
         runs = [(c, "search_epoch", None, None, None, steps) for c in args.configs if c != "RNN"
                 for steps in args.epoch_steps]
-    for config, mode, batch, replicas, method, *steps in runs:
-        command = [sys.executable, __file__, "--child", config, mode,
+    # Every search configuration under each graph-optimiser setting asked for, one after the other.
+    runs = [(*run[:5], setting, *run[5:]) for run in runs
+            for setting in (args.grappler if run[1] in STEP_MODES else args.grappler[:1])]
+    # Runs on several replicas under each batch-norm setting asked for.
+    runs = [(*run[:6], norm, *run[6:]) for run in runs for norm in (args.batch_norm if run[3] else ["global"])]
+    for config, mode, batch, replicas, method, setting, norm, *steps in runs:
+        command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,
                    "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
         if method:
             command += ["--method", method]
@@ -399,18 +451,22 @@ def main():
         command += [OPTION_FLAGS[key] for key in options]
         if args.paired:
             command.append("--paired")
+        if args.paired_grappler:
+            command.append("--paired-grappler")
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if done.returncode != 0:
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"measured {config} {mode} {method or ''} batch {batch or CONFIGS[config]['batch']} "
+        print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
               f"replicas {replicas or '-'}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
     estimates = {config: estimate_config(config, options) for config in args.configs} if args.with_estimate else {}
     report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
+    # The reference implementation's seconds (REFERENCE) were measured on another day in another process;
+    # they stay in the JSON and in benchmarks/README.md's text, not beside this run's figures.
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
-             f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'reference':>9s} {'x faster':>8s} {'first call':>10s} " \
-             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s}"
+             f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'grappler':>8s} {'trace s':>7s} {'first call':>10s} " \
+             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s}"
     print(header)
     for row in results:
         batch = row["batch"]
@@ -419,15 +475,15 @@ def main():
                      and r["mode"] == "forward_backward" and r["batch"] == batch and not r.get("replicas")), None)
         ratio = f"{row['median_seconds'] / base:9.2f}" if base else f"{'-':>9s}"
         paired = f"{row['paired_ratio']:8.2f}" if "paired_ratio" in row else f"{'-':>8s}"
-        own_batch = batch == CONFIGS[row["config"]]["batch"] and not row.get("replicas")
-        reference = REFERENCE[row["config"]].get(row["mode"]) if own_batch else None
-        ref_text = f"{reference:9.1f}" if reference else f"{'-':>9s}"
-        faster = f"{reference / row['median_seconds']:8.2f}" if reference else f"{'-':>8s}"
-        print(f"{row['config']:7s} {row['mode']:20s} {batch:5d} {row.get('replicas') or '-':>3} "
+        other = f"{row['grappler_ratio']:7.3f}" if "grappler_ratio" in row else f"{'-':>7s}"
+        grappler = {True: "on", False: "off", None: "-"}[row.get("grappler_on")]
+        trace = f"{row['trace_seconds']:7.1f}" if row.get("trace_seconds") is not None else f"{'-':>7s}"
+        rep = f"{row['replicas']}{'r' if row.get('batch_norm') == 'replica' else ''}" if row.get("replicas") else "-"
+        print(f"{row['config']:7s} {row['mode']:20s} {batch:5d} {rep:>3} "
               f"{row['median_seconds']:8.3f} {1000 * row['median_seconds'] / batch:10.2f} "
-              f"{batch / row['median_seconds'] / replicas:8.1f} {ratio} {ref_text} {faster} "
+              f"{batch / row['median_seconds'] / replicas:8.1f} {ratio} {grappler:>8s} {trace} "
               f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6} "
-              f"{paired}")
+              f"{paired} {other}")
     if args.methods:
         print_methods(results)
     for config in args.configs:

@@ -10,6 +10,7 @@ explicitly and use ``"valid"``; at stride 1 ``"same"`` is the same thing.
 parameters (``affine=False``), derived networks' BNs do.
 """
 
+import contextlib
 import weakref
 
 import keras
@@ -48,6 +49,25 @@ def _pad(x, amount, value=0.0):
 
 
 _FUSED_DTYPES = ("float32", "float16", "bfloat16")
+# Set while a step is traced with ``distribute.batch_norm: replica``. A plain flag, not a context
+# variable: MirroredStrategy traces each replica's function in a thread of its own.
+_REPLICA_STATISTICS = [False]
+
+
+@contextlib.contextmanager
+def replica_batch_statistics(enabled=True):
+    """Batch norms traced inside normalise each replica's slice on its own (no all-reduce).
+
+    ``distribute.batch_norm: replica``: what data-parallel PyTorch does without
+    SyncBN. Outside it (``global``, the default) a batch norm under a strategy
+    all-reduces its statistics and normalises over the global batch.
+    """
+    previous = _REPLICA_STATISTICS[0]
+    _REPLICA_STATISTICS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _REPLICA_STATISTICS[0] = previous
 
 
 def cross_replica_moments(x, axes):
@@ -57,7 +77,7 @@ def cross_replica_moments(x, axes):
     batch normalisation must see the whole batch to compute what one device
     would, so the sums are all-reduced (differentiably) across replicas.
     """
-    if keras.backend.backend() != "tensorflow":
+    if keras.backend.backend() != "tensorflow" or _REPLICA_STATISTICS[0]:
         return None
     import tensorflow as tf
 

@@ -44,8 +44,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_darts.compiler.methods import clip_to_simplex
+from keras_darts.compiler.ops import replica_batch_statistics
 
 from .distribution import cross_replica_mean, replica_slices
+from .graph_build import StepFunction
 from .objectives import ImageClassification
 from .optimizers import clip_by_global_norm, clip_coefficient, scalar
 
@@ -62,7 +64,8 @@ class Bilevel:
     """The search model's variables, partitioned once by identity, and the passes over them."""
 
     def __init__(self, model, weights_optimizer, arch_optimizer, hvp_epsilon=0.01, objective=None,
-                 unrolled_clip=None, strategy=None, reuse_virtual_gradient=False):
+                 unrolled_clip=None, strategy=None, reuse_virtual_gradient=False, batch_norm="global",
+                 grappler=None):
         self.model = model
         self.trainable = list(model.trainable_variables)
         arch_ids = {id(v) for v in model.arch_variables}
@@ -82,6 +85,11 @@ class Bilevel:
         self.objective = objective or ImageClassification(model)
         self.unrolled_clip = unrolled_clip
         self.strategy = strategy
+        if batch_norm not in ("global", "replica"):
+            raise ValueError(f"batch_norm must be 'global' or 'replica'. Received: batch_norm={batch_norm!r}")
+        self.batch_norm = batch_norm
+        # The graph optimiser for the compiled steps: None decides by the devices (graph_build).
+        self.grappler = grappler
         self.reuse_virtual_gradient = reuse_virtual_gradient
         if reuse_virtual_gradient and (unrolled_clip is not None or self.objective.regularized):
             raise ValueError("reuse_virtual_gradient needs a virtual step that takes the weight step's own gradient.")
@@ -493,16 +501,19 @@ class Bilevel:
         return ({"train_loss": loss, f"train_{self.objective.metric_name}": metric, "grad_norm": grad_norm},
                 state, state)
 
-    def compiled_weight_step(self):
+    def compiled_weight_step(self, grappler=None):
         """``weights_only_iteration`` compiled as ``compiled_iteration`` compiles the whole iteration."""
-        return self._compile(self.weights_only_iteration)
+        grappler = self.grappler if grappler is None else grappler
+        return StepFunction(self._compile(self.weights_only_iteration), "warm-up step", grappler)
 
-    def compiled_iteration(self, order, mode):
+    def compiled_iteration(self, order, mode, grappler=None):
         """The whole iteration as one ``tf.function``, traced once (batch and sequence sizes left open).
 
-        ``step(train, val, weights_lr, arch_lr)`` with batches as tuples.
+        ``step(train, val, weights_lr, arch_lr)`` with batches as tuples, a
+        ``StepFunction`` (``grappler``: see there; by default the Bilevel's).
         """
-        return self._compile(functools.partial(self.iteration, order, mode))
+        grappler = self.grappler if grappler is None else grappler
+        return StepFunction(self._compile(functools.partial(self.iteration, order, mode)), "search step", grappler)
 
     def _compile(self, iteration):
         """``iteration(train, val, weights_lr, arch_lr)`` as one ``tf.function``, on the replicas under a strategy."""
@@ -523,10 +534,12 @@ class Bilevel:
         def distributed_step(train, val, weights_lr, arch_lr):
             # Each replica takes its slice of the global batches; metrics are averaged
             # already, and the carried states are gathered back into global ones.
-            metrics, train_state, val_state = strategy.run(
-                iteration,
-                args=(replica_slices(strategy, train, split), replica_slices(strategy, val, split), weights_lr, arch_lr),
-            )
+            with replica_batch_statistics(self.batch_norm == "replica"):
+                metrics, train_state, val_state = strategy.run(
+                    iteration,
+                    args=(replica_slices(strategy, train, split), replica_slices(strategy, val, split), weights_lr,
+                          arch_lr),
+                )
             metrics = {k: strategy.experimental_local_results(v)[0] for k, v in metrics.items()}
             gather = lambda state: strategy.gather(state, axis=0)  # noqa: E731
             return metrics, tf.nest.map_structure(gather, train_state), tf.nest.map_structure(gather, val_state)

@@ -44,6 +44,7 @@ from .bilevel import Bilevel
 from .checkpoint import START, SearchCheckpoints
 from .data import pipeline, search_split
 from .footprint import format_bytes, static_estimate
+from .graph_build import resolve_graph_optimizer
 from .loop import Callback, Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
@@ -105,6 +106,7 @@ def build_search(spec, model=None, strategy=None, model_builder=build_supernet):
             hvp_epsilon=config.hvp_epsilon,
             strategy=strategy,
             reuse_virtual_gradient=config.reuse_virtual_gradient,
+            batch_norm=spec.distribute.batch_norm,
         )
 
 
@@ -197,6 +199,8 @@ class SearchSteps:
         self.config = spec.search
         self.task = task
         self.bilevel = task.bilevel
+        self.bilevel.grappler = resolve_graph_optimizer(self.config.graph_optimizer, self.bilevel.grappler,
+                                                        self.config.epochs * task.steps_in_epoch(0))
         self.step_function = self.bilevel.compiled_iteration(self.config.order, self.config.second_order_mode)
         self.warmup_function = None  # the weights-only step of a method's warm-up (PC-DARTS), built when used
         self.arch_lr = tf.constant(self.config.arch_optimizer.learning_rate, tf.float32)
@@ -311,7 +315,7 @@ class SearchLog(Callback):
                  f"{counts['weights']:,}", f"{counts['alphas']:,}", format_bytes(counts["activation_bytes"]),
                  self.spec.data.batch_size)
         if loop.state.epoch < loop.epochs and not loop.state.stopped_by:
-            log.info("the first iteration builds and optimises the step's graph; on a CPU this takes a while")
+            log.info("the first iteration traces and builds the step's graph; on a CPU this takes a while")
 
     def on_train_batch_end(self, loop, logs):
         self.timings.append(logs["step_seconds"])
@@ -319,7 +323,7 @@ class SearchLog(Callback):
             timings = self.timings
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
             remaining = loop.epochs * loop.task.steps_in_epoch(0)
-            log.info("measured: first iteration %.1f s (tracing), then %.3f s per iteration (about %.1f min for %d "
+            log.info("measured: first iteration %.1f s (with the build), then %.3f s per iteration (about %.1f min for %d "
                      "iterations); peak memory so far %.2f GiB", timings[0], float(np.median(timings[1:])),
                      float(np.median(timings[1:])) * remaining / 60, remaining, peak)
 

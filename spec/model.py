@@ -260,6 +260,8 @@ class RunControl:
     sdarts: SdartsConfig = SdartsConfig()
     lambda_darts: LambdaDartsConfig = LambdaDartsConfig()
     deterministic: bool = False
+    # TensorFlow's graph optimiser (Grappler) for the step functions: see runtime/graph_build.py.
+    graph_optimizer: str = "auto"
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"
     divergence_lr_factor: float = 0.5
@@ -306,10 +308,15 @@ class DistributeConfig:
     ``mirrored``: all GPUs of this machine, or ``devices``; ``multi_worker``:
     MultiWorkerMirroredStrategy across the machines ``TF_CONFIG`` describes;
     ``tpu``: TPUStrategy on the TPU the environment provides.
+    ``batch_norm`` (search): ``global`` normalises over the global batch (as
+    one device would: statistics all-reduced in every batch norm);
+    ``replica`` normalises each replica's slice on its own, with no
+    collective. Retraining always normalises over the global batch.
     """
 
     strategy: str = "none"
     devices: typing.Optional[tuple] = None
+    batch_norm: str = "global"
 
 
 @frozen

@@ -16,7 +16,6 @@ from keras_darts.compiler.methods import (
     Gdas,
     PcDarts,
     SearchMethod,
-    Sdarts,
     Snas,
     method_from_document,
     search_method,

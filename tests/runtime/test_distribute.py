@@ -191,6 +191,80 @@ def test_retraining_on_two_logical_cpus_equals_one_device_and_restores_across_re
     assert out["mirrored_from_single"]["test_loss"] == pytest.approx(single["test_loss"], rel=1e-6)
 
 
+BATCH_NORM_CHILD = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+import keras_darts as kd
+from keras_darts.runtime.distribution import make_strategy
+from keras_darts.runtime.search_loop import build_search
+doc = json.loads(sys.argv[1])
+rng = np.random.default_rng(0)
+train = (tf.constant(rng.normal(size=(8, 8, 8, 1)), tf.float32), tf.constant(rng.integers(0, 10, 8), tf.int32))
+val = (tf.constant(rng.normal(size=(8, 8, 8, 1)), tf.float32), tf.constant(rng.integers(0, 10, 8), tf.int32))
+lr, arch_lr = tf.constant(0.05), tf.constant(3e-4)
+
+# One device: the validation loss and alpha gradient on the whole batch and on each half.
+keras.utils.set_random_seed(0)
+single = build_search(kd.load_spec(doc))
+weights, alphas = single.current_weights(), single.current_alphas()
+def at(batch):
+    loss, _, gradients, _ = single.alpha_gradients_at(weights, alphas, batch)
+    return {"loss": float(loss), "gradient": [g.numpy().tolist() for g in gradients]}
+out = {"start": [w.numpy().tolist() for w in weights + alphas], "whole": at(val),
+       "halves": [at((val[0][:4], val[1][:4])), at((val[0][4:], val[1][4:]))]}
+
+strategy = None
+for batch_norm in ("global", "replica"):
+    doc["distribute"] = {"strategy": "mirrored", "devices": ["/cpu:0", "/cpu:1"], "batch_norm": batch_norm}
+    spec = kd.load_spec(doc)
+    strategy = strategy or make_strategy(spec.distribute)  # one per process
+    keras.utils.set_random_seed(0)
+    bilevel = build_search(spec, strategy=strategy)
+    start = [w.numpy().tolist() for w in bilevel.current_weights() + bilevel.current_alphas()]
+    metrics, _, _ = bilevel.compiled_iteration("first", "finite_difference")(train, val, lr, arch_lr)
+    # Adam's first moment after one step, with no weight decay: (1 - beta_1) times the gradient it took.
+    moments = [m.numpy() / (1.0 - bilevel.arch_optimizer.beta_1) for m in bilevel.arch_optimizer.first_moments]
+    out[batch_norm] = {"start": start, "loss": float(metrics["arch_loss"]),
+                       "gradient": [m.tolist() for m in moments]}
+print(json.dumps(out))
+"""
+
+
+def test_batch_norm_global_equals_one_device_and_replica_equals_one_device_per_slice():
+    # One first-order iteration on two replicas with each batch-norm setting, against one
+    # device. global normalises the whole batch, as one device does on it; replica normalises
+    # each half on its own, so its loss and alpha gradient are the means of one device's on
+    # the halves. The gradient is read from Adam's first moment (no weight decay), not from
+    # the step, which shows only its signs.
+    doc = document("first")
+    doc["search"]["arch_optimizer"] = {"weight_decay": 0.0}
+    done = subprocess.run([sys.executable, "-c", BATCH_NORM_CHILD, json.dumps(doc)], capture_output=True, text=True,
+                          env=child_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for mode in ("global", "replica"):  # the same starting network on one device and two replicas
+        for a, b in zip(out[mode]["start"], out["start"]):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+    halves = out["halves"]
+    expected = {"global": out["whole"],
+                "replica": {"loss": (halves[0]["loss"] + halves[1]["loss"]) / 2,
+                            "gradient": [(np.array(a) + np.array(b)) / 2
+                                         for a, b in zip(halves[0]["gradient"], halves[1]["gradient"])]}}
+    for mode, want in expected.items():
+        assert out[mode]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        for got, reference in zip(out[mode]["gradient"], want["gradient"]):
+            np.testing.assert_allclose(np.array(got), np.array(reference), rtol=1e-4, atol=1e-7)
+    # The two settings compute different things here, so each comparison above could fail.
+    assert abs(out["global"]["loss"] - out["replica"]["loss"]) > 1e-3
+    difference = max(np.abs(np.array(a) - np.array(b)).max()
+                     for a, b in zip(out["global"]["gradient"], out["replica"]["gradient"]))
+    assert difference > 1e-3 * max(np.abs(np.array(a)).max() for a in out["global"]["gradient"])
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -96,6 +96,10 @@ CORPUS = [
     ("unknown search method", GOOD + "search: {method: pc-darts}\n", "$.search.method",
      "expected one of 'darts', 'beta_darts', 'darts_minus', 'fair_darts', 'snas', 'gdas', 'pc_darts', 'drnas', "
      "'sdarts', 'lambda_darts'; got 'pc-darts'"),
+    ("unknown graph-optimiser setting", GOOD + "search: {graph_optimizer: fast}\n", "$.search.graph_optimizer",
+     "expected one of 'auto', 'on', 'off'; got 'fast'"),
+    ("unknown batch-norm setting", GOOD + "distribute: {strategy: mirrored, batch_norm: sync}\n",
+     "$.distribute.batch_norm", "expected one of 'global', 'replica'; got 'sync'"),
     ("options of another method", GOOD + "search: {method: beta_darts, darts_minus: {beta_0: 0.5}}\n",
      "$.search.darts_minus", "options for method 'darts_minus', but $.search.method is 'beta_darts'"),
     ("method options without the method", GOOD + "search: {beta_darts: {lambda_max: 10}}\n",

@@ -1,0 +1,117 @@
+"""How a search's step functions are built, and what the build costs.
+
+A search step is one large graph: a SMALL second-order step holds some 55,000
+nodes, five passes over every edge of the supernet plus the optimiser
+arithmetic of every weight. Before its first iteration TensorFlow traces it
+(Python creating every node) and then, at the first call, Grappler rewrites
+the graph and the runtime builds its executors. For a convolutional supernet
+on a 2-core CPU the Grappler rewrite is most of that first call after tracing
+(SMALL second order: 48 of 71 s in one measurement, 21 of 45 s with Grappler
+off) and gives no time per iteration back: the step's ops are convolutions,
+batch norms and elementwise arithmetic that TensorFlow's CPU kernels run as
+they are. The figures, both sides, are in ``benchmarks/README.md``.
+
+It is not free either: timed alternately in one process, the steps ran 3%
+(SMALL first order), 7% (SMALL second order) and 2.5% (PAPER second order)
+slower without it, so Grappler pays for its build time after about 300
+second-order iterations at SMALL (36 s saved, 0.12 s lost per iteration) and
+150 at PAPER (47 s, 0.31 s). ``search.graph_optimizer: auto`` therefore turns it off
+(``disable_meta_optimizer``) for a convolutional search on a machine whose
+only devices are CPUs when the search plans at most
+``SHORT_SEARCH_ITERATIONS`` iterations (tests, quickstarts, estimates: they
+start at once), and keeps it on for longer searches and with a GPU, where its
+layout optimiser and op fusions are what make convolutions fast. A recurrent
+search keeps it on: its step is thousands of small ops over the unrolled
+sequence, which Grappler's rewrites do speed up on a CPU. ``on`` and ``off``
+force it. The setting is TensorFlow's process-wide
+optimiser option, switched on around each call of the step and restored after
+it, so that nothing else the process runs (retraining, evaluation, a user's
+own functions) is affected. A function is optimised once for the options it
+is first called with and again for other options, so a step must always be
+called under the same setting, which ``StepFunction`` guarantees.
+
+``StepFunction`` also measures the build: the tracing, then the first call
+(optimisation, executor construction and one iteration), and logs both.
+"""
+
+import contextlib
+import logging
+import time
+
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+# Planned iterations up to which ``auto`` builds a convolutional search's steps without Grappler
+# on CPUs: between the measured break-evens of the SMALL and PAPER second-order steps (see above).
+SHORT_SEARCH_ITERATIONS = 200
+
+
+def accelerated():
+    """Whether TensorFlow sees a GPU or TPU (where Grappler's rewrites pay for themselves)."""
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def resolve_graph_optimizer(setting, current, iterations):
+    """Whether a search's steps run with Grappler, for ``search.graph_optimizer`` ``setting``.
+
+    ``current`` is what the search's builder chose (``True`` for a recurrent
+    search, ``None`` for no choice); ``iterations`` the search's planned total.
+    """
+    if setting != "auto":
+        return setting == "on"
+    if current is not None:
+        return current
+    return accelerated() or iterations > SHORT_SEARCH_ITERATIONS
+
+
+@contextlib.contextmanager
+def grappler_off():
+    """TensorFlow's graph optimiser off for the functions called inside, restored after."""
+    previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
+
+
+class StepFunction:
+    """A step ``tf.function`` with a fixed input signature, called under its graph-optimisation setting.
+
+    ``grappler``: ``True`` keeps TensorFlow's graph optimiser on, ``False``
+    turns it off for this function's calls; ``None`` (the default) decides by
+    the devices (off on CPUs only, see the module docstring). After the first
+    call, ``trace_seconds`` and ``first_call_seconds`` hold what the build
+    took, and the build is logged under ``name``.
+    """
+
+    def __init__(self, function, name="search step", grappler=None):
+        self.function = function
+        self.name = name
+        self.grappler = accelerated() if grappler is None else bool(grappler)
+        self.trace_seconds = None
+        self.first_call_seconds = None
+
+    def __call__(self, *args):
+        first = self.first_call_seconds is None
+        if first:
+            started = time.perf_counter()
+            self.function.get_concrete_function()
+            self.trace_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        with contextlib.nullcontext() if self.grappler else grappler_off():
+            result = self.function(*args)
+        if first:
+            # The values, so the time includes the run (calls may return before it ends on a GPU).
+            tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+            self.first_call_seconds = time.perf_counter() - started
+            log.info("%s built: traced in %.1f s; optimised and first run in %.1f s (graph optimiser %s)",
+                     self.name, self.trace_seconds, self.first_call_seconds, "on" if self.grappler else "off")
+        return result
+
+    def get_concrete_function(self, *args, **kwargs):
+        return self.function.get_concrete_function(*args, **kwargs)
+
+    def experimental_get_tracing_count(self):
+        return self.function.experimental_get_tracing_count()

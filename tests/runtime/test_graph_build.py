@@ -1,0 +1,114 @@
+"""The step functions' graph-optimisation setting: what it switches, what it leaves alone, what it reports."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_darts as kd
+from keras_darts.runtime import graph_build
+from keras_darts.runtime.graph_build import StepFunction, grappler_off, resolve_graph_optimizer
+from tests.conftest import tiny_spec_document
+from tests.runtime.test_bilevel import ETA, batches, make_bilevel
+
+
+def meta_optimizer_disabled():
+    return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+
+
+def test_grappler_off_switches_the_meta_optimizer_off_inside_and_restores_the_previous_setting():
+    assert meta_optimizer_disabled() is False
+    with grappler_off():
+        assert meta_optimizer_disabled() is True
+        with grappler_off():  # nested: the inner exit restores the outer's setting
+            pass
+        assert meta_optimizer_disabled() is True
+    assert meta_optimizer_disabled() is False
+    with pytest.raises(RuntimeError):
+        with grappler_off():
+            raise RuntimeError("a failing step")
+    assert meta_optimizer_disabled() is False
+
+
+def test_a_step_function_calls_its_function_under_its_setting_and_leaves_the_process_setting_alone():
+    seen = []
+
+    @tf.function(input_signature=[tf.TensorSpec((), tf.float32)])
+    def double(x):
+        return 2.0 * x
+
+    def watching(x):
+        seen.append(meta_optimizer_disabled())
+        return double(x)
+
+    watching.get_concrete_function = double.get_concrete_function
+    for grappler, expected in ((False, True), (True, False)):
+        seen.clear()
+        step = StepFunction(watching, grappler=grappler)
+        assert float(step(tf.constant(3.0))) == 6.0
+        step(tf.constant(4.0))
+        assert seen == [expected, expected]
+        assert meta_optimizer_disabled() is False
+
+
+def test_by_default_the_optimiser_is_off_on_cpus_and_on_with_an_accelerator(monkeypatch):
+    assert not tf.config.list_logical_devices("GPU")  # this machine
+    assert StepFunction(lambda: None).grappler is False
+    devices = {"GPU": ["/gpu:0"], "TPU": []}
+    monkeypatch.setattr(graph_build.tf.config, "list_logical_devices", lambda kind: devices.get(kind, []))
+    assert StepFunction(lambda: None).grappler is True
+
+
+def test_an_iteration_computes_the_same_with_the_graph_optimiser_on_and_off(caplog):
+    # The setting changes how the graph is built, not what it computes: one second-order
+    # iteration from the same start moves every weight and alpha to the same values.
+    (xt, yt), (xv, yv) = batches("float32", seed=3)
+    lr, arch_lr = tf.constant(ETA, tf.float32), tf.constant(0.1, tf.float32)
+    results = {}
+    for grappler in (True, False):
+        bilevel = make_bilevel(seed=3, arch_sgd=True)
+        before = [v.numpy().copy() for v in bilevel.arch_vars + bilevel.weight_vars]
+        step = bilevel.compiled_iteration("second", "finite_difference", grappler=grappler)
+        with caplog.at_level(logging.INFO, logger="keras_darts.runtime.graph_build"):
+            metrics, _, _ = step((xt, yt), (xv, yv), lr, arch_lr)
+        after = [v.numpy() for v in bilevel.arch_vars + bilevel.weight_vars]
+        assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) > len(after) // 2
+        results[grappler] = ({k: float(v) for k, v in metrics.items()}, after)
+        assert step.trace_seconds > 0 and step.first_call_seconds > 0
+        assert (f"search step built: traced in {step.trace_seconds:.1f} s; optimised and first run in "
+                f"{step.first_call_seconds:.1f} s (graph optimiser {'on' if grappler else 'off'})") in caplog.text
+    (metrics_on, on), (metrics_off, off) = results[True], results[False]
+    assert metrics_on == pytest.approx(metrics_off, rel=1e-5)
+    for a, b in zip(on, off):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_builds_short_convolutional_searches_on_cpus_without_the_optimiser(monkeypatch):
+    short, long = graph_build.SHORT_SEARCH_ITERATIONS, graph_build.SHORT_SEARCH_ITERATIONS + 1
+    assert resolve_graph_optimizer("auto", None, short) is False
+    assert resolve_graph_optimizer("auto", None, long) is True
+    assert resolve_graph_optimizer("auto", True, short) is True  # the builder's choice (recurrent) stands
+    assert resolve_graph_optimizer("on", None, short) is True
+    assert resolve_graph_optimizer("off", True, long) is False
+    monkeypatch.setattr(graph_build.tf.config, "list_logical_devices", lambda kind: ["/gpu:0"] if kind == "GPU" else [])
+    assert resolve_graph_optimizer("auto", None, short) is True
+
+
+def test_a_recurrent_search_keeps_the_optimiser_on(cyclic_corpus):
+    from tests.runtime.test_language import make_language_bilevel
+
+    assert make_language_bilevel(cyclic_corpus, grad_clip=0.25).grappler is True
+
+
+def test_the_spec_setting_reaches_the_search_step_and_its_log_line(caplog):
+    from keras_darts.runtime.workflow import search
+
+    document = tiny_spec_document()
+    document["search"].update({"epochs": 1, "steps_per_epoch": 2, "order": "first", "graph_optimizer": "on",
+                               "diagnostics": {"hessian_eigenvalue": False}})
+    document["retrain"]["enabled"] = False
+    with caplog.at_level(logging.INFO, logger="keras_darts"):
+        search(kd.load_spec(document))
+    built = [r.getMessage() for r in caplog.records if "search step built" in r.getMessage()]
+    assert len(built) == 1 and built[0].endswith("(graph optimiser on)")  # auto would be off: 2 iterations
