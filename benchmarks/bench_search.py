@@ -203,6 +203,10 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     options = {k: v for k, v in (options or {}).items()
                if k != "reuse_virtual_gradient" or mode.startswith("second_order")}
     strategy = replicated(replicas) if replicas else None
+    if grappler is None and replicas:  # as a search resolves auto under a strategy
+        from keras_darts.runtime.graph_build import resolve_graph_optimizer
+
+        grappler = resolve_graph_optimizer("auto", None, 0, replicas)
     config = dict(CONFIGS[config_name])
     if batch:
         config["batch"] = batch
@@ -397,7 +401,7 @@ def main():
                         help="measure the search modes under each of these search methods (darts added), beside "
                              "plain DARTS (first-order-only methods skip second order)")
     parser.add_argument("--grappler", nargs="+", default=["auto"], choices=list(GRAPPLER_FLAGS),
-                        help="TensorFlow's graph optimiser for the search steps: auto (off on CPUs only, as a search "
+                        help="TensorFlow's graph optimiser for the search steps: auto (off on CPUs only, as a short search "
                              "runs), on, off; several values measure each search configuration under each")
     parser.add_argument("--batch-norm", nargs="+", default=["global"], choices=["global", "replica"],
                         help="distribute.batch_norm for the --replicas runs; several values measure each")

@@ -19,8 +19,9 @@ second-order iterations at SMALL (36 s saved, 0.12 s lost per iteration) and
 (``disable_meta_optimizer``) for a convolutional search on a machine whose
 only devices are CPUs when the search plans at most
 ``SHORT_SEARCH_ITERATIONS`` iterations (tests, quickstarts, estimates: they
-start at once), and keeps it on for longer searches and with a GPU, where its
-layout optimiser and op fusions are what make convolutions fast. A recurrent
+start at once), and keeps it on for longer searches, under a multi-replica
+strategy, and with a GPU, where its layout optimiser and op fusions are what
+make convolutions fast. A recurrent
 search keeps it on: its step is thousands of small ops over the unrolled
 sequence, which Grappler's rewrites do speed up on a CPU. ``on`` and ``off``
 force it. The setting is TensorFlow's process-wide
@@ -52,17 +53,20 @@ def accelerated():
     return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
-def resolve_graph_optimizer(setting, current, iterations):
+def resolve_graph_optimizer(setting, current, iterations, replicas=1):
     """Whether a search's steps run with Grappler, for ``search.graph_optimizer`` ``setting``.
 
     ``current`` is what the search's builder chose (``True`` for a recurrent
-    search, ``None`` for no choice); ``iterations`` the search's planned total.
+    search, ``None`` for no choice); ``iterations`` the search's planned
+    total; ``replicas`` the strategy's replica count. Under several replicas
+    ``auto`` keeps Grappler on: a two-replica SMALL second-order step with
+    global batch norm ran out of 24 GiB while building without it.
     """
     if setting != "auto":
         return setting == "on"
     if current is not None:
         return current
-    return accelerated() or iterations > SHORT_SEARCH_ITERATIONS
+    return accelerated() or replicas > 1 or iterations > SHORT_SEARCH_ITERATIONS
 
 
 @contextlib.contextmanager

@@ -199,8 +199,10 @@ class SearchSteps:
         self.config = spec.search
         self.task = task
         self.bilevel = task.bilevel
+        strategy = self.bilevel.strategy
         self.bilevel.grappler = resolve_graph_optimizer(self.config.graph_optimizer, self.bilevel.grappler,
-                                                        self.config.epochs * task.steps_in_epoch(0))
+                                                        self.config.epochs * task.steps_in_epoch(0),
+                                                        strategy.num_replicas_in_sync if strategy else 1)
         self.step_function = self.bilevel.compiled_iteration(self.config.order, self.config.second_order_mode)
         self.warmup_function = None  # the weights-only step of a method's warm-up (PC-DARTS), built when used
         self.arch_lr = tf.constant(self.config.arch_optimizer.learning_rate, tf.float32)
