@@ -7,29 +7,31 @@ arithmetic of every weight. Before its first iteration TensorFlow traces it
 the graph and the runtime builds its executors. For a convolutional supernet
 on a 2-core CPU the Grappler rewrite is most of that first call after tracing
 (SMALL second order: 48 of 71 s in one measurement, 21 of 45 s with Grappler
-off) and gives no time per iteration back: the step's ops are convolutions,
-batch norms and elementwise arithmetic that TensorFlow's CPU kernels run as
-they are. The figures, both sides, are in ``benchmarks/README.md``.
-
-It is not free either: timed alternately in one process, the steps ran 3%
-(SMALL first order), 7% (SMALL second order) and 2.5% (PAPER second order)
+off) and gives little time per iteration back: the step's ops are
+convolutions, batch norms and elementwise arithmetic that TensorFlow's CPU
+kernels run much as they are. Timed alternately in one process, the steps ran
+3% (SMALL first order), 7% (SMALL second order) and 2.5% (PAPER second order)
 slower without it, so Grappler pays for its build time after about 300
 second-order iterations at SMALL (36 s saved, 0.12 s lost per iteration) and
-150 at PAPER (47 s, 0.31 s). ``search.graph_optimizer: auto`` therefore turns it off
+150 at PAPER (47 s, 0.31 s). The figures, both sides, are in
+``benchmarks/README.md``.
+
+``search.graph_optimizer: auto`` therefore turns it off
 (``disable_meta_optimizer``) for a convolutional search on a machine whose
 only devices are CPUs when the search plans at most
 ``SHORT_SEARCH_ITERATIONS`` iterations (tests, quickstarts, estimates: they
-start at once), and keeps it on for longer searches, under a multi-replica
+start sooner), and keeps it on for longer searches, under a multi-replica
 strategy, and with a GPU, where its layout optimiser and op fusions are what
-make convolutions fast. A recurrent
-search keeps it on: its step is thousands of small ops over the unrolled
-sequence, which Grappler's rewrites do speed up on a CPU. ``on`` and ``off``
-force it. The setting is TensorFlow's process-wide
-optimiser option, switched on around each call of the step and restored after
-it, so that nothing else the process runs (retraining, evaluation, a user's
-own functions) is affected. A function is optimised once for the options it
-is first called with and again for other options, so a step must always be
-called under the same setting, which ``StepFunction`` guarantees.
+make convolutions fast. A recurrent search keeps it on: its step is
+thousands of small ops over the unrolled sequence, which Grappler's rewrites
+do speed up on a CPU. ``on`` and ``off`` force it.
+
+The setting is TensorFlow's process-wide optimiser option, switched on around
+each call of the step and restored after it, so that nothing else the
+process runs (retraining, evaluation, a user's own functions) is affected. A
+function is optimised once for the options it is first called with and again
+for other options, so a step must always be called under the same setting,
+which ``StepFunction`` guarantees.
 
 ``StepFunction`` also measures the build: the tracing, then the first call
 (optimisation, executor construction and one iteration), and logs both.
