@@ -22,8 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def document(order):
     doc = tiny_spec_document()
+    # Grappler off, as a short search on one CPU runs (auto keeps it on under several replicas):
+    # these tests compare distribution with one device, and build in half the time without it.
     doc["search"].update({"epochs": 1, "steps_per_epoch": 3, "order": order, "deterministic": True,
-                          "diagnostics": {"hessian_eigenvalue": False}})
+                          "diagnostics": {"hessian_eigenvalue": False}, "graph_optimizer": "off"})
     doc["retrain"]["enabled"] = False
     return doc
 
