@@ -503,8 +503,7 @@ class Bilevel:
 
     def compiled_weight_step(self, grappler=None):
         """``weights_only_iteration`` compiled as ``compiled_iteration`` compiles the whole iteration."""
-        grappler = self.grappler if grappler is None else grappler
-        return StepFunction(self._compile(self.weights_only_iteration), "warm-up step", grappler)
+        return self._step_function(self.weights_only_iteration, "warm-up step", grappler)
 
     def compiled_iteration(self, order, mode, grappler=None):
         """The whole iteration as one ``tf.function``, traced once (batch and sequence sizes left open).
@@ -512,8 +511,11 @@ class Bilevel:
         ``step(train, val, weights_lr, arch_lr)`` with batches as tuples, a
         ``StepFunction`` (``grappler``: see there; by default the Bilevel's).
         """
-        grappler = self.grappler if grappler is None else grappler
-        return StepFunction(self._compile(functools.partial(self.iteration, order, mode)), "search step", grappler)
+        return self._step_function(functools.partial(self.iteration, order, mode), "search step", grappler)
+
+    def _step_function(self, iteration, name, grappler):
+        """``iteration`` compiled, as a ``StepFunction`` with ``grappler`` or else the Bilevel's setting."""
+        return StepFunction(self._compile(iteration), name, self.grappler if grappler is None else grappler)
 
     def _compile(self, iteration):
         """``iteration(train, val, weights_lr, arch_lr)`` as one ``tf.function``, on the replicas under a strategy."""
