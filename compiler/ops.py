@@ -312,12 +312,20 @@ class DilConv(Op):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MaxPool3x3(Op):
-    """3x3 max pooling, padding 1 (padded cells never win)."""
+    """3x3 max pooling, padding 1 (padded cells never win).
+
+    At stride 2 the border is padded with a mirror of the edge row and column
+    (``symmetric``): each padded cell copies a cell of the same window, so
+    the maximum and the element its gradient reaches are those of padding
+    with minus infinity, and no infinite constant enters the graph (which
+    integer quantisation cannot represent).
+    """
 
     def call(self, x, training=None):
         if self.stride == 1:
             return ops.max_pool(x, 3, strides=1, padding="same")
-        return ops.max_pool(_pad(x, 1, float("-inf")), 3, strides=2, padding="valid")
+        padded = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="symmetric")
+        return ops.max_pool(padded, 3, strides=2, padding="valid")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -97,6 +97,29 @@ def test_pooling_matches_the_reference_padding(name, reduce, stride):
     np.testing.assert_allclose(out, _reference_pool(x, stride, reduce), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [6, 7])
+def test_strided_max_pool_and_its_gradient_equal_padding_with_minus_infinity(size):
+    # The op pads with a mirror of the border (no infinite constant for integer
+    # quantisation); the reference pads with -inf. Both pick the same maxima.
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(5).normal(size=(2, size, size, 3)).astype("float32"))
+    weights = tf.constant(np.random.default_rng(6).normal(size=(2, size // 2 + size % 2, size // 2 + size % 2, 3))
+                          .astype("float32"))
+    op = build_op("max_pool_3x3", 3, 2, affine=True, layer_name="pool")
+
+    def reference(z):
+        padded = tf.pad(z, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=float("-inf"))
+        return tf.nn.max_pool2d(padded, 3, 2, "VALID")
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours, theirs = op(x), reference(x)
+        ours_loss, theirs_loss = tf.reduce_sum(ours * weights), tf.reduce_sum(theirs * weights)
+    np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    np.testing.assert_array_equal(tape.gradient(ours_loss, x).numpy(), tape.gradient(theirs_loss, x).numpy())
+
+
 def test_search_flavour_pools_are_followed_by_batch_norm():
     op = build_op("avg_pool_3x3", 3, 1, affine=False, layer_name="pool_bn", search=True)
     out = np.asarray(op(np.random.default_rng(2).normal(3.0, 2.0, size=(4, 6, 6, 3)).astype("float32")))
