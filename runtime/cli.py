@@ -15,7 +15,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_darts.spec import KerasDartsError, RunDirectoryError  # noqa: E402
+from keras_darts.spec import EXPORT_FORMATS, KerasDartsError, RunDirectoryError  # noqa: E402
 
 EXIT_OK, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -136,15 +136,23 @@ def cmd_retrain(args):
     print(kind_of(spec).retrain_summary(result))
     print(f"retrained model:  {os.path.join(args.run_dir, 'retrain', 'model.keras')}")
     if spec.export.enabled:
-        print(f"saved model:      {export_run(args.run_dir, model=result.model, data=data)}")
+        _print_export(export_run(args.run_dir, model=result.model, data=data), args.run_dir)
     return EXIT_OK
+
+
+def _print_export(document, run_dir):
+    from keras_darts.runtime.deploy import REPORT, report_lines
+
+    for line in report_lines(document):
+        print(line)
+    print(f"export report: {os.path.join(run_dir, 'export', REPORT)}")
 
 
 def cmd_export(args):
     _tensorflow()
     from keras_darts.runtime.workflow import export_run
 
-    print(f"saved model: {export_run(args.run_dir)}")
+    _print_export(export_run(args.run_dir, formats=args.formats), args.run_dir)
     return EXIT_OK
 
 
@@ -170,7 +178,12 @@ def cmd_plot(args):
 def cmd_show(args):
     from keras_darts.spec import load_derived
 
-    derived = load_derived(args.derived)
+    run_dir = args.derived if os.path.isdir(args.derived) else None
+    if run_dir:
+        from keras_darts.runtime.rundir import require_run
+
+        require_run(run_dir, "derived.yaml")
+    derived = load_derived(os.path.join(run_dir, "derived.yaml") if run_dir else args.derived)
     _tensorflow()
     from keras_darts.runtime.kinds import kind_of
 
@@ -183,6 +196,14 @@ def cmd_show(args):
         print(f"    output: {kind.output_rule} {list(cell.concat)}")
     for line in kind.describe_derived(derived):
         print(f"  {line}")
+    report = os.path.join(run_dir, "export", "report.json") if run_dir else None
+    if report and os.path.exists(report):
+        from keras_darts.runtime.deploy import report_lines
+        from keras_darts.runtime.rundir import read_json
+
+        print(f"  export ({report}):")
+        for line in report_lines(read_json(report))[1:]:  # the network's figures are above
+            print(f"    {line}")
     return EXIT_OK
 
 
@@ -212,8 +233,10 @@ def _parser(prog, compile_only=False):
     _distribute_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=cmd_retrain)
-    p = commands.add_parser("export", help="export a run's retrained model as a SavedModel")
+    p = commands.add_parser("export", help="export a run's retrained model (SavedModel, TFLite), verified and timed")
     p.add_argument("run_dir")
+    p.add_argument("--format", dest="formats", action="append", choices=list(EXPORT_FORMATS),
+                   help="a format to write (repeatable; default: the spec's export.formats)")
     p.set_defaults(handler=cmd_export)
     p = commands.add_parser("estimate", help="parameters, activation memory, peak memory and time per iteration")
     _spec_arguments(p)
@@ -223,8 +246,9 @@ def _parser(prog, compile_only=False):
     p = commands.add_parser("plot", help="draw a run's derived cells, alpha heatmaps and diagnostics")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_plot)
-    p = commands.add_parser("show", help="print a derived spec's cells and parameter count")
-    p.add_argument("derived", help="a derived spec file or published name (DARTS_V1, DARTS_V2)")
+    p = commands.add_parser("show", help="print a derived spec's cells, parameters and multiply-adds "
+                                         "(and a run's exported files, their accuracy, size and latency)")
+    p.add_argument("derived", help="a derived spec file, a published name (DARTS_V1, DARTS_V2) or a run directory")
     p.set_defaults(handler=cmd_show)
     return parser
 

@@ -16,6 +16,7 @@ from keras_darts.spec import dump_yaml, load_spec, read_yaml_file
 from keras_darts.spec.plugins import import_plugins, plugin_folders
 
 from . import rundir
+from .deploy import REPORT, report_lines
 from .determinism import op_determinism, serialize_kernels_if_needed, warn_unless_kernels_serialized
 from .distribution import check_batch, is_chief, make_strategy
 from .kinds import kind_of
@@ -132,11 +133,16 @@ def _run(spec, run_dir, overwrite, search_only, progress):
         report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress, strategy)
     report.artifacts["retrained model"] = os.path.join(run_dir, "retrain", "model.keras")
     report.artifacts["test metrics"] = os.path.join(run_dir, "retrain", "metrics.json")
-    saved_model = os.path.join(run_dir, "export", "saved_model")
     if done["export"]:
-        report.artifacts["saved model"] = saved_model
+        exported = rundir.read_json(os.path.join(run_dir, "export", REPORT))
     elif spec.export.enabled:
-        report.artifacts["saved model"] = export_run(run_dir, model=report.retrain.model, data=data)
+        exported = export_run(run_dir, model=report.retrain.model, data=data)
+        for line in report_lines(exported):
+            log.info("%s", line)
+    else:
+        return report
+    report.artifacts.update({form.replace("_", " "): entry["path"] for form, entry in exported["formats"].items()})
+    report.artifacts["export report"] = os.path.join(run_dir, "export", REPORT)
     return report
 
 
@@ -155,8 +161,7 @@ def _finished_stages(spec, run_dir, overwrite, search_only):
 
     search_done = holds(SEARCH_FINISHED)
     retrain_done = search_done and (not retrains or holds(os.path.join("retrain", "metrics.json")))
-    export_done = retrain_done and (not retrains or not spec.export.enabled
-                                    or holds(os.path.join("export", "saved_model", "saved_model.pb")))
+    export_done = retrain_done and (not retrains or not spec.export.enabled or holds(os.path.join("export", REPORT)))
     return {"search": search_done, "retrain": retrain_done, "export": export_done}
 
 
@@ -201,15 +206,33 @@ def check_retrainable(spec, derived):
     kind_of(spec).check_retrainable(spec, derived)
 
 
-def export_run(run_dir, model=None, data=None):
-    """Export ``run_dir``'s retrained model as a SavedModel and verify it in a fresh process."""
+def export_run(run_dir, model=None, data=None, formats=None):
+    """Export ``run_dir``'s retrained model in the spec's ``export.formats`` (or ``formats``).
+
+    Every file is verified in a fresh process and timed; returns the report
+    that ``export/report.json`` holds. The data is loaded when a TFLite
+    format needs it (calibration, accuracy on the test split) and not given.
+    """
+    from .deploy import tflite_formats
+
+    spec = load_run_spec(run_dir)
     rundir.require_run(run_dir, "data.json")
-    kind = import_run_plugins(run_dir)
+    kind = kind_of(spec)
+    config = spec.export if formats is None else dataclasses.replace(spec.export, formats=tuple(formats))
     info = rundir.read_json(os.path.join(run_dir, "data.json"))
     if model is None:
         rundir.require_run(run_dir, os.path.join("retrain", "model.keras"))
         model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
-    return kind.export(run_dir, info, model=model, data=data)
+    if data is None and tflite_formats(config.formats):
+        data = kind.load_data(spec)
+    document = kind.export(run_dir, info, model=model, data=data, config=config)
+    path = os.path.join(run_dir, "export", REPORT)
+    if os.path.exists(path):  # an export of some formats keeps what an earlier one said of the others
+        earlier = rundir.read_json(path)["formats"]
+        document["formats"] = {**{form: entry for form, entry in earlier.items() if os.path.exists(entry["path"])},
+                               **document["formats"]}
+    rundir.write_json(path, document)
+    return document
 
 
 def load_run_spec(run_dir, overrides=()):

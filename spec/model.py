@@ -319,9 +319,25 @@ class DistributeConfig:
     batch_norm: str = "global"
 
 
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8")
+
+
 @frozen
 class ExportConfig:
+    """What ``export`` writes, each file verified in a fresh process.
+
+    ``formats``: ``saved_model`` (TensorFlow Serving, TF.js, Python);
+    ``tflite`` (float32), ``tflite_dynamic`` (int8 weights, float
+    activations) and ``tflite_int8`` (integers throughout, calibrated on
+    ``calibration_samples`` training examples) for TensorFlow Lite / LiteRT.
+    ``latency_runs``: timed runs of one example per format, of which the
+    median is reported.
+    """
+
     enabled: bool = True
+    formats: tuple = ("saved_model",)
+    calibration_samples: int = 200
+    latency_runs: int = 50
 
 
 @frozen

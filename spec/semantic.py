@@ -344,6 +344,12 @@ def recurrent_spec_problems(spec, source):
         ]
     if spec.data.source == "text_files" and not spec.data.path:
         problems.append(Problem(source, "$.data.path", "data source 'text_files' needs a path"))
+    if "tflite_int8" in spec.export.formats:
+        # TensorFlow 2.21's converter crashes (segmentation fault) calibrating the cell's loop over time.
+        problems.append(Problem(source, "$.export.formats",
+                                "tflite_int8 (full-integer quantisation) is not available for recurrent cells: "
+                                "TensorFlow 2.21's converter cannot calibrate the loop over time; "
+                                "expected saved_model, tflite or tflite_dynamic"))
     return problems
 
 

@@ -76,6 +76,9 @@ def _describe(error, source, space_kind=None):
     elif validator in ("minItems", "maxItems"):
         symbol = ">=" if validator == "minItems" else "<="
         message = f"expected a list of {symbol} {schema[validator]} items, got {len(value)}"
+    elif validator == "uniqueItems":
+        repeated = sorted({repr(v) for i, v in enumerate(value) if v in value[:i]})
+        message = f"expected each item once, got {', '.join(repeated)} more than once"
     elif validator == "oneOf":
         message = f"expected {_describe_alternatives(schema['oneOf'])}, got {json_type(value)} {value!r}"
     elif validator == "pattern":

@@ -125,8 +125,12 @@ class CellKind(abc.ABC):
         """One line: the retrained model's size and test figure."""
 
     @abc.abstractmethod
-    def export(self, run_dir, info, model=None, data=None):
-        """Export the retrained model as a SavedModel, verified in a fresh process; return its path."""
+    def export(self, run_dir, info, model=None, data=None, config=None):
+        """Export the retrained model in ``config.formats`` (an ``ExportConfig``) under ``run_dir/export``.
+
+        Each file is verified in a fresh process; returns the report written
+        to ``export/report.json`` (``deploy.report``).
+        """
 
     # -- text -----------------------------------------------------------------------
     @abc.abstractmethod

@@ -111,24 +111,57 @@ class ConvCellKind(CellKind):
     def retrain_summary(self, result):
         return f"retrain: {result.parameters} parameters, test accuracy {result.test_accuracy:.4f}"
 
-    def export(self, run_dir, info, model=None, data=None):
-        from keras_darts.compiler import derived_network_of
+    def export(self, run_dir, info, model=None, data=None, config=None):
+        import tempfile
 
-        from ..export import export_saved_model, verify_saved_model, write_signature_note
+        import tensorflow as tf
 
+        from keras_darts.compiler import count_parameters, derived_network_of
+        from keras_darts.spec import ExportConfig
+
+        from .. import deploy
+        from ..export import export_saved_model, write_signature_note
+
+        config = config or ExportConfig()
         model = derived_network_of(model)
         mean = np.asarray(info["mean"], np.float32)
         std = np.asarray(info["std"], np.float32)
-        path = os.path.join(run_dir, "export", "saved_model")
-        export_saved_model(model, path, mean, std)
-        write_signature_note(path, info["image_shape"], info["num_classes"])
-        if data is not None:
-            sample = data.x_test[:16]
+        shape = tuple(info["image_shape"])
+        if data is not None:  # the test split, scored
+            images, labels = data.x_test, data.y_test
         else:
-            sample = np.random.default_rng(0).uniform(0, 1, (4, *info["image_shape"])).astype(np.float32)
-        difference = verify_saved_model(path, model, sample, mean, std)
-        log.info("SavedModel verified in a fresh process: max |difference| %.2e", difference)
-        return path
+            images, labels = np.random.default_rng(0).uniform(0, 1, (16, *shape)).astype(np.float32), None
+        expected = np.concatenate([tf.nn.softmax(model((images[i:i + 256] - mean) / std, training=False)).numpy()
+                                   for i in range(0, len(images), 256)])
+        folder = os.path.join(run_dir, "export")
+        os.makedirs(folder, exist_ok=True)
+
+        def score(probabilities):
+            accuracy = float(np.mean(np.argmax(probabilities, axis=-1) == labels))
+            return {"metric": "accuracy", "value": accuracy, "change": accuracy - keras_accuracy}
+
+        keras_accuracy = None if labels is None else float(np.mean(np.argmax(expected, axis=-1) == labels))
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            inside = "saved_model" in config.formats
+            saved_model = os.path.join(folder if inside else scratch, "saved_model")
+            export_saved_model(model, saved_model, mean, std)
+            if inside:
+                write_signature_note(saved_model, shape, info["num_classes"])
+            calibration = None
+            if "tflite_int8" in config.formats:
+                chosen = np.random.default_rng(0).permutation(len(data.x_train))[:config.calibration_samples]
+                calibration = {"images": data.x_train[np.sort(chosen)]}
+            entries, results = deploy.verified_formats(config, folder, saved_model, saved_model, "image",
+                                                       {"images": images}, expected,
+                                                       score=None if labels is None else score,
+                                                       calibration=calibration)
+        network = {"parameters": count_parameters(model), "per": "image", "input_shape": list(shape),
+                   "multiply_adds": deploy.multiply_adds(lambda x: model(x, training=False),
+                                                         [tf.TensorSpec((1, *shape), tf.float32)])}
+        keras = None if labels is None else {"metric": "accuracy", "value": keras_accuracy}
+        document = deploy.report(network, entries, results, config, keras=keras,
+                                 test_examples=0 if labels is None else len(labels))
+        return document
 
     # -- text ---------------------------------------------------------------------------
     def describe_space(self, spec):
@@ -139,9 +172,16 @@ class ConvCellKind(CellKind):
     def describe_derived(self, derived):
         from keras_darts.compiler import count_parameters
 
+        import tensorflow as tf
+
+        from ..deploy import multiply_adds
+
         network = derived.network
         model = self.build_network(derived)
+        madds = multiply_adds(lambda x: model(x, training=False),
+                              [tf.TensorSpec((1, *network.input_shape), tf.float32)])
         return [f"network: C={network.init_channels}, {network.layers} cells, reductions at "
                 f"{list(network.reduction_positions)}, input {list(network.input_shape)}, "
                 f"{network.num_classes} classes",
-                f"parameters: {count_parameters(model)} (auxiliary head excluded)"]
+                f"parameters: {count_parameters(model)} (auxiliary head excluded)",
+                f"multiply-adds: {madds:,} per image"]

@@ -118,22 +118,47 @@ class RecurrentCellKind(CellKind):
     def retrain_summary(self, result):
         return f"retrain: {result.parameters} parameters, test perplexity {result.test_perplexity:.2f}"
 
-    def export(self, run_dir, info, model=None, data=None):
-        from ..export import export_language_model, verify_language_model, write_language_signature_note
+    def export(self, run_dir, info, model=None, data=None, config=None):
+        import tempfile
 
+        import tensorflow as tf
+
+        from keras_darts.compiler import count_parameters
+        from keras_darts.spec import ExportConfig
+
+        from .. import deploy
+        from ..export import export_language_model, write_language_signature_note
+
+        config = config or ExportConfig()
         with open(os.path.join(run_dir, "vocabulary.txt"), encoding="utf-8") as handle:
             vocabulary = handle.read().splitlines()
-        path = os.path.join(run_dir, "export", "saved_model")
-        export_language_model(model, path)
-        write_language_signature_note(path, model.hidden_size, vocabulary)
         if data is not None:
-            sample = data.test[: 4 * 12].reshape(4, 12)
+            tokens = data.test[: 4 * 12].reshape(4, 12)
         else:
-            sample = np.random.default_rng(0).integers(0, len(vocabulary), (4, 12))
-        difference = verify_language_model(path, model, sample)
-        log.info("SavedModel verified in a fresh process, run statefully in pieces: max |difference| %.2e",
-                 difference)
-        return path
+            tokens = np.random.default_rng(0).integers(0, len(vocabulary), (4, 12))
+        tokens = np.asarray(tokens, np.int32)
+        hidden = tf.zeros((tokens.shape[0], model.hidden_size))
+        expected = tf.nn.log_softmax(model(tokens, hidden, training=False)[0], axis=-1).numpy()
+        folder = os.path.join(run_dir, "export")
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            inside = "saved_model" in config.formats
+            saved_model = os.path.join(folder if inside else scratch, "saved_model")
+            export_language_model(model, saved_model)
+            if inside:
+                write_language_signature_note(saved_model, model.hidden_size, vocabulary)
+            source = saved_model
+            if deploy.tflite_formats(config.formats):  # one sequence per call: the loop over time needs it static
+                source = export_language_model(model, os.path.join(scratch, "one_sequence"), batch=1)
+            entries, results = deploy.verified_formats(config, folder, saved_model, source, "language",
+                                                       {"tokens": tokens}, expected, hidden_size=model.hidden_size,
+                                                       saved_model_tolerance=1e-4)
+        network = {"parameters": count_parameters(model), "per": "token",
+                   "multiply_adds": deploy.multiply_adds(
+                       lambda t, h: model(t, h, training=False)[0],
+                       [tf.TensorSpec((1, 1), tf.int32), tf.TensorSpec((1, model.hidden_size), tf.float32)])}
+        document = deploy.report(network, entries, results, config)
+        return document
 
     # -- text ---------------------------------------------------------------------------
     def describe_space(self, spec):
@@ -150,5 +175,13 @@ class RecurrentCellKind(CellKind):
         lines = [f"language model: embedding {network.embedding_size}, hidden {network.hidden_size}, "
                  f"vocabulary {network.vocabulary_size}, tied weights {str(network.tie_weights).lower()}"]
         if network.vocabulary_size:
-            lines.append(f"parameters: {count_parameters(build_language_model(derived))}")
+            import tensorflow as tf
+
+            from ..deploy import multiply_adds
+
+            model = build_language_model(derived)
+            madds = multiply_adds(lambda t, h: model(t, h, training=False)[0],
+                                  [tf.TensorSpec((1, 1), tf.int32), tf.TensorSpec((1, network.hidden_size))])
+            lines.append(f"parameters: {count_parameters(model)}")
+            lines.append(f"multiply-adds: {madds:,} per token")
         return lines

@@ -240,8 +240,23 @@ def test_compile_and_search_takes_a_recurrent_spec_to_a_saved_language_model(tmp
     assert (saved / "vocabulary.txt").read_text() == (run_dir / "vocabulary.txt").read_text()
     # Export again from model.keras alone: the SavedModel, run in pieces in a fresh
     # process with the state fed back, matches Keras on the whole sequence.
-    again = run_cli("main", "export", str(run_dir))
+    again = run_cli("main", "export", str(run_dir), "--format", "saved_model", "--format", "tflite_dynamic")
     assert again.returncode == 0, again.stderr
+    # The TFLite file takes one sequence per call; run in pieces with the state fed back, it matches Keras.
+    interpreter = tf.lite.Interpreter(model_path=str(run_dir / "export" / "model_dynamic.tflite"))
+    serve = interpreter.get_signature_runner("serving_default")
+    sequence = np.array([[1, 2, 3, 4, 5, 6, 7]], np.int32)
+    hidden, pieces = np.zeros((1, 8), np.float32), []
+    for start in (0, 3, 6):
+        out = serve(tokens=sequence[:, start:start + 3], hidden=hidden)
+        pieces.append(out["log_probabilities"])
+        hidden = out["hidden"]
+    keras_model = keras.saving.load_model(run_dir / "retrain" / "model.keras")
+    whole = tf.nn.log_softmax(keras_model(sequence, tf.zeros((1, 8)))[0], axis=-1).numpy()
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, atol=1e-3)  # int8 weights, float activations
+    report = json.loads((run_dir / "export" / "report.json").read_text())
+    assert list(report["formats"]) == ["saved_model", "tflite_dynamic"]
+    assert report["network"]["per"] == "token" and report["formats"]["tflite_dynamic"]["latency_ms"] > 0
     loaded = tf.saved_model.load(str(saved))
     model = keras.saving.load_model(run_dir / "retrain" / "model.keras")
     tokens = np.array([[1, 2, 3, 4], [4, 3, 2, 1]], np.int32)

@@ -64,6 +64,6 @@ def test_a_spec_naming_a_plugin_uses_its_op_in_the_cli_in_a_child_process_and_in
     export = subprocess.run([sys.executable, "-m", "keras_darts.runtime.cli", "export", str(run_dir)],
                             cwd=elsewhere, env=child_env(), capture_output=True, text=True)
     assert export.returncode == 0, export.stderr
-    assert "saved model:" in export.stdout
+    assert f"saved_model: {run_dir / 'export' / 'saved_model'} (" in export.stdout
     model = (run_dir / "retrain" / "model.keras")
     assert model.exists()

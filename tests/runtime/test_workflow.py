@@ -13,26 +13,37 @@ from keras_darts.spec import dump_yaml
 from tests.conftest import tiny_spec_document
 
 
+# The tests of one run share a worker (pytest-xdist ``--dist loadgroup``): each worker would otherwise
+# search, retrain and export a run of its own.
+shares_the_run = pytest.mark.xdist_group("finished_run")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """One complete compile-and-search run of the tiny spec on scikit-learn's digits."""
+    """One complete compile-and-search run of the tiny spec on scikit-learn's digits, exported in every format."""
     folder = tmp_path_factory.mktemp("run")
     spec_path = folder / "tiny.yaml"
-    spec_path.write_text(dump_yaml(tiny_spec_document()))
+    document = tiny_spec_document()
+    document["export"] = {"formats": ["saved_model", "tflite", "tflite_dynamic", "tflite_int8"], "latency_runs": 5}
+    spec_path.write_text(dump_yaml(document))
     run_dir = folder / "out"
     code = compile_and_search_main([str(spec_path), "--run-dir", str(run_dir), "--no-progress"])
     return code, spec_path, run_dir
 
 
+@shares_the_run
 def test_compile_and_search_leaves_every_artifact(finished_run):
     code, _, run_dir = finished_run
     assert code == 0
     for item in ("spec.yaml", "data.json", "derived.yaml", "search/history.json", "search/history.csv",
                  "search/alphas.npz", "search/derived/epoch_001.yaml", "search/derived/epoch_002.yaml",
-                 "retrain/model.keras", "retrain/metrics.json", "export/saved_model/saved_model.pb"):
+                 "retrain/model.keras", "retrain/metrics.json", "export/saved_model/saved_model.pb",
+                 "export/model.tflite", "export/model_dynamic.tflite", "export/model_int8.tflite",
+                 "export/report.json"):
         assert (run_dir / item).exists(), item
 
 
+@shares_the_run
 def test_search_lowers_validation_loss_and_writes_a_valid_derived_spec(finished_run):
     _, _, run_dir = finished_run
     history = json.loads((run_dir / "search" / "history.json").read_text())
@@ -54,6 +65,7 @@ def test_search_lowers_validation_loss_and_writes_a_valid_derived_spec(finished_
     assert rederived == dict(derived.cells)
 
 
+@shares_the_run
 def test_retrained_model_is_well_above_chance_and_exported_model_agrees(finished_run):
     _, _, run_dir = finished_run
     metrics = json.loads((run_dir / "retrain" / "metrics.json").read_text())
@@ -71,6 +83,7 @@ def test_retrained_model_is_well_above_chance_and_exported_model_agrees(finished
     assert difference < 1e-5
 
 
+@shares_the_run
 def test_saved_keras_model_takes_the_savedmodels_input_and_returns_its_logits(finished_run):
     # The README's contract: model.keras takes images in [0, 1] as the SavedModel
     # does (the normalisation is inside it) and returns logits, whose softmax is
@@ -93,18 +106,87 @@ def test_saved_keras_model_takes_the_savedmodels_input_and_returns_its_logits(fi
                                atol=1e-5)
 
 
-def test_export_command_in_a_fresh_process(finished_run):
+def _tflite_outputs(path, images):
+    """Run a TFLite file on ``images`` one at a time, (de)quantising as its input and output say."""
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    run = interpreter.get_signature_runner("serving_default")
+    into, out = run.get_input_details()["images"], run.get_output_details()["probabilities"]
+    results = []
+    for image in images:
+        x = image[None]
+        if into["dtype"] == np.int8:
+            scale, zero = into["quantization"]
+            x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+        y = run(images=x)["probabilities"]
+        if out["dtype"] == np.int8:
+            scale, zero = out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        results.append(y[0])
+    return into["dtype"], np.array(results)
+
+
+@shares_the_run
+def test_tflite_files_run_in_this_process_agree_with_the_keras_model_and_the_report(finished_run):
+    import keras
+
+    from keras_darts.runtime.data import load_image_data
+
+    _, spec_path, run_dir = finished_run
+    report = json.loads((run_dir / "export" / "report.json").read_text())
+    model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras"))  # normalisation inside
+    data = load_image_data(kd.load_spec(str(spec_path)))
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(data.x_test)))
+    keras_accuracy = float(np.mean(expected.argmax(-1) == data.y_test))
+    assert report["keras"] == {"metric": "accuracy", "value": keras_accuracy}
+    assert report["test_examples"] == len(data.y_test) == 360
+    for form, file, dtype in (("tflite", "model.tflite", np.float32), ("tflite_int8", "model_int8.tflite", np.int8)):
+        entry = report["formats"][form]
+        assert entry["path"] == str(run_dir / "export" / file)
+        assert entry["bytes"] == (run_dir / "export" / file).stat().st_size
+        input_dtype, probabilities = _tflite_outputs(run_dir / "export" / file, data.x_test)
+        assert input_dtype == dtype
+        accuracy = float(np.mean(probabilities.argmax(-1) == data.y_test))
+        assert entry["value"] == pytest.approx(accuracy, abs=1e-12)
+        assert entry["change"] == pytest.approx(accuracy - keras_accuracy, abs=1e-12)
+        assert entry["latency_ms"] > 0
+        if form == "tflite":
+            np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+        else:  # integers throughout: close to Keras, not equal to it
+            assert 1e-4 < np.max(np.abs(probabilities - expected)) < 0.25
+            assert abs(accuracy - keras_accuracy) < 0.05
+    network = report["network"]
+    assert network["parameters"] == json.loads((run_dir / "retrain" / "metrics.json").read_text())["parameters"]
+    assert network["multiply_adds"] > network["parameters"]
+
+
+@shares_the_run
+def test_export_command_in_a_fresh_process_writes_the_formats_asked_for(finished_run):
     import shutil
     import subprocess
     import sys
 
     _, _, run_dir = finished_run
     shutil.rmtree(run_dir / "export")
-    done = subprocess.run([sys.executable, "-m", "keras_darts.runtime.cli", "export", str(run_dir)],
+    done = subprocess.run([sys.executable, "-m", "keras_darts.runtime.cli", "export", str(run_dir),
+                           "--format", "saved_model", "--format", "tflite_dynamic"],
                           capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout == f"saved model: {run_dir / 'export' / 'saved_model'}\n"
-    assert (run_dir / "export" / "saved_model" / "saved_model.pb").exists()
+    lines = done.stdout.splitlines()
+    parameters = json.loads((run_dir / "retrain" / "metrics.json").read_text())["parameters"]
+    assert lines[0].startswith(f"network: {parameters:,} parameters, ")
+    assert lines[2].startswith(f"saved_model: {run_dir / 'export' / 'saved_model'} (")
+    assert lines[3].startswith(f"tflite_dynamic: {run_dir / 'export' / 'model_dynamic.tflite'} (")
+    assert lines[-1] == f"export report: {run_dir / 'export' / 'report.json'}"
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == ["model_dynamic.tflite", "report.json",
+                                                                       "saved_model"]
+    report = json.loads((run_dir / "export" / "report.json").read_text())
+    assert list(report["formats"]) == ["saved_model", "tflite_dynamic"]
+    # Another format later is added to the report beside the earlier ones.
+    assert main(["export", str(run_dir), "--format", "tflite"]) == 0
+    report = json.loads((run_dir / "export" / "report.json").read_text())
+    assert list(report["formats"]) == ["saved_model", "tflite_dynamic", "tflite"]
 
 
 def test_export_of_a_directory_that_is_not_a_run_exits_2(tmp_path, capsys):
@@ -112,6 +194,7 @@ def test_export_of_a_directory_that_is_not_a_run_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: spec.yaml: missing: not a keras-darts run directory\n"
 
 
+@shares_the_run
 def test_running_again_resumes_and_repeats_nothing_finished(finished_run, capsys, caplog):
     _, spec_path, run_dir = finished_run
     kept = ["retrain/metrics.json", "retrain/model.keras", "search/history.json", "search/alphas.npz",
@@ -137,13 +220,14 @@ def test_running_again_resumes_and_repeats_nothing_finished(finished_run, capsys
     assert (run_dir / "search" / "alphas.npz").read_bytes() == before["search/alphas.npz"][1]
 
 
+@shares_the_run
 def test_retrain_a_published_cell_on_the_runs_data(finished_run, capsys):
     _, _, run_dir = finished_run
     assert main(["retrain", str(run_dir), "--derived", "DARTS_V2", "--no-progress"]) == 2
     assert capsys.readouterr().err == f"error: {run_dir}: retrain/: exists already; pass --overwrite to replace it\n"
     assert main(["retrain", str(run_dir), "--derived", "DARTS_V2", "--overwrite", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "retrain: " in out and "saved model:" in out
+    assert "retrain: " in out and f"saved_model: {run_dir / 'export' / 'saved_model'} (" in out
     import keras
 
     model = keras.saving.load_model(str(run_dir / "retrain" / "model.keras")).get_layer("derived_network")
