@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def document(order):
-    doc = tiny_spec_document()
+    # Two cells, one normal and one reduction: the build is what these tests wait for.
+    doc = tiny_spec_document(reduction_cells=[1])
+    doc["search_space"]["network"]["layers"] = 2
     # Grappler off, as a short search on one CPU runs (auto keeps it on under several replicas):
     # these tests compare distribution with one device, and build in half the time without it.
     doc["search"].update({"epochs": 1, "steps_per_epoch": 3, "order": order, "deterministic": True,
