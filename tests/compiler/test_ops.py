@@ -97,10 +97,11 @@ def test_pooling_matches_the_reference_padding(name, reduce, stride):
     np.testing.assert_allclose(out, _reference_pool(x, stride, reduce), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("size", [6, 7])
-def test_strided_max_pool_and_its_gradient_equal_padding_with_minus_infinity(size):
-    # The op pads with a mirror of the border (no infinite constant for integer
-    # quantisation); the reference pads with -inf. Both pick the same maxima.
+def test_strided_max_pool_and_its_gradient_equal_padding_with_minus_infinity(size, training):
+    # In inference the op pads with a mirror of the border (no infinite constant
+    # for integer quantisation); the reference pads with -inf. Both pick the same maxima.
     import tensorflow as tf
 
     x = tf.constant(np.random.default_rng(5).normal(size=(2, size, size, 3)).astype("float32"))
@@ -114,7 +115,7 @@ def test_strided_max_pool_and_its_gradient_equal_padding_with_minus_infinity(siz
 
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        ours, theirs = op(x), reference(x)
+        ours, theirs = op(x, training=training), reference(x)
         ours_loss, theirs_loss = tf.reduce_sum(ours * weights), tf.reduce_sum(theirs * weights)
     np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
     np.testing.assert_array_equal(tape.gradient(ours_loss, x).numpy(), tape.gradient(theirs_loss, x).numpy())
