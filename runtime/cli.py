@@ -76,6 +76,10 @@ def cmd_compile_and_search(args):
     from keras_darts.runtime.kinds import kind_of
 
     kind_of(spec).check_data(spec, light=True)  # before TensorFlow loads
+    if spec.retrain.enabled and spec.export.enabled and not args.search_only:
+        from keras_darts.runtime.deploy import check_requirements
+
+        check_requirements(spec.export.formats, spec.source)  # before the search, not after it
     _tensorflow()
     from keras_darts.runtime.workflow import run_compile_and_search
 

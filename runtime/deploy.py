@@ -1,8 +1,9 @@
-"""TensorFlow Lite files of a derived network, verified, and what the network costs to run.
+"""TensorFlow Lite and ONNX files of a derived network, verified, and what the network costs to run.
 
 ``write_tflite`` converts a SavedModel to the requested TFLite formats and
-``check_tflite`` runs them and the SavedModel on held-out data; both work in
-a fresh Python process (``litert_worker.py``). ``multiply_adds`` counts a
+``write_onnx`` to ONNX (tf2onnx); ``check_exported`` runs them all and the
+SavedModel on held-out data; each works in a fresh Python process
+(``litert_worker.py``, tf2onnx's command). ``multiply_adds`` counts a
 network's multiply-accumulates from its traced graph. The kinds' ``export``
 puts these together into the report ``export/report.json`` holds.
 """
@@ -20,6 +21,9 @@ from keras_darts.spec import ExportVerificationError
 
 TFLITE_FILES = {"tflite": "model.tflite", "tflite_dynamic": "model_dynamic.tflite",
                 "tflite_int8": "model_int8.tflite"}
+ONNX_FILE = "model.onnx"
+# tf2onnx's opset: ONNX Runtime 1.20 and later run it, and every op of the DARTS set has a kernel in it.
+ONNX_OPSET = 17
 REPORT = "report.json"
 # Largest |difference| of a float32 TFLite model's outputs from Keras' (probabilities or log-probabilities).
 FLOAT_TOLERANCE = 1e-4
@@ -28,6 +32,43 @@ _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "litert_worke
 
 def tflite_formats(formats):
     return [form for form in formats if form in TFLITE_FILES]
+
+
+def converted_formats(formats):
+    """The formats converted from the SavedModel (TFLite and ONNX): those the data must be loaded for."""
+    return [form for form in formats if form in TFLITE_FILES or form == "onnx"]
+
+
+def check_requirements(formats, source):
+    """Raise ``SpecError`` naming ``source``'s ``$.export.formats`` unless ``onnx``'s packages are installed.
+
+    Called before a search starts, so that a missing extra is found before hours of work.
+    """
+    import importlib.util
+
+    from keras_darts.spec import SpecError
+
+    if "onnx" in formats:
+        missing = [name for name in ("tf2onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise SpecError.single(source, "$.export.formats", f"onnx needs {' and '.join(missing)}, which {verb} "
+                                   "not installed; pip install 'keras-darts[onnx]'")
+
+
+def write_onnx(saved_model, folder):
+    """Convert the SavedModel's serving signature to ONNX with tf2onnx in a fresh process; return the path."""
+    path = os.path.join(folder, ONNX_FILE)
+    done = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", saved_model, "--signature_def",
+                           "serving_default", "--opset", str(ONNX_OPSET), "--output", path + ".part"],
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0 or not os.path.exists(path + ".part"):
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise ExportVerificationError.single(folder, ONNX_FILE, "converting it with tf2onnx failed: "
+                                             + (lines[-1] if lines else "(no output)"))
+    os.replace(path + ".part", path)
+    return path
 
 
 def _run_worker(mode, request, blame):
@@ -66,8 +107,8 @@ def write_tflite(saved_model, formats, folder, calibration=None):
     return files
 
 
-def check_tflite(kind, saved_model, files, inputs, latency_runs, hidden_size=None):
-    """Run the SavedModel and every TFLite file, and time them, in a fresh process.
+def check_exported(kind, saved_model, files, inputs, latency_runs, hidden_size=None):
+    """Run the SavedModel and every TFLite or ONNX file, and time them, in a fresh process.
 
     ``kind``: ``image`` (``inputs["images"]``, outputs: probabilities) or
     ``language`` (``inputs["tokens"]``, one sequence per row, run in pieces
@@ -195,8 +236,10 @@ def verified_formats(config, folder, saved_model, conversion_source, kind, input
     Returns the report's entry per requested format and the worker's results.
     """
     files = write_tflite(conversion_source, config.formats, folder, calibration)
-    outputs, results = check_tflite(kind, saved_model, files, inputs, config.latency_runs, hidden_size)
-    tolerances = {"saved_model": saved_model_tolerance, "tflite": FLOAT_TOLERANCE}
+    if "onnx" in config.formats:
+        files["onnx"] = write_onnx(saved_model, folder)
+    outputs, results = check_exported(kind, saved_model, files, inputs, config.latency_runs, hidden_size)
+    tolerances = {"saved_model": saved_model_tolerance, "tflite": FLOAT_TOLERANCE, "onnx": FLOAT_TOLERANCE}
     entries = {}
     for form in config.formats:
         path = saved_model if form == "saved_model" else files[form]

@@ -44,11 +44,11 @@ def verify_saved_model(path, model, images, mean, std, atol=1e-5):
 
     Returns the largest absolute difference; raises ``ExportVerificationError`` above ``atol``.
     """
-    from .deploy import check_float_difference, check_tflite
+    from .deploy import check_float_difference, check_exported
 
     images = np.asarray(images, np.float32)
     expected = tf.nn.softmax(model((images - mean) / std, training=False), axis=-1).numpy()
-    outputs, _ = check_tflite("image", path, {}, {"images": images}, latency_runs=1)
+    outputs, _ = check_exported("image", path, {}, {"images": images}, latency_runs=1)
     return check_float_difference(os.path.join(path, "saved_model.pb"), outputs["saved_model"], expected, atol)
 
 

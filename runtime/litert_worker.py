@@ -1,4 +1,4 @@
-"""TensorFlow Lite conversion and checks, run as a script in a fresh Python process.
+"""TensorFlow Lite conversion, and checks of TFLite and ONNX files, run as a script in a fresh Python process.
 
 ``python litert_worker.py convert|check REQUEST.json`` (see ``tflite.py``).
 Each conversion and each check runs in a process of its own: the converter
@@ -74,6 +74,19 @@ def _dequantise(values, detail):
     return (values.astype(np.float32) - zero) * scale
 
 
+class OnnxRunner:
+    """An ONNX file run by ONNX Runtime, called like ``Runner``."""
+
+    def __init__(self, path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    def __call__(self, **arrays):
+        return dict(zip(self.output_names, self.session.run(self.output_names, arrays)))
+
+
 class Runner:
     """One TFLite model's serving signature, called with and returning float arrays by name."""
 
@@ -141,7 +154,7 @@ def check(request):
         constant = tf.constant(one)
         results["latency_ms"]["saved_model"] = _median_ms(lambda: loaded(images=constant), runs)
         for form, path in request["files"].items():
-            run = Runner(path, interpreter)
+            run = OnnxRunner(path) if form == "onnx" else Runner(path, interpreter)
             outputs[form] = _image_outputs(run, images)
             results["latency_ms"][form] = _median_ms(lambda: run(images=one), runs)
     else:

@@ -210,20 +210,22 @@ def export_run(run_dir, model=None, data=None, formats=None):
     """Export ``run_dir``'s retrained model in the spec's ``export.formats`` (or ``formats``).
 
     Every file is verified in a fresh process and timed; returns the report
-    that ``export/report.json`` holds. The data is loaded when a TFLite
-    format needs it (calibration, accuracy on the test split) and not given.
+    that ``export/report.json`` holds. The data is loaded when a TFLite or
+    ONNX file needs it (calibration, accuracy on the test split) and not given.
     """
-    from .deploy import tflite_formats
+    from .deploy import check_requirements, converted_formats
 
-    spec = load_run_spec(run_dir)
+    # Formats asked for are checked as the spec's own would be (a kind may refuse some).
+    spec = load_run_spec(run_dir, [f"export.formats=[{', '.join(formats)}]"] if formats else [])
     rundir.require_run(run_dir, "data.json")
     kind = kind_of(spec)
-    config = spec.export if formats is None else dataclasses.replace(spec.export, formats=tuple(formats))
+    config = spec.export
     info = rundir.read_json(os.path.join(run_dir, "data.json"))
     if model is None:
         rundir.require_run(run_dir, os.path.join("retrain", "model.keras"))
         model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
-    if data is None and tflite_formats(config.formats):
+    check_requirements(config.formats, os.path.join(run_dir, rundir.MARKER))
+    if data is None and converted_formats(config.formats):
         data = kind.load_data(spec)
     document = kind.export(run_dir, info, model=model, data=data, config=config)
     path = os.path.join(run_dir, "export", REPORT)

@@ -319,7 +319,7 @@ class DistributeConfig:
     batch_norm: str = "global"
 
 
-EXPORT_FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8")
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx")
 
 
 @frozen
@@ -329,7 +329,8 @@ class ExportConfig:
     ``formats``: ``saved_model`` (TensorFlow Serving, TF.js, Python);
     ``tflite`` (float32), ``tflite_dynamic`` (int8 weights, float
     activations) and ``tflite_int8`` (integers throughout, calibrated on
-    ``calibration_samples`` training examples) for TensorFlow Lite / LiteRT.
+    ``calibration_samples`` training examples) for TensorFlow Lite / LiteRT;
+    ``onnx`` (float32, with the ``onnx`` extra) for ONNX Runtime.
     ``latency_runs``: timed runs of one example per format, of which the
     median is reported.
     """

@@ -350,6 +350,10 @@ def recurrent_spec_problems(spec, source):
                                 "tflite_int8 (full-integer quantisation) is not available for recurrent cells: "
                                 "TensorFlow 2.21's converter cannot calibrate the loop over time; "
                                 "expected saved_model, tflite or tflite_dynamic"))
+    if "onnx" in spec.export.formats:
+        problems.append(Problem(source, "$.export.formats",
+                                "onnx is available for convolutional cells only; "
+                                "expected saved_model, tflite or tflite_dynamic"))
     return problems
 
 

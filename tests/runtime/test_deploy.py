@@ -92,3 +92,22 @@ def test_int8_values_round_trip_through_the_quantisation_an_input_states():
     np.testing.assert_allclose(litert_worker._dequantise(quantised, detail), [0.0, 79 / 255, 1.0, 1.0], atol=1e-7)
     plain = {"dtype": np.float32, "quantization": (0.0, 0)}
     np.testing.assert_array_equal(litert_worker._quantise(values, plain), values)
+
+
+def test_onnx_without_its_packages_stops_compile_and_search_before_the_search(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from keras_darts.runtime.cli import compile_and_search_main
+    from keras_darts.spec import dump_yaml
+    from tests.conftest import tiny_spec_document
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a))
+    document = tiny_spec_document()
+    document["export"] = {"formats": ["saved_model", "onnx"]}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(dump_yaml(document))
+    assert compile_and_search_main([str(spec), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: {spec}: $.export.formats: onnx needs tf2onnx, which is not "
+                                       "installed; pip install 'keras-darts[onnx]'\n")
+    assert not (tmp_path / "run").exists()

@@ -24,7 +24,8 @@ def finished_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     spec_path = folder / "tiny.yaml"
     document = tiny_spec_document()
-    document["export"] = {"formats": ["saved_model", "tflite", "tflite_dynamic", "tflite_int8"], "latency_runs": 5}
+    document["export"] = {"formats": ["saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx"],
+                          "latency_runs": 5}
     spec_path.write_text(dump_yaml(document))
     run_dir = folder / "out"
     code = compile_and_search_main([str(spec_path), "--run-dir", str(run_dir), "--no-progress"])
@@ -39,7 +40,7 @@ def test_compile_and_search_leaves_every_artifact(finished_run):
                  "search/alphas.npz", "search/derived/epoch_001.yaml", "search/derived/epoch_002.yaml",
                  "retrain/model.keras", "retrain/metrics.json", "export/saved_model/saved_model.pb",
                  "export/model.tflite", "export/model_dynamic.tflite", "export/model_int8.tflite",
-                 "export/report.json"):
+                 "export/model.onnx", "export/report.json"):
         assert (run_dir / item).exists(), item
 
 
@@ -128,7 +129,7 @@ def _tflite_outputs(path, images):
 
 
 @shares_the_run
-def test_tflite_files_run_in_this_process_agree_with_the_keras_model_and_the_report(finished_run):
+def test_tflite_and_onnx_files_run_in_this_process_agree_with_the_keras_model_and_the_report(finished_run):
     import keras
 
     from keras_darts.runtime.data import load_image_data
@@ -156,6 +157,13 @@ def test_tflite_files_run_in_this_process_agree_with_the_keras_model_and_the_rep
         else:  # integers throughout: close to Keras, not equal to it
             assert 1e-4 < np.max(np.abs(probabilities - expected)) < 0.25
             assert abs(accuracy - keras_accuracy) < 0.05
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(run_dir / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_probabilities = session.run(["probabilities"], {"images": data.x_test})[0]
+    np.testing.assert_allclose(onnx_probabilities, expected, atol=1e-4)
+    accuracy = float(np.mean(onnx_probabilities.argmax(-1) == data.y_test))
+    assert report["formats"]["onnx"]["value"] == pytest.approx(accuracy, abs=1e-12)
     network = report["network"]
     assert network["parameters"] == json.loads((run_dir / "retrain" / "metrics.json").read_text())["parameters"]
     assert network["multiply_adds"] > network["parameters"]
