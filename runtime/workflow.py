@@ -220,11 +220,11 @@ def export_run(run_dir, model=None, data=None, formats=None):
     rundir.require_run(run_dir, "data.json")
     kind = kind_of(spec)
     config = spec.export
+    check_requirements(config.formats, os.path.join(run_dir, rundir.MARKER))  # before anything is loaded
     info = rundir.read_json(os.path.join(run_dir, "data.json"))
     if model is None:
         rundir.require_run(run_dir, os.path.join("retrain", "model.keras"))
         model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
-    check_requirements(config.formats, os.path.join(run_dir, rundir.MARKER))
     if data is None and converted_formats(config.formats):
         data = kind.load_data(spec)
     document = kind.export(run_dir, info, model=model, data=data, config=config)

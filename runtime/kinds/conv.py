@@ -136,11 +136,12 @@ class ConvCellKind(CellKind):
         folder = os.path.join(run_dir, "export")
         os.makedirs(folder, exist_ok=True)
 
+        keras_accuracy = None if labels is None else float(np.mean(np.argmax(expected, axis=-1) == labels))
+
         def score(probabilities):
             accuracy = float(np.mean(np.argmax(probabilities, axis=-1) == labels))
             return {"metric": "accuracy", "value": accuracy, "change": accuracy - keras_accuracy}
 
-        keras_accuracy = None if labels is None else float(np.mean(np.argmax(expected, axis=-1) == labels))
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             inside = "saved_model" in config.formats
             saved_model = os.path.join(folder if inside else scratch, "saved_model")
@@ -156,12 +157,19 @@ class ConvCellKind(CellKind):
                                                        score=None if labels is None else score,
                                                        calibration=calibration)
         network = {"parameters": count_parameters(model), "per": "image", "input_shape": list(shape),
-                   "multiply_adds": deploy.multiply_adds(lambda x: model(x, training=False),
-                                                         [tf.TensorSpec((1, *shape), tf.float32)])}
-        keras = None if labels is None else {"metric": "accuracy", "value": keras_accuracy}
-        document = deploy.report(network, entries, results, config, keras=keras,
-                                 test_examples=0 if labels is None else len(labels))
-        return document
+                   "multiply_adds": self.multiply_adds(model)}
+        reference = None if labels is None else {"metric": "accuracy", "value": keras_accuracy}
+        return deploy.report(network, entries, results, config, keras=reference,
+                             test_examples=0 if labels is None else len(labels))
+
+    def multiply_adds(self, model):
+        """Multiply-accumulates of one image through ``model`` (a derived network), from its traced graph."""
+        import tensorflow as tf
+
+        from ..deploy import multiply_adds
+
+        shape = tuple(model.derived.network.input_shape)
+        return multiply_adds(lambda x: model(x, training=False), [tf.TensorSpec((1, *shape), tf.float32)])
 
     # -- text ---------------------------------------------------------------------------
     def describe_space(self, spec):
@@ -172,16 +180,10 @@ class ConvCellKind(CellKind):
     def describe_derived(self, derived):
         from keras_darts.compiler import count_parameters
 
-        import tensorflow as tf
-
-        from ..deploy import multiply_adds
-
         network = derived.network
         model = self.build_network(derived)
-        madds = multiply_adds(lambda x: model(x, training=False),
-                              [tf.TensorSpec((1, *network.input_shape), tf.float32)])
         return [f"network: C={network.init_channels}, {network.layers} cells, reductions at "
                 f"{list(network.reduction_positions)}, input {list(network.input_shape)}, "
                 f"{network.num_classes} classes",
                 f"parameters: {count_parameters(model)} (auxiliary head excluded)",
-                f"multiply-adds: {madds:,} per image"]
+                f"multiply-adds: {self.multiply_adds(model):,} per image"]

@@ -153,12 +153,17 @@ class RecurrentCellKind(CellKind):
             entries, results = deploy.verified_formats(config, folder, saved_model, source, "language",
                                                        {"tokens": tokens}, expected, hidden_size=model.hidden_size,
                                                        saved_model_tolerance=1e-4)
-        network = {"parameters": count_parameters(model), "per": "token",
-                   "multiply_adds": deploy.multiply_adds(
-                       lambda t, h: model(t, h, training=False)[0],
-                       [tf.TensorSpec((1, 1), tf.int32), tf.TensorSpec((1, model.hidden_size), tf.float32)])}
-        document = deploy.report(network, entries, results, config)
-        return document
+        network = {"parameters": count_parameters(model), "per": "token", "multiply_adds": self.multiply_adds(model)}
+        return deploy.report(network, entries, results, config)
+
+    def multiply_adds(self, model):
+        """Multiply-accumulates of one token through ``model`` (a language model), from its traced graph."""
+        import tensorflow as tf
+
+        from ..deploy import multiply_adds
+
+        return multiply_adds(lambda t, h: model(t, h, training=False)[0],
+                             [tf.TensorSpec((1, 1), tf.int32), tf.TensorSpec((1, model.hidden_size), tf.float32)])
 
     # -- text ---------------------------------------------------------------------------
     def describe_space(self, spec):
@@ -175,13 +180,7 @@ class RecurrentCellKind(CellKind):
         lines = [f"language model: embedding {network.embedding_size}, hidden {network.hidden_size}, "
                  f"vocabulary {network.vocabulary_size}, tied weights {str(network.tie_weights).lower()}"]
         if network.vocabulary_size:
-            import tensorflow as tf
-
-            from ..deploy import multiply_adds
-
             model = build_language_model(derived)
-            madds = multiply_adds(lambda t, h: model(t, h, training=False)[0],
-                                  [tf.TensorSpec((1, 1), tf.int32), tf.TensorSpec((1, network.hidden_size))])
             lines.append(f"parameters: {count_parameters(model)}")
-            lines.append(f"multiply-adds: {madds:,} per token")
+            lines.append(f"multiply-adds: {self.multiply_adds(model):,} per token")
         return lines
