@@ -20,6 +20,7 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL PAPER --modes first_order --methods gdas snas
     python benchmarks/bench_search.py --configs SMALL --grappler on off --paired-grappler   # graph optimiser
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --replicas 2 --batch-norm global replica
+    python benchmarks/bench_search.py --configs SMALL PAPER --precision float32 mixed_bfloat16   # 16-bit compute
 
 ``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
 devices, at the same global batch, for the throughput per replica
@@ -191,7 +192,7 @@ def search_epoch(config_name, steps):
 
 
 def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
-            method=None, grappler=None, batch_norm="global", paired_grappler=False):
+            method=None, grappler=None, batch_norm="global", paired_grappler=False, precision="float32"):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -211,10 +212,13 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     if batch:
         config["batch"] = batch
     extra = {"batch": config["batch"], "replicas": replicas, "search_options": options, "method": method or "darts",
-             "grappler": GRAPPLER_NAMES[grappler], "batch_norm": batch_norm if replicas else None}
+             "grappler": GRAPPLER_NAMES[grappler], "batch_norm": batch_norm if replicas else None,
+             "precision": precision}
     if config_name == "RNN":
         if replicas or mode == "retrain_step":
             raise SystemExit("the RNN configuration measures search iterations on one device only")
+        if precision != "float32":
+            raise SystemExit("the RNN configuration is measured in float32 only")
         call, function, call_with = recurrent_step(config, mode, grappler)
         result = {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
         if paired and mode != "forward_backward":
@@ -225,7 +229,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     spec = conv_spec(config, METHOD_OPERATIONS.get(method), search={
         **options, "order": "first" if mode == "first_order" else "second",
         "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference",
-        **({"method": method} if method else {})}, distribute={"batch_norm": batch_norm})
+        "precision": precision, **({"method": method} if method else {})}, distribute={"batch_norm": batch_norm})
     if mode == "second_order_exact":
         # As a search does: exact mode over max and average pooling runs one kernel at a time.
         from keras_darts.runtime.determinism import serialize_kernels_if_needed
@@ -235,6 +239,8 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     x = tf.random.normal((batch, 32, 32, 3))
     y = tf.random.uniform((batch,), 0, 10, tf.int32)
     if mode == "retrain_step":
+        if precision != "float32":
+            raise SystemExit("retrain_step is measured in float32 only")
         call, function = retrain_step(config, strategy, x, y)
         return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
     if mode == "forward_backward" and strategy:
@@ -361,6 +367,25 @@ def print_methods(results):
               f"{time_ratio} {row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {memory_ratio}")
 
 
+SHORT_PRECISION = {"float32": "f32", "mixed_bfloat16": "bf16", "mixed_float16": "f16"}
+
+
+def print_precisions(results):
+    """Each 16-bit run's time per iteration and first call beside float32's of the same run, measured in this run."""
+    for row in results:
+        precision = row.get("precision", "float32")
+        if precision == "float32":
+            continue
+        same = ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm")
+        base = next((r for r in results if r.get("precision", "float32") == "float32"
+                     and all(r.get(k) == row.get(k) for k in same)), None)
+        if base:
+            print(f"{row['config']} {row['mode']} {SHORT_PRECISION[precision]} / f32: s/iter "
+                  f"{row['median_seconds'] / base['median_seconds']:.2f}x, first call "
+                  f"{row['first_call_seconds'] / base['first_call_seconds']:.2f}x, peak memory "
+                  f"{row['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")
+
+
 def machine():
     import tensorflow as tf
 
@@ -405,6 +430,9 @@ def main():
                              "runs), on, off; several values measure each search configuration under each")
     parser.add_argument("--batch-norm", nargs="+", default=["global"], choices=["global", "replica"],
                         help="distribute.batch_norm for the --replicas runs; several values measure each")
+    parser.add_argument("--precision", nargs="+", default=["float32"],
+                        choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                        help="search.precision of the convolutional runs (each run under each, one after the other)")
     parser.add_argument("--paired-grappler", action="store_true",
                         help="also time each search step with the graph optimiser the other way, alternately "
                              "in the same process (the 'x other' column: this setting's time over the other's)")
@@ -421,7 +449,8 @@ def main():
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
                                  args.replica_count, options, args.paired, args.method,
-                                 GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler)))
+                                 GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
+                                 args.precision[0])))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -441,9 +470,13 @@ def main():
             for setting in (args.grappler if run[1] in STEP_MODES else args.grappler[:1])]
     # Runs on several replicas under each batch-norm setting asked for.
     runs = [(*run[:6], norm, *run[6:]) for run in runs for norm in (args.batch_norm if run[3] else ["global"])]
-    for config, mode, batch, replicas, method, setting, norm, *steps in runs:
+    # Convolutional search runs under each precision asked for (RNN and retraining: float32).
+    runs = [(*run[:7], precision, *run[7:]) for run in runs
+            for precision in (args.precision if run[0] != "RNN" and run[1] not in ("retrain_step", "search_epoch")
+                              else ["float32"])]
+    for config, mode, batch, replicas, method, setting, norm, precision, *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,
-                   "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
+                   "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--precision", precision]
         if method:
             command += ["--method", method]
         if steps:
@@ -463,20 +496,22 @@ def main():
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
-              f"replicas {replicas or '-'}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr, flush=True)
+              f"replicas {replicas or '-'} {precision}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr,
+              flush=True)
     estimates = {config: estimate_config(config, options) for config in args.configs} if args.with_estimate else {}
     report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
     # The reference implementation's seconds (REFERENCE) were measured on another day in another process;
     # they stay in the JSON and in benchmarks/README.md's text, not beside this run's figures.
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'grappler':>8s} {'trace s':>7s} {'first call':>10s} " \
-             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s}"
+             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s}"
     print(header)
     for row in results:
         batch = row["batch"]
         replicas = row.get("replicas") or 1
         base = next((r["median_seconds"] for r in results if r["config"] == row["config"]
-                     and r["mode"] == "forward_backward" and r["batch"] == batch and not r.get("replicas")), None)
+                     and r["mode"] == "forward_backward" and r["batch"] == batch and not r.get("replicas")
+                     and r.get("precision", "float32") == row.get("precision", "float32")), None)
         ratio = f"{row['median_seconds'] / base:9.2f}" if base else f"{'-':>9s}"
         paired = f"{row['paired_ratio']:8.2f}" if "paired_ratio" in row else f"{'-':>8s}"
         other = f"{row['grappler_ratio']:7.3f}" if "grappler_ratio" in row else f"{'-':>7s}"
@@ -487,7 +522,8 @@ def main():
               f"{row['median_seconds']:8.3f} {1000 * row['median_seconds'] / batch:10.2f} "
               f"{batch / row['median_seconds'] / replicas:8.1f} {ratio} {grappler:>8s} {trace} "
               f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6} "
-              f"{paired} {other}")
+              f"{paired} {other} {SHORT_PRECISION[row.get('precision', 'float32')]:>9s}")
+    print_precisions(results)
     if args.methods:
         print_methods(results)
     for config in args.configs:

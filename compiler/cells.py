@@ -286,7 +286,7 @@ class DerivedCell(_Cell):
         self.seed_generator = keras.random.SeedGenerator(seed, name=f"{self.name}__drop_path_seed")
 
     def _drop_path(self, x, rate):
-        keep = 1.0 - rate
+        keep = 1.0 - ops.cast(rate, "float32")
         batch = ops.shape(x)[0]
         mask = ops.cast(replica_uniform((batch, 1, 1, 1), self.seed_generator, "float32") < keep, x.dtype)
         return x / ops.cast(keep, x.dtype) * mask

@@ -208,8 +208,11 @@ class Op(keras.layers.Layer):
         self._norms[prefix] = (
             self.add_weight(shape=(channels,), initializer="ones", name=f"{prefix}_gamma"),
             self.add_weight(shape=(channels,), initializer="zeros", name=f"{prefix}_beta"),
-            self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name=f"{prefix}_moving_mean"),
-            self.add_weight(shape=(channels,), initializer="ones", trainable=False, name=f"{prefix}_moving_variance"),
+            # Averaged in float32 under mixed precision too (read without autocasting).
+            self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name=f"{prefix}_moving_mean",
+                            autocast=False),
+            self.add_weight(shape=(channels,), initializer="ones", trainable=False,
+                            name=f"{prefix}_moving_variance", autocast=False),
         )
 
     def norm(self, x, prefix, training):
@@ -218,10 +221,12 @@ class Op(keras.layers.Layer):
         gamma, beta, moving_mean, moving_variance = self._norms[prefix]
         if training:
             y, mean, unbiased = batch_normalize(x, gamma, beta)
+            mean, unbiased = ops.cast(mean, moving_mean.dtype), ops.cast(unbiased, moving_mean.dtype)
             moving_mean.assign(BN_MOMENTUM * moving_mean + (1.0 - BN_MOMENTUM) * mean)
             moving_variance.assign(BN_MOMENTUM * moving_variance + (1.0 - BN_MOMENTUM) * unbiased)
             return y
-        return (x - moving_mean) * ops.rsqrt(moving_variance + BN_EPSILON) * gamma + beta
+        mean, variance = ops.cast(moving_mean, x.dtype), ops.cast(moving_variance, x.dtype)
+        return (x - mean) * ops.rsqrt(variance + BN_EPSILON) * gamma + beta
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "stride": self.stride, "affine": self.affine}

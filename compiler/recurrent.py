@@ -314,10 +314,13 @@ class _LanguageModel(keras.Model):
     def call(self, tokens, hidden, masks=None, training=None):
         if training and masks is None:
             masks = self.draw_masks(ops.shape(tokens)[0])
-        masks = masks if training else {}
-        embedding = ops.convert_to_tensor(self.embedding)
+        # In the layer's compute dtype (16 bits under mixed precision): a stateless call reads
+        # the variables without autocasting them.
+        dtype = self.compute_dtype
+        masks = {name: ops.cast(mask, dtype) for name, mask in masks.items()} if training else {}
+        embedding = ops.cast(self.embedding, dtype)
         if "words" in masks:
-            embedding = embedding * ops.cast(masks["words"], embedding.dtype)
+            embedding = embedding * masks["words"]
         x = ops.take(embedding, tokens, axis=0)  # (batch, time, embedding)
         if "embedding" in masks:
             x = x * ops.expand_dims(masks["embedding"], 1)
@@ -325,8 +328,8 @@ class _LanguageModel(keras.Model):
         outputs = ops.transpose(outputs, (1, 0, 2))  # (batch, time, hidden)
         dropped = outputs * ops.expand_dims(masks["output"], 1) if "output" in masks else outputs
         # A tied decoder uses the embedding matrix itself, not its word-dropped copy.
-        kernel = ops.transpose(self.embedding) if self.tie_weights else self.decoder_kernel
-        logits = ops.matmul(dropped, kernel) + self.decoder_bias
+        kernel = ops.cast(ops.transpose(self.embedding) if self.tie_weights else self.decoder_kernel, dtype)
+        logits = ops.matmul(dropped, kernel) + ops.cast(self.decoder_bias, dtype)
         return logits, last, outputs, dropped
 
 
@@ -364,6 +367,7 @@ class RecurrentSupernet(MethodSupernet, _LanguageModel):
         self.alpha = self.add_weight(
             shape=(len(recurrent_edges(nodes)), len(self.operations)),
             initializer=keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=seed), name="alpha_recurrent",
+            autocast=False,
         )
         self.alphas = {CELL_TYPE: self.alpha}
         self.use_method(method)

@@ -79,7 +79,7 @@ class Supernet(MethodSupernet, keras.Model):
             self.alphas[cell_type] = self.add_weight(
                 shape=(self.num_edges, len(self.operations)),
                 initializer=keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=init_seed),
-                name=f"alpha_{cell_type}",
+                name=f"alpha_{cell_type}", autocast=False,
             )
         if self.method.edge_normalization:
             # PC-DARTS' edge weights, one per edge, initialised as the alphas are.
@@ -88,7 +88,7 @@ class Supernet(MethodSupernet, keras.Model):
                     shape=(self.num_edges,),
                     initializer=keras.initializers.RandomNormal(stddev=ALPHA_STDDEV,
                                                                 seed=None if seed is None else seed + 2 + i),
-                    name=f"beta_{cell_type}",
+                    name=f"beta_{cell_type}", autocast=False,
                 )
                 for i, cell_type in enumerate(CELL_TYPES)
             }

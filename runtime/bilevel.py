@@ -25,7 +25,9 @@ values: no copy of the model, no in-place perturbation. The passes are small
 mixed Hessian-vector product), each traced once and called with different
 values, so a second-order iteration traces the network twice rather than
 five times.
-BN uses batch statistics in every pass.
+BN uses batch statistics in every pass. Under mixed precision the passes
+compute in 16 bits, except the finite differences' perturbed passes, and
+float16 scales every differentiated loss (``runtime/precision.py``).
 
 What a pass computes on a batch is the ``objective``'s business: image
 classification (a batch is ``(images, labels)``) or language modelling (a
@@ -50,6 +52,7 @@ from .distribution import cross_replica_mean, replica_slices
 from .graph_build import StepFunction
 from .objectives import ImageClassification
 from .optimizers import clip_by_global_norm, clip_coefficient, scalar
+from .precision import computing_in, loss_scale_for
 
 # Pass numbers: each pass of an iteration draws its own dropout masks.
 PASS_VIRTUAL, PASS_PLUS, PASS_MINUS, PASS_WEIGHTS, PASS_VALIDATION = range(5)
@@ -65,7 +68,7 @@ class Bilevel:
 
     def __init__(self, model, weights_optimizer, arch_optimizer, hvp_epsilon=0.01, objective=None,
                  unrolled_clip=None, strategy=None, reuse_virtual_gradient=False, batch_norm="global",
-                 grappler=None):
+                 grappler=None, precision="float32"):
         self.model = model
         self.trainable = list(model.trainable_variables)
         arch_ids = {id(v) for v in model.arch_variables}
@@ -91,6 +94,9 @@ class Bilevel:
         # The graph optimiser for the compiled steps: None decides by the devices (graph_build).
         self.grappler = grappler
         self.reuse_virtual_gradient = reuse_virtual_gradient
+        # The model's layers compute in ``precision`` (runtime/precision.py); float16 scales its losses.
+        self.precision = precision
+        self.loss_scale = loss_scale_for(precision)
         if reuse_virtual_gradient and (unrolled_clip is not None or self.objective.regularized):
             raise ValueError("reuse_virtual_gradient needs a virtual step that takes the weight step's own gradient.")
         batch = self.objective.batch_signature()
@@ -111,6 +117,12 @@ class Bilevel:
         self.gradients_at = compile_pass(self._gradients_at)
         self.alpha_gradients_at = compile_pass(self._alpha_gradients_at)
         self.mixed_hvp_at = compile_pass(self._mixed_hvp_at, [weights, alphas, weights, batch])
+        # Finite differences (the Hessian-vector product's, the eigenvalue's) take their passes in
+        # float32: their perturbations are below a 16-bit type's resolution (runtime/precision.py).
+        if precision == "float32":
+            self.float32_alpha_gradients_at = self.alpha_gradients_at
+        else:
+            self.float32_alpha_gradients_at = compile_pass(self._float32_alpha_gradients_at)
         # The real weight step may add regularisers the other passes leave out.
         if self.objective.regularized:
             self.step_gradients_at = compile_pass(functools.partial(self._gradients_at, regularize=True))
@@ -128,8 +140,8 @@ class Bilevel:
                                    model.alphas["normal"].dtype) for c in model.cells]
             self.cell_gradients_at = compile_pass(self._cell_gradients_at, [weights, alphas, cells, batch])
         self.eval_alpha_gradients_at = (
-            self.alpha_gradients_at if strategy is None else tf.function(self._alpha_gradients_at,
-                                                                         input_signature=signature)
+            self.float32_alpha_gradients_at if strategy is None
+            else tf.function(self._float32_alpha_gradients_at, input_signature=signature)
         )
 
     # -- passes on substituted values -------------------------------------------
@@ -165,8 +177,11 @@ class Bilevel:
             value, loss, metric, state = self.objective.loss(
                 self.forward(weights, alphas, **options), batch, training=True, regularize=regularize
             )
+            value = self.loss_scale.scale(value)
         weight_grads, alpha_grads = tape.gradient(value, [weights, alphas])
-        return loss, metric, dense_gradients(weight_grads, weights), dense_gradients(alpha_grads, alphas), state
+        weight_grads, alpha_grads = (self.loss_scale.unscale(dense_gradients(weight_grads, weights)),
+                                     self.loss_scale.unscale(dense_gradients(alpha_grads, alphas)))
+        return loss, metric, weight_grads, alpha_grads, state
 
     def _alpha_gradients_at(self, weights, alphas, batch, mixing=None):
         """Loss, metric, dL/da and end state (no weight gradients are formed)."""
@@ -175,7 +190,16 @@ class Bilevel:
             tape.watch(alphas)
             value, loss, metric, state = self.objective.loss(self.forward(weights, alphas, **options), batch,
                                                              training=True)
-        return loss, metric, dense_gradients(tape.gradient(value, alphas), alphas), state
+            value = self.loss_scale.scale(value)
+        return loss, metric, self.loss_scale.unscale(dense_gradients(tape.gradient(value, alphas), alphas)), state
+
+    def _float32_alpha_gradients_at(self, weights, alphas, batch):
+        """``_alpha_gradients_at`` with the model computing in float32 whatever its policy."""
+        with computing_in(self.model, "float32"):
+            with tf.GradientTape() as tape:
+                tape.watch(alphas)
+                _, loss, metric, state = self.objective.loss(self.forward(weights, alphas), batch, training=True)
+            return loss, metric, dense_gradients(tape.gradient(loss, alphas), alphas), state
 
     def _cell_gradients_at(self, weights, alphas, cell_weights, batch):
         """Loss, metric, dL/dW and dL/d(each cell's op weights), with ``cell_weights`` as the cells' op weights."""
@@ -185,8 +209,10 @@ class Bilevel:
             value, loss, metric, state = self.objective.loss(
                 self.forward(weights, alphas, cell_weights=cell_weights), batch, training=True,
                 regularize=self.objective.regularized)
+            value = self.loss_scale.scale(value)
         weight_grads, cell_grads = tape.gradient(value, [weights, cell_weights])
-        return loss, metric, dense_gradients(weight_grads, weights), dense_gradients(cell_grads, cell_weights), state
+        return (loss, metric, self.loss_scale.unscale(dense_gradients(weight_grads, weights)),
+                self.loss_scale.unscale(dense_gradients(cell_grads, cell_weights)), state)
 
     def harmonizing_gradients(self, weights, batch):
         """Lambda-DARTS' weight gradients: the training loss's plus its gradient-alignment regulariser.
@@ -277,12 +303,14 @@ class Bilevel:
         radius = self.hvp_epsilon / tf.linalg.global_norm(v)
         step = tf.cast(radius, weights[0].dtype)
         plus = [w + step * d for w, d in zip(weights, v)]
-        grad_plus = cross_replica_mean(self.alpha_gradients_at(plus, alphas, self._pass(train, PASS_PLUS))[2])
+        grad_plus = cross_replica_mean(
+            self.float32_alpha_gradients_at(plus, alphas, self._pass(train, PASS_PLUS))[2])
         # The two perturbed passes are independent; run them one after the
         # other so that only one holds its activations at a time.
         with tf.control_dependencies(grad_plus):
             minus = [w - step * d for w, d in zip(weights, v)]
-        grad_minus = cross_replica_mean(self.alpha_gradients_at(minus, alphas, self._pass(train, PASS_MINUS))[2])
+        grad_minus = cross_replica_mean(
+            self.float32_alpha_gradients_at(minus, alphas, self._pass(train, PASS_MINUS))[2])
         hvp = [(p - m) / tf.cast(2.0 * radius, p.dtype) for p, m in zip(grad_plus, grad_minus)]
         gradient = [g - scalar(learning_rate, g.dtype) * tf.cast(coefficient, g.dtype) * h for g, h in zip(g1, hvp)]
         return {
@@ -334,10 +362,12 @@ class Bilevel:
             outer.watch(alphas)
             with tf.GradientTape() as inner:
                 inner.watch(weights)
-                value = self.objective.loss(self.forward(weights, alphas), batch, training=True)[0]
+                value = self.loss_scale.scale(self.objective.loss(self.forward(weights, alphas), batch,
+                                                                  training=True)[0])
             weight_grads = dense_gradients(inner.gradient(value, weights), weights)
             dot = tf.add_n([tf.reduce_sum(g * d) for g, d in zip(weight_grads, vector)])
-        return dense_gradients(outer.gradient(dot, alphas), alphas)
+        # The scale enters once, through the inner gradient.
+        return self.loss_scale.unscale(dense_gradients(outer.gradient(dot, alphas), alphas))
 
     def arch_gradient(self, order, mode, train, val, learning_rate, weights=None):
         """``(gradient, validation loss, validation metric, validation end state)``."""
@@ -422,7 +452,7 @@ class Bilevel:
     def _apply_weight_gradients(self, train_pass, learning_rate):
         """SGD on the weights with a train pass's (replica-averaged) gradients; (loss, metric, norm, state)."""
         loss, metric, gradients, state = train_pass
-        return loss, metric, self.weights_optimizer.apply(gradients, learning_rate), state
+        return loss, metric, self.loss_scale.apply(self.weights_optimizer, gradients, learning_rate), state
 
     def draw(self, phase):
         """Give a stochastic method's passes the draws of this iteration's ``phase`` (0: alpha step, 1: weights).
@@ -449,7 +479,7 @@ class Bilevel:
         extra = self.alpha_loss_gradient()
         if extra is not None:
             arch_grad = [g + e for g, e in zip(arch_grad, extra[1])]
-        arch_grad_norm = self.arch_optimizer.apply(arch_grad, arch_lr)
+        arch_grad_norm = self.loss_scale.apply(self.arch_optimizer, arch_grad, arch_lr)
         self.draw(1)
         if self.reuse_virtual_gradient and train_pass is not None:
             train_loss, train_metric, grad_norm, train_state = self._apply_weight_gradients(train_pass, weights_lr)
@@ -482,8 +512,8 @@ class Bilevel:
         extra = self.alpha_loss_gradient()
         if extra is not None:
             arch_grads = [g + e for g, e in zip(arch_grads, extra[1])]
-        arch_grad_norm = self.arch_optimizer.apply(arch_grads, arch_lr)
-        grad_norm = self.weights_optimizer.apply(weight_grads, weights_lr)
+        arch_grad_norm = self.loss_scale.apply(self.arch_optimizer, arch_grads, arch_lr)
+        grad_norm = self.loss_scale.apply(self.weights_optimizer, weight_grads, weights_lr)
         metric_name = self.objective.metric_name
         metrics = {"train_loss": loss, f"train_{metric_name}": metric, "arch_loss": loss,
                    f"arch_{metric_name}": metric, "grad_norm": grad_norm, "arch_grad_norm": arch_grad_norm}

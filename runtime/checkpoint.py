@@ -102,11 +102,12 @@ class Checkpoints:
 
 
 class SearchCheckpoints(Checkpoints):
-    """A search's checkpoints: the supernet and both optimisers."""
+    """A search's checkpoints: the supernet, both optimisers and the float16 loss scale (if any)."""
 
-    def __init__(self, directory, model, weights_optimizer, arch_optimizer, keep=2, writes=True):
+    def __init__(self, directory, model, weights_optimizer, arch_optimizer, keep=2, writes=True, loss_scale=None):
+        scale = {"loss_scale": loss_scale} if getattr(loss_scale, "enabled", False) else {}
         super().__init__(directory, model, keep, writes, weights_optimizer=weights_optimizer,
-                         arch_optimizer=arch_optimizer)
+                         arch_optimizer=arch_optimizer, **scale)
 
 
 def _key(variable):

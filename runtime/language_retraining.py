@@ -29,6 +29,7 @@ from .language_search import evaluate_perplexity
 from .loop import Checkpointing, HistoryFiles, Loop, ProgressBar
 from .objectives import LanguageModeling
 from .optimizers import CoupledSGD
+from .precision import NoLossScale, loss_scale_for, precision_note, set_precision
 from .text_data import batchify, sequence_lengths, window
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,17 @@ class LanguageRetrainResult:
     switched_to_averaging: object = None
 
 
-def make_language_train_step(model, optimizer, objective):
+def make_language_train_step(model, optimizer, objective, loss_scale=None):
     signature = objective.batch_signature()
+    loss_scale = loss_scale or NoLossScale()
 
     @tf.function(input_signature=[signature, tf.TensorSpec((), tf.float32)])
     def train_step(batch, learning_rate):
         with tf.GradientTape() as tape:
             value, loss, _, hidden = objective.loss(model, batch, training=True, regularize=True)
-        gradients = tape.gradient(value, optimizer.variables_list)
-        optimizer.apply(gradients, learning_rate)
+            value = loss_scale.scale(value)
+        gradients = loss_scale.unscale(tape.gradient(value, optimizer.variables_list))
+        loss_scale.apply(optimizer, gradients, learning_rate)
         return loss, hidden
 
     return train_step
@@ -219,20 +222,22 @@ def retrain_language_model(spec, derived, data, run_dir=None, progress=False):
     config = spec.retrain
     settings = spec.data
     keras.utils.set_random_seed(config.seed)
-    model = build_language_model(derived, seed=config.seed)
+    model = set_precision(build_language_model(derived, seed=config.seed), config.precision)
     parameters = count_parameters(model)
     objective = LanguageModeling(model, config.activation_regularization, config.temporal_activation_regularization)
     optimizer = CoupledSGD(model.trainable_variables, momentum=0.0, weight_decay=config.weight_decay,
                            grad_clip=config.grad_clip)
-    steps = LanguageRetraining(spec, model, make_language_train_step(model, optimizer, objective),
+    loss_scale = loss_scale_for(config.precision)
+    steps = LanguageRetraining(spec, model, make_language_train_step(model, optimizer, objective, loss_scale),
                                make_language_eval_step(model, objective), data)
-    log.info("retrain %s: %d parameters, vocabulary %d, %d epochs", derived.name, parameters,
-             data.vocabulary_size, config.epochs)
+    log.info("retrain %s: %d parameters, vocabulary %d, %d epochs%s", derived.name, parameters,
+             data.vocabulary_size, config.epochs, precision_note(config.precision))
     callbacks = [ProgressBar("retrain", progress)]
     if run_dir:
         folder = os.path.join(run_dir, "retrain")
         callbacks += [HistoryFiles(folder),
-                      Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, optimizer=optimizer),
+                      Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, optimizer=optimizer,
+                                                **({"loss_scale": loss_scale} if loss_scale.enabled else {})),
                                     name=f"the retraining of {derived.name}")]
     state = Loop(steps, config.epochs, callbacks).run()
     if steps.best is None:

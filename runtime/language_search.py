@@ -27,6 +27,7 @@ from keras_darts.compiler.recurrent import CELL_TYPE
 from .bilevel import Bilevel
 from .objectives import LanguageModeling
 from .optimizers import CoupledAdam, CoupledSGD
+from .precision import set_precision
 from .text_data import batchify, sequence_lengths, window
 
 
@@ -34,7 +35,7 @@ def build_language_search(spec, vocabulary_size, model=None, strategy=None):
     """The recurrent supernet, its optimisers and the bilevel iteration for ``spec`` (under ``strategy``)."""
     config = spec.search
     with strategy.scope() if strategy else contextlib.nullcontext():
-        model = model or build_recurrent_supernet(spec, vocabulary_size)
+        model = set_precision(model or build_recurrent_supernet(spec, vocabulary_size), config.precision)
         objective = LanguageModeling(model, config.activation_regularization,
                                      config.temporal_activation_regularization)
         weights_cfg = config.weights_optimizer
@@ -50,6 +51,7 @@ def build_language_search(spec, vocabulary_size, model=None, strategy=None):
             # A recurrent step is thousands of small ops over the unrolled sequence; Grappler's
             # fusions and simplifications make it run 1.8x faster on a CPU (benchmarks/README.md).
             grappler=True,
+            precision=config.precision,
         )
 
 

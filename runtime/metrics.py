@@ -5,12 +5,20 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 
+def full_precision(tensor):
+    """A 16-bit float tensor (mixed precision's) as float32; any other as it is."""
+    return tf.cast(tensor, tf.float32) if tensor.dtype in (tf.float16, tf.bfloat16) else tensor
+
+
 def cross_entropy(labels, logits):
+    """Mean cross-entropy, computed in float32 from 16-bit logits."""
+    logits = full_precision(logits)
     return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 
 def summed_cross_entropy(labels, logits):
     """Cross-entropy summed (not averaged) over the batch: replicas' sums add up to the global one."""
+    logits = full_precision(logits)
     return tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 

@@ -18,7 +18,7 @@ function, and tells passes apart (``for_pass``) where they draw randomness.
 
 import tensorflow as tf
 
-from .metrics import accuracy, cross_entropy
+from .metrics import accuracy, cross_entropy, full_precision
 
 
 class ImageClassification:
@@ -84,10 +84,11 @@ class LanguageModeling:
         loss = cross_entropy(tf.reshape(targets, [-1]), tf.reshape(logits, [-1, tf.shape(logits)[-1]]))
         value = loss
         if regularize and self.ar:
-            value = value + self.ar * tf.reduce_mean(tf.square(dropped))
+            value = value + self.ar * tf.reduce_mean(tf.square(full_precision(dropped)))
         if regularize and self.tar:
+            outputs = full_precision(outputs)
             value = value + self.tar * tf.reduce_mean(tf.square(outputs[:, 1:] - outputs[:, :-1]))
-        return value, loss, tf.exp(loss), tf.stop_gradient(last)
+        return value, loss, tf.exp(loss), tf.stop_gradient(full_precision(last))
 
     def count(self, batch):
         return tf.cast(tf.size(batch[0]), tf.float32)

@@ -33,6 +33,7 @@ from .distribution import cross_replica_sum, run_on_replicas
 from .loop import Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
 from .metrics import correct_count, evaluate, summed_cross_entropy
 from .optimizers import CoupledSGD, cosine_learning_rate
+from .precision import NoLossScale, loss_scale_for, precision_note, set_precision
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,13 @@ def _signature(image_shape):
     return (tf.TensorSpec((None, *image_shape), tf.float32), tf.TensorSpec((None,), tf.int32))
 
 
-def make_train_step(model, optimizer, auxiliary_weight, image_shape, strategy=None):
-    """``step(x, y, lr) -> (summed loss, number correct)`` over the global batch ``(x, y)``."""
+def make_train_step(model, optimizer, auxiliary_weight, image_shape, strategy=None, loss_scale=None):
+    """``step(x, y, lr) -> (summed loss, number correct)`` over the global batch ``(x, y)``.
+
+    ``loss_scale``: float16's (``runtime/precision.py``); none by default.
+    """
     variables = optimizer.variables_list
+    loss_scale = loss_scale or NoLossScale()
 
     def replica_step(batch, examples, learning_rate):
         x, y = batch
@@ -64,9 +69,9 @@ def make_train_step(model, optimizer, auxiliary_weight, image_shape, strategy=No
             else:
                 logits = outputs
                 total = summed_cross_entropy(y, logits)
-            loss = total / examples
-        gradients = cross_replica_sum(dense_gradients(tape.gradient(loss, variables), variables))
-        optimizer.apply(gradients, learning_rate)
+            loss = loss_scale.scale(total / examples)
+        gradients = cross_replica_sum(loss_scale.unscale(dense_gradients(tape.gradient(loss, variables), variables)))
+        loss_scale.apply(optimizer, gradients, learning_rate)
         return cross_replica_sum([total, correct_count(y, logits)])
 
     @tf.function(input_signature=[*_signature(image_shape), tf.TensorSpec((), tf.float32)])
@@ -149,23 +154,27 @@ def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, wr
     config = spec.retrain
     keras.utils.set_random_seed(config.seed)
     with strategy.scope() if strategy else contextlib.nullcontext():
-        model = model_builder(derived, seed=config.seed, synchronized=strategy is not None)
+        model = set_precision(model_builder(derived, seed=config.seed, synchronized=strategy is not None),
+                              config.precision)
         optimizer = CoupledSGD.from_config(model.trainable_variables, config.weights_optimizer)
+        loss_scale = loss_scale_for(config.precision)
     parameters = count_parameters(model)
-    train_step = make_train_step(model, optimizer, config.auxiliary_weight, data.image_shape, strategy)
+    train_step = make_train_step(model, optimizer, config.auxiliary_weight, data.image_shape, strategy, loss_scale)
     eval_step = make_eval_step(model, data.image_shape, strategy)
     train_data = pipeline(data, data.x_train, data.y_train, config.batch_size, True, config.augment, config.seed)
     test_data = pipeline(data, data.x_test, data.y_test, config.batch_size)
     replicas = strategy.num_replicas_in_sync if strategy else 1
-    log.info("retrain %s: %d parameters (auxiliary head excluded), %d epochs, global batch %d on %d replica%s",
-             derived.name, parameters, config.epochs, config.batch_size, replicas, "" if replicas == 1 else "s")
+    log.info("retrain %s: %d parameters (auxiliary head excluded), %d epochs, global batch %d on %d replica%s%s",
+             derived.name, parameters, config.epochs, config.batch_size, replicas, "" if replicas == 1 else "s",
+             precision_note(config.precision))
     callbacks = [WorkersAgree(strategy, "retraining", run_dir), ProgressBar("retrain", progress)]
     if run_dir:
         folder = os.path.join(run_dir, "retrain")
         if writes:
             callbacks.append(HistoryFiles(folder))
+        scale = {"loss_scale": loss_scale} if loss_scale.enabled else {}
         callbacks.append(Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, writes=writes,
-                                                   optimizer=optimizer),
+                                                   optimizer=optimizer, **scale),
                                        name=f"the retraining of {derived.name}"))
     steps = ImageRetraining(config, model, train_step, train_data, derived.network.drop_path_prob)
     state = Loop(steps, config.epochs, callbacks).run()

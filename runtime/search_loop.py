@@ -48,6 +48,7 @@ from .graph_build import resolve_graph_optimizer
 from .loop import Callback, Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
+from .precision import precision_note, set_precision
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def build_search(spec, model=None, strategy=None, model_builder=build_supernet):
     Built under ``strategy``'s scope.
     """
     with strategy.scope() if strategy else contextlib.nullcontext():
-        model = model or model_builder(spec)
+        model = set_precision(model or model_builder(spec), spec.search.precision)
         config = spec.search
         return Bilevel(
             model,
@@ -107,6 +108,7 @@ def build_search(spec, model=None, strategy=None, model_builder=build_supernet):
             strategy=strategy,
             reuse_virtual_gradient=config.reuse_virtual_gradient,
             batch_norm=spec.distribute.batch_norm,
+            precision=config.precision,
         )
 
 
@@ -310,8 +312,9 @@ class SearchLog(Callback):
     def on_train_begin(self, loop):
         config = self.spec.search
         steps = loop.task
-        log.info("search %s: %s, %s order%s, %d epochs", self.spec.name, steps.task.describe(), config.order,
-                 f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs)
+        log.info("search %s: %s, %s order%s, %d epochs%s", self.spec.name, steps.task.describe(), config.order,
+                 f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs,
+                 precision_note(config.precision))
         counts = static_estimate(self.spec, steps.bilevel, steps.task.kind)
         log.info("estimate: %s weights, %s architecture parameters, %s of activations per forward pass at batch %d",
                  f"{counts['weights']:,}", f"{counts['alphas']:,}", format_bytes(counts["activation_bytes"]),
@@ -440,7 +443,8 @@ class SearchDriver:
             bilevel = task.bilevel
             self.checkpointing = Checkpointing(
                 SearchCheckpoints(os.path.join(run_dir, "search", "checkpoints"), bilevel.model,
-                                  bilevel.weights_optimizer, bilevel.arch_optimizer, writes=writes),
+                                  bilevel.weights_optimizer, bilevel.arch_optimizer, writes=writes,
+                                  loss_scale=bilevel.loss_scale),
                 every_steps=config.checkpoint_every_steps, keep_start=True, name=spec.name)
             callbacks.append(self.checkpointing)
         callbacks.insert(0, WorkersAgree(task.bilevel.strategy, "search", run_dir))

@@ -214,6 +214,7 @@ def export_run(run_dir, model=None, data=None, formats=None):
     ONNX file needs it (calibration, accuracy on the test split) and not given.
     """
     from .deploy import check_requirements, converted_formats
+    from .precision import set_precision
 
     # Formats asked for are checked as the spec's own would be (a kind may refuse some).
     spec = load_run_spec(run_dir, [f"export.formats=[{', '.join(formats)}]"] if formats else [])
@@ -227,6 +228,8 @@ def export_run(run_dir, model=None, data=None, formats=None):
         model = keras.saving.load_model(os.path.join(run_dir, "retrain", "model.keras"))
     if data is None and converted_formats(config.formats):
         data = kind.load_data(spec)
+    # A network retrained in mixed precision is exported computing in float32 (its weights are float32).
+    set_precision(model, "float32")
     document = kind.export(run_dir, info, model=model, data=data, config=config)
     path = os.path.join(run_dir, "export", REPORT)
     if os.path.exists(path):  # an export of some formats keeps what an earlier one said of the others

@@ -262,6 +262,8 @@ class RunControl:
     deterministic: bool = False
     # TensorFlow's graph optimiser (Grappler) for the step functions: see runtime/graph_build.py.
     graph_optimizer: str = "auto"
+    # The layers' Keras dtype policy (runtime/precision.py); weights, alphas and optimisers stay float32.
+    precision: str = "float32"
     checkpoint_every_steps: typing.Optional[int] = 200
     on_divergence: str = "stop"
     divergence_lr_factor: float = 0.5
@@ -297,6 +299,7 @@ class RetrainConfig:
     auxiliary_weight: float = 0.4
     drop_path_prob: float = 0.2
     seed: int = 0
+    precision: str = "float32"
     weights_optimizer: SGDConfig = SGDConfig(learning_rate_min=0.0)
     augment: AugmentConfig = AugmentConfig(cutout=16)
 
@@ -477,6 +480,7 @@ class RecurrentRetrainConfig:
     dropout_embedding: float = 0.2
     dropout_words: float = 0.1
     seed: int = 1267
+    precision: str = "float32"
     learning_rate: float = 20.0
     weight_decay: float = 8e-7
     grad_clip: typing.Optional[float] = 0.25

@@ -60,7 +60,7 @@ class MethodSupernet:
         start = self.method.schedule(0)
         self.schedule = {
             name: self.add_weight(shape=(), initializer=keras.initializers.Constant(start[name]), trainable=False,
-                                  name=f"schedule__{name}")
+                                  name=f"schedule__{name}", autocast=False)
             for name in self.method.schedule_names
         }
         # A stochastic method's draws come from (step, seed): the step sets it (``set_noise``).
