@@ -41,12 +41,15 @@ def set_precision(model, precision):
     """Give every layer of a built ``model`` the dtype policy ``precision``; returns the model.
 
     Variables are float32 under every policy in ``PRECISIONS``, so a built
-    model changes only what its layers compute in.
+    model changes only what its layers compute in. ``float32`` resets only
+    layers under a mixed policy: a model built under another uniform policy
+    (float64, as gradient checks use) keeps it.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
     for layer in layers_of(model):
-        layer.dtype_policy = precision
+        if precision != "float32" or layer.compute_dtype != layer.variable_dtype:
+            layer.dtype_policy = precision
     return model
 
 
