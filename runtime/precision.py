@@ -60,8 +60,9 @@ def precision_note(precision):
 
 @contextlib.contextmanager
 def computing_in(model, precision):
-    """Trace ``model`` with every layer under ``precision`` inside the block; the layers' own policies after it."""
-    layers = layers_of(model)
+    """Trace ``model`` under ``precision`` inside the block (as ``set_precision`` sets it); its policies after it."""
+    layers = [layer for layer in layers_of(model)
+              if precision != "float32" or layer.compute_dtype != layer.variable_dtype]
     previous = [layer.dtype_policy for layer in layers]
     try:
         for layer in layers:
