@@ -31,11 +31,15 @@ START = "the start of this run"  # the name ``restore`` takes for the state ``ke
 class Checkpoints:
     """The checkpoints in ``directory`` of ``model``'s variables and the named ``optimizers``.
 
-    ``writes=False`` opens it to read only (a worker that is not the chief):
-    nothing in ``directory`` is created, cleaned or written.
+    ``loss_scale``: a run's loss scale (``runtime/precision.py``), kept beside
+    the optimisers when it has state (float16). ``writes=False`` opens it to
+    read only (a worker that is not the chief): nothing in ``directory`` is
+    created, cleaned or written.
     """
 
-    def __init__(self, directory, model, keep=2, writes=True, **optimizers):
+    def __init__(self, directory, model, keep=2, writes=True, loss_scale=None, **optimizers):
+        if getattr(loss_scale, "enabled", False):
+            optimizers["loss_scale"] = loss_scale
         self.directory = directory
         self.keep = keep
         self.writes = writes
@@ -105,9 +109,8 @@ class SearchCheckpoints(Checkpoints):
     """A search's checkpoints: the supernet, both optimisers and the float16 loss scale (if any)."""
 
     def __init__(self, directory, model, weights_optimizer, arch_optimizer, keep=2, writes=True, loss_scale=None):
-        scale = {"loss_scale": loss_scale} if getattr(loss_scale, "enabled", False) else {}
-        super().__init__(directory, model, keep, writes, weights_optimizer=weights_optimizer,
-                         arch_optimizer=arch_optimizer, **scale)
+        super().__init__(directory, model, keep, writes, loss_scale, weights_optimizer=weights_optimizer,
+                         arch_optimizer=arch_optimizer)
 
 
 def _key(variable):

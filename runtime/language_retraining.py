@@ -236,8 +236,8 @@ def retrain_language_model(spec, derived, data, run_dir=None, progress=False):
     if run_dir:
         folder = os.path.join(run_dir, "retrain")
         callbacks += [HistoryFiles(folder),
-                      Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, optimizer=optimizer,
-                                                **({"loss_scale": loss_scale} if loss_scale.enabled else {})),
+                      Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, loss_scale=loss_scale,
+                                                optimizer=optimizer),
                                     name=f"the retraining of {derived.name}")]
     state = Loop(steps, config.epochs, callbacks).run()
     if steps.best is None:

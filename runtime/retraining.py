@@ -172,9 +172,8 @@ def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, wr
         folder = os.path.join(run_dir, "retrain")
         if writes:
             callbacks.append(HistoryFiles(folder))
-        scale = {"loss_scale": loss_scale} if loss_scale.enabled else {}
         callbacks.append(Checkpointing(Checkpoints(os.path.join(folder, "checkpoints"), model, writes=writes,
-                                                   optimizer=optimizer, **scale),
+                                                   loss_scale=loss_scale, optimizer=optimizer),
                                        name=f"the retraining of {derived.name}"))
     steps = ImageRetraining(config, model, train_step, train_data, derived.network.drop_path_prob)
     state = Loop(steps, config.epochs, callbacks).run()
