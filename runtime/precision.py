@@ -45,12 +45,17 @@ def set_precision(model, precision):
     layers under a mixed policy: a model built under another uniform policy
     (float64, as gradient checks use) keeps it.
     """
+    for layer in _layers_to_set(model, precision):
+        layer.dtype_policy = precision
+    return model
+
+
+def _layers_to_set(model, precision):
+    """The layers ``precision`` changes: all of them, or under ``float32`` those with a mixed policy."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
-    for layer in layers_of(model):
-        if precision != "float32" or layer.compute_dtype != layer.variable_dtype:
-            layer.dtype_policy = precision
-    return model
+    return [layer for layer in layers_of(model)
+            if precision != "float32" or layer.compute_dtype != layer.variable_dtype]
 
 
 def precision_note(precision):
@@ -61,8 +66,7 @@ def precision_note(precision):
 @contextlib.contextmanager
 def computing_in(model, precision):
     """Trace ``model`` under ``precision`` inside the block (as ``set_precision`` sets it); its policies after it."""
-    layers = [layer for layer in layers_of(model)
-              if precision != "float32" or layer.compute_dtype != layer.variable_dtype]
+    layers = _layers_to_set(model, precision)
     previous = [layer.dtype_policy for layer in layers]
     try:
         for layer in layers:
