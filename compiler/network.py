@@ -29,6 +29,24 @@ def _conv_bn(filters, kernel, stride, name, padding=0, synchronized=False):
     return layers
 
 
+def stem_layers(stem, channels, stem_multiplier, synchronized=False):
+    """``(stem0, stem1, reduction_prev)``: the layers before the first cell (``stem1`` is ``None`` on CIFAR).
+
+    CIFAR: conv3x3 + BN to ``stem_multiplier * channels``, both cell inputs;
+    ImageNet: two stride-2 conv-BNs (ReLU between) for the first input, a
+    further ReLU and stride-2 conv-BN for the second.
+    """
+    if stem == "cifar":
+        return _conv_bn(stem_multiplier * channels, 3, 1, "stem", 1, synchronized), None, False
+    stem0 = [
+        *_conv_bn(channels // 2, 3, 2, "stem0_a", 1, synchronized),
+        keras.layers.ReLU(name="stem0__relu"),
+        *_conv_bn(channels, 3, 2, "stem0_b", 1, synchronized),
+    ]
+    stem1 = [keras.layers.ReLU(name="stem1__relu"), *_conv_bn(channels, 3, 2, "stem1", 1, synchronized)]
+    return stem0, stem1, True
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class AuxiliaryHead(keras.layers.Layer):
     """ReLU, 5x5 average pool (stride 3 CIFAR / 2 ImageNet), conv1x1 128 + BN + ReLU,
@@ -86,19 +104,8 @@ class DerivedNetwork(keras.Model):
         self.auxiliary = network.auxiliary
         self.aux_position = max(self.positions) if (self.auxiliary and self.positions) else None
         channels = network.init_channels
-        if network.stem == "cifar":
-            self.stem0 = _conv_bn(network.stem_multiplier * channels, 3, 1, "stem", 1, synchronized)
-            self.stem1 = None
-            reduction_prev = False
-        else:
-            self.stem0 = [
-                *_conv_bn(channels // 2, 3, 2, "stem0_a", 1, synchronized),
-                keras.layers.ReLU(name="stem0__relu"),
-                *_conv_bn(channels, 3, 2, "stem0_b", 1, synchronized),
-            ]
-            self.stem1 = [keras.layers.ReLU(name="stem1__relu"),
-                          *_conv_bn(channels, 3, 2, "stem1", 1, synchronized)]
-            reduction_prev = True
+        self.stem0, self.stem1, reduction_prev = stem_layers(network.stem, channels, network.stem_multiplier,
+                                                             synchronized)
         self.cells = [
             DerivedCell(
                 derived.cells["reduce" if reduction else "normal"], cell_channels, reduction, cell_reduction_prev,

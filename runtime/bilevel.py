@@ -12,6 +12,8 @@ One iteration on a (train batch, alpha batch) pair, as the reference does it:
        g   = g1 - eta hvp
    * second order, exact: g = d/da L_val(w'(a), a) = g1 - eta d/da[dL_train/dw . v],
      the mixed Hessian-vector product by double back-propagation (nested tapes).
+   A latency-aware search (``latency``) turns g into the gradient of
+   ProxylessNAS' objective of the validation loss and the expected latency.
    The search method's extra alpha loss (``method.alpha_loss``, e.g.
    beta-DARTS' regulariser), a function of alpha alone, adds its gradient.
 2. Weight step (SGD on w) on the same train batch with the updated alpha.
@@ -68,8 +70,10 @@ class Bilevel:
 
     def __init__(self, model, weights_optimizer, arch_optimizer, hvp_epsilon=0.01, objective=None,
                  unrolled_clip=None, strategy=None, reuse_virtual_gradient=False, batch_norm="global",
-                 grappler=None, precision="float32"):
+                 grappler=None, precision="float32", latency=None):
         self.model = model
+        # Latency-aware search (``runtime/latency.py``): turns the alpha step's task gradient into its objective's.
+        self.latency = latency
         self.trainable = list(model.trainable_variables)
         arch_ids = {id(v) for v in model.arch_variables}
         self.arch_positions = [i for i, v in enumerate(self.trainable) if id(v) in arch_ids]
@@ -476,6 +480,7 @@ class Bilevel:
         weights = self.current_weights()  # unchanged by the alpha step: read once
         arch_grad, val_loss, val_metric, val_state, train_pass = self._arch_gradient(
             order, mode, train, val, weights_lr, weights)
+        arch_grad, expected_latency = self.with_latency(arch_grad, val_loss)
         extra = self.alpha_loss_gradient()
         if extra is not None:
             arch_grad = [g + e for g, e in zip(arch_grad, extra[1])]
@@ -497,7 +502,15 @@ class Bilevel:
         }
         if extra is not None:
             metrics["alpha_loss"] = extra[0]
+        if expected_latency is not None:
+            metrics["expected_latency_ms"] = expected_latency
         return metrics, train_state, val_state
+
+    def with_latency(self, arch_grad, task_loss):
+        """``(gradient, expected latency)``: the latency objective's alpha gradient, or ``(arch_grad, None)``."""
+        if self.latency is None:
+            return arch_grad, None
+        return self.latency.apply(arch_grad, task_loss, self.current_alphas())
 
     def single_level_iteration(self, train, weights_lr, arch_lr):
         """Weights and alphas each take a step down the same training loss, from one pass (SNAS).
@@ -509,6 +522,7 @@ class Bilevel:
         loss, metric, weight_grads, arch_grads, state = self.step_gradients_at(
             self.current_weights(), self.current_alphas(), self._pass(train, PASS_WEIGHTS))
         loss, metric, weight_grads, arch_grads = cross_replica_mean((loss, metric, weight_grads, arch_grads))
+        arch_grads, expected_latency = self.with_latency(arch_grads, loss)
         extra = self.alpha_loss_gradient()
         if extra is not None:
             arch_grads = [g + e for g, e in zip(arch_grads, extra[1])]
@@ -519,6 +533,8 @@ class Bilevel:
                    f"arch_{metric_name}": metric, "grad_norm": grad_norm, "arch_grad_norm": arch_grad_norm}
         if extra is not None:
             metrics["alpha_loss"] = extra[0]
+        if expected_latency is not None:
+            metrics["expected_latency_ms"] = expected_latency
         return metrics, state, state
 
     def weights_only_iteration(self, train, val, weights_lr, arch_lr):

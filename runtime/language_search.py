@@ -168,3 +168,7 @@ class LanguageSearchTask:
                   if key not in ("train_perplexity", "arch_perplexity")}
         record["train_perplexity"] = math.exp(min(record.get("train_loss", 700.0), 700.0))
         return record
+
+    def derived_figures(self, derived):
+        """Nothing beyond the genotype (a latency-aware search is the convolutional kind's)."""
+        return {}

@@ -48,6 +48,7 @@ from .graph_build import resolve_graph_optimizer
 from .loop import Callback, Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
+from .latency import LatencyLoss, derived_latency
 from .precision import precision_note, set_precision
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,15 @@ def genotype_text(derived):
     return " | ".join(parts)
 
 
-def build_search(spec, model=None, strategy=None, model_builder=build_supernet):
+def build_search(spec, model=None, strategy=None, model_builder=build_supernet, latency_table=None):
     """The supernet (``model``, or ``model_builder(spec)``), its two optimisers and the bilevel iteration.
 
-    Built under ``strategy``'s scope.
+    Built under ``strategy``'s scope. ``latency_table`` (``latency.latency_table``) makes the search latency-aware.
     """
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = set_precision(model or model_builder(spec), spec.search.precision)
         config = spec.search
+        latency = LatencyLoss(model, spec, latency_table) if latency_table is not None else None
         return Bilevel(
             model,
             CoupledSGD.from_config(model.weight_variables, config.weights_optimizer),
@@ -109,6 +111,7 @@ def build_search(spec, model=None, strategy=None, model_builder=build_supernet):
             reuse_virtual_gradient=config.reuse_virtual_gradient,
             batch_norm=spec.distribute.batch_norm,
             precision=config.precision,
+            latency=latency,
         )
 
 
@@ -117,10 +120,11 @@ class ImageSearchTask:
 
     metric = "accuracy"
 
-    def __init__(self, spec, data, bilevel, kind):
+    def __init__(self, spec, data, bilevel, kind, latency_table=None):
         config = spec.search
         self.spec = spec
         self.kind = kind
+        self.latency_table = latency_table
         weight_index, alpha_index = search_split(data, spec)
         batch = spec.data.batch_size
         augment = spec.data.augment
@@ -176,6 +180,12 @@ class ImageSearchTask:
 
     def summarise(self, sums, weight):
         return {key: value / max(weight, 1e-12) for key, value in sums.items()}
+
+    def derived_figures(self, derived):
+        """What an epoch's record adds about its derived network: the latency table's sum for it."""
+        if self.latency_table is None:
+            return {}
+        return {"table_latency_ms": derived_latency(self.spec, self.latency_table, derived)}
 
 
 def search_origin(spec, epoch, alphas):
@@ -248,6 +258,7 @@ class SearchSteps:
         self.derived = self.task.derive(self.alphas, search_origin(self.spec, epoch, self.alphas))
         record["seconds"] = seconds
         record["genotype"] = genotype_text(self.derived)
+        record.update(self.task.derived_figures(self.derived))
         record["alpha_softmax"] = {t: softmax(a).tolist() for t, a in self.alphas.items()}
         return record
 
@@ -342,6 +353,10 @@ class SearchLog(Callback):
             record["seconds"],
         )
         log.info("genotype: %s", record["genotype"])
+        if "table_latency_ms" in record:
+            log.info("latency: expected %.3f ms (epoch mean), derived network %.3f ms by the table, target %s ms",
+                     record.get("expected_latency_ms", float("nan")), record["table_latency_ms"],
+                     self.spec.search.latency.target_ms)
         if record.get("stopped_by"):
             log.warning("early stopping: %s", record["stopped_by"])
 

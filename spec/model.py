@@ -238,6 +238,33 @@ class LambdaDartsConfig:
     anneal_epochs: typing.Optional[int] = None
 
 
+@frozen
+class LatencyConfig:
+    """Latency-aware search: ProxylessNAS' losses (Cai, Zhu and Han, ICLR 2019) on an expected latency.
+
+    Off unless ``target_ms`` is given. The expected latency is that of the
+    derived ``network`` (``deployed``: the retraining's size, as exported;
+    ``search``: the search network's), from a lookup table of every op at
+    the shape it sees there: measured on this machine through the TFLite
+    interpreter (median of ``runs`` timed runs, cached per machine), or read
+    from ``table``, a file measured elsewhere. ``loss: mul_log`` makes the
+    architecture step minimise ``mul_alpha * CE * (log E / log T) ** mul_beta``,
+    ``add_linear`` ``CE + add_lambda * (E - T) / T`` (ProxylessNAS' defaults:
+    0.2, 0.3 and 0.1). ``edges: survival`` weights an edge's term by the share
+    of a node's inputs derivation keeps (k over its inputs), ``all`` by 1.
+    """
+
+    target_ms: typing.Optional[float] = None
+    loss: str = "mul_log"
+    mul_alpha: float = 0.2
+    mul_beta: float = 0.3
+    add_lambda: float = 0.1
+    network: str = "deployed"
+    edges: str = "survival"
+    table: typing.Optional[str] = None
+    runs: int = 50
+
+
 # Each search method with options keeps them under its own key of ``search``.
 METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts",
            "lambda_darts")
@@ -285,6 +312,7 @@ class SearchConfig(RunControl):
     steps_per_epoch: typing.Optional[int] = None
     weights_optimizer: SGDConfig = SGDConfig()
     arch_optimizer: AdamConfig = AdamConfig()
+    latency: LatencyConfig = LatencyConfig()
 
 
 @frozen

@@ -10,7 +10,8 @@ spec layout                 ``spec_layout`` (the built-in kind whose schema and
                             typed spec a spec of this kind uses)
 the data and its record     ``check_data`` (without loading it), ``load_data``,
                             ``data_document``, ``data_files``
-the search                  ``search_task`` (batches, objective, evaluation,
+the search                  ``search_context`` (what is prepared first),
+                            ``search_task`` (batches, objective, evaluation,
                             derivation), ``build_search`` and
                             ``estimate_context`` (for ``keras-darts estimate``),
                             ``synthetic_batch``, ``activation_bytes``
@@ -71,8 +72,12 @@ class CellKind(abc.ABC):
         return {}
 
     # -- search -------------------------------------------------------------------
+    def search_context(self, spec, run_dir=None):
+        """Keyword arguments ``search_task`` takes beyond the spec, prepared before it (a latency table)."""
+        return {}
+
     @abc.abstractmethod
-    def search_task(self, spec, data, strategy=None):
+    def search_task(self, spec, data, strategy=None, **context):
         """The search task: batches, bilevel iteration, evaluation, derivation (see ``SearchDriver``)."""
 
     def estimate_context(self, spec):

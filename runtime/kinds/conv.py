@@ -59,15 +59,26 @@ class ConvCellKind(CellKind):
         }
 
     # -- search ---------------------------------------------------------------------
-    def search_task(self, spec, data, strategy=None):
+    def search_context(self, spec, run_dir=None):
+        if spec.search.latency.target_ms is None:
+            return {}
+        from ..latency import latency_table, uniform_latency
+
+        table = latency_table(spec, run_dir)
+        log.info("latency-aware search (%s): expected latency %.3f ms at uniform op weights, target %s ms",
+                 spec.search.latency.loss, uniform_latency(spec, table), spec.search.latency.target_ms)
+        return {"latency_table": table}
+
+    def search_task(self, spec, data, strategy=None, latency_table=None):
         from ..search_loop import ImageSearchTask
 
-        return ImageSearchTask(spec, data, self.build_search(spec, strategy), self)
+        return ImageSearchTask(spec, data, self.build_search(spec, strategy, latency_table=latency_table), self,
+                               latency_table)
 
-    def build_search(self, spec, strategy=None, **context):
+    def build_search(self, spec, strategy=None, latency_table=None, **context):
         from ..search_loop import build_search
 
-        return build_search(spec, strategy=strategy, model_builder=self.build_supernet)
+        return build_search(spec, strategy=strategy, model_builder=self.build_supernet, latency_table=latency_table)
 
     def synthetic_batch(self, spec, bilevel, seed=0):
         import tensorflow as tf

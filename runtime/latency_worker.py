@@ -1,0 +1,85 @@
+"""Measure blocks of a derived network through the TFLite interpreter, run as a script in a fresh Python process.
+
+``python -m keras_darts.runtime.latency_worker REQUEST.json``: the request
+holds ``blocks`` (``{key: description}``, as ``compiler.latency.LatencyPlan``
+writes them), ``runs`` and ``results`` (a JSON file). Each block is built
+alone on a batch of one at its input shape, exported as a SavedModel,
+converted to a float32 TFLite model and timed (median of ``runs`` calls
+after warm-up), as the export times a whole network. The results file is
+rewritten after every block, so a crash keeps what was measured. A fresh
+process keeps the converter's memory leak and the training's threads away
+from the timings.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def block_layers(description):
+    """The Keras layers of one block, applied in order (a BN in inference mode)."""
+    import keras
+
+    from keras_darts.compiler.cells import _preprocessing
+    from keras_darts.compiler.network import stem_layers
+    from keras_darts.compiler.ops import build_op
+
+    kind = description["block"]
+    if kind == "op":
+        return [build_op(description["op"], description["channels"], description["stride"], affine=True,
+                         layer_name="op")]
+    if kind == "preprocess":
+        pair = _preprocessing(description["channels"], description["reduction_prev"], True, "cell")
+        return [pair[description["part"]]]
+    if kind == "stem":
+        stems = stem_layers(description["stem"], description["channels"], description["stem_multiplier"])
+        return stems[description["part"]]
+    if kind == "head":
+        return [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(description["classes"]),
+                keras.layers.Softmax()]
+    raise ValueError(f"unknown block {kind!r}")
+
+
+def tflite_model(description, folder):
+    """The block's float32 TFLite model (bytes), through a SavedModel in ``folder``."""
+    import keras
+    import tensorflow as tf
+
+    inputs = keras.Input(tuple(description["input"]), batch_size=1, name="x")
+    x = inputs
+    for layer in block_layers(description):
+        x = layer(x, training=False)
+    path = os.path.join(folder, "saved_model")
+    keras.Model(inputs, x).export(path, format="tf_saved_model", verbose=False)
+    return tf.lite.TFLiteConverter.from_saved_model(path).convert()
+
+
+def measure(request):
+    import numpy as np
+
+    from keras_darts.runtime.litert_worker import _median_ms, interpreter_class
+
+    interpreter, name = interpreter_class()
+    results = {"interpreter": name, "entries": {}}
+    rng = np.random.default_rng(0)
+    for key, description in request["blocks"].items():
+        with tempfile.TemporaryDirectory() as folder:
+            content = tflite_model(description, folder)
+        runner = interpreter(model_content=content)
+        runner.allocate_tensors()
+        detail = runner.get_input_details()[0]
+        runner.set_tensor(detail["index"], rng.standard_normal(detail["shape"]).astype(np.float32))
+        results["entries"][key] = _median_ms(runner.invoke, request["runs"])
+        with open(request["results"] + ".part", "w", encoding="utf-8") as handle:
+            json.dump(results, handle)
+        os.replace(request["results"] + ".part", request["results"])
+        print(f"{len(results['entries'])}/{len(request['blocks'])} {key}: {results['entries'][key]:.4f} ms",
+              file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1], encoding="utf-8") as request_file:
+        measure(json.load(request_file))
