@@ -1,6 +1,7 @@
 """What a derived network's latency is made of: each block it runs, at the shape it sees there.
 
-A derived network runs blocks of two sorts. The stem, each cell's two
+A derived network runs blocks of two sorts. The stem (behind the input
+normalisation an exported network starts with), each cell's two
 preprocessing layers and the head (global pool, classifier, softmax) are the
 same whatever the cells hold; the ops on the cells' edges are what the
 architecture chooses. ``LatencyPlan`` names every block by a key holding the

@@ -171,6 +171,17 @@ def cmd_estimate(args):
     return EXIT_OK
 
 
+def cmd_latency_table(args):
+    from keras_darts.runtime.latency import plan_for, write_table_file
+
+    spec = _load(args)
+    _tensorflow()
+    path = write_table_file(spec, args.output)
+    print(f"latency table of {spec.name}'s {spec.search.latency.network} network: {len(plan_for(spec).blocks)} "
+          f"blocks, in milliseconds, written to {path}")
+    return EXIT_OK
+
+
 def cmd_plot(args):
     _tensorflow()
     from keras_darts.runtime.workflow import plot_run
@@ -247,6 +258,12 @@ def _parser(prog, compile_only=False):
     p.add_argument("--steps", type=int, default=3, help="timed iterations per order (after one untimed)")
     p.add_argument("--orders", nargs="+", default=["first", "second"], choices=["first", "second"])
     p.set_defaults(handler=cmd_estimate)
+    p = commands.add_parser("latency-table", help="measure every block a latency-aware search of a spec looks "
+                                                  "up, through the TFLite interpreter on this machine")
+    _spec_arguments(p)
+    p.add_argument("--output", default="latency_table.yaml",
+                   help="where the table goes (YAML, {block key: ms}; search.latency.table reads it)")
+    p.set_defaults(handler=cmd_latency_table)
     p = commands.add_parser("plot", help="draw a run's derived cells, alpha heatmaps and diagnostics")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_plot)

@@ -222,6 +222,11 @@ def report_lines(report):
         if "latency_ms" in entry:
             parts.append(f"{entry['latency_ms']:.3g} ms per {network['per']}")
         lines.append(f"{form}: {entry['path']} ({', '.join(parts)})")
+    if network.get("latency_table_ms") is not None:
+        measured = report["formats"].get("tflite", {}).get("latency_ms")
+        error = "" if measured is None else f", {network['latency_table_ms'] / measured - 1:+.0%} from tflite's"
+        lines.append(f"latency table: {network['latency_table_ms']:.3g} ms for this network (the sum of its "
+                     f"blocks' entries{error})")
     return lines
 
 

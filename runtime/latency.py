@@ -58,7 +58,7 @@ TABLE_FILE = "latency_table.json"
 def plan_for(spec):
     """The ``LatencyPlan`` of the network ``spec.search.latency.network`` names."""
     space = spec.search_space
-    deployed = spec.search.latency.network == "deployed" and spec.retrain.enabled
+    deployed = spec.search.latency.network == "deployed"
     network = from_mapping(DerivedNetworkConfig, spec.derived_network(deployed))
     return LatencyPlan(network, space.operations, space.nodes)
 
@@ -97,10 +97,13 @@ def cache_path(described):
 # -- measuring ------------------------------------------------------------------------
 
 
-def measure(blocks, runs):
-    """``{key: ms}`` of ``blocks`` ({key: description}), measured in a fresh process (``latency_worker``)."""
+def measure(blocks=None, runs=50, files=None):
+    """``{key: ms}`` of ``blocks`` ({key: description}) or ``files`` ({name: TFLite file}), in a fresh process.
+
+    The process is ``latency_worker``'s; a file is timed as a block is.
+    """
     with tempfile.TemporaryDirectory() as folder:
-        request = {"blocks": blocks, "runs": int(runs), "results": os.path.join(folder, "results.json")}
+        request = {"blocks": blocks, "files": files, "runs": int(runs), "results": os.path.join(folder, "results.json")}
         path = os.path.join(folder, "request.json")
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(request, handle)
@@ -178,6 +181,16 @@ def latency_table(spec, run_dir=None):
     return table
 
 
+def write_table_file(spec, path):
+    """Measure (or take from the cache) every block of ``spec``'s latency network and write ``{key: ms}`` to ``path``.
+
+    A table measured on another machine this way is what ``search.latency.table`` reads.
+    """
+    entries = measured_table(plan_for(spec), spec.search.latency.runs)
+    rundir.write_yaml(path, entries)
+    return path
+
+
 def uniform_latency(spec, table):
     """The expected latency (ms) at uniform op weights, as the search starts (for the log)."""
     plan = plan_for(spec)
@@ -198,6 +211,12 @@ def edge_factors(plan, spec):
 def derived_latency(spec, table, derived):
     """The table's milliseconds for ``derived``'s cells in the network the table was made for."""
     return plan_for(spec).genotype_cost(table["entries"], derived.cells)
+
+
+def table_latency(derived, table):
+    """The table's milliseconds for the network ``derived`` describes; ``None`` if it lacks one of its blocks."""
+    plan = LatencyPlan(derived.network, derived.operations, len(derived.cells["normal"].nodes))
+    return None if plan.missing(table["entries"]) else plan.genotype_cost(table["entries"], derived.cells)
 
 
 # -- in the search ----------------------------------------------------------------------

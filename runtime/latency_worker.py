@@ -2,7 +2,8 @@
 
 ``python -m keras_darts.runtime.latency_worker REQUEST.json``: the request
 holds ``blocks`` (``{key: description}``, as ``compiler.latency.LatencyPlan``
-writes them), ``runs`` and ``results`` (a JSON file). Each block is built
+writes them) or ``files`` (``{name: TFLite file}``, timed alike), ``runs``
+and ``results`` (a JSON file). Each block is built
 alone on a batch of one at its input shape, exported as a SavedModel,
 converted to a float32 TFLite model and timed (median of ``runs`` calls
 after warm-up), as the export times a whole network. The results file is
@@ -36,7 +37,11 @@ def block_layers(description):
         return [pair[description["part"]]]
     if kind == "stem":
         stems = stem_layers(description["stem"], description["channels"], description["stem_multiplier"])
-        return stems[description["part"]]
+        if description["part"]:
+            return stems[1]
+        # The exported network normalises its input first (values that cannot be folded away).
+        depth = description["input"][-1]
+        return [keras.layers.Normalization(mean=[0.3] * depth, variance=[0.09] * depth), *stems[0]]
     if kind == "head":
         return [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(description["classes"]),
                 keras.layers.Softmax()]
@@ -57,27 +62,38 @@ def tflite_model(description, folder):
     return tf.lite.TFLiteConverter.from_saved_model(path).convert()
 
 
-def measure(request):
+def median_invoke_ms(interpreter, runs, **source):
+    """One TFLite model (``model_content`` or ``model_path``) on a random input: median ms of ``runs`` invocations."""
     import numpy as np
 
-    from keras_darts.runtime.litert_worker import _median_ms, interpreter_class
+    from keras_darts.runtime.litert_worker import _median_ms
+
+    runner = interpreter(**source)
+    runner.allocate_tensors()
+    detail = runner.get_input_details()[0]
+    runner.set_tensor(detail["index"], np.random.default_rng(0).standard_normal(detail["shape"]).astype(np.float32))
+    return _median_ms(runner.invoke, runs)
+
+
+def measure(request):
+    """Time each of ``blocks`` (built and converted here) or each of ``files`` (TFLite files), into ``results``."""
+    from keras_darts.runtime.litert_worker import interpreter_class
 
     interpreter, name = interpreter_class()
     results = {"interpreter": name, "entries": {}}
-    rng = np.random.default_rng(0)
-    for key, description in request["blocks"].items():
-        with tempfile.TemporaryDirectory() as folder:
-            content = tflite_model(description, folder)
-        runner = interpreter(model_content=content)
-        runner.allocate_tensors()
-        detail = runner.get_input_details()[0]
-        runner.set_tensor(detail["index"], rng.standard_normal(detail["shape"]).astype(np.float32))
-        results["entries"][key] = _median_ms(runner.invoke, request["runs"])
+    items = request.get("blocks") or request["files"]
+    for key, item in items.items():
+        if "blocks" in request:
+            with tempfile.TemporaryDirectory() as folder:
+                source = {"model_content": tflite_model(item, folder)}
+        else:
+            source = {"model_path": item}
+        results["entries"][key] = median_invoke_ms(interpreter, request["runs"], **source)
         with open(request["results"] + ".part", "w", encoding="utf-8") as handle:
             json.dump(results, handle)
         os.replace(request["results"] + ".part", request["results"])
-        print(f"{len(results['entries'])}/{len(request['blocks'])} {key}: {results['entries'][key]:.4f} ms",
-              file=sys.stderr, flush=True)
+        print(f"{len(results['entries'])}/{len(items)} {key}: {results['entries'][key]:.4f} ms", file=sys.stderr,
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ def search(spec, run_dir=None, data=None, progress=False, on_epoch=None, strateg
     with op_determinism(spec.search.deterministic):
         keras.utils.set_random_seed(spec.search.seed)
         data = kind.load_data(spec) if data is None else data
-        task = kind.search_task(spec, data, strategy, **kind.search_context(spec, run_dir))
         chief = strategy is None or is_chief(strategy)
+        task = kind.search_task(spec, data, strategy, **kind.search_context(spec, run_dir if chief else None))
         return SearchDriver(spec, task, run_dir, progress, on_epoch, writes=chief).run()
 
 

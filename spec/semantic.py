@@ -202,6 +202,27 @@ def method_problems(spec, source):
     return problems
 
 
+def latency_problems(spec, source):
+    """A latency-aware search's settings: a target its loss can use, one table for every worker."""
+    latency = spec.search.latency
+    if latency.target_ms is None:
+        return []
+    problems = []
+    if latency.loss == "mul_log" and latency.target_ms <= 1:
+        problems.append(Problem(source, "$.search.latency.target_ms",
+                                f"loss mul_log divides by log(target_ms), which needs target_ms > 1; got "
+                                f"{latency.target_ms} (use loss: add_linear for a target of 1 ms or less)"))
+    if spec.distribute.strategy == "multi_worker" and not latency.table:
+        problems.append(Problem(source, "$.search.latency.table",
+                                "a multi-worker search needs one latency table for every worker; measure it "
+                                "with keras-darts latency-table and name the file here"))
+    if latency.network == "deployed" and not spec.retrain.enabled:
+        problems.append(Problem(source, "$.search.latency.network",
+                                "the deployed network is the retraining's, but $.retrain.enabled is false; set "
+                                "network: search"))
+    return problems
+
+
 def search_spec_problems(spec, source):
     if spec_layout(spec.search_space.kind) == "recurrent_cell":
         return recurrent_spec_problems(spec, source) + method_problems(spec, source)
@@ -241,6 +262,7 @@ def search_spec_problems(spec, source):
                                 "only a second-order search takes a virtual step whose gradient the weight step "
                                 "could reuse; set search.order: second or drop this key"))
     problems += method_problems(spec, source)
+    problems += latency_problems(spec, source)
     data = spec.data
     if data.source == "tfds" and not data.name:
         problems.append(Problem(source, "$.data.name", "a tfds source needs the dataset name"))

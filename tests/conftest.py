@@ -82,6 +82,8 @@ def cyclic_corpus(tmp_path):
 def temporary_files_in_the_basetemp(tmp_path_factory):
     """What the suite and its subprocesses write to the temporary directory goes under pytest's basetemp.
 
+    So does the latency tables' cache.
+
     TensorFlow's AutoGraph sources, tensorflow-datasets' scratch folders and
     the like; with ``tmp_path_retention_policy = "failed"`` pytest removes it
     all when every test passed.
@@ -91,6 +93,7 @@ def temporary_files_in_the_basetemp(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tmp"))
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    os.environ["KERAS_DARTS_CACHE"] = os.path.join(folder, "cache")  # latency tables: never the user's cache
     yield folder
     if saved[0] is None:
         os.environ.pop("TMPDIR", None)

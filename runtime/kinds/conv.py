@@ -132,6 +132,8 @@ class ConvCellKind(CellKind):
 
         from .. import deploy
         from ..export import export_saved_model, write_signature_note
+        from ..latency import TABLE_FILE, table_latency
+        from ..rundir import read_json
 
         config = config or ExportConfig()
         model = derived_network_of(model)
@@ -169,6 +171,9 @@ class ConvCellKind(CellKind):
                                                        calibration=calibration)
         network = {"parameters": count_parameters(model), "per": "image", "input_shape": list(shape),
                    "multiply_adds": self.multiply_adds(model)}
+        table = os.path.join(run_dir, "search", TABLE_FILE)
+        if os.path.exists(table):  # a latency-aware search's: what its table says this network takes
+            network["latency_table_ms"] = table_latency(model.derived, read_json(table))
         reference = None if labels is None else {"metric": "accuracy", "value": keras_accuracy}
         return deploy.report(network, entries, results, config, keras=reference,
                              test_examples=0 if labels is None else len(labels))
