@@ -71,7 +71,12 @@ def median_invoke_ms(interpreter, runs, **source):
     runner = interpreter(**source)
     runner.allocate_tensors()
     detail = runner.get_input_details()[0]
-    runner.set_tensor(detail["index"], np.random.default_rng(0).standard_normal(detail["shape"]).astype(np.float32))
+    rng = np.random.default_rng(0)
+    if np.issubdtype(detail["dtype"], np.integer):  # a full-integer model's quantised input
+        values = rng.integers(np.iinfo(detail["dtype"]).min, np.iinfo(detail["dtype"]).max, detail["shape"])
+    else:
+        values = rng.standard_normal(detail["shape"])
+    runner.set_tensor(detail["index"], values.astype(detail["dtype"]))
     return _median_ms(runner.invoke, runs)
 
 
@@ -83,7 +88,7 @@ def measure(request):
     results = {"interpreter": name, "entries": {}}
     items = request.get("blocks") or request["files"]
     for key, item in items.items():
-        if "blocks" in request:
+        if request.get("blocks"):
             with tempfile.TemporaryDirectory() as folder:
                 source = {"model_content": tflite_model(item, folder)}
         else:
