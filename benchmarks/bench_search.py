@@ -7,7 +7,10 @@ recurrent cell with 8 nodes, 64 units, 16 streams, bptt 35, a vocabulary of
 (a plain forward+backward of the supernet, a first-order iteration, a
 second-order iteration by finite differences and exactly), a fresh Python
 process builds the supernet, runs warm-up iterations, then times iterations
-on synthetic inputs. It prints the median seconds per iteration, each mode's
+on synthetic inputs, with the reference's protocol: a distinct training and
+validation batch every iteration (16 pairs generated before the clock
+starts, cycled), and in the RNN configuration each stream's hidden state
+carried from one iteration to the next, with fresh dropout masks. It prints the median seconds per iteration, each mode's
 ratio to the plain forward+backward of the same configuration, the first-call
 time (tracing, graph optimisation, one run) with its tracing part, whether
 TensorFlow's graph optimiser was on, and the process's peak resident memory;
@@ -32,6 +35,7 @@ worthless.
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -49,6 +53,8 @@ CONFIGS = {
     "RNN": {"hidden": 64, "batch": 16, "bptt": 35, "vocabulary": 1000},
 }
 MODES = ["forward_backward", "first_order", "second_order_fd", "second_order_exact"]
+# Distinct (training, validation) batch pairs each configuration cycles through, one pair per iteration.
+POOL = 16
 # Spec options under ``search`` that the benchmark can switch on, and their flags.
 OPTION_FLAGS = {"recompute_cells": "--recompute", "reuse_virtual_gradient": "--reuse-virtual-gradient"}
 EXTRA_MODES = ["retrain_step"]  # one retraining step of DARTS_V2 at the configuration's size
@@ -106,9 +112,18 @@ def recurrent_step(config, mode, grappler=None):
     })
     bilevel = build_language_search(spec, config["vocabulary"])
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config["vocabulary"], (config["batch"], config["bptt"] + 1))
-    batch = (tf.constant(tokens[:, :-1], tf.int32), tf.constant(tokens[:, 1:], tf.int32),
-             tf.zeros((config["batch"], size)), tf.constant([0, 0], tf.int32))
+    # As the reference's search loop: distinct training and validation token batches every iteration,
+    # each stream's hidden state carried from one iteration to the next, fresh dropout masks each time.
+    pool = [tf.constant(rng.integers(0, config["vocabulary"], (config["batch"], config["bptt"] + 1)), tf.int32)
+            for _ in range(2 * POOL)]
+    batches = itertools.cycle(range(POOL))
+    carried = {"train": tf.zeros((config["batch"], size)), "val": tf.zeros((config["batch"], size))}
+    draws = itertools.count()
+
+    def batch(which, index):
+        tokens = pool[2 * index + (which == "val")]
+        return tokens[:, :-1], tokens[:, 1:], carried[which], tf.constant([next(draws), 0], tf.int32)
+
     lr = tf.constant(20.0, tf.float32)
     arch_lr = tf.constant(3e-3, tf.float32)
     if mode == "forward_backward":
@@ -117,13 +132,26 @@ def recurrent_step(config, mode, grappler=None):
         @tf.function(input_signature=[signature])
         def run(batch):
             with tf.GradientTape() as tape:
-                value = bilevel.objective.loss(bilevel.model, batch, training=True)[0]
-            return tape.gradient(value, bilevel.model.trainable_variables)
+                value, _, _, state = bilevel.objective.loss(bilevel.model, batch, training=True)
+            return tape.gradient(value, bilevel.model.trainable_variables), state
 
-        return (lambda: run(batch)), run, None
+        def forward_backward():
+            gradients, carried["train"] = run(batch("train", next(batches)))
+            return gradients
+
+        return forward_backward, run, None
     order = "first" if mode == "first_order" else "second"
     step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference", grappler)
-    call_with = lambda function: (lambda: function(batch, batch, lr, arch_lr))  # noqa: E731
+
+    def call_with(function):
+        def call():
+            index = next(batches)
+            metrics, carried["train"], carried["val"] = function(batch("train", index), batch("val", index), lr,
+                                                                 arch_lr)
+            return metrics
+
+        return call
+
     return call_with(step), step, call_with
 
 
@@ -236,8 +264,12 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
 
         serialize_kernels_if_needed(spec)
     batch = config["batch"]
-    x = tf.random.normal((batch, 32, 32, 3))
-    y = tf.random.uniform((batch,), 0, 10, tf.int32)
+    # Distinct training and validation batches every iteration, generated before the clock starts.
+    generator = tf.random.Generator.from_seed(0)
+    pool = [(generator.normal((batch, 32, 32, 3)), generator.uniform((batch,), 0, 10, tf.int32))
+            for _ in range(2 * POOL)]
+    batches = itertools.cycle(range(POOL))
+    x, y = pool[0]
     if mode == "retrain_step":
         if precision != "float32":
             raise SystemExit("retrain_step is measured in float32 only")
@@ -256,14 +288,21 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
             loss = cross_entropy(y, model(x, training=True))
         return tape.gradient(loss, model.trainable_variables)
 
-    forward_backward = lambda: run(x, y)  # noqa: E731
+    forward_backward = lambda: run(*pool[2 * next(batches)])  # noqa: E731
     if mode == "forward_backward":
         call, function = forward_backward, run
     else:
         order = "first" if mode == "first_order" else "second"
         function = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference",
                                               grappler)
-        call_with = lambda f: (lambda: f((x, y), (x, y), lr, arch_lr))  # noqa: E731
+
+        def call_with(f):
+            def call():
+                index = next(batches)
+                return f(pool[2 * index], pool[2 * index + 1], lr, arch_lr)
+
+            return call
+
         call = call_with(function)
 
     result = {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
