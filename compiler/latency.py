@@ -19,8 +19,7 @@ from keras_darts.spec import ZERO_OPERATION, reduction_positions
 
 from .graph import cell_edges, cell_schedule
 from .ops import build_op
-
-CELL_TYPES = ("normal", "reduce")
+from .supernet import CELL_TYPES
 
 
 def block_key(name, input_shape, output_shape):
@@ -54,6 +53,7 @@ class LatencyPlan:
         self.nodes = int(nodes)
         self.edges = cell_edges(self.nodes)
         self.blocks, self.fixed, self.cells = {}, [], []
+        self._free = {}  # (op, channels, stride) -> whether it is free: each op is built once to ask
         height, width, depth = network.input_shape
         channels = network.init_channels
         if network.stem == "cifar":
@@ -86,14 +86,15 @@ class LatencyPlan:
         self._fixed("preprocess_conv1x1", s1, inside, block="preprocess", part=1, reduction_prev=reduction_prev,
                     channels=channels)
         out = (halved(s1[0]), halved(s1[1]), channels) if reduction else inside
-        free = {stride: {op: free_operation(op, channels, stride) for op in self.operations} for stride in (1, 2)}
         keys = []
         for source, _ in self.edges:
             stride = 2 if reduction and source < 2 else 1
             seen = inside if source < 2 else out
             row = []
             for op in self.operations:
-                if free[stride][op]:
+                if (op, channels, stride) not in self._free:
+                    self._free[op, channels, stride] = free_operation(op, channels, stride)
+                if self._free[op, channels, stride]:
                     row.append(None)
                     continue
                 key = block_key(op, seen, out)

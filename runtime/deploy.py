@@ -71,20 +71,31 @@ def write_onnx(saved_model, folder):
     return path
 
 
-def _run_worker(mode, request, blame):
-    """Run ``litert_worker.py mode`` on ``request``; a failure names ``blame`` (a file) with the worker's last line."""
+def fresh_process_failure(arguments, request):
+    """Run ``python arguments... REQUEST.json`` in a fresh process; ``None``, or why it failed (its last line).
+
+    ``request`` is written to a temporary JSON file whose path ends the command line.
+    """
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "request.json")
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(request, handle)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        done = subprocess.run([sys.executable, _WORKER, mode, path], env=env, capture_output=True, text=True,
+        done = subprocess.run([sys.executable, *arguments, path], env=env, capture_output=True, text=True,
                               check=False)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else "(no output)"
-        if done.returncode < 0:
-            reason = f"the process was killed by signal {-done.returncode} ({reason})"
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else "(no output)"
+    if done.returncode < 0:
+        reason = f"the process was killed by signal {-done.returncode} ({reason})"
+    return reason
+
+
+def _run_worker(mode, request, blame):
+    """Run ``litert_worker.py mode`` on ``request``; a failure names ``blame`` (a file) with the worker's last line."""
+    reason = fresh_process_failure([_WORKER, mode], request)
+    if reason is not None:
         action = "converting" if mode == "convert" else "running"
         raise ExportVerificationError.single(os.path.dirname(blame), os.path.basename(blame),
                                              f"{action} it in a fresh process failed: {reason}")

@@ -35,8 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -44,11 +42,11 @@ import numpy as np
 import tensorflow as tf
 
 from keras_darts.compiler.latency import CELL_TYPES, LatencyPlan
-from keras_darts.compiler.methods import search_method
 from keras_darts.spec import DerivedNetworkConfig, SpecError, read_yaml_file
 from keras_darts.spec.model import from_mapping
 
 from . import rundir
+from .deploy import fresh_process_failure
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +101,12 @@ def measure(blocks=None, runs=50, files=None):
     The process is ``latency_worker``'s; a file is timed as a block is.
     """
     with tempfile.TemporaryDirectory() as folder:
-        request = {"blocks": blocks, "files": files, "runs": int(runs), "results": os.path.join(folder, "results.json")}
-        path = os.path.join(folder, "request.json")
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(request, handle)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        done = subprocess.run([sys.executable, "-m", "keras_darts.runtime.latency_worker", path], env=env,
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            raise RuntimeError("measuring op latencies in a fresh process failed: "
-                               + (lines[-1] if lines else f"exit {done.returncode}"))
-        return rundir.read_json(request["results"])["entries"]
+        results = os.path.join(folder, "results.json")
+        reason = fresh_process_failure(["-m", "keras_darts.runtime.latency_worker"],
+                                       {"blocks": blocks, "files": files, "runs": int(runs), "results": results})
+        if reason is not None:
+            raise RuntimeError(f"measuring op latencies in a fresh process failed: {reason}")
+        return rundir.read_json(results)["entries"]
 
 
 def measured_table(plan, runs):
@@ -205,7 +197,7 @@ def edge_factors(plan, spec):
     if spec.search.latency.edges == "all":
         return np.ones((len(plan.edges), 1))
     k = spec.search_space.k
-    return np.array([[min(1.0, k / target)] for _, target in plan.edges])  # node j has j inputs
+    return np.array([[min(1.0, k / node)] for _, node in plan.edges])  # node j has j inputs
 
 
 def derived_latency(spec, table, derived):
@@ -228,7 +220,7 @@ class ExpectedLatency:
     def __init__(self, model, spec, table):
         plan = plan_for(spec)
         factors = edge_factors(plan, spec)
-        self.method = search_method(spec)
+        self.method = model.method
         self.fixed = plan.fixed_cost(table["entries"])
         self.costs = {t: factors * c for t, c in plan.edge_costs(table["entries"]).items()}
         self.positions = [next(i for i, v in enumerate(model.arch_variables) if v is model.alphas[t])
@@ -268,8 +260,7 @@ class LatencyLoss:
             tape.watch(alphas)
             unit = tf.ones((), loss.dtype)
             scaled, expected = self.objective(unit, alphas)  # J at CE = 1: the factor f (mul) or 1 + term (add)
+        term = tape.gradient(scaled, alphas, unconnected_gradients="zero")
         if self.config.loss == "add_linear":
-            term = tape.gradient(scaled, alphas, unconnected_gradients="zero")
             return [g + t for g, t in zip(gradients, term)], expected
-        factor_gradients = tape.gradient(scaled, alphas, unconnected_gradients="zero")
-        return [scaled * g + loss * f for g, f in zip(gradients, factor_gradients)], expected
+        return [scaled * g + loss * t for g, t in zip(gradients, term)], expected

@@ -45,10 +45,10 @@ from .checkpoint import START, SearchCheckpoints
 from .data import pipeline, search_split
 from .footprint import format_bytes, static_estimate
 from .graph_build import resolve_graph_optimizer
+from .latency import LatencyLoss, derived_latency
 from .loop import Callback, Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
-from .latency import LatencyLoss, derived_latency
 from .precision import precision_note, set_precision
 
 log = logging.getLogger(__name__)
