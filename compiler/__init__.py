@@ -6,7 +6,7 @@ Keras and ``keras.ops`` only: no gradient tapes and no files here.
 from keras_darts.spec import OpDefinition
 
 from .cells import DerivedCell, MixedOp, SearchCell
-from .derive import derive_cell, derive_genotype, derived_spec_from_search
+from .derive import derive_cell, derive_genotype, derived_spec_from_search, derived_spec_of, random_cell
 from .graph import build_cell_graph, build_derived_graph, cell_edges
 from .network import (
     AuxiliaryHead,

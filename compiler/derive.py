@@ -8,7 +8,7 @@ with fewer than ``k`` inputs keeps all of them. The stronger
 edge is listed first; the cell output concatenates all intermediate nodes.
 """
 
-from keras_darts.spec import CellGenotype, Edge, derived_from_document
+from keras_darts.spec import ZERO_OPERATION, CellGenotype, Edge, derived_from_document
 
 from .graph import cell_edges
 from .methods import SearchMethod, search_method
@@ -77,6 +77,27 @@ def derive_genotype(alphas, operations, nodes, k, method=DARTS, edge_betas=None)
     }
 
 
+def random_cell(operations, edges, k, rng):
+    """A cell drawn uniformly from the discrete cells DARTS' rule can derive from ``edges``.
+
+    ``edges`` lists each alpha row's ``(source, target)``. Each target node
+    takes ``min(k, its inputs)`` distinct inputs, every such set equally
+    likely, and each kept edge one op other than ``none``, every op equally
+    likely; ``rng`` is a ``numpy.random.Generator``. Edges are listed by
+    input; the output concatenates (or averages) every intermediate node.
+    """
+    candidates = [name for name in operations if name != ZERO_OPERATION]
+    if not candidates:
+        raise ValueError(f"operations must include one other than '{ZERO_OPERATION}'. Received: {list(operations)}")
+    targets = sorted({target for _, target in edges})
+    nodes = []
+    for target in targets:
+        sources = [source for source, t in edges if t == target]
+        chosen = sorted(rng.choice(sources, size=min(k, len(sources)), replace=False).tolist())
+        nodes.append(tuple(Edge(candidates[int(rng.integers(len(candidates)))], source) for source in chosen))
+    return CellGenotype(nodes=tuple(nodes), concat=tuple(targets))
+
+
 def derived_spec_from_search(spec, alphas, retrain=True, origin=None, edge_betas=None, **network):
     """The derived spec a search produced, with the network it will be retrained as.
 
@@ -86,6 +107,12 @@ def derived_spec_from_search(spec, alphas, retrain=True, origin=None, edge_betas
     """
     space = spec.search_space
     genotype = derive_genotype(alphas, space.operations, space.nodes, space.k, search_method(spec), edge_betas)
+    return derived_spec_of(spec, genotype, retrain, origin, **network)
+
+
+def derived_spec_of(spec, genotype, retrain=True, origin=None, **network):
+    """The derived spec of ``genotype`` (``{cell type: CellGenotype}``) in ``spec``'s space and network."""
+    space = spec.search_space
     document = {
         "version": 1,
         "kind": space.kind,

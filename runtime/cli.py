@@ -190,6 +190,51 @@ def cmd_plot(args):
     return EXIT_OK
 
 
+def cmd_compare(args):
+    spec = _load(args)
+    from keras_darts.runtime.kinds import kind_of
+
+    kind = kind_of(spec)
+    kind.check_data(spec, light=True)
+    if args.seeds < 1 or args.random < 0:
+        from keras_darts.spec import SpecError
+
+        raise SpecError.single(spec.source, "--seeds" if args.seeds < 1 else "--random",
+                               "must be at least 1" if args.seeds < 1 else "must be 0 or more")
+    _tensorflow()
+    from keras_darts.runtime.determinism import op_determinism, serialize_kernels_if_needed
+
+    serialize_kernels_if_needed(spec)  # before TensorFlow starts its runtime
+    from keras_darts.runtime import compare as comparison
+    from keras_darts.runtime.rundir import default_run_dir
+
+    candidates = comparison.named_candidates(args.runs, args.derived)
+    candidates += comparison.random_candidates(spec, args.random, args.random_seed)
+    comparison.check_candidates(spec, comparison.unique_names(candidates))
+    out = args.out or default_run_dir(spec) + "-compare"
+    seeds = comparison.seeds_of(spec, args.seeds)
+    if spec.distribute.strategy != "none":
+        print(f"note: compare retrains on one device; distribute.strategy {spec.distribute.strategy} is not used")
+    print(f"compare: {len(candidates)} architectures x {len(seeds)} seeds {seeds}, retrained as {spec.source}'s "
+          f"retrain block says ({spec.retrain.epochs} epochs), into {out}")
+    with op_determinism(spec.search.deterministic):
+        document = comparison.compare(spec, candidates, seeds, out, overwrite=args.overwrite,
+                                      progress=not args.no_progress)
+    rows = comparison.summary_rows(kind, document)
+    for line in comparison.table_lines(kind, rows):
+        print(line)
+    for line in comparison.comparison_lines(kind, rows):
+        print(line)
+    print(f"table: {os.path.join(out, 'results.md')} and results.csv; plot: "
+          f"{os.path.join(out, 'metric_vs_parameters.png')}")
+    failed = [(row["candidate"], seed) for row in rows for seed in row["failed_seeds"]]
+    if failed:
+        print("failed (see error.txt in each seed's folder; the same command retries them): "
+              + ", ".join(f"{name} seed {seed}" for name, seed in failed), file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def cmd_show(args):
     from keras_darts.spec import load_derived
 
@@ -267,6 +312,23 @@ def _parser(prog, compile_only=False):
     p = commands.add_parser("plot", help="draw a run's derived cells, alpha heatmaps and diagnostics")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_plot)
+    p = commands.add_parser("compare", help="retrain searched, published and random architectures of a spec's "
+                                            "space under its retrain block, with several seeds, and tabulate them")
+    _spec_arguments(p)
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR",
+                   help="a run directory whose derived.yaml competes (repeatable)")
+    p.add_argument("--derived", action="append", default=[], metavar="FILE_OR_NAME",
+                   help="a derived spec file or published architecture (DARTS_V1, DARTS_V2, ...) (repeatable)")
+    p.add_argument("--random", type=int, default=0, metavar="N",
+                   help="N cells drawn uniformly at random from the spec's space (DARTS' k-edges-per-node rule)")
+    p.add_argument("--random-seed", type=int, default=0, help="the seed the random cells are drawn from")
+    p.add_argument("--seeds", type=int, default=3, help="retrainings per architecture, with seeds retrain.seed, "
+                                                         "retrain.seed+1, ... (default 3)")
+    p.add_argument("--out", help="where the comparison goes (default: runs/<spec name>-compare); "
+                                 "the same command resumes it")
+    p.add_argument("--overwrite", action="store_true", help="empty an earlier comparison's folder first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_compare)
     p = commands.add_parser("show", help="print a derived spec's cells, parameters and multiply-adds "
                                          "(and a run's exported files, their accuracy, size and latency)")
     p.add_argument("derived", help="a derived spec file, a published name (DARTS_V1, DARTS_V2) or a run directory")

@@ -35,6 +35,7 @@ class RunReport:
     artifacts: dict = dataclasses.field(default_factory=dict)
     search: object = None
     retrain: object = None
+    comparison: object = None  # the searched cell against random cells (retrain.compare_random)
 
 
 def load_data(spec):
@@ -134,16 +135,26 @@ def _run(spec, run_dir, overwrite, search_only, progress):
         report.retrain = retrain_run(spec, report.search.derived, data, run_dir, progress, strategy)
     report.artifacts["retrained model"] = os.path.join(run_dir, "retrain", "model.keras")
     report.artifacts["test metrics"] = os.path.join(run_dir, "retrain", "metrics.json")
-    if done["export"]:
+    exported = None
+    if not spec.export.enabled:
+        pass
+    elif done["export"]:
         exported = rundir.read_json(os.path.join(run_dir, "export", REPORT))
-    elif spec.export.enabled:
+    else:
         exported = export_run(run_dir, model=report.retrain.model, data=data)
         for line in report_lines(exported):
             log.info("%s", line)
-    else:
-        return report
-    report.artifacts.update({form.replace("_", " "): entry["path"] for form, entry in exported["formats"].items()})
-    report.artifacts["export report"] = os.path.join(run_dir, "export", REPORT)
+    if exported:
+        report.artifacts.update({form.replace("_", " "): entry["path"]
+                                 for form, entry in exported["formats"].items()})
+        report.artifacts["export report"] = os.path.join(run_dir, "export", REPORT)
+    if spec.retrain.compare_random:
+        from .compare import compare_with_random
+
+        log.info("comparing the searched cell with %d random cells of its space (retrain.compare_random)",
+                 spec.retrain.compare_random)
+        report.comparison = compare_with_random(spec, run_dir, report.search.derived, report.retrain, data, progress)
+        report.artifacts["comparison"] = os.path.join(run_dir, "compare", "results.md")
     return report
 
 
@@ -258,6 +269,10 @@ def summary_lines(report):
         lines.append(f"genotype: {last['genotype']}")
     if report.retrain:
         lines.append(kind.retrain_summary(report.retrain))
+    if report.comparison:
+        from .compare import comparison_lines, summary_rows
+
+        lines += comparison_lines(kind, summary_rows(kind, report.comparison))
     for name, path in report.artifacts.items():
         lines.append(f"{name + ':':18s}{path}")
     return lines

@@ -327,6 +327,8 @@ class RetrainConfig:
     auxiliary_weight: float = 0.4
     drop_path_prob: float = 0.2
     seed: int = 0
+    compare_random: int = 0
+    compare_seeds: int = 1
     precision: str = "float32"
     weights_optimizer: SGDConfig = SGDConfig(learning_rate_min=0.0)
     augment: AugmentConfig = AugmentConfig(cutout=16)
@@ -508,6 +510,8 @@ class RecurrentRetrainConfig:
     dropout_embedding: float = 0.2
     dropout_words: float = 0.1
     seed: int = 1267
+    compare_random: int = 0
+    compare_seeds: int = 1
     precision: str = "float32"
     learning_rate: float = 20.0
     weight_decay: float = 8e-7

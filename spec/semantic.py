@@ -223,9 +223,17 @@ def latency_problems(spec, source):
     return problems
 
 
+def compare_problems(spec, source):
+    """A comparison with random cells runs after the retraining: it needs one."""
+    if spec.retrain.compare_random and not spec.retrain.enabled:
+        return [Problem(source, "$.retrain.compare_random", "the comparison with random cells follows the "
+                        "retraining, but $.retrain.enabled is false; enable it or run keras-darts compare")]
+    return []
+
+
 def search_spec_problems(spec, source):
     if spec_layout(spec.search_space.kind) == "recurrent_cell":
-        return recurrent_spec_problems(spec, source) + method_problems(spec, source)
+        return recurrent_spec_problems(spec, source) + method_problems(spec, source) + compare_problems(spec, source)
     space = spec.search_space
     network = space.network
     problems = []
@@ -263,6 +271,7 @@ def search_spec_problems(spec, source):
                                 "could reuse; set search.order: second or drop this key"))
     problems += method_problems(spec, source)
     problems += latency_problems(spec, source)
+    problems += compare_problems(spec, source)
     data = spec.data
     if data.source == "tfds" and not data.name:
         problems.append(Problem(source, "$.data.name", "a tfds source needs the dataset name"))

@@ -15,6 +15,7 @@ the search                  ``search_context`` (what is prepared first),
                             derivation), ``build_search`` and
                             ``estimate_context`` (for ``keras-darts estimate``),
                             ``synthetic_batch``, ``activation_bytes``
+random cells                ``cell_types`` with ``alpha_edges``
 collapse statistic          ``collapse(derived)``: skip connections and
                             parameter-free ops of ``collapse_cell``
 retraining and its result   ``check_retrainable``, ``retrain``,
@@ -37,6 +38,9 @@ class CellKind(abc.ABC):
     spec_layout = None
     metric = "accuracy"
     metric_format = "{:.4f}"
+    higher_is_better = True  # of ``metric``
+    # The cell types of a derived spec of this kind (``keras-darts compare`` draws random cells of each).
+    cell_types = ()
     # Whether retraining runs under the search's tf.distribute strategy (else on one device).
     distributed_retraining = True
     # Pictures: labels of the cell's input nodes, the number of its first

@@ -15,6 +15,7 @@ class ConvCellKind(CellKind):
     name = "conv_cell"
     spec_layout = "conv_cell"
     metric = "accuracy"
+    cell_types = ("normal", "reduce")
     cell_inputs = {0: "c_{k-2}", 1: "c_{k-1}"}
     first_node = 2
     output_rule = "concat"

@@ -16,6 +16,8 @@ class RecurrentCellKind(CellKind):
     spec_layout = "recurrent_cell"
     metric = "perplexity"
     metric_format = "{:.2f}"
+    higher_is_better = False
+    cell_types = ("recurrent",)
     distributed_retraining = False
     cell_inputs = {0: "s0 (x, h_prev)"}
     first_node = 1
