@@ -122,6 +122,7 @@ def compare(spec, candidates, seeds, out_dir, overwrite=False, progress=False, d
         kind.check_retrainable(spec, candidate.derived)  # all of them, before anything runs
     _prepare(out_dir, spec, candidates, overwrite)
     document = _read_document(out_dir, spec, seeds)
+    rundir.write_json(os.path.join(out_dir, PROTOCOL), _plain(document))  # first: the folder is a comparison's
     for name, sizes in (figures or {}).items():
         path = os.path.join(out_dir, "candidates", name, "figures.json")
         if not os.path.exists(path):
@@ -129,8 +130,9 @@ def compare(spec, candidates, seeds, out_dir, overwrite=False, progress=False, d
     for candidate in candidates:
         folder = os.path.join(out_dir, "candidates", candidate.name)
         rundir.write_yaml(os.path.join(folder, "derived.yaml"), candidate.derived.to_document())
-        document["candidates"].setdefault(candidate.name, {"source": candidate.source, "random": candidate.random,
-                                                           "seeds": {}})
+        entry = document["candidates"].setdefault(candidate.name, {"source": candidate.source,
+                                                                   "random": candidate.random, "seeds": {}})
+        entry["collapse"] = kind.collapse(candidate.derived)
     _write_outputs(out_dir, kind, document)
     total = len(candidates) * len(seeds)
     count = 0
@@ -269,6 +271,7 @@ def summary_rows(kind, document):
             "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
             "seeds": len(values), "failed_seeds": failed, "values": values,
             "parameters": sizes.get("parameters"), "multiply_adds": sizes.get("multiply_adds"),
+            **entry.get("collapse", {}),
         })
     return rows
 
@@ -304,7 +307,8 @@ def against_random(kind, rows):
 
 def table_lines(kind, rows, markdown=False):
     """The table as text: Markdown's pipes, or aligned columns for the terminal."""
-    header = ["candidate", "source", f"test {kind.metric}", "seeds", "parameters", "multiply-adds"]
+    header = ["candidate", "source", f"test {kind.metric}", "seeds", "parameters", "multiply-adds",
+              "skip, param-free"]
     body = []
     for row in sorted(rows, key=lambda r: _sort_key(kind, r)):
         figure = "-" if not row["seeds"] else kind.metric_format.format(row["mean"])
@@ -313,7 +317,8 @@ def table_lines(kind, rows, markdown=False):
         seeds = str(row["seeds"]) + (f" ({len(row['failed_seeds'])} failed)" if row["failed_seeds"] else "")
         body.append([row["candidate"], row["source"], figure, seeds,
                      "-" if row["parameters"] is None else f"{row['parameters']:,}",
-                     "-" if row["multiply_adds"] is None else f"{row['multiply_adds']:,}"])
+                     "-" if row["multiply_adds"] is None else f"{row['multiply_adds']:,}",
+                     f"{row.get('skip_connections', '-')}, {row.get('parameter_free', '-')}"])
     if markdown:
         return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
                 *("| " + " | ".join(cells) + " |" for cells in body)]
@@ -353,15 +358,18 @@ def _write_outputs(out_dir, kind, document, figures=False):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["candidate", "source", "random", f"{kind.metric}_mean", f"{kind.metric}_std", "seeds",
-                     "failed_seeds", "parameters", "multiply_adds", "values"])
+                     "failed_seeds", "parameters", "multiply_adds", "skip_connections", "parameter_free", "values"])
     for row in rows:
         writer.writerow([row["candidate"], row["source"], row["random"], row["mean"], row["std"], row["seeds"],
                          " ".join(map(str, row["failed_seeds"])), row["parameters"] or "",
-                         row["multiply_adds"] or "", " ".join(f"{v:.6g}" for v in row["values"])])
+                         row["multiply_adds"] or "", row.get("skip_connections", ""), row.get("parameter_free", ""),
+                         " ".join(f"{v:.6g}" for v in row["values"])])
     rundir.atomic_write_text(os.path.join(out_dir, "results.csv"), buffer.getvalue())
     protocol = document["protocol"]
     markdown = [f"Retrained with the `retrain` block of {protocol['spec']}, seeds {protocol['seeds']}; "
-                f"mean ± standard deviation over seeds.", "", *table_lines(kind, rows, markdown=True)]
+                f"mean ± standard deviation over seeds. Skip, param-free: the derived {kind.collapse_cell} cell's "
+                f"{kind.skip_operation} edges and parameter-free ops ({', '.join(kind.parameter_free)}).", "",
+                *table_lines(kind, rows, markdown=True)]
     sentences = comparison_lines(kind, rows)
     if sentences:
         markdown += ["", *(f"- {line}" for line in sentences)]

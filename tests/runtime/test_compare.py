@@ -150,6 +150,8 @@ def test_the_table_holds_each_candidates_mean_and_spread_over_its_seeds_metrics_
         figures = json.loads((out / "candidates" / name / "figures.json").read_text())
         assert rows[name]["parameters"] == figures["parameters"] > 0
     assert rows["broken"]["seeds"] == 0 and rows["broken"]["failed_seeds"] == [0, 1]
+    # DARTS_V2's published normal cell: two skip connections, no pooling.
+    assert (rows["DARTS_V2"]["skip_connections"], rows["DARTS_V2"]["parameter_free"]) == (2, 2)
     markdown = (out / "results.md").read_text().splitlines()
     table = [line for line in markdown if line.startswith("| ") and "candidate" not in line]
     order = [line.split(" | ")[0][2:] for line in table]
