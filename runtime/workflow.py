@@ -136,11 +136,9 @@ def _run(spec, run_dir, overwrite, search_only, progress):
     report.artifacts["retrained model"] = os.path.join(run_dir, "retrain", "model.keras")
     report.artifacts["test metrics"] = os.path.join(run_dir, "retrain", "metrics.json")
     exported = None
-    if not spec.export.enabled:
-        pass
-    elif done["export"]:
+    if spec.export.enabled and done["export"]:
         exported = rundir.read_json(os.path.join(run_dir, "export", REPORT))
-    else:
+    elif spec.export.enabled:
         exported = export_run(run_dir, model=report.retrain.model, data=data)
         for line in report_lines(exported):
             log.info("%s", line)
