@@ -114,10 +114,10 @@ class Bilevel:
             # cannot sit in a nested function: there they are traced into the step itself.
             if strategy is not None:
                 return fn
-            return tf.function(fn, input_signature=input_signature, experimental_attributes={"_noinline": True})
+            return tf.function(fn, input_signature=input_signature, autograph=False, experimental_attributes={"_noinline": True})
 
         # Evaluation runs outside the replicas, always as its own function.
-        self.loss_at = tf.function(self._loss_at, input_signature=signature)
+        self.loss_at = tf.function(self._loss_at, input_signature=signature, autograph=False)
         self.gradients_at = compile_pass(self._gradients_at)
         self.alpha_gradients_at = compile_pass(self._alpha_gradients_at)
         self.mixed_hvp_at = compile_pass(self._mixed_hvp_at, [weights, alphas, weights, batch])
@@ -145,7 +145,7 @@ class Bilevel:
             self.cell_gradients_at = compile_pass(self._cell_gradients_at, [weights, alphas, cells, batch])
         self.eval_alpha_gradients_at = (
             self.float32_alpha_gradients_at if strategy is None
-            else tf.function(self._float32_alpha_gradients_at, input_signature=signature)
+            else tf.function(self._float32_alpha_gradients_at, input_signature=signature, autograph=False)
         )
 
     # -- passes on substituted values -------------------------------------------
@@ -570,7 +570,7 @@ class Bilevel:
         strategy = self.strategy
 
         if strategy is None:
-            @tf.function(input_signature=[batch, batch, scalar_spec, scalar_spec])
+            @tf.function(input_signature=[batch, batch, scalar_spec, scalar_spec], autograph=False)
             def step(train, val, weights_lr, arch_lr):
                 return iteration(train, val, weights_lr, arch_lr)
 
@@ -578,7 +578,7 @@ class Bilevel:
 
         split = self.objective.per_example
 
-        @tf.function(input_signature=[batch, batch, scalar_spec, scalar_spec])
+        @tf.function(input_signature=[batch, batch, scalar_spec, scalar_spec], autograph=False)
         def distributed_step(train, val, weights_lr, arch_lr):
             # Each replica takes its slice of the global batches; metrics are averaged
             # already, and the carried states are gathered back into global ones.

@@ -212,7 +212,7 @@ def multiply_adds(call, input_specs):
     """Multiply-accumulates of ``call(*inputs)`` on inputs of ``input_specs`` (``tf.TensorSpec`` with static shapes)."""
     import tensorflow as tf
 
-    return graph_multiply_adds(tf.function(call).get_concrete_function(*input_specs).graph)
+    return graph_multiply_adds(tf.function(call, autograph=False).get_concrete_function(*input_specs).graph)
 
 
 def report_lines(report):

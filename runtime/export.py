@@ -31,7 +31,7 @@ def export_saved_model(model, path, mean, std):
     mean = tf.constant(np.asarray(mean, np.float32))
     std = tf.constant(np.asarray(std, np.float32))
 
-    @tf.function(input_signature=[tf.TensorSpec((None, *image_shape), tf.float32, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec((None, *image_shape), tf.float32, name="images")], autograph=False)
     def serve(images):
         logits = model((images - mean) / std, training=False)
         return {"probabilities": tf.nn.softmax(logits, axis=-1)}
@@ -79,7 +79,7 @@ def export_language_model(model, path, batch=None):
     hidden_size = model.hidden_size
 
     @tf.function(input_signature=[tf.TensorSpec((batch, None), tf.int32, name="tokens"),
-                                  tf.TensorSpec((batch, hidden_size), tf.float32, name="hidden")])
+                                  tf.TensorSpec((batch, hidden_size), tf.float32, name="hidden")], autograph=False)
     def serve(tokens, hidden):
         logits, last, _, _ = model(tokens, hidden, training=False)
         return {"log_probabilities": tf.nn.log_softmax(logits, axis=-1), "hidden": last}

@@ -49,7 +49,7 @@ def make_language_train_step(model, optimizer, objective, loss_scale=None):
     signature = objective.batch_signature()
     loss_scale = loss_scale or NoLossScale()
 
-    @tf.function(input_signature=[signature, tf.TensorSpec((), tf.float32)])
+    @tf.function(input_signature=[signature, tf.TensorSpec((), tf.float32)], autograph=False)
     def train_step(batch, learning_rate):
         with tf.GradientTape() as tape:
             value, loss, _, hidden = objective.loss(model, batch, training=True, regularize=True)
@@ -62,7 +62,7 @@ def make_language_train_step(model, optimizer, objective, loss_scale=None):
 
 
 def make_language_eval_step(model, objective):
-    @tf.function(input_signature=list(objective.batch_signature()[:3]))
+    @tf.function(input_signature=list(objective.batch_signature()[:3]), autograph=False)
     def eval_step(x, y, hidden):
         _, loss, _, hidden = objective.loss(model, (x, y, hidden, tf.zeros((2,), tf.int32)), training=False)
         return loss, hidden

@@ -92,6 +92,7 @@ class LanguageSearchTask:
             lambda x, y, h: bilevel.loss_at(bilevel.current_weights(), bilevel.current_alphas(),
                                             (x, y, h, tf.zeros((2,), tf.int32)))[::2],
             input_signature=bilevel.objective.batch_signature()[:3],
+            autograph=False,
         )
         self.reset_hidden()
 

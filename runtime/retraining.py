@@ -74,7 +74,7 @@ def make_train_step(model, optimizer, auxiliary_weight, image_shape, strategy=No
         loss_scale.apply(optimizer, gradients, learning_rate)
         return cross_replica_sum([total, correct_count(y, logits)])
 
-    @tf.function(input_signature=[*_signature(image_shape), tf.TensorSpec((), tf.float32)])
+    @tf.function(input_signature=[*_signature(image_shape), tf.TensorSpec((), tf.float32)], autograph=False)
     def train_step(x, y, learning_rate):
         examples = tf.cast(tf.shape(y)[0], tf.float32)
         return run_on_replicas(strategy, replica_step, (x, y), (True, True), examples, learning_rate)
@@ -90,7 +90,7 @@ def make_eval_step(model, image_shape, strategy=None):
         logits = model(x, training=False)
         return cross_replica_sum([summed_cross_entropy(y, logits), correct_count(y, logits)])
 
-    @tf.function(input_signature=_signature(image_shape))
+    @tf.function(input_signature=_signature(image_shape), autograph=False)
     def eval_step(x, y):
         return run_on_replicas(strategy, replica_step, (x, y), (True, True))
 

@@ -98,7 +98,7 @@ class ConvCellKind(CellKind):
 
         model = bilevel.model
         batch = self.synthetic_batch(spec, bilevel)
-        forward = tf.function(lambda x: model(x, training=True))
+        forward = tf.function(lambda x: model(x, training=True), autograph=False)
         return graph_float_bytes(forward.get_concrete_function(tf.TensorSpec(batch[0].shape, tf.float32)).graph)
 
     # -- retraining and export ---------------------------------------------------------

@@ -79,7 +79,7 @@ class RecurrentCellKind(CellKind):
         model = bilevel.model
         cell = model.cell
         size = spec.data.batch_size
-        step = tf.function(lambda x, h: cell.step(x, h, cell.kernels(), model.probabilities(), {}))
+        step = tf.function(lambda x, h: cell.step(x, h, cell.kernels(), model.probabilities(), {}), autograph=False)
         dtype = model.embedding.dtype
         per_step = graph_float_bytes(step.get_concrete_function(
             tf.TensorSpec((size, model.embedding_size), dtype), tf.TensorSpec((size, model.hidden_size), dtype)).graph)
