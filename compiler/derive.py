@@ -11,13 +11,18 @@ edge is listed first; the cell output concatenates all intermediate nodes.
 from keras_darts.spec import ZERO_OPERATION, CellGenotype, Edge, derived_from_document
 
 from .graph import cell_edges
-from .methods import SearchMethod, search_method
+from .methods import SearchMethod, normalized_edge_weights, search_method
+from .methods.darts_pt import projected
 from .ranking import DARTS, rank_edges
 from .recurrent import CELL_TYPE, derive_recurrent_cell
 
 
-def derive_cell(alpha, operations, nodes, k, method=DARTS, edge_betas=None):
+def derive_cell(alpha, operations, nodes, k, method=DARTS, edge_betas=None, projection=None):
     """The ``CellGenotype`` of one convolutional cell type from its (edges x ops) alpha matrix.
+
+    ``projection`` (``(chosen, fixed)``, DARTS-PT's state of the cell type)
+    replaces the rows its selection fixed, and the cell is DARTS' rule on the
+    result, as the official code reads its projected weights.
 
     Under a method that drops edges (a derivation threshold, or ``none``
     ranked like any op), nodes left without inputs are dropped
@@ -26,6 +31,12 @@ def derive_cell(alpha, operations, nodes, k, method=DARTS, edge_betas=None):
     method's weights, so that every epoch has a cell to show and retrain.
     """
     edges, targets = cell_edges(nodes), range(2, 2 + nodes)
+    if projection is not None:
+        weights = method.derivation_weights(alpha)
+        if edge_betas is not None:
+            weights = weights * normalized_edge_weights(edge_betas, edges)[:, None]
+        chosen = rank_edges(projected(weights, *projection), operations, edges, targets, k, _GIVEN)
+        return CellGenotype(nodes=chosen, concat=tuple(range(2, 2 + nodes)))
     chosen = rank_edges(alpha, operations, edges, targets, k, method, edge_betas)
     if method.derivation_threshold is not None or method.derivation_includes_zero:
         kept = prune_isolated(chosen)
@@ -46,6 +57,16 @@ class _DartsRuleOn(SearchMethod):
         return self.weights_of.derivation_weights(alpha)
 
 
+class _GivenWeights(SearchMethod):
+    """DARTS' rule on weights given outright (DARTS-PT's projected weights)."""
+
+    def derivation_weights(self, alpha):
+        return alpha
+
+
+_GIVEN = _GivenWeights()
+
+
 def prune_isolated(chosen, first=2):
     """Drop the nodes without inputs, and the edges they feed, until none is left; renumber the rest.
 
@@ -63,16 +84,18 @@ def prune_isolated(chosen, first=2):
     return CellGenotype(nodes=tuple(nodes), concat=tuple(range(first, first + len(nodes))))
 
 
-def derive_genotype(alphas, operations, nodes, k, method=DARTS, edge_betas=None):
+def derive_genotype(alphas, operations, nodes, k, method=DARTS, edge_betas=None, projection=None):
     """``{cell type: CellGenotype}`` from ``{cell type: (edges x ops) array}``, by ``method``'s rule.
 
     The cell type ``recurrent`` is derived as a recurrent cell, the others as
     convolutional cells; ``edge_betas`` (``{cell type: vector}``, PC-DARTS)
-    scale the convolutional cells' edges.
+    scale the convolutional cells' edges; ``projection`` (``{cell type:
+    (chosen, fixed)}``) is DARTS-PT's selection so far.
     """
     return {
         cell_type: (derive_recurrent_cell(alpha, operations, nodes, k, method) if cell_type == CELL_TYPE else
-                    derive_cell(alpha, operations, nodes, k, method, (edge_betas or {}).get(cell_type)))
+                    derive_cell(alpha, operations, nodes, k, method, (edge_betas or {}).get(cell_type),
+                                (projection or {}).get(cell_type)))
         for cell_type, alpha in alphas.items()
     }
 
@@ -98,15 +121,17 @@ def random_cell(operations, edges, k, rng):
     return CellGenotype(nodes=tuple(nodes), concat=tuple(targets))
 
 
-def derived_spec_from_search(spec, alphas, retrain=True, origin=None, edge_betas=None, **network):
+def derived_spec_from_search(spec, alphas, retrain=True, origin=None, edge_betas=None, projection=None, **network):
     """The derived spec a search produced, with the network it will be retrained as.
 
     ``retrain=True`` takes channels, depth, stem and auxiliary head from the
     spec's ``retrain`` block; otherwise the search network's settings.
-    ``edge_betas``: PC-DARTS' edge weights of each cell type.
+    ``edge_betas``: PC-DARTS' edge weights of each cell type; ``projection``:
+    DARTS-PT's selection of each cell type, ``(chosen, fixed)``.
     """
     space = spec.search_space
-    genotype = derive_genotype(alphas, space.operations, space.nodes, space.k, search_method(spec), edge_betas)
+    genotype = derive_genotype(alphas, space.operations, space.nodes, space.k, search_method(spec), edge_betas,
+                               projection)
     return derived_spec_of(spec, genotype, retrain, origin, **network)
 
 

@@ -92,6 +92,7 @@ class Supernet(MethodSupernet, keras.Model):
                 )
                 for i, cell_type in enumerate(CELL_TYPES)
             }
+        self.use_selection()
 
     def build(self, input_shape):
         # Sublayers create their weights on first use: run one forward pass on
@@ -103,11 +104,17 @@ class Supernet(MethodSupernet, keras.Model):
         """The op weights of each cell type, (edges x ops), from the method's mixing of the alphas.
 
         ``mixing="given"`` takes the alpha values as the op weights themselves
-        (SDARTS' weight step substitutes perturbed probabilities for them).
+        (SDARTS' weight step substitutes perturbed probabilities for them); a
+        mapping ``{cell type: matrix}`` gives the op weights outright (DARTS-PT
+        measures the supernet with one op or edge masked). Otherwise the rows
+        DARTS-PT's selection has fixed take their chosen weights.
         """
+        if isinstance(mixing, dict):
+            return dict(mixing)
         if mixing == "given":
-            return dict(self.alphas)
-        return {t: self.mix_alphas(self.alphas[t], stream=i) for i, t in enumerate(CELL_TYPES)}
+            return self.projected_matrices(dict(self.alphas))
+        return self.projected_matrices({t: self.mix_alphas(self.alphas[t], stream=i)
+                                        for i, t in enumerate(CELL_TYPES)})
 
     def normalized_edge_betas(self):
         """PC-DARTS' edge weights: per node, the softmax of the betas of its incoming edges (edges x 1)."""

@@ -34,7 +34,7 @@ import resource
 import numpy as np
 import tensorflow as tf
 
-from keras_darts.compiler import CELL_TYPES, build_supernet, derived_spec_from_search
+from keras_darts.compiler import CELL_TYPES, build_supernet, cell_edges, derived_spec_from_search
 from keras_darts.compiler.methods import search_method
 from keras_darts.compiler.methods.base import softmax
 from keras_darts.spec import DivergenceError
@@ -50,6 +50,7 @@ from .loop import Callback, Checkpointing, HistoryFiles, Loop, ProgressBar, Work
 from .metrics import evaluate
 from .optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
 from .precision import precision_note, set_precision
+from .projection import SupernetSelection, projection_record, projection_state
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,16 @@ class ImageSearchTask:
         return {t: self.bilevel.model.alphas[t].numpy() for t in CELL_TYPES}
 
     def derive(self, alphas, origin):
-        betas = {t: v.numpy() for t, v in getattr(self.bilevel.model, "edge_betas", {}).items()}
+        model = self.bilevel.model
+        betas = {t: v.numpy() for t, v in getattr(model, "edge_betas", {}).items()}
         if betas:  # PC-DARTS' edge weights take part in the derivation: record them too
             origin = {**origin, "edge_weights": {t: b.tolist() for t, b in betas.items()}}
+        projection = projection_state(model)
+        if projection is not None:  # DARTS-PT's selection so far decides the edges it has fixed
+            space = self.spec.search_space
+            origin = {**origin, "darts_pt": projection_record(model, space.operations, cell_edges(space.nodes))}
         return derived_spec_from_search(self.spec, alphas, retrain=self.spec.retrain.enabled, origin=origin,
-                                        edge_betas=betas or None)
+                                        edge_betas=betas or None, projection=projection)
 
     def summarise(self, sums, weight):
         return {key: value / max(weight, 1e-12) for key, value in sums.items()}
@@ -216,6 +222,10 @@ class SearchSteps:
                                                         self.config.epochs * task.steps_in_epoch(0),
                                                         strategy.num_replicas_in_sync if strategy else 1)
         self.step_function = self.bilevel.compiled_iteration(self.config.order, self.config.second_order_mode)
+        # DARTS-PT: tuning epochs after the search's, with selection steps between them.
+        self.selection = (SupernetSelection(spec, task) if self.bilevel.model.method.selection is not None
+                          else None)
+        self.epochs = self.config.epochs + (self.selection.epochs if self.selection else 0)
         self.warmup_function = None  # the weights-only step of a method's warm-up (PC-DARTS), built when used
         self.arch_lr = tf.constant(self.config.arch_optimizer.learning_rate, tf.float32)
         self.lr = None
@@ -227,9 +237,25 @@ class SearchSteps:
 
     def begin_epoch(self, state):
         weights = self.config.weights_optimizer
-        self.lr = state.lr_scale * cosine_learning_rate(state.epoch, self.config.epochs, weights.learning_rate,
-                                                        weights.learning_rate_min)
-        self.bilevel.model.set_epoch(state.epoch)
+        searched = self.config.epochs
+        if state.epoch < searched:
+            self.lr = state.lr_scale * cosine_learning_rate(state.epoch, searched, weights.learning_rate,
+                                                            weights.learning_rate_min)
+            self.bilevel.model.set_epoch(state.epoch)
+            return
+        # DARTS-PT's tuning: the weights' learning rate restarted lower, a cosine over the tuning epochs;
+        # the method's schedules stay at their last search epoch's values.
+        tune_epoch = state.epoch - searched
+        factor = self.selection.selection.options["learning_rate_factor"]
+        self.lr = state.lr_scale * cosine_learning_rate(tune_epoch, self.selection.epochs,
+                                                        factor * weights.learning_rate, weights.learning_rate_min)
+        self.bilevel.model.set_epoch(searched - 1)
+        self.selection.begin(tune_epoch, self.restart_weights_optimizer)
+
+    def restart_weights_optimizer(self):
+        """Clear the weights' momentum: the official tuning builds a new optimiser."""
+        for buffer in self.bilevel.weights_optimizer.momentum_buffers:
+            buffer.assign(tf.zeros_like(buffer))
 
     def batches(self, state):
         return self.task.batches(state.epoch, state.step, state.iteration)
@@ -323,9 +349,10 @@ class SearchLog(Callback):
     def on_train_begin(self, loop):
         config = self.spec.search
         steps = loop.task
-        log.info("search %s: %s, %s order%s, %d epochs%s", self.spec.name, steps.task.describe(), config.order,
+        log.info("search %s: %s, %s order%s, %d epochs%s%s", self.spec.name, steps.task.describe(), config.order,
                  f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs,
-                 precision_note(config.precision))
+                 f", then DARTS-PT's selection over {steps.selection.epochs} tuning epochs" if steps.selection
+                 else "", precision_note(config.precision))
         counts = static_estimate(self.spec, steps.bilevel, steps.task.kind)
         log.info("estimate: %s weights, %s architecture parameters, %s of activations per forward pass at batch %d",
                  f"{counts['weights']:,}", f"{counts['alphas']:,}", format_bytes(counts["activation_bytes"]),
@@ -473,7 +500,7 @@ class SearchDriver:
         callbacks.append(ProgressBar("search", progress))
         if on_epoch:
             callbacks.append(EpochHook(on_epoch))
-        self.loop = Loop(self.steps, config.epochs, callbacks, guard=DivergenceGuard(spec, self.checkpointing))
+        self.loop = Loop(self.steps, self.steps.epochs, callbacks, guard=DivergenceGuard(spec, self.checkpointing))
 
     def run(self):
         return self.finish(self.loop.run())

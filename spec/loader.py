@@ -142,7 +142,7 @@ def load_spec(path_or_dict, overrides=None):
 
 # Methods whose official code searches first order by default: a spec that names
 # one and says nothing of the order searches first order (SNAS and GDAS refuse second).
-FIRST_ORDER_METHODS = ("snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts")
+FIRST_ORDER_METHODS = ("snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts", "darts_pt")
 
 
 def _method_defaults(document):

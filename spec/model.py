@@ -265,11 +265,31 @@ class LatencyConfig:
     runs: int = 50
 
 
+@frozen
+class DartsPtConfig:
+    """DARTS-PT (Wang et al., ICLR 2021): perturbation-based selection on the trained supernet.
+
+    After the search's epochs, edges are taken in random order; on each, every
+    op is masked in turn and the supernet's validation ``criterion`` measured,
+    and the op whose removal hurts it most is kept; then each node with more
+    than k inputs keeps the k whose removal hurts most. The supernet is tuned
+    for ``tune_epochs`` between two selections, its weights' learning rate
+    restarted at ``learning_rate_factor`` times the search's (official:
+    ``--proj_intv 5``, ``acc``, ``learning_rate / 10``).
+    """
+
+    tune_epochs: int = 5
+    criterion: str = "accuracy"
+    learning_rate_factor: float = 0.1
+
+
 # Each search method with options keeps them under its own key of ``search``.
 METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts",
-           "lambda_darts")
+           "lambda_darts", "darts_pt")
 METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts",
-                      "lambda_darts")
+                      "lambda_darts", "darts_pt")
+# Options that compose with another method (DARTS-PT's selection after any supernet training).
+SELECTION_OPTION_KEYS = ("darts_pt",)
 
 
 @frozen
@@ -286,6 +306,7 @@ class RunControl:
     drnas: DrnasConfig = DrnasConfig()
     sdarts: SdartsConfig = SdartsConfig()
     lambda_darts: LambdaDartsConfig = LambdaDartsConfig()
+    darts_pt: DartsPtConfig = DartsPtConfig()
     deterministic: bool = False
     # TensorFlow's graph optimiser (Grappler) for the step functions: see runtime/graph_build.py.
     graph_optimizer: str = "auto"

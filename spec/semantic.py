@@ -4,7 +4,7 @@ import difflib
 
 from .errors import Problem
 from .kinds import spec_layout
-from .model import METHOD_OPTION_KEYS, reduction_positions
+from .model import METHOD_OPTION_KEYS, SELECTION_OPTION_KEYS, reduction_positions
 from .operations import ZERO_OPERATION, known_conv_operations, known_recurrent_operations
 
 # The two cell inputs every intermediate node may draw from, at the least.
@@ -141,7 +141,13 @@ def feature_map_problems(input_shape, layers, positions, stem, auxiliary, source
 
 
 # The successors whose official code searches convolutional cells only (darts_minus has its own message).
-CONVOLUTIONAL_ONLY_METHODS = ("fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts")
+CONVOLUTIONAL_ONLY_METHODS = ("fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts",
+                              "darts_pt")
+# Methods DARTS-PT's selection cannot follow, and why.
+NOT_BEFORE_DARTS_PT = {
+    "gdas": "computes only the sampled op of each edge, so masking one op of an edge's mixture is not defined",
+    "lambda_darts": "gives every cell its own op weights in the weight step, which the selection does not fix",
+}
 
 
 def method_problems(spec, source):
@@ -151,11 +157,20 @@ def method_problems(spec, source):
     problems = []
     written = (spec.document or {}).get("search") or {}
     for key in METHOD_OPTION_KEYS:
-        if key in written and key != method:
+        if key in written and key != method and key not in SELECTION_OPTION_KEYS:
             problems.append(Problem(source, f"$.search.{key}",
                                     f"options for method '{key}', but $.search.method is '{method}'; "
                                     f"set search.method: {key} or drop search.{key}"))
     convolutional = spec_layout(spec.search_space.kind) == "conv_cell"
+    if "darts_pt" in written and method != "darts_pt":
+        if not convolutional:
+            problems.append(Problem(source, "$.search.darts_pt",
+                                    f"DARTS-PT's selection is defined for convolutional cells; "
+                                    f"$.search_space.kind is '{spec.search_space.kind}'"))
+        elif method in NOT_BEFORE_DARTS_PT:
+            problems.append(Problem(source, "$.search.darts_pt",
+                                    f"DARTS-PT's selection cannot follow $.search.method {method}, which "
+                                    f"{NOT_BEFORE_DARTS_PT[method]}; drop search.darts_pt or choose another method"))
     if method in CONVOLUTIONAL_ONLY_METHODS and not convolutional:
         problems.append(Problem(source, "$.search.method",
                                 f"{method} is defined for convolutional cells; $.search_space.kind is "

@@ -17,6 +17,7 @@ from keras import ops
 from .base import SearchMethod
 from .beta_darts import BetaDarts
 from .darts_minus import DartsMinus
+from .darts_pt import DartsPt, PerturbationSelection
 from .drnas import Drnas
 from .fair_darts import FairDarts
 from .gumbel import Gdas, Snas
@@ -35,7 +36,8 @@ def register_method(cls):
     return cls
 
 
-for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts, Drnas, Sdarts, LambdaDarts):
+for _cls in (SearchMethod, BetaDarts, DartsMinus, FairDarts, Snas, Gdas, PcDarts, Drnas, Sdarts, LambdaDarts,
+             DartsPt):
     register_method(_cls)
 
 
@@ -63,6 +65,7 @@ class MethodSupernet:
                                   name=f"schedule__{name}", autocast=False)
             for name in self.method.schedule_names
         }
+        self.projection = self.projection_steps = None
         # A stochastic method's draws come from (step, seed): the step sets it (``set_noise``).
         self.noise_seed = (self.add_weight(shape=(2,), dtype="int32", initializer="zeros", trainable=False,
                                            aggregation="only_first_replica", name="noise_seed")
@@ -87,6 +90,39 @@ class MethodSupernet:
 
         return self.method.mix(alpha, noise=noise, schedule=self.schedule)
 
+    def use_selection(self):
+        """DARTS-PT's state, after ``self.alphas`` exist (a method without selection has none).
+
+        Per cell type: the rows selection has fixed (``fixed``, 1 or 0 per
+        edge) and their op weights (``chosen``: one-hot, or zero for an edge a
+        node dropped), the nodes whose inputs are selected (``nodes``); and the
+        number of selection steps taken. Non-trainable weights, so checkpoints
+        keep them.
+        """
+        if self.method.selection is None:
+            return
+
+        def state(name, shape, dtype="float32"):
+            return self.add_weight(shape=shape, dtype=dtype, initializer="zeros", trainable=False,
+                                   name=f"projection__{name}", autocast=False)
+
+        self.projection = {t: {"chosen": state(f"{t}__chosen", tuple(alpha.shape)),
+                               "fixed": state(f"{t}__fixed", (alpha.shape[0],)),
+                               "nodes": state(f"{t}__nodes", (self.nodes,))}
+                           for t, alpha in self.alphas.items()}
+        self.projection_steps = state("steps", (), "int32")
+
+    def projected_matrices(self, matrices):
+        """``{cell type: op weights}`` with the rows DARTS-PT's selection fixed replaced by their choice."""
+        if self.projection is None:
+            return matrices
+        out = {}
+        for t, m in matrices.items():
+            state = self.projection[t]
+            fixed = ops.cast(ops.expand_dims(state["fixed"], -1), m.dtype)
+            out[t] = fixed * ops.cast(state["chosen"], m.dtype) + (1.0 - fixed) * m
+        return out
+
     def set_epoch(self, epoch):
         """Set the method's scheduled scalars to their values for 0-based ``epoch``."""
         for name, value in self.method.schedule(epoch).items():
@@ -110,7 +146,11 @@ def method_from_document(document, epochs):
     name = document.pop("name")
     if name not in _METHODS:
         raise ValueError(f"Unknown search method. Received: name={name!r}; known: {', '.join(_METHODS)}")
-    return _METHODS[name](document, epochs)
+    selection = document.pop("darts_pt", None)
+    method = _METHODS[name](document, epochs)
+    if selection is not None:  # another method's supernet, then DARTS-PT's selection
+        method.selection = PerturbationSelection(selection)
+    return method
 
 
 def search_method(spec):
@@ -119,9 +159,12 @@ def search_method(spec):
 
     config = spec.search
     options = to_plain(getattr(config, config.method)) if hasattr(config, config.method) else {}
+    written = (spec.document or {}).get("search") or {}
+    if config.method != "darts_pt" and "darts_pt" in written:  # the selection after another method
+        options["darts_pt"] = to_plain(config.darts_pt)
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
-__all__ = ["BetaDarts", "DartsMinus", "Drnas", "FairDarts", "Gdas", "LambdaDarts", "MethodSupernet", "PcDarts",
-           "SearchMethod", "Sdarts", "Snas", "clip_to_simplex", "method_from_document", "normalized_edge_weights",
-           "register_method", "search_method"]
+__all__ = ["BetaDarts", "DartsMinus", "DartsPt", "Drnas", "FairDarts", "Gdas", "LambdaDarts", "MethodSupernet",
+           "PcDarts", "PerturbationSelection", "SearchMethod", "Sdarts", "Snas", "clip_to_simplex",
+           "method_from_document", "normalized_edge_weights", "register_method", "search_method"]

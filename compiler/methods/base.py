@@ -73,6 +73,8 @@ class SearchMethod:
     partial_channels = 1
     # A weight per edge, softmaxed over each node's inputs, scales the edge (PC-DARTS).
     edge_normalization = False
+    # DARTS-PT's perturbation-based selection after the search (``darts_pt.PerturbationSelection``), or None.
+    selection = None
 
     def arch_frozen(self, epoch):
         """Whether the architecture step is left out during 0-based ``epoch`` (PC-DARTS' warm-up)."""
@@ -89,8 +91,14 @@ class SearchMethod:
         return int(chosen if chosen is not None else 1)
 
     def to_document(self):
-        """``{"name": ..., **options}``: what a derived spec records and ``method_from_document`` reads."""
-        return {"name": self.name, **self.options}
+        """``{"name": ..., **options}``: what a derived spec records and ``method_from_document`` reads.
+
+        Another method followed by DARTS-PT's selection adds ``darts_pt: {...}``.
+        """
+        document = {"name": self.name, **self.options}
+        if self.selection is not None and self.name != "darts_pt":
+            document["darts_pt"] = dict(self.selection.options)
+        return document
 
     # -- A: op weights --------------------------------------------------------
     def mix(self, alpha, noise=None, schedule=None):

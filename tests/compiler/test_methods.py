@@ -281,7 +281,8 @@ def test_fair_darts_is_refused_with_none_in_the_op_set():
         "weighed by its own sigmoid, so 'none' only adds a zero term); drop 'none' from the operations"]
 
 
-@pytest.mark.parametrize("method", ["fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts"])
+@pytest.mark.parametrize("method", ["fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts",
+                                    "darts_pt"])
 def test_methods_of_convolutional_cells_are_refused_on_recurrent_cells(tmp_path, method):
     from keras_darts.spec import SpecError
     from tests.conftest import tiny_recurrent_document, write_cyclic_corpus

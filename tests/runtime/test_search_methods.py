@@ -231,7 +231,7 @@ def test_lambda_darts_weight_step_adds_the_gradient_alignment_term_computed_by_h
 
 
 @pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas",
-                                    "sdarts", "lambda_darts"])
+                                    "sdarts", "lambda_darts", "darts_pt"])
 def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
     document = tiny_spec_document(**({"operations": ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]}
                                      if method == "fair_darts" else {}))
@@ -241,6 +241,8 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
         document["search"]["pc_darts"] = {"partial_channels": 2, "warmup_epochs": 1}
     if method == "drnas":
         document["search"]["drnas"] = {"regularization": "kl"}
+    if method == "darts_pt":  # one tuning epoch between selection steps: 5 edges, 1 node, 6 epochs
+        document["search"]["darts_pt"] = {"tune_epochs": 1}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(document))
     run_dir = tmp_path / "run"
@@ -267,6 +269,22 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
         assert set(derived.origin["edge_weights"]) == {"normal", "reduce"}
         assert len(derived.origin["edge_weights"]["normal"]) == 5
         return
+    if method == "darts_pt":
+        # The search's 2 epochs, then 6 tuning epochs at a tenth of the learning rate, by a cosine
+        # down to the search's minimum 0.001; every edge selected, one of node 3's three dropped.
+        assert len(history) == 8
+        tuning = [0.001 + (0.0025 - 0.001) * (1 + np.cos(np.pi * e / 6)) / 2 for e in range(6)]
+        assert [r["learning_rate"] for r in history[2:]] == pytest.approx(tuning, rel=1e-12)
+        selected = derived.origin["darts_pt"]
+        assert selected["steps"] == 6
+        for cell_type, ops in selected["edges"].items():
+            assert None not in ops and ops[:2] != ["dropped"] * 2 and ops[2:].count("dropped") == 1
+            # The derived cell holds exactly the selected ops on the kept edges.
+            edges = [(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
+            kept = {(e.input, target): e.op for target, node in zip((2, 3), derived.cells[cell_type].nodes)
+                    for e in node}
+            assert kept == {edge: op for edge, op in zip(edges, ops) if op != "dropped"}
+        return
     if method == "fair_darts":  # no schedule: the zero-one loss is negative (sigmoids away from 0.5)
         assert all(r["alpha_loss"] < 0 for r in history)
         assert derived.origin["method"] == {"name": "fair_darts", "zero_one_weight": 10, "threshold": 0.85}
@@ -274,3 +292,80 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     schedule = {"beta_darts": "alpha_loss_weight", "darts_minus": "auxiliary_weight"}[method]
     # beta-DARTS' default ramp: 0, then 50/100; DARTS-' default decay over the 2 epochs: 1, then 0.5
     assert [r[schedule] for r in history] == {"beta_darts": [0.0, 0.5], "darts_minus": [1.0, 0.5]}[method]
+
+
+def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most_measured_here():
+    from keras_darts.runtime.projection import SupernetSelection
+    from keras_darts.runtime.search_loop import ImageSearchTask, build_search
+    from keras_darts.runtime.workflow import kind_of, load_data
+
+    document = tiny_spec_document(operations=OPS)
+    document["search"].update(method="darts_pt", epochs=1)
+    spec = kd.load_spec(document)
+    keras.utils.set_random_seed(0)
+    bilevel = build_search(spec)
+    model = bilevel.model
+    for i, alpha in enumerate(model.arch_variables):  # alphas away from uniform, so the ops differ
+        alpha.assign(np.random.default_rng(i).normal(0, 1.0, size=alpha.shape))
+    task = ImageSearchTask(spec, load_data(spec), bilevel, kind_of(spec))
+    selection = SupernetSelection(spec, task)
+
+    def accuracy(weights):  # the validation split, measured here batch by batch
+        right = count = 0
+        for x, y in task.eval_data:
+            logits = model(x, training=False, mixing={t: tf.constant(w, tf.float32) for t, w in weights.items()})
+            right += int(np.sum(np.argmax(logits.numpy(), -1) == y.numpy()))
+            count += len(y)
+        return right / count
+
+    weights = {t: softmax_rows(a.numpy()) for t, a in model.alphas.items()}
+    row = int(np.random.default_rng([spec.search.seed, 0]).choice(5))  # the step's edge: all five are open
+    figures = []
+    for op in range(len(OPS)):
+        masked = {t: w.copy() for t, w in weights.items()}
+        masked["normal"][row, op] = 0.0
+        figures.append(accuracy(masked))
+    assert len(set(figures)) > 1  # the ops matter, so the choice below could go wrong
+    selection.take_step(0, "normal", np.random.default_rng([spec.search.seed, 0]))
+    state = model.projection["normal"]
+    expected = np.zeros((5, len(OPS)))
+    expected[row, int(np.argmin(figures))] = 1.0
+    np.testing.assert_array_equal(state["chosen"].numpy(), expected)
+    np.testing.assert_array_equal(state["fixed"].numpy(), np.eye(5)[row])
+    assert not model.projection["reduce"]["fixed"].numpy().any()
+
+
+def softmax_rows(matrix):
+    e = np.exp(matrix - matrix.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_a_darts_pt_search_interrupted_in_its_tuning_resumes_to_the_uninterrupted_result(tmp_path):
+    from keras_darts.runtime.workflow import search
+
+    document = tiny_spec_document(operations=OPS)
+    document["search"].update(method="darts_pt", epochs=1, steps_per_epoch=2, darts_pt={"tune_epochs": 1},
+                              deterministic=True, diagnostics={"hessian_eigenvalue": False})
+    document["retrain"]["enabled"] = False
+    spec = kd.load_spec(document)
+    whole = search(spec, run_dir=str(tmp_path / "whole"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_3(record):
+        if record["epoch"] == 3:  # after the second selection step and its tuning epoch
+            raise Stop
+
+    with pytest.raises(Stop):
+        search(spec, run_dir=str(tmp_path / "parts"), on_epoch=stop_after_epoch_3)
+    first = yaml.safe_load((tmp_path / "parts" / "search" / "history.json").read_text())
+    assert len(first) == 3
+    resumed = search(spec, run_dir=str(tmp_path / "parts"))
+    # It went on from its checkpoint after epoch 3 (the first records, their timings too, are the
+    # interrupted run's own), and ended where the uninterrupted search did.
+    assert resumed.history[:3] == first and len(resumed.history) == len(whole.history) == 7
+    assert resumed.derived.to_document() == whole.derived.to_document()
+    for cell_type, alpha in whole.alphas.items():
+        np.testing.assert_array_equal(resumed.alphas[cell_type], alpha)
+    assert [r["genotype"] for r in resumed.history] == [r["genotype"] for r in whole.history]

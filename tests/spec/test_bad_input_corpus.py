@@ -95,7 +95,7 @@ CORPUS = [
     ("extends a missing file", "extends: nowhere.yaml\n" + GOOD, "$.extends", "nowhere.yaml: file not found"),
     ("unknown search method", GOOD + "search: {method: pc-darts}\n", "$.search.method",
      "expected one of 'darts', 'beta_darts', 'darts_minus', 'fair_darts', 'snas', 'gdas', 'pc_darts', 'drnas', "
-     "'sdarts', 'lambda_darts'; got 'pc-darts'"),
+     "'sdarts', 'lambda_darts', 'darts_pt'; got 'pc-darts'"),
     ("unknown graph-optimiser setting", GOOD + "search: {graph_optimizer: fast}\n", "$.search.graph_optimizer",
      "expected one of 'auto', 'on', 'off'; got 'fast'"),
     ("unknown batch-norm setting", GOOD + "distribute: {strategy: mirrored, batch_norm: sync}\n",
@@ -121,6 +121,14 @@ CORPUS = [
      "cannot import plugin module 'no_such_plugin_module': ModuleNotFoundError"),
     ("a plugin that is not a module name", "plugins: [my-ops.py]\n" + GOOD, "$.plugins[0]",
      "expected a Python module name, dotted, without '.py', got 'my-ops.py'"),
+    ("DARTS-PT after GDAS", GOOD + "search: {method: gdas, darts_pt: {tune_epochs: 2}}\n", "$.search.darts_pt",
+     "DARTS-PT's selection cannot follow $.search.method gdas, which computes only the sampled op of each edge"),
+    ("DARTS-PT after Lambda-DARTS", GOOD + "search: {method: lambda_darts, darts_pt: {}}\n", "$.search.darts_pt",
+     "DARTS-PT's selection cannot follow $.search.method lambda_darts"),
+    ("DARTS-PT on a recurrent cell", RECURRENT + "search: {method: beta_darts, darts_pt: {}}\n", "$.search.darts_pt",
+     "DARTS-PT's selection is defined for convolutional cells; $.search_space.kind is 'recurrent_cell'"),
+    ("unknown DARTS-PT criterion", GOOD + "search: {method: darts_pt, darts_pt: {criterion: acc}}\n",
+     "$.search.darts_pt.criterion", "expected one of 'accuracy', 'loss'; got 'acc'"),
     ("unknown option of a method", GOOD + "search: {method: beta_darts, beta_darts: {lambda: 10}}\n",
      "$.search.beta_darts.lambda", "unknown key 'lambda'; expected one of: lambda_max, ramp_epochs"),
 ]

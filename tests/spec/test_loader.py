@@ -125,7 +125,7 @@ def test_every_schema_error_is_reported_at_once(tmp_path):
     assert messages(excinfo) == [
         f"{path}: $.name: expected a name of letters, digits, '_', '.' and '-', got 'has space'",
         f"{path}: $.search.epoch: unknown key 'epoch'; expected one of: arch_optimizer, beta_darts, "
-        "checkpoint_every_steps, darts_minus, deterministic, diagnostics, divergence_lr_factor, drnas, early_stopping, "
+        "checkpoint_every_steps, darts_minus, darts_pt, deterministic, diagnostics, divergence_lr_factor, drnas, early_stopping, "
         "epochs, fair_darts, gdas, graph_optimizer, hvp_epsilon, lambda_darts, latency, max_rollbacks, method, on_divergence, order, pc_darts, "
         "precision, recompute_cells, "
         "reuse_virtual_gradient, sdarts, second_order_mode, seed, snas, steps_per_epoch, tensorboard, "
@@ -285,7 +285,7 @@ def test_semantic_problems_are_reported_beside_schema_errors(tmp_path):
     assert messages(excinfo) == [
         f"{path}: $.retrain.layers: expected integer, got string 'zero'",
         f"{path}: $.search.oder: unknown key 'oder'; expected one of: arch_optimizer, beta_darts, "
-        "checkpoint_every_steps, darts_minus, deterministic, diagnostics, divergence_lr_factor, drnas, early_stopping, "
+        "checkpoint_every_steps, darts_minus, darts_pt, deterministic, diagnostics, divergence_lr_factor, drnas, early_stopping, "
         "epochs, fair_darts, gdas, graph_optimizer, hvp_epsilon, lambda_darts, latency, max_rollbacks, method, on_divergence, order, pc_darts, "
         "precision, recompute_cells, "
         "reuse_virtual_gradient, sdarts, second_order_mode, seed, snas, steps_per_epoch, tensorboard, "

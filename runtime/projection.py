@@ -1,0 +1,137 @@
+"""DARTS-PT's selection steps on a search's supernet (``compiler/methods/darts_pt.py`` states the rule).
+
+The search runs its own epochs, then ``SupernetSelection.epochs`` tuning
+epochs; at the start of every ``tune_epochs``-th one, ``begin`` takes the
+selection steps that are due: for the normal cell and then the reduction
+cell, an op for a random edge not yet selected, or, once every edge has its
+op, the inputs of a random node. It measures the supernet on the search's
+validation split (the alpha half) with one op, or one edge, masked, through
+one ``tf.function`` that takes the op weights as inputs. The state it writes
+lives in the supernet's non-trainable weights, so a checkpoint keeps it, and
+the random choices come from ``(seed, step)``: a resumed search selects what
+an uninterrupted one would.
+"""
+
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from keras_darts.compiler import cell_edges
+from keras_darts.compiler.methods.darts_pt import topology_nodes
+
+from .metrics import evaluate
+
+log = logging.getLogger(__name__)
+
+
+class SupernetSelection:
+    """DARTS-PT's selection on the supernet of an image search ``task`` (``ImageSearchTask``)."""
+
+    def __init__(self, spec, task):
+        self.task = task
+        self.model = task.bilevel.model
+        self.selection = self.model.method.selection
+        self.seed = spec.search.seed
+        self.k = spec.search_space.k
+        self.operations = list(spec.search_space.operations)
+        self.edges = cell_edges(spec.search_space.nodes)
+        self.nodes = topology_nodes(self.edges, self.k)
+        self.epochs = self.selection.tuning_epochs(self.edges, self.k)
+        self._batch_figures = None
+
+    def matrices(self):
+        """``{cell type: projected op weights}`` now (numpy float64), the method's noise-free mixing."""
+        model = self.model
+        mixed = {t: model.method.mix(alpha) for t, alpha in model.alphas.items()}
+        return {t: np.asarray(m, dtype=np.float64) for t, m in model.projected_matrices(mixed).items()}
+
+    def measure(self, matrices):
+        """The supernet's validation figure (the criterion's: accuracy or loss) with op weights ``matrices``."""
+        if self._batch_figures is None:
+            model = self.model
+            x_spec, y_spec = self.task.bilevel.objective.batch_signature()
+            specs = {t: tf.TensorSpec(v.shape, tf.float32) for t, v in model.alphas.items()}
+
+            @tf.function(input_signature=[x_spec, y_spec, specs], autograph=False)
+            def batch_figures(x, y, weights):
+                logits = tf.cast(model(x, training=False, mixing=weights), tf.float32)
+                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+                correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y),
+                                                tf.float32))
+                return loss, correct
+
+            self._batch_figures = batch_figures
+        weights = {t: tf.constant(m, tf.float32) for t, m in matrices.items()}
+        loss, accuracy = evaluate(lambda x, y: self._batch_figures(x, y, weights), self.task.eval_data)
+        return accuracy if self.selection.options["criterion"] == "accuracy" else loss
+
+    def begin(self, tune_epoch, restart_optimizer):
+        """Take the selection steps due once 0-based tuning epoch ``tune_epoch`` begins.
+
+        ``restart_optimizer()`` clears the weights' optimiser before the first step.
+        """
+        done = int(self.model.projection_steps.numpy())
+        due = self.selection.steps_by(tune_epoch)
+        while done < due:
+            if done == 0:
+                restart_optimizer()
+            rng = np.random.default_rng([self.seed, done])
+            for cell_type in self.model.alphas:  # normal, then reduce: as the official code
+                self.take_step(done, cell_type, rng)
+            done += 1
+            self.model.projection_steps.assign(done)
+
+    def take_step(self, index, cell_type, rng):
+        state = self.model.projection[cell_type]
+        chosen, fixed, nodes = state["chosen"].numpy(), state["fixed"].numpy(), state["nodes"].numpy()
+
+        def measured(masked):
+            matrices = self.matrices()
+            matrices[cell_type] = masked
+            return self.measure(matrices)
+
+        weights = self.matrices()[cell_type]
+        if self.selection.step_kind(index, self.edges) == "op":
+            row = int(rng.choice(np.flatnonzero(fixed == 0)))
+            op = self.selection.select_op(weights, row, measured)
+            chosen[row] = np.eye(len(self.operations))[op]
+            fixed[row] = 1.0
+            source, target = self.edges[row]
+            log.info("DARTS-PT step %d, %s cell: edge %d->%d keeps %s", index + 1, cell_type, source, target,
+                     self.operations[op])
+        else:
+            open_nodes = [n for n in self.nodes if nodes[n - 2] == 0]
+            node = int(rng.choice(open_nodes))
+            rows = [r for r, (_, target) in enumerate(self.edges) if target == node]
+            kept = self.selection.select_inputs(weights, rows, self.k, measured)
+            for row in rows:
+                if row not in kept:
+                    chosen[row] = 0.0
+                    fixed[row] = 1.0
+            nodes[node - 2] = 1.0
+            log.info("DARTS-PT step %d, %s cell: node %d keeps inputs %s", index + 1, cell_type, node,
+                     ", ".join(str(self.edges[r][0]) for r in kept))
+        state["chosen"].assign(chosen)
+        state["fixed"].assign(fixed)
+        state["nodes"].assign(nodes)
+
+
+def projection_state(model):
+    """``{cell type: (chosen, fixed)}`` of a supernet's DARTS-PT selection (numpy), or ``None`` without one."""
+    if getattr(model, "projection", None) is None:
+        return None
+    return {t: (s["chosen"].numpy(), s["fixed"].numpy()) for t, s in model.projection.items()}
+
+
+def projection_record(model, operations, edges):
+    """What a derived spec's origin records: the steps taken and each edge's selected op per cell type.
+
+    An edge reads ``null`` while not selected, its op once selected, and
+    ``dropped`` when its node kept other inputs.
+    """
+    out = {}
+    for t, (chosen, fixed) in projection_state(model).items():
+        out[t] = [None if not fixed[row] else operations[int(np.argmax(chosen[row]))] if chosen[row].any()
+                  else "dropped" for row in range(len(edges))]
+    return {"steps": int(model.projection_steps.numpy()), "edges": out}
