@@ -354,7 +354,10 @@ def test_a_darts_pt_search_interrupted_in_its_tuning_resumes_to_the_uninterrupte
         pass
 
     def stop_after_epoch_3(record):
-        if record["epoch"] == 3:  # after the second selection step and its tuning epoch
+        # After the second selection step and its tuning epoch, before that epoch's checkpoint
+        # (written after every other callback): the run resumes from the checkpoint of epoch 2 and
+        # takes the second selection step again.
+        if record["epoch"] == 3:
             raise Stop
 
     with pytest.raises(Stop):
@@ -362,9 +365,12 @@ def test_a_darts_pt_search_interrupted_in_its_tuning_resumes_to_the_uninterrupte
     first = yaml.safe_load((tmp_path / "parts" / "search" / "history.json").read_text())
     assert len(first) == 3
     resumed = search(spec, run_dir=str(tmp_path / "parts"))
-    # It went on from its checkpoint after epoch 3 (the first records, their timings too, are the
-    # interrupted run's own), and ended where the uninterrupted search did.
-    assert resumed.history[:3] == first and len(resumed.history) == len(whole.history) == 7
+    # It went on from its checkpoint after epoch 2 (the first records, their timings too, are the
+    # interrupted run's own; epoch 3 ran again, to the same figures), and ended where the
+    # uninterrupted search did.
+    assert resumed.history[:2] == first[:2] and len(resumed.history) == len(whole.history) == 7
+    assert resumed.history[2]["seconds"] != first[2]["seconds"]
+    assert {**resumed.history[2], "seconds": 0} == {**first[2], "seconds": 0}
     assert resumed.derived.to_document() == whole.derived.to_document()
     for cell_type, alpha in whole.alphas.items():
         np.testing.assert_array_equal(resumed.alphas[cell_type], alpha)
