@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The quality measurement's searches (benchmarks/quality.md), each followed by the retraining of
+# what it found: every search runs on the first 4,000 training images of Fashion-MNIST under
+# benchmarks/quality/fashion_mnist.yaml, and `keras-darts compare` retrains its derived cell with
+# the protocol's three seeds beside the published and random cells already in the folder.
+#
+#   benchmarks/quality/searches.sh OUT [METHOD...]
+#
+# OUT holds the searches (OUT/searches/<name>) and the comparison (OUT/compare). METHOD is one of
+# the names below (default: all, in this order). Both steps resume: a finished search is not
+# repeated, and compare retrains only the seeds it does not have yet.
+set -euo pipefail
+out=${1:?usage: searches.sh OUT [METHOD...]}
+shift
+spec="$(dirname "$0")/fashion_mnist.yaml"
+all=(darts_2nd darts_1st pc_darts gdas snas fair_darts drnas sdarts beta_darts darts_minus lambda_darts)
+if [ $# -gt 0 ]; then methods=("$@"); else methods=("${all[@]}"); fi
+no_none='search_space.operations=[max_pool_3x3, avg_pool_3x3, skip_connect, sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5]'
+
+settings() {
+    # Every method searches first order (the official default of each, and of DARTS' own code);
+    # DARTS also searches second order, the paper's best.
+    case "$1" in
+        darts_2nd) ;;
+        darts_1st) echo "search.order=first" ;;
+        fair_darts) echo "search.order=first"; echo "search.method=fair_darts"; echo "$no_none" ;;
+        *) echo "search.order=first"; echo "search.method=$1" ;;
+    esac
+}
+
+for name in "${methods[@]}"; do
+    run="$out/searches/$name"
+    if [ ! -f "$run/derived.yaml" ]; then
+        sets=(--set data.max_train_examples=4000)
+        while IFS= read -r line; do [ -n "$line" ] && sets+=(--set "$line"); done < <(settings "$name")
+        echo "== search $name: ${sets[*]}"
+        keras-darts search "$spec" --run-dir "$run" "${sets[@]}" --no-progress
+    fi
+    runs=()
+    for done_name in "${all[@]}"; do
+        [ -f "$out/searches/$done_name/derived.yaml" ] && runs+=(--run "$out/searches/$done_name")
+    done
+    echo "== compare with ${#runs[@]} searched cells"
+    keras-darts compare "$spec" --derived DARTS_V2 --derived DARTS_V1 --random 8 --random-seed 0 --seeds 3 \
+        "${runs[@]}" --out "$out/compare" --no-progress
+done
