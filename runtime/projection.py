@@ -20,7 +20,7 @@ import tensorflow as tf
 from keras_darts.compiler import cell_edges
 from keras_darts.compiler.methods.darts_pt import topology_nodes
 
-from .metrics import evaluate
+from .metrics import correct_count, evaluate, summed_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,8 @@ class SupernetSelection:
 
             @tf.function(input_signature=[x_spec, y_spec, specs], autograph=False)
             def batch_figures(x, y, weights):
-                logits = tf.cast(model(x, training=False, mixing=weights), tf.float32)
-                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
-                correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y),
-                                                tf.float32))
-                return loss, correct
+                logits = model(x, training=False, mixing=weights)
+                return summed_cross_entropy(y, logits), correct_count(y, logits)
 
             self._batch_figures = batch_figures
         weights = {t: tf.constant(m, tf.float32) for t, m in matrices.items()}
@@ -84,14 +81,12 @@ class SupernetSelection:
 
     def take_step(self, index, cell_type, rng):
         state = self.model.projection[cell_type]
-        chosen, fixed, nodes = state["chosen"].numpy(), state["fixed"].numpy(), state["nodes"].numpy()
+        chosen, fixed = state["chosen"].numpy(), state["fixed"].numpy()
+        current = self.matrices()  # the other cell type's weights stay as they are while this one is measured
+        weights = current[cell_type]
 
         def measured(masked):
-            matrices = self.matrices()
-            matrices[cell_type] = masked
-            return self.measure(matrices)
-
-        weights = self.matrices()[cell_type]
+            return self.measure({**current, cell_type: masked})
         if self.selection.step_kind(index, self.edges) == "op":
             row = int(rng.choice(np.flatnonzero(fixed == 0)))
             op = self.selection.select_op(weights, row, measured)
@@ -101,20 +96,19 @@ class SupernetSelection:
             log.info("DARTS-PT step %d, %s cell: edge %d->%d keeps %s", index + 1, cell_type, source, target,
                      self.operations[op])
         else:
-            open_nodes = [n for n in self.nodes if nodes[n - 2] == 0]
-            node = int(rng.choice(open_nodes))
+            # A node whose inputs are selected has a dropped edge (fixed, weighing zero on every op).
+            dropped = {self.edges[r][1] for r in range(len(self.edges)) if fixed[r] and not chosen[r].any()}
+            node = int(rng.choice([n for n in self.nodes if n not in dropped]))
             rows = [r for r, (_, target) in enumerate(self.edges) if target == node]
             kept = self.selection.select_inputs(weights, rows, self.k, measured)
             for row in rows:
                 if row not in kept:
                     chosen[row] = 0.0
                     fixed[row] = 1.0
-            nodes[node - 2] = 1.0
             log.info("DARTS-PT step %d, %s cell: node %d keeps inputs %s", index + 1, cell_type, node,
                      ", ".join(str(self.edges[r][0]) for r in kept))
         state["chosen"].assign(chosen)
         state["fixed"].assign(fixed)
-        state["nodes"].assign(nodes)
 
 
 def projection_state(model):

@@ -95,7 +95,7 @@ class MethodSupernet:
 
         Per cell type: the rows selection has fixed (``fixed``, 1 or 0 per
         edge) and their op weights (``chosen``: one-hot, or zero for an edge a
-        node dropped), the nodes whose inputs are selected (``nodes``); and the
+        node dropped, which marks the node's inputs as selected); and the
         number of selection steps taken. Non-trainable weights, so checkpoints
         keep them.
         """
@@ -107,8 +107,7 @@ class MethodSupernet:
                                    name=f"projection__{name}", autocast=False)
 
         self.projection = {t: {"chosen": state(f"{t}__chosen", tuple(alpha.shape)),
-                               "fixed": state(f"{t}__fixed", (alpha.shape[0],)),
-                               "nodes": state(f"{t}__nodes", (self.nodes,))}
+                               "fixed": state(f"{t}__fixed", (alpha.shape[0],))}
                            for t, alpha in self.alphas.items()}
         self.projection_steps = state("steps", (), "int32")
 

@@ -295,6 +295,7 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
 
 
 def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most_measured_here():
+    from keras_darts.compiler.methods.base import softmax
     from keras_darts.runtime.projection import SupernetSelection
     from keras_darts.runtime.search_loop import ImageSearchTask, build_search
     from keras_darts.runtime.workflow import kind_of, load_data
@@ -318,7 +319,7 @@ def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most
             count += len(y)
         return right / count
 
-    weights = {t: softmax_rows(a.numpy()) for t, a in model.alphas.items()}
+    weights = {t: softmax(a.numpy()) for t, a in model.alphas.items()}
     row = int(np.random.default_rng([spec.search.seed, 0]).choice(5))  # the step's edge: all five are open
     figures = []
     for op in range(len(OPS)):
@@ -333,11 +334,6 @@ def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most
     np.testing.assert_array_equal(state["chosen"].numpy(), expected)
     np.testing.assert_array_equal(state["fixed"].numpy(), np.eye(5)[row])
     assert not model.projection["reduce"]["fixed"].numpy().any()
-
-
-def softmax_rows(matrix):
-    e = np.exp(matrix - matrix.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def test_a_darts_pt_search_interrupted_in_its_tuning_resumes_to_the_uninterrupted_result(tmp_path):
