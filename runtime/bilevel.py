@@ -394,13 +394,15 @@ class Bilevel:
         ``None`` for a method without one (DARTS).
         """
         alphas = self.current_alphas() if alphas is None else alphas
+        # The loss is the op alphas' (they come first); PC-DARTS' edge weights get a zero gradient from it.
+        ops_alphas, others = alphas[:len(self.model.alphas)], alphas[len(self.model.alphas):]
         schedule = {name: tf.convert_to_tensor(v.value) for name, v in self.model.schedule.items()}
         with tf.GradientTape() as tape:
-            tape.watch(alphas)
-            loss = self.model.method.alpha_loss(alphas, schedule)
+            tape.watch(ops_alphas)
+            loss = self.model.method.alpha_loss(ops_alphas, schedule)
         if loss is None:
             return None
-        return loss, dense_gradients(tape.gradient(loss, alphas), alphas)
+        return loss, dense_gradients(tape.gradient(loss, ops_alphas), ops_alphas) + [tf.zeros_like(b) for b in others]
 
     # -- steps ------------------------------------------------------------------
     def weight_step(self, train, learning_rate, weights=None):
@@ -429,10 +431,13 @@ class Bilevel:
         the training loss of ``batch`` from a random start, projected into the
         epsilon box after each step, kept only if it raised the loss; each
         clipped to the simplex (``clip_to_simplex``). The draws are the step's
-        (``draw``).
+        (``draw``). PC-DARTS' edge weights, if any, follow the probabilities unperturbed.
         """
         method = self.model.method
-        clean = [tf.nn.softmax(a, axis=-1) for a in self.current_alphas()]
+        # The op alphas come first; PC-DARTS' edge weights, if any, pass unperturbed.
+        alphas = self.current_alphas()
+        count = len(self.model.alphas)
+        clean, edges = [tf.nn.softmax(a, axis=-1) for a in alphas[:count]], alphas[count:]
         epsilon = tf.cast(self.model.schedule["epsilon"], clean[0].dtype)
 
         def uniform(index, shape):
@@ -441,17 +446,17 @@ class Bilevel:
 
         started = [clip_to_simplex(p + uniform(i, tf.shape(p))) for i, p in enumerate(clean)]
         if method.options["perturbation"] == "rs":
-            return started
+            return started + edges
         steps = method.options["pgd_steps"]
         size = 2.0 * epsilon / steps
-        before = cross_replica_mean(self.given_train_loss_at(weights, clean, batch))
+        before = cross_replica_mean(self.given_train_loss_at(weights, clean + edges, batch))
         attacked = started
         for _ in range(steps):
-            gradients = cross_replica_mean(self.given_alpha_gradients_at(weights, attacked, batch)[2])
+            gradients = cross_replica_mean(self.given_alpha_gradients_at(weights, attacked + edges, batch)[2])
             attacked = [clip_to_simplex(p + tf.clip_by_value(a + size * tf.sign(g) - p, -epsilon, epsilon))
                         for p, a, g in zip(clean, attacked, gradients)]
-        after = cross_replica_mean(self.given_train_loss_at(weights, attacked, batch))
-        return [tf.where(before > after, p, a) for p, a in zip(clean, attacked)]
+        after = cross_replica_mean(self.given_train_loss_at(weights, attacked + edges, batch))
+        return [tf.where(before > after, p, a) for p, a in zip(clean, attacked)] + edges
 
     def _apply_weight_gradients(self, train_pass, learning_rate):
         """SGD on the weights with a train pass's (replica-averaged) gradients; (loss, metric, norm, state)."""

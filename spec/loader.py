@@ -141,13 +141,15 @@ def load_spec(path_or_dict, overrides=None):
 
 
 # Methods whose official code searches first order by default: a spec that names
-# one and says nothing of the order searches first order (SNAS and GDAS refuse second).
+# one (or PC-DARTS' options beside another) and says nothing of the order searches
+# first order (SNAS and GDAS refuse second).
 FIRST_ORDER_METHODS = ("snas", "gdas", "pc_darts", "drnas", "sdarts", "lambda_darts", "darts_pt")
 
 
 def _method_defaults(document):
     search = document.get("search")
-    if isinstance(search, dict) and search.get("method") in FIRST_ORDER_METHODS and "order" not in search:
+    if (isinstance(search, dict) and (search.get("method") in FIRST_ORDER_METHODS or "pc_darts" in search)
+            and "order" not in search):
         return {**document, "search": {**search, "order": "first"}}
     return document
 

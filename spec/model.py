@@ -288,8 +288,9 @@ METHODS = ("darts", "beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "
            "lambda_darts", "darts_pt")
 METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas", "sdarts",
                       "lambda_darts", "darts_pt")
-# Options that compose with another method (DARTS-PT's selection after any supernet training).
-SELECTION_OPTION_KEYS = ("darts_pt",)
+# Options that compose with another method: PC-DARTS' partial-channel supernet under another method's
+# mixing and losses, DARTS-PT's selection after another method's supernet training.
+COMBINED_OPTION_KEYS = ("pc_darts", "darts_pt")
 
 
 @frozen

@@ -4,7 +4,7 @@ import difflib
 
 from .errors import Problem
 from .kinds import spec_layout
-from .model import METHOD_OPTION_KEYS, SELECTION_OPTION_KEYS, reduction_positions
+from .model import COMBINED_OPTION_KEYS, METHOD_OPTION_KEYS, reduction_positions
 from .operations import ZERO_OPERATION, known_conv_operations, known_recurrent_operations
 
 # The two cell inputs every intermediate node may draw from, at the least.
@@ -148,6 +148,13 @@ NOT_BEFORE_DARTS_PT = {
     "gdas": "computes only the sampled op of each edge, so masking one op of an edge's mixture is not defined",
     "lambda_darts": "gives every cell its own op weights in the weight step, which the selection does not fix",
 }
+# Methods that cannot search on PC-DARTS' partial-channel supernet (``search.pc_darts``), and why.
+NOT_ON_PC_DARTS = {
+    "fair_darts": "keeps an op whose own sigmoid weight reaches its threshold, and the edge weights (a softmax "
+                  "over each node's inputs) would scale every weight below it",
+    "gdas": "computes only the sampled op of each edge already and ranks (op, input) pairs, with no edge weights",
+    "lambda_darts": "gives every cell its own op weights in the weight step, which carry no edge weights",
+}
 
 
 def method_problems(spec, source):
@@ -156,12 +163,22 @@ def method_problems(spec, source):
     method = config.method
     problems = []
     written = (spec.document or {}).get("search") or {}
+    convolutional = spec_layout(spec.search_space.kind) == "conv_cell"
     for key in METHOD_OPTION_KEYS:
-        if key in written and key != method and key not in SELECTION_OPTION_KEYS:
+        if key in written and key != method and key not in COMBINED_OPTION_KEYS:
             problems.append(Problem(source, f"$.search.{key}",
                                     f"options for method '{key}', but $.search.method is '{method}'; "
                                     f"set search.method: {key} or drop search.{key}"))
-    convolutional = spec_layout(spec.search_space.kind) == "conv_cell"
+    partial = method == "pc_darts" or "pc_darts" in written
+    if "pc_darts" in written and method in NOT_ON_PC_DARTS:
+        problems.append(Problem(source, "$.search.pc_darts",
+                                f"PC-DARTS' partial channels cannot carry $.search.method {method}, which "
+                                f"{NOT_ON_PC_DARTS[method]}; drop search.pc_darts or choose another method"))
+        partial = False
+    if partial and method != "pc_darts" and not convolutional:
+        problems.append(Problem(source, "$.search.pc_darts",
+                                f"PC-DARTS' partial channels are defined for convolutional cells; "
+                                f"$.search_space.kind is '{spec.search_space.kind}'"))
     if "darts_pt" in written and method != "darts_pt":
         if not convolutional:
             problems.append(Problem(source, "$.search.darts_pt",
@@ -186,7 +203,7 @@ def method_problems(spec, source):
         problems.append(Problem(source, "$.search.order",
                                 f"$.search.method {method} {how}, as its official code does; expected "
                                 f"order: first, got second"))
-    if method == "pc_darts" and convolutional:
+    if partial and convolutional:
         k = config.pc_darts.partial_channels
         channels = spec.search_space.network.init_channels
         if channels % k:

@@ -22,7 +22,7 @@ from .drnas import Drnas
 from .fair_darts import FairDarts
 from .gumbel import Gdas, Snas
 from .lambda_darts import LambdaDarts
-from .pc_darts import PcDarts, normalized_edge_weights
+from .pc_darts import PcDarts, normalized_edge_weights, partial_options
 from .sdarts import Sdarts, clip_to_simplex
 
 _METHODS = {}
@@ -146,7 +146,10 @@ def method_from_document(document, epochs):
     if name not in _METHODS:
         raise ValueError(f"Unknown search method. Received: name={name!r}; known: {', '.join(_METHODS)}")
     selection = document.pop("darts_pt", None)
+    partial = document.pop("pc_darts", None) if name != "pc_darts" else None
     method = _METHODS[name](document, epochs)
+    if partial is not None:  # another method on PC-DARTS' partial-channel supernet
+        method.partial = partial_options(partial)
     if selection is not None:  # another method's supernet, then DARTS-PT's selection
         method.selection = PerturbationSelection(selection)
     return method
@@ -155,12 +158,14 @@ def method_from_document(document, epochs):
 def search_method(spec):
     """The search method ``spec.search`` names, with its options and the search's length."""
     from keras_darts.spec import to_plain
+    from keras_darts.spec.model import COMBINED_OPTION_KEYS
 
     config = spec.search
     options = to_plain(getattr(config, config.method)) if hasattr(config, config.method) else {}
     written = (spec.document or {}).get("search") or {}
-    if config.method != "darts_pt" and "darts_pt" in written:  # the selection after another method
-        options["darts_pt"] = to_plain(config.darts_pt)
+    for key in COMBINED_OPTION_KEYS:  # PC-DARTS' supernet, DARTS-PT's selection, under another method
+        if config.method != key and key in written:
+            options[key] = to_plain(getattr(config, key))
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 

@@ -69,16 +69,25 @@ class SearchMethod:
     perturbs_weight_step = False
     # The weight step adds the cells' gradient-alignment regulariser (Lambda-DARTS; ``Bilevel.harmonizing_gradients``).
     harmonizes_cells = False
-    # Partial channels: an edge's ops see the first C/K channels (PC-DARTS; 1: all of them).
-    partial_channels = 1
-    # A weight per edge, softmaxed over each node's inputs, scales the edge (PC-DARTS).
-    edge_normalization = False
+    # PC-DARTS' partial channels, edge weights and warm-up, ``{"partial_channels": K, "warmup_epochs": n}``,
+    # or None (all channels, no edge weights, no warm-up); another method takes them with ``search.pc_darts``.
+    partial = None
     # DARTS-PT's perturbation-based selection after the search (``darts_pt.PerturbationSelection``), or None.
     selection = None
 
+    @property
+    def partial_channels(self):
+        """An edge's ops see the first C/K channels of its input; K (1: all of them)."""
+        return 1 if self.partial is None else self.partial["partial_channels"]
+
+    @property
+    def edge_normalization(self):
+        """Whether a weight per edge, softmaxed over each node's inputs, scales the edge (PC-DARTS)."""
+        return self.partial is not None
+
     def arch_frozen(self, epoch):
         """Whether the architecture step is left out during 0-based ``epoch`` (PC-DARTS' warm-up)."""
-        return False
+        return self.partial is not None and epoch < self.partial["warmup_epochs"]
 
     def __init__(self, options=None, epochs=None):
         self.options = dict(options or {})
@@ -93,9 +102,12 @@ class SearchMethod:
     def to_document(self):
         """``{"name": ..., **options}``: what a derived spec records and ``method_from_document`` reads.
 
-        Another method followed by DARTS-PT's selection adds ``darts_pt: {...}``.
+        Another method with PC-DARTS' partial channels adds ``pc_darts: {...}``;
+        one followed by DARTS-PT's selection adds ``darts_pt: {...}``.
         """
         document = {"name": self.name, **self.options}
+        if self.partial is not None and self.name != "pc_darts":
+            document["pc_darts"] = dict(self.partial)
         if self.selection is not None and self.name != "darts_pt":
             document["darts_pt"] = dict(self.selection.options)
         return document

@@ -18,6 +18,13 @@ After the official code (yuhuixu1993/PC-DARTS, model_search.py, train_search.py)
 
 The official search is first order unless ``--unrolled``; so is a spec that
 names ``pc_darts`` and says nothing of the order.
+
+Another method takes all of this with ``search.pc_darts`` beside its own
+name (``method: beta_darts`` with ``pc_darts: {}`` is beta-DARTS on PC-DARTS'
+supernet): the partial channels, edge weights, warm-up and derivation by edge
+weight are PC-DARTS', the op weights, losses and perturbations the method's.
+Its alpha loss and perturbation act on the op alphas alone; the edge weights
+follow the architecture optimiser.
 """
 
 import numpy as np
@@ -29,16 +36,16 @@ from .base import SearchMethod
 
 class PcDarts(SearchMethod):
     name = "pc_darts"
-    edge_normalization = True
 
     def __init__(self, options=None, epochs=None):
-        config = PcDartsConfig(**dict(options or {}))
-        super().__init__({"partial_channels": int(config.partial_channels),
-                          "warmup_epochs": int(config.warmup_epochs)}, epochs)
-        self.partial_channels = self.options["partial_channels"]
+        super().__init__(partial_options(options), epochs)
+        self.partial = self.options
 
-    def arch_frozen(self, epoch):
-        return epoch < self.options["warmup_epochs"]
+
+def partial_options(options):
+    """PC-DARTS' options with their defaults, ``{"partial_channels": K, "warmup_epochs": n}``."""
+    config = PcDartsConfig(**dict(options or {}))
+    return {"partial_channels": int(config.partial_channels), "warmup_epochs": int(config.warmup_epochs)}
 
 
 def normalized_edge_weights(betas, edges):

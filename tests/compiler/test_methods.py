@@ -517,6 +517,61 @@ def test_pc_darts_defaults_warm_up_and_the_checks_of_its_options(tmp_path):
         "ops of an edge take the first C/3 of its C channels; expected a divisor of 4"]
 
 
+@pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "snas", "drnas", "sdarts", "darts_pt", "darts"])
+def test_another_method_on_pc_darts_supernet_takes_its_partial_channels_warm_up_and_records_both(method):
+    from keras_darts.compiler.methods import method_from_document, search_method
+
+    document = tiny_spec_document(operations=OPS)
+    del document["search"]["order"]
+    document["search"].update(method=method, pc_darts={"partial_channels": 2, "warmup_epochs": 3})
+    spec = kd.load_spec(document)
+    assert spec.search.order == "first"  # PC-DARTS' official default, as for method pc_darts
+    found = search_method(spec)
+    assert (found.name, found.partial_channels, found.edge_normalization) == (method, 2, True)
+    assert [found.arch_frozen(e) for e in range(5)] == [True, True, True, False, False]
+    recorded = found.to_document()
+    assert recorded["pc_darts"] == {"partial_channels": 2, "warmup_epochs": 3}
+    again = method_from_document(recorded, epochs=2)
+    assert again.to_document() == recorded and again.partial_channels == 2
+    model = kd.build_supernet(spec, seed=0)
+    assert [m.op_channels for m in model.cells[0].mixed_ops] == [2] * 5
+    assert set(model.edge_betas) == {"normal", "reduce"}
+    # Without the options, the method's own supernet: all channels, no edge weights, no warm-up.
+    plain = method_from_document({"name": method}, epochs=2)
+    assert (plain.partial_channels, plain.edge_normalization, plain.arch_frozen(0)) == (1, False, False)
+    assert "pc_darts" not in plain.to_document()
+
+
+@pytest.mark.parametrize("method, why", [
+    ("fair_darts", "keeps an op whose own sigmoid weight reaches its threshold"),
+    ("gdas", "computes only the sampled op of each edge already"),
+    ("lambda_darts", "gives every cell its own op weights in the weight step"),
+])
+def test_methods_that_cannot_search_on_pc_darts_supernet_are_refused_naming_both_fields(method, why):
+    from keras_darts.spec import SpecError
+
+    document = tiny_spec_document(operations=["max_pool_3x3", "skip_connect", "sep_conv_3x3"])
+    document["search"].update(method=method, order="first", pc_darts={})
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(document)
+    [problem] = [str(p) for p in excinfo.value.problems]
+    assert problem.startswith(f"<dict>: $.search.pc_darts: PC-DARTS' partial channels cannot carry "
+                              f"$.search.method {method}, which {why}")
+    assert problem.endswith("; drop search.pc_darts or choose another method")
+
+
+def test_partial_channels_beside_another_method_must_divide_the_channels():
+    from keras_darts.spec import SpecError
+
+    document = tiny_spec_document(operations=OPS)
+    document["search"].update(method="beta_darts", pc_darts={"partial_channels": 3})
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(document)
+    assert [str(p) for p in excinfo.value.problems] == [
+        "<dict>: $.search.pc_darts.partial_channels: 3 does not divide $.search_space.network.init_channels 4: the "
+        "ops of an edge take the first C/3 of its C channels; expected a divisor of 4"]
+
+
 # -- DrNAS --------------------------------------------------------------------------------
 def test_drnas_samples_the_dirichlet_of_elu_alpha_plus_one_with_reparameterised_gradients():
     from keras_darts.compiler.methods.drnas import concentration

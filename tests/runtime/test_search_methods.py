@@ -17,10 +17,15 @@ from tests.conftest import tiny_spec_document
 OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
 
 
-def plain_sgd_bilevel(method, operations=OPS, **options):
-    """A supernet whose alpha step is plain SGD (no momentum, decay or clipping): alpha moves by -lr * gradient."""
+def plain_sgd_bilevel(method, operations=OPS, partial=None, **options):
+    """A supernet whose alpha step is plain SGD (no momentum, decay or clipping): alpha moves by -lr * gradient.
+
+    ``partial``: PC-DARTS' options, for the method on its partial-channel supernet.
+    """
     document = tiny_spec_document(operations=operations)
     document["search"].update(method=method, **({method: options} if options else {}))
+    if partial is not None:
+        document["search"]["pc_darts"] = partial
     if method in ("snas", "gdas", "sdarts"):
         document["search"]["order"] = "first"
     spec = kd.load_spec(document)
@@ -66,6 +71,28 @@ def test_beta_darts_alpha_step_takes_the_darts_gradient_plus_the_regulariser_gra
         np.testing.assert_allclose(t, d + p, rtol=1e-9, atol=1e-12)
     rows = np.concatenate(before)
     expected_loss = 7.5 * np.mean(np.log(np.exp(rows).sum(axis=1)))
+    np.testing.assert_allclose(float(metrics["alpha_loss"]), expected_loss, rtol=1e-12)
+
+
+def test_beta_darts_on_partial_channels_penalises_the_op_alphas_and_gives_the_edge_weights_the_darts_gradient(
+        float64):
+    bilevel = plain_sgd_bilevel("beta_darts", partial={"partial_channels": 2, "warmup_epochs": 0}, lambda_max=10.0,
+                                ramp_epochs=4)
+    model = bilevel.model
+    assert [m.op_channels for m in model.cells[0].mixed_ops] == [2] * 5  # C = 4 in two halves
+    assert len(model.arch_variables) == 4  # two alpha matrices, then two edge-weight vectors
+    model.set_epoch(3)  # lambda = 10 * 3 / 4
+    train, val = batches()
+    before = [a.numpy() for a in model.arch_variables]
+    darts_gradient = [g.numpy() for g in bilevel.arch_gradient("first", None, train, val, 0.05)[0]]
+    metrics, _, _ = bilevel.iteration("first", None, train, val, tf.constant(0.05, "float64"),
+                                      tf.constant(0.1, "float64"))
+    taken = [(b - a.numpy()) / 0.1 for b, a in zip(before, model.arch_variables)]
+    penalty = beta_penalty_gradient(before[:2], 7.5) + [0.0, 0.0]
+    for t, d, p in zip(taken, darts_gradient, penalty):
+        np.testing.assert_allclose(t, d + p, rtol=1e-9, atol=1e-12)
+    assert np.abs(darts_gradient[2]).max() > 0  # the edge weights do move, by the validation loss alone
+    expected_loss = 7.5 * np.mean(np.log(np.exp(np.concatenate(before[:2])).sum(axis=1)))
     np.testing.assert_allclose(float(metrics["alpha_loss"]), expected_loss, rtol=1e-12)
 
 
@@ -127,9 +154,9 @@ def test_snas_takes_one_step_of_weights_and_alphas_down_the_training_loss_with_t
     assert np.abs(model.mix_alphas(model.alphas["normal"]).numpy() - first).max() > 1e-3
 
 
-def sdarts_bilevel(perturbation, epsilon, **options):
+def sdarts_bilevel(perturbation, epsilon, partial=None, **options):
     """An SDARTS supernet whose weight step is plain SGD (no momentum, decay or clipping), at ``epsilon``."""
-    bilevel = plain_sgd_bilevel("sdarts", OPS, perturbation=perturbation, epsilon_start=epsilon,
+    bilevel = plain_sgd_bilevel("sdarts", OPS, partial, perturbation=perturbation, epsilon_start=epsilon,
                                 epsilon_max=epsilon, **options)
     model = bilevel.model
     model.set_epoch(0)
@@ -166,6 +193,40 @@ def test_sdarts_weight_step_runs_on_the_perturbed_probabilities_as_op_weights(fl
     still = sdarts_bilevel("rs", 0.0)
     for p, a in zip(still.perturbed_probabilities(still.current_weights(), train), still.current_alphas()):
         np.testing.assert_allclose(p.numpy(), tf.nn.softmax(a, axis=-1).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("perturbation", ["rs", "adv"])
+def test_sdarts_on_partial_channels_perturbs_the_op_probabilities_and_steps_with_the_edge_weights_as_they_are(
+        float64, perturbation):
+    partial = {"partial_channels": 2, "warmup_epochs": 0}
+    bilevel = sdarts_bilevel(perturbation, 0.2, partial, pgd_steps=2)
+    model = bilevel.model
+    train, _ = batches()
+    weights = bilevel.current_weights()
+    perturbed = [p.numpy() for p in bilevel.perturbed_probabilities(weights, train)]
+    assert len(perturbed) == 4
+    for p, a in zip(perturbed[:2], bilevel.current_alphas()[:2]):
+        q = tf.nn.softmax(a, axis=-1).numpy()
+        assert np.all(p >= 0) and np.allclose(p.sum(axis=1), 1.0) and np.abs(p - q).max() > 1e-3
+    for p, beta in zip(perturbed[2:], model.edge_betas.values()):
+        np.testing.assert_array_equal(p, beta.numpy())
+    # Independently: PC-DARTS' supernet with alphas log(p) and the same edge weights, differentiated as usual.
+    twin = plain_sgd_bilevel("darts", OPS, partial).model
+    for source, target in zip(model.weight_variables, twin.weight_variables):
+        target.assign(source)
+    for p, alpha in zip(perturbed[:2], twin.arch_variables[:2]):
+        alpha.assign(np.log(np.maximum(p, 1e-300)))
+    for source, target in zip(model.edge_betas.values(), twin.edge_betas.values()):
+        target.assign(source)
+    x, y = train
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, twin(x, training=True),
+                                                                           from_logits=True))
+    expected = [-0.05 * g.numpy() for g in tape.gradient(loss, twin.weight_variables)]
+    before = [w.numpy() for w in weights]
+    bilevel.weight_step(train, tf.constant(0.05, "float64"))
+    for b, w, e in zip(before, model.weight_variables, expected):
+        np.testing.assert_allclose(w.numpy() - b, e, rtol=1e-7, atol=1e-12)
 
 
 def test_sdarts_adversarial_probabilities_raise_the_training_loss_within_the_simplex(float64):
@@ -231,13 +292,14 @@ def test_lambda_darts_weight_step_adds_the_gradient_alignment_term_computed_by_h
 
 
 @pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas",
-                                    "sdarts", "lambda_darts", "darts_pt"])
+                                    "sdarts", "lambda_darts", "darts_pt", "beta_darts+pc_darts"])
 def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
     document = tiny_spec_document(**({"operations": ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]}
                                      if method == "fair_darts" else {}))
+    method, _, partial = method.partition("+")  # beta_darts on PC-DARTS' supernet
     document["search"].update(method=method, epochs=2, order="first", steps_per_epoch=4,
                               diagnostics={"hessian_eigenvalue": False})
-    if method == "pc_darts":  # C = 4: two partial channels; one warm-up epoch of the two
+    if "pc_darts" in (method, partial):  # C = 4: two partial channels; one warm-up epoch of the two
         document["search"]["pc_darts"] = {"partial_channels": 2, "warmup_epochs": 1}
     if method == "drnas":
         document["search"]["drnas"] = {"regularization": "kl"}
@@ -264,10 +326,14 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     if method == "drnas":  # the KL regulariser's value is recorded each epoch, positive
         assert all(r["alpha_loss"] > 0 for r in history)
         return
-    if method == "pc_darts":  # no architecture step in the warm-up epoch; the edge weights are recorded
+    if "pc_darts" in (method, partial):  # no architecture step in the warm-up epoch; the edge weights are recorded
         assert "arch_loss" not in history[0] and "arch_loss" in history[1]
         assert set(derived.origin["edge_weights"]) == {"normal", "reduce"}
         assert len(derived.origin["edge_weights"]["normal"]) == 5
+    if partial:  # beta-DARTS' own options and schedule, with PC-DARTS' beside them
+        assert derived.origin["method"] == {"name": "beta_darts", "lambda_max": 50.0, "ramp_epochs": 100,
+                                            "pc_darts": {"partial_channels": 2, "warmup_epochs": 1}}
+    elif method == "pc_darts":
         return
     if method == "darts_pt":
         # The search's 2 epochs, then 6 tuning epochs at a tenth of the learning rate, by a cosine

@@ -129,6 +129,12 @@ CORPUS = [
      "DARTS-PT's selection is defined for convolutional cells; $.search_space.kind is 'recurrent_cell'"),
     ("unknown DARTS-PT criterion", GOOD + "search: {method: darts_pt, darts_pt: {criterion: acc}}\n",
      "$.search.darts_pt.criterion", "expected one of 'accuracy', 'loss'; got 'acc'"),
+    ("partial channels under GDAS", GOOD + "search: {method: gdas, pc_darts: {partial_channels: 2}}\n",
+     "$.search.pc_darts", "PC-DARTS' partial channels cannot carry $.search.method gdas, which computes only the "
+     "sampled op of each edge already"),
+    ("partial channels on a recurrent cell", RECURRENT + "search: {method: beta_darts, pc_darts: {}}\n",
+     "$.search.pc_darts", "PC-DARTS' partial channels are defined for convolutional cells; $.search_space.kind is "
+     "'recurrent_cell'"),
     ("unknown option of a method", GOOD + "search: {method: beta_darts, beta_darts: {lambda: 10}}\n",
      "$.search.beta_darts.lambda", "unknown key 'lambda'; expected one of: lambda_max, ramp_epochs"),
 ]
