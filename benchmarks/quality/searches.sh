@@ -19,11 +19,17 @@ no_none='search_space.operations=[max_pool_3x3, avg_pool_3x3, skip_connect, sep_
 
 settings() {
     # Every method searches first order (the official default of each, and of DARTS' own code);
-    # DARTS also searches second order, the paper's best.
+    # DARTS also searches second order, the paper's best. Schedules that the official code fixes in
+    # epochs of its 50-epoch search (150 for SNAS) are scaled to the 4-epoch one: PC-DARTS' warm-up
+    # 15 of 50 -> 1 of 4, beta-DARTS' ramp 100 -> 8, SNAS' anneal 150 of 150 -> 4 of 4. The other
+    # schedules follow the search's epochs already.
     case "$1" in
         darts_2nd) ;;
         darts_1st) echo "search.order=first" ;;
         fair_darts) echo "search.order=first"; echo "search.method=fair_darts"; echo "$no_none" ;;
+        pc_darts) echo "search.order=first"; echo "search.method=pc_darts"; echo "search.pc_darts.warmup_epochs=1" ;;
+        beta_darts) echo "search.order=first"; echo "search.method=beta_darts"; echo "search.beta_darts.ramp_epochs=8" ;;
+        snas) echo "search.order=first"; echo "search.method=snas"; echo "search.snas.anneal_epochs=4" ;;
         *) echo "search.order=first"; echo "search.method=$1" ;;
     esac
 }
