@@ -47,7 +47,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from keras_darts.compiler.methods import clip_to_simplex
+from keras_darts.compiler.methods import clip_to_simplex, harmonizing_directions
 from keras_darts.compiler.ops import replica_batch_statistics
 
 from .distribution import cross_replica_mean, replica_slices
@@ -230,16 +230,9 @@ class Bilevel:
         normal = [not c.reduction for c in model.cells]
         loss, metric, gradients, cell_grads, state = self.cell_gradients_at(weights, alphas, cells, batch)
         loss, metric, gradients, cell_grads = cross_replica_mean((loss, metric, gradients, cell_grads))
-        units = [g / tf.maximum(tf.norm(g), 1e-12) for g, n in zip(cell_grads, normal) if n]
-        total = tf.add_n(units)
-        directions, k = [], 0
-        for g, n in zip(cell_grads, normal):
-            if n:
-                unit = units[k]
-                k += 1
-                directions.append(total - tf.reduce_sum(total * unit) * unit)
-            else:
-                directions.append(tf.zeros_like(g))
+        harmonized = iter(harmonizing_directions([g for g, n in zip(cell_grads, normal) if n],
+                                                 model.method.options["correlation"]))
+        directions = [next(harmonized) if n else tf.zeros_like(g) for g, n in zip(cell_grads, normal)]
         norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(u)) for u in directions]))
         epsilon = tf.cast(model.method.options["epsilon_0"], norm.dtype) / tf.maximum(norm, 1e-12)
         minus = self.cell_gradients_at(weights, alphas, [c - epsilon * u for c, u in zip(cells, directions)], batch)[2]

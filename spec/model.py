@@ -230,11 +230,13 @@ class LambdaDartsConfig:
 
     ``lambda(e) = lambda_max * e / (E - 1)`` over ``anneal_epochs`` E (by
     default the search's epochs); ``epsilon_0`` sets the finite-difference
-    radius ``epsilon_0 / ||u||`` (official: 0.125 and 1e-4, ``corr``).
+    radius ``epsilon_0 / ||u||``; ``correlation`` picks the direction ``u``,
+    ``corr`` or ``signcorr`` (official: 0.125, 1e-4 and ``--corr_regularization``).
     """
 
     lambda_max: float = 0.125
     epsilon_0: float = 1e-4
+    correlation: str = "corr"
     anneal_epochs: typing.Optional[int] = None
 
 

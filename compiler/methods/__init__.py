@@ -21,7 +21,7 @@ from .darts_pt import DartsPt, PerturbationSelection
 from .drnas import Drnas
 from .fair_darts import FairDarts
 from .gumbel import Gdas, Snas
-from .lambda_darts import LambdaDarts
+from .lambda_darts import LambdaDarts, harmonizing_directions
 from .pc_darts import PcDarts, normalized_edge_weights, partial_options
 from .sdarts import Sdarts, clip_to_simplex
 
@@ -171,4 +171,5 @@ def search_method(spec):
 
 __all__ = ["BetaDarts", "DartsMinus", "DartsPt", "Drnas", "FairDarts", "Gdas", "LambdaDarts", "MethodSupernet",
            "PcDarts", "PerturbationSelection", "SearchMethod", "Sdarts", "Snas", "clip_to_simplex",
-           "method_from_document", "normalized_edge_weights", "register_method", "search_method"]
+           "harmonizing_directions", "method_from_document", "normalized_edge_weights", "register_method",
+           "search_method"]

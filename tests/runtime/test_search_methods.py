@@ -243,11 +243,32 @@ def test_sdarts_adversarial_probabilities_raise_the_training_loss_within_the_sim
         assert np.all(p.numpy() >= 0) and np.allclose(p.numpy().sum(axis=1), 1.0)
 
 
-def test_lambda_darts_weight_step_adds_the_gradient_alignment_term_computed_by_hand(float64):
+def official_directions(gradients, correlation):
+    """Lambda-DARTS' per-cell directions by hand, on flattened gradients, over the 3 pairs of 3 normal cells."""
+    flat = [g.ravel() for g in gradients]
+    scale = 1 / 3
+    if correlation == "corr":
+        units = [g / np.linalg.norm(g) for g in flat]
+        total = sum(units)
+        out = [scale / np.linalg.norm(g) * (np.eye(g.size) - np.outer(n, n)) @ total for g, n in zip(flat, units)]
+    else:
+        out = []
+        for i, g in enumerate(flat):
+            direction = np.zeros_like(g)
+            for j, h in enumerate(flat):
+                if i != j:
+                    abs_dot = np.abs(g) @ np.abs(h)
+                    direction += (1 - (g @ h) / abs_dot * np.sign(g) * np.sign(h)) * h / abs_dot
+            out.append(scale * direction)
+    return [u.reshape(g.shape) for u, g in zip(out, gradients)]
+
+
+@pytest.mark.parametrize("correlation", ["corr", "signcorr"])
+def test_lambda_darts_weight_step_adds_the_gradient_alignment_term_computed_by_hand(float64, correlation):
     document = tiny_spec_document(operations=OPS, network={"init_channels": 4, "layers": 5, "stem_multiplier": 2,
                                                           "input_shape": [8, 8, 1], "num_classes": 10})
-    document["search"].update(method="lambda_darts", order="first", lambda_darts={"lambda_max": 0.5,
-                                                                                  "epsilon_0": 1e-3})
+    document["search"].update(method="lambda_darts", order="first", lambda_darts={
+        "lambda_max": 0.5, "epsilon_0": 1e-3, "correlation": correlation})
     spec = kd.load_spec(document)
     keras.utils.set_random_seed(0)
     model = kd.build_supernet(spec, seed=0)
@@ -276,9 +297,8 @@ def test_lambda_darts_weight_step_adds_the_gradient_alignment_term_computed_by_h
     np.testing.assert_allclose(model(x, training=True, cell_weights=[tf.constant(c) for c in cells]).numpy(),
                                model(x, training=True).numpy(), rtol=1e-12)
     base, cell_grads = gradients_at(cells)
-    units = {i: cell_grads[i] / np.linalg.norm(cell_grads[i]) for i in normal}
-    total = sum(units.values())
-    u = [total - np.sum(total * units[i]) * units[i] if i in units else np.zeros_like(c) for i, c in enumerate(cells)]
+    directions = dict(zip(normal, official_directions([cell_grads[i] for i in normal], correlation)))
+    u = [directions.get(i, np.zeros_like(c)) for i, c in enumerate(cells)]
     epsilon = 1e-3 / np.sqrt(sum(np.sum(v ** 2) for v in u))
     minus, _ = gradients_at([c - epsilon * v for c, v in zip(cells, u)])
     plus, _ = gradients_at([c + epsilon * v for c, v in zip(cells, u)])

@@ -135,6 +135,8 @@ CORPUS = [
     ("partial channels on a recurrent cell", RECURRENT + "search: {method: beta_darts, pc_darts: {}}\n",
      "$.search.pc_darts", "PC-DARTS' partial channels are defined for convolutional cells; $.search_space.kind is "
      "'recurrent_cell'"),
+    ("unknown Lambda-DARTS correlation", GOOD + "search: {method: lambda_darts, lambda_darts: {correlation: sign}}\n",
+     "$.search.lambda_darts.correlation", "expected one of 'corr', 'signcorr'; got 'sign'"),
     ("unknown option of a method", GOOD + "search: {method: beta_darts, beta_darts: {lambda: 10}}\n",
      "$.search.beta_darts.lambda", "unknown key 'lambda'; expected one of: lambda_max, ramp_epochs"),
 ]
