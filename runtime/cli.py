@@ -104,6 +104,11 @@ def cmd_validate(args):
     print(f"  operations: {', '.join(space.operations)}")
     print(f"  {kind_of(spec).describe_space(spec)}")
     method = spec.search.method
+    written = (spec.document or {}).get("search") or {}  # the options that combine with another method
+    if "pc_darts" in written and method != "pc_darts":
+        method += f" on PC-DARTS' supernet (K = {spec.search.pc_darts.partial_channels})"
+    if "darts_pt" in written and method != "darts_pt":
+        method += ", then DARTS-PT's selection"
     print(f"  search: {spec.search.epochs} epochs, {spec.search.order} order, method {method}; "
           f"data: {spec.data.source}")
     return EXIT_OK

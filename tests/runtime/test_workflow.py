@@ -328,6 +328,11 @@ def test_validate_and_show(tmp_path, capsys):
     assert "parameters: 3349342 (auxiliary head excluded)" in out
     assert main(["validate", str(spec), "--set", "search.order=third"]) == 2
     assert capsys.readouterr().err == f"error: {spec}: $.search.order: expected one of 'first', 'second'; got 'third'\n"
+    # A method on PC-DARTS' supernet, followed by DARTS-PT's selection, is said so.
+    assert main(["validate", str(spec), "--set", "search.method=sdarts", "--set", "search.order=first",
+                 "--set", "search.pc_darts.partial_channels=2", "--set", "search.darts_pt.tune_epochs=1"]) == 0
+    assert ("search: 2 epochs, first order, method sdarts on PC-DARTS' supernet (K = 2), then DARTS-PT's "
+            "selection; data: digits") in capsys.readouterr().out
 
 
 def test_an_unexpected_failure_exits_1_with_one_line_and_an_interrupt_exits_130(tmp_path, capsys, monkeypatch):
