@@ -16,8 +16,12 @@ utils.py ``process_step_vector``, architect.py):
   out (``exclude_none: false``); an edge whose best op is ``none`` computes
   zero and is dropped, and a node left without inputs with it.
 
-The official progressive schedule (two stages, partial channels 6 then 4,
-pruning each edge to its top 4 ops between them) is not implemented.
+Not implemented, so this is the Dirichlet method on DARTS' supernet: the
+official DARTS-space search (DARTS-space/train_search.py) is always
+progressive, two stages of 25 epochs with the ops on partial channels (K 6,
+then 4, no edge weights, the channel shuffle of PC-DARTS), no BN after the
+pooling ops, the alphas frozen for the first 10 epochs of each stage, each
+edge pruned to its top 4 ops and the ops widened between the stages.
 """
 
 import tensorflow as tf
