@@ -16,8 +16,8 @@ ORDER = ("darts_2nd", "darts_1st", "pc_darts", "gdas", "snas", "fair_darts", "dr
 
 
 def searches(folder):
-    """``(name, history)`` of every finished search under ``folder``, in the protocol's order."""
-    names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n, "search", "history.json"))]
+    """``(name, history)`` of every finished search (one with its derived spec) under ``folder``, in order."""
+    names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n, "derived.yaml"))]
     names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
     for name in names:
         with open(os.path.join(folder, name, "search", "history.json"), encoding="utf-8") as f:

@@ -46,7 +46,7 @@ for name in "${methods[@]}"; do
     for done_name in "${all[@]}"; do
         [ -f "$out/searches/$done_name/derived.yaml" ] && runs+=(--run "$out/searches/$done_name")
     done
-    echo "== compare with ${#runs[@]} searched cells"
+    echo "== compare with $(( ${#runs[@]} / 2 )) searched cells"
     keras-darts compare "$spec" --derived DARTS_V2 --derived DARTS_V1 --random 8 --random-seed 0 --seeds 3 \
         "${runs[@]}" --out "$out/compare" --no-progress
 done
