@@ -16,6 +16,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_darts.spec import EXPORT_FORMATS, KerasDartsError, RunDirectoryError  # noqa: E402
+from keras_darts.spec.model import combined_methods  # noqa: E402
 
 EXIT_OK, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -104,10 +105,10 @@ def cmd_validate(args):
     print(f"  operations: {', '.join(space.operations)}")
     print(f"  {kind_of(spec).describe_space(spec)}")
     method = spec.search.method
-    written = (spec.document or {}).get("search") or {}  # the options that combine with another method
-    if "pc_darts" in written and method != "pc_darts":
+    combined = combined_methods(spec)
+    if "pc_darts" in combined:
         method += f" on PC-DARTS' supernet (K = {spec.search.pc_darts.partial_channels})"
-    if "darts_pt" in written and method != "darts_pt":
+    if "darts_pt" in combined:
         method += ", then DARTS-PT's selection"
     print(f"  search: {spec.search.epochs} epochs, {spec.search.order} order, method {method}; "
           f"data: {spec.data.source}")

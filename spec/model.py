@@ -295,6 +295,12 @@ METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas",
 COMBINED_OPTION_KEYS = ("pc_darts", "darts_pt")
 
 
+def combined_methods(spec):
+    """Of ``COMBINED_OPTION_KEYS``, those the spec writes beside another ``search.method``, in that order."""
+    written = (spec.document or {}).get("search") or {}
+    return [key for key in COMBINED_OPTION_KEYS if key in written and key != spec.search.method]
+
+
 @frozen
 class RunControl:
     """What every search shares: the method, determinism, checkpoints, divergence handling, monitoring."""

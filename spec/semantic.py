@@ -4,7 +4,7 @@ import difflib
 
 from .errors import Problem
 from .kinds import spec_layout
-from .model import COMBINED_OPTION_KEYS, METHOD_OPTION_KEYS, reduction_positions
+from .model import COMBINED_OPTION_KEYS, METHOD_OPTION_KEYS, combined_methods, reduction_positions
 from .operations import ZERO_OPERATION, known_conv_operations, known_recurrent_operations
 
 # The two cell inputs every intermediate node may draw from, at the least.
@@ -169,8 +169,9 @@ def method_problems(spec, source):
             problems.append(Problem(source, f"$.search.{key}",
                                     f"options for method '{key}', but $.search.method is '{method}'; "
                                     f"set search.method: {key} or drop search.{key}"))
-    partial = method == "pc_darts" or "pc_darts" in written
-    if "pc_darts" in written and method in NOT_ON_PC_DARTS:
+    combined = combined_methods(spec)
+    partial = method == "pc_darts" or "pc_darts" in combined
+    if "pc_darts" in combined and method in NOT_ON_PC_DARTS:
         problems.append(Problem(source, "$.search.pc_darts",
                                 f"PC-DARTS' partial channels cannot carry $.search.method {method}, which "
                                 f"{NOT_ON_PC_DARTS[method]}; drop search.pc_darts or choose another method"))
@@ -179,7 +180,7 @@ def method_problems(spec, source):
         problems.append(Problem(source, "$.search.pc_darts",
                                 f"PC-DARTS' partial channels are defined for convolutional cells; "
                                 f"$.search_space.kind is '{spec.search_space.kind}'"))
-    if "darts_pt" in written and method != "darts_pt":
+    if "darts_pt" in combined:
         if not convolutional:
             problems.append(Problem(source, "$.search.darts_pt",
                                     f"DARTS-PT's selection is defined for convolutional cells; "

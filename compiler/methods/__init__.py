@@ -158,14 +158,12 @@ def method_from_document(document, epochs):
 def search_method(spec):
     """The search method ``spec.search`` names, with its options and the search's length."""
     from keras_darts.spec import to_plain
-    from keras_darts.spec.model import COMBINED_OPTION_KEYS
+    from keras_darts.spec.model import combined_methods
 
     config = spec.search
     options = to_plain(getattr(config, config.method)) if hasattr(config, config.method) else {}
-    written = (spec.document or {}).get("search") or {}
-    for key in COMBINED_OPTION_KEYS:  # PC-DARTS' supernet, DARTS-PT's selection, under another method
-        if config.method != key and key in written:
-            options[key] = to_plain(getattr(config, key))
+    for key in combined_methods(spec):  # PC-DARTS' supernet, DARTS-PT's selection, under another method
+        options[key] = to_plain(getattr(config, key))
     return method_from_document({"name": config.method, **options}, config.epochs)
 
 
