@@ -253,6 +253,11 @@ class Bilevel:
     def current_alphas(self):
         return [tf.convert_to_tensor(v.value) for v in self.arch_vars]
 
+    def split_alphas(self, alphas):
+        """``(op alphas, the rest)``: the alpha matrices come first; PC-DARTS' edge weights, if any, follow."""
+        count = len(self.model.alphas)
+        return alphas[:count], alphas[count:]
+
     def _pass(self, batch, number):
         return self.objective.for_pass(batch, number)
 
@@ -387,8 +392,8 @@ class Bilevel:
         ``None`` for a method without one (DARTS).
         """
         alphas = self.current_alphas() if alphas is None else alphas
-        # The loss is the op alphas' (they come first); PC-DARTS' edge weights get a zero gradient from it.
-        ops_alphas, others = alphas[:len(self.model.alphas)], alphas[len(self.model.alphas):]
+        # The loss is the op alphas'; PC-DARTS' edge weights get a zero gradient from it.
+        ops_alphas, others = self.split_alphas(alphas)
         schedule = {name: tf.convert_to_tensor(v.value) for name, v in self.model.schedule.items()}
         with tf.GradientTape() as tape:
             tape.watch(ops_alphas)
@@ -427,10 +432,8 @@ class Bilevel:
         (``draw``). PC-DARTS' edge weights, if any, follow the probabilities unperturbed.
         """
         method = self.model.method
-        # The op alphas come first; PC-DARTS' edge weights, if any, pass unperturbed.
-        alphas = self.current_alphas()
-        count = len(self.model.alphas)
-        clean, edges = [tf.nn.softmax(a, axis=-1) for a in alphas[:count]], alphas[count:]
+        ops_alphas, edges = self.split_alphas(self.current_alphas())
+        clean = [tf.nn.softmax(a, axis=-1) for a in ops_alphas]
         epsilon = tf.cast(self.model.schedule["epsilon"], clean[0].dtype)
 
         def uniform(index, shape):
