@@ -488,8 +488,20 @@ def test_pc_darts_derivation_weighs_each_edge_by_its_normalized_edge_weight():
     assert without.nodes[1] == (Edge("sep_conv_3x3", 1), Edge("max_pool_3x3", 2))
 
 
-def test_pc_darts_defaults_warm_up_and_the_checks_of_its_options(tmp_path):
+def assert_three_partial_channels_refused(method):
+    """``method`` with PC-DARTS' K = 3 on the tiny space's 4 channels: refused with the divisibility message."""
     from keras_darts.spec import SpecError
+
+    document = tiny_spec_document(operations=OPS)
+    document["search"].update(method=method, pc_darts={"partial_channels": 3})
+    with pytest.raises(SpecError) as excinfo:
+        kd.load_spec(document)
+    assert [str(p) for p in excinfo.value.problems] == [
+        "<dict>: $.search.pc_darts.partial_channels: 3 does not divide $.search_space.network.init_channels 4: the "
+        "ops of an edge take the first C/3 of its C channels; expected a divisor of 4"]
+
+
+def test_pc_darts_defaults_warm_up_and_the_checks_of_its_options(tmp_path):
     from keras_darts.runtime.bilevel import Bilevel
     from keras_darts.runtime.optimizers import CoupledSGD
 
@@ -508,13 +520,7 @@ def test_pc_darts_defaults_warm_up_and_the_checks_of_its_options(tmp_path):
     assert sorted(metrics) == ["grad_norm", "train_accuracy", "train_loss"]
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(arch, model.arch_variables))
     assert any(not np.array_equal(w, v.numpy()) for w, v in zip(weights, model.weight_variables))
-    document = tiny_spec_document(operations=OPS)
-    document["search"].update(method="pc_darts", pc_darts={"partial_channels": 3})
-    with pytest.raises(SpecError) as excinfo:
-        kd.load_spec(document)
-    assert [str(p) for p in excinfo.value.problems] == [
-        "<dict>: $.search.pc_darts.partial_channels: 3 does not divide $.search_space.network.init_channels 4: the "
-        "ops of an edge take the first C/3 of its C channels; expected a divisor of 4"]
+    assert_three_partial_channels_refused("pc_darts")
 
 
 @pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "snas", "drnas", "sdarts", "darts_pt", "darts"])
@@ -561,15 +567,7 @@ def test_methods_that_cannot_search_on_pc_darts_supernet_are_refused_naming_both
 
 
 def test_partial_channels_beside_another_method_must_divide_the_channels():
-    from keras_darts.spec import SpecError
-
-    document = tiny_spec_document(operations=OPS)
-    document["search"].update(method="beta_darts", pc_darts={"partial_channels": 3})
-    with pytest.raises(SpecError) as excinfo:
-        kd.load_spec(document)
-    assert [str(p) for p in excinfo.value.problems] == [
-        "<dict>: $.search.pc_darts.partial_channels: 3 does not divide $.search_space.network.init_channels 4: the "
-        "ops of an edge take the first C/3 of its C channels; expected a divisor of 4"]
+    assert_three_partial_channels_refused("beta_darts")
 
 
 # -- DrNAS --------------------------------------------------------------------------------

@@ -165,6 +165,26 @@ def sdarts_bilevel(perturbation, epsilon, partial=None, **options):
     return Bilevel(model, plain, bilevel.arch_optimizer, hvp_epsilon=0.01)
 
 
+def weight_step_on_probabilities(model, probabilities, train, partial=None):
+    """SGD's weight change at lr 0.05 computed independently: a twin supernet whose alphas are log(p).
+
+    Softmax gives the probabilities back, and the twin is differentiated as usual; with ``partial``
+    (PC-DARTS' options) the twin is PC-DARTS' supernet with ``model``'s edge weights.
+    """
+    twin = plain_sgd_bilevel("darts", OPS, partial).model
+    for source, target in zip(model.weight_variables, twin.weight_variables):
+        target.assign(source)
+    for p, alpha in zip(probabilities, twin.alphas.values()):
+        alpha.assign(np.log(np.maximum(p, 1e-300)))
+    for source, target in zip(getattr(model, "edge_betas", {}).values(), getattr(twin, "edge_betas", {}).values()):
+        target.assign(source)
+    x, y = train
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, twin(x, training=True),
+                                                                           from_logits=True))
+    return [-0.05 * g.numpy() for g in tape.gradient(loss, twin.weight_variables)]
+
+
 def test_sdarts_weight_step_runs_on_the_perturbed_probabilities_as_op_weights(float64):
     bilevel = sdarts_bilevel("rs", 0.2)
     model = bilevel.model
@@ -174,17 +194,7 @@ def test_sdarts_weight_step_runs_on_the_perturbed_probabilities_as_op_weights(fl
     clean = [tf.nn.softmax(a, axis=-1).numpy() for a in bilevel.current_alphas()]
     for p, q in zip(perturbed, clean):
         assert np.all(p >= 0) and np.allclose(p.sum(axis=1), 1.0) and np.abs(p - q).max() > 1e-3
-    # Independently: a copy of the model whose alphas are log(p) (so softmax gives p back), differentiated as usual.
-    twin = plain_sgd_bilevel("darts", OPS).model
-    for source, target in zip(model.weight_variables, twin.weight_variables):
-        target.assign(source)
-    for p, alpha in zip(perturbed, twin.arch_variables):
-        alpha.assign(np.log(np.maximum(p, 1e-300)))
-    x, y = train
-    with tf.GradientTape() as tape:
-        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, twin(x, training=True),
-                                                                           from_logits=True))
-    expected = [-0.05 * g.numpy() for g in tape.gradient(loss, twin.weight_variables)]
+    expected = weight_step_on_probabilities(model, perturbed, train)
     before = [w.numpy() for w in weights]
     bilevel.weight_step(train, tf.constant(0.05, "float64"))
     for b, w, e in zip(before, model.weight_variables, expected):
@@ -210,19 +220,7 @@ def test_sdarts_on_partial_channels_perturbs_the_op_probabilities_and_steps_with
         assert np.all(p >= 0) and np.allclose(p.sum(axis=1), 1.0) and np.abs(p - q).max() > 1e-3
     for p, beta in zip(perturbed[2:], model.edge_betas.values()):
         np.testing.assert_array_equal(p, beta.numpy())
-    # Independently: PC-DARTS' supernet with alphas log(p) and the same edge weights, differentiated as usual.
-    twin = plain_sgd_bilevel("darts", OPS, partial).model
-    for source, target in zip(model.weight_variables, twin.weight_variables):
-        target.assign(source)
-    for p, alpha in zip(perturbed[:2], twin.arch_variables[:2]):
-        alpha.assign(np.log(np.maximum(p, 1e-300)))
-    for source, target in zip(model.edge_betas.values(), twin.edge_betas.values()):
-        target.assign(source)
-    x, y = train
-    with tf.GradientTape() as tape:
-        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, twin(x, training=True),
-                                                                           from_logits=True))
-    expected = [-0.05 * g.numpy() for g in tape.gradient(loss, twin.weight_variables)]
+    expected = weight_step_on_probabilities(model, perturbed[:2], train, partial)
     before = [w.numpy() for w in weights]
     bilevel.weight_step(train, tf.constant(0.05, "float64"))
     for b, w, e in zip(before, model.weight_variables, expected):
