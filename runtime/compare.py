@@ -396,11 +396,21 @@ def plot(kind, rows, base):
     shown = [row for row in rows if row["seeds"] and row["parameters"]]
     if not shown:
         return []
+    import matplotlib
+
+    # Named candidates take tab10's colours without its grey (the random cells' colour); past nine
+    # they repeat with another marker, so no two share a look.
+    palette = [colour for i, colour in enumerate(matplotlib.colormaps["tab10"].colors) if i != 7]
     figure, axes = subplots(figsize=(6.4, 4.4))
+    named = 0
     for row in shown:
-        colour = "0.6" if row["random"] else None
+        if row["random"]:
+            colour, marker = "0.6", "o"
+        else:
+            colour, marker = palette[named % len(palette)], "os^D"[named // len(palette) % 4]
+            named += 1
         axes.errorbar(row["parameters"], row["mean"], yerr=0.0 if math.isnan(row["std"]) else row["std"],
-                      fmt="o", color=colour, capsize=3, label=None if row["random"] else row["candidate"])
+                      fmt=marker, color=colour, capsize=3, label=None if row["random"] else row["candidate"])
     if any(row["random"] for row in shown):
         axes.plot([], [], "o", color="0.6", label="random cells")
     axes.set_xlabel("parameters")

@@ -193,6 +193,36 @@ def test_a_comparison_folder_refuses_another_spec_and_another_architecture_under
         comparison.compare(spec, [impostor], [0], str(out))
 
 
+def test_the_plot_gives_every_named_candidate_its_own_look_and_none_the_random_cells_grey(monkeypatch):
+    from keras_darts.runtime import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda figure, base: drawn.append(figure) or [])
+    rows = [{"candidate": f"random_{i}", "random": True, "seeds": 3, "parameters": 100 + i, "mean": 0.5,
+             "std": 0.1} for i in range(3)]
+    rows += [{"candidate": f"method_{i}", "random": False, "seeds": 3, "parameters": 200 + i, "mean": 0.6,
+              "std": float("nan") if i == 0 else 0.1} for i in range(12)]  # more than tab10 has colours
+    comparison.plot(ConvCellKind(), rows, "unused")
+    (axes,) = drawn[0].axes
+    looks = {}
+    for container in axes.containers:
+        line = container.lines[0]
+        looks.setdefault(tuple(np.round(matplotlib_rgb(line.get_color()), 3)), []).append(line.get_marker())
+    grey = tuple(np.round(matplotlib_rgb("0.6"), 3))
+    assert looks.pop(grey) == ["o"] * 3  # the random cells, and only they, in grey
+    named = [(colour, marker) for colour, markers in looks.items() for marker in markers]
+    assert len(named) == 12 and len(set(named)) == 12
+    assert all(max(c) - min(c) > 0.05 for c, _ in named)  # no named candidate in any grey, tab10's own included
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["random cells"] + [
+        f"method_{i}" for i in range(12)]
+
+
+def matplotlib_rgb(colour):
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(colour)
+
+
 def test_against_random_counts_beaten_cells_and_tests_the_difference_with_welch():
     kind = kind_of("conv_cell")
     rows = [{"candidate": "searched", "random": False, "seeds": 3, "mean": 0.9, "values": [0.89, 0.9, 0.91]},
