@@ -1,20 +1,6 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Under pytest-xdist each worker (and every TensorFlow child process it starts, which inherits the
-# environment) gets its share of the cores for TensorFlow's intra-op pool, instead of each sizing its
-# pool to every core: two workers on 2 cores otherwise run four spinning pool threads. Measured on 10
-# of the slowest tests at -n 2 on 2 cores: 243 s, 199 s with one intra-op thread per worker. The
-# inter-op pool is left alone: exact mode's serialisation of kernels is tested against it.
-
-
-def _cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _workers > 1:
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, _cores() // _workers)))
 
 import sys  # noqa: E402
 
