@@ -194,6 +194,8 @@ def test_a_comparison_folder_refuses_another_spec_and_another_architecture_under
 
 
 def test_the_plot_gives_every_named_candidate_its_own_look_and_none_the_random_cells_grey(monkeypatch):
+    from matplotlib.colors import to_rgb
+
     from keras_darts.runtime import figures
 
     drawn = []
@@ -207,20 +209,14 @@ def test_the_plot_gives_every_named_candidate_its_own_look_and_none_the_random_c
     looks = {}
     for container in axes.containers:
         line = container.lines[0]
-        looks.setdefault(tuple(np.round(matplotlib_rgb(line.get_color()), 3)), []).append(line.get_marker())
-    grey = tuple(np.round(matplotlib_rgb("0.6"), 3))
+        looks.setdefault(tuple(np.round(to_rgb(line.get_color()), 3)), []).append(line.get_marker())
+    grey = tuple(np.round(to_rgb("0.6"), 3))
     assert looks.pop(grey) == ["o"] * 3  # the random cells, and only they, in grey
     named = [(colour, marker) for colour, markers in looks.items() for marker in markers]
     assert len(named) == 12 and len(set(named)) == 12
     assert all(max(c) - min(c) > 0.05 for c, _ in named)  # no named candidate in any grey, tab10's own included
     assert [t.get_text() for t in axes.get_legend().get_texts()] == ["random cells"] + [
         f"method_{i}" for i in range(12)]
-
-
-def matplotlib_rgb(colour):
-    from matplotlib.colors import to_rgb
-
-    return to_rgb(colour)
 
 
 def test_against_random_counts_beaten_cells_and_tests_the_difference_with_welch():
