@@ -295,9 +295,14 @@ METHOD_OPTION_KEYS = ("beta_darts", "darts_minus", "fair_darts", "snas", "gdas",
 COMBINED_OPTION_KEYS = ("pc_darts", "darts_pt")
 
 
+def written_search(spec):
+    """The ``search`` block as the spec's document writes it (defaults not filled in)."""
+    return (spec.document or {}).get("search") or {}
+
+
 def combined_methods(spec):
     """Of ``COMBINED_OPTION_KEYS``, those the spec writes beside another ``search.method``, in that order."""
-    written = (spec.document or {}).get("search") or {}
+    written = written_search(spec)
     return [key for key in COMBINED_OPTION_KEYS if key in written and key != spec.search.method]
 
 

@@ -4,7 +4,7 @@ import difflib
 
 from .errors import Problem
 from .kinds import spec_layout
-from .model import COMBINED_OPTION_KEYS, METHOD_OPTION_KEYS, combined_methods, reduction_positions
+from .model import COMBINED_OPTION_KEYS, METHOD_OPTION_KEYS, combined_methods, reduction_positions, written_search
 from .operations import ZERO_OPERATION, known_conv_operations, known_recurrent_operations
 
 # The two cell inputs every intermediate node may draw from, at the least.
@@ -162,7 +162,7 @@ def method_problems(spec, source):
     config = spec.search
     method = config.method
     problems = []
-    written = (spec.document or {}).get("search") or {}
+    written = written_search(spec)
     convolutional = spec_layout(spec.search_space.kind) == "conv_cell"
     for key in METHOD_OPTION_KEYS:
         if key in written and key != method and key not in COMBINED_OPTION_KEYS:
