@@ -4,7 +4,8 @@ parameter-free ops after every search epoch, one row per search, from each run's
     python benchmarks/quality/collapse.py OUT/searches > OUT/collapse.md
 
 Each search's ``search/history.json`` records, per epoch, the cell derived from the alphas at that
-epoch's end (``skip_connections``, ``parameter_free``) and the validation accuracy of the supernet.
+epoch's end (``skip_connections``, ``parameter_free``) and the validation accuracy of the supernet
+(its perplexity for a recurrent search, whose counts are of the recurrent cell's identity ops).
 """
 
 import argparse
@@ -27,13 +28,16 @@ def searches(folder):
 def table(folder):
     rows = list(searches(folder))
     epochs = max((len(history) for _, history in rows), default=0)
-    lines = ["| search | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | supernet val. accuracy |",
+    recurrent = any("val_perplexity" in r for _, history in rows for r in history)
+    metric, shown = ("val_perplexity", "{:.1f}") if recurrent else ("val_accuracy", "{:.4f}")
+    lines = ["| search | " + " | ".join(f"epoch {e + 1}" for e in range(epochs))
+             + f" | supernet val. {metric[4:]} |",
              "|---|" + "---|" * (epochs + 1)]
     for name, history in rows:
         cells = [f"{r['skip_connections']}, {r['parameter_free']}" for r in history]
         cells += ["-"] * (epochs - len(cells))
-        accuracy = history[-1].get("val_accuracy") if history else None
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if accuracy is None else f'{accuracy:.4f}'} |")
+        value = history[-1].get(metric) if history else None
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if value is None else shown.format(value)} |")
     return "\n".join(lines)
 
 
