@@ -390,7 +390,11 @@ def _plain(value):
 
 
 def plot(kind, rows, base):
-    """The test figure (mean, with the seeds' standard deviation) against parameters; random cells in grey."""
+    """The test figure (mean, with the seeds' standard deviation) against parameters; random cells in grey.
+
+    When every candidate has the same number of parameters (recurrent cells: their weights do not
+    depend on the ops), the candidates stand side by side instead, in the order of ``rows``.
+    """
     from .figures import save, subplots
 
     shown = [row for row in rows if row["seeds"] and row["parameters"]]
@@ -398,22 +402,29 @@ def plot(kind, rows, base):
         return []
     import matplotlib
 
+    one_size = len({row["parameters"] for row in shown}) == 1
+
     # Named candidates take tab10's colours without its grey (the random cells' colour); past nine
     # they repeat with another marker, so no two share a look.
     palette = [colour for i, colour in enumerate(matplotlib.colormaps["tab10"].colors) if i != 7]
     figure, axes = subplots(figsize=(6.4, 4.4))
     named = 0
-    for row in shown:
+    for position, row in enumerate(shown):
         if row["random"]:
             colour, marker = "0.6", "o"
         else:
             colour, marker = palette[named % len(palette)], "os^D"[named // len(palette) % 4]
             named += 1
-        axes.errorbar(row["parameters"], row["mean"], yerr=0.0 if math.isnan(row["std"]) else row["std"],
-                      fmt=marker, color=colour, capsize=3, label=None if row["random"] else row["candidate"])
+        axes.errorbar(position if one_size else row["parameters"], row["mean"],
+                      yerr=0.0 if math.isnan(row["std"]) else row["std"], fmt=marker, color=colour, capsize=3,
+                      label=None if row["random"] else row["candidate"])
     if any(row["random"] for row in shown):
         axes.plot([], [], "o", color="0.6", label="random cells")
-    axes.set_xlabel("parameters")
+    if one_size:
+        axes.set_xticks(range(len(shown)), [row["candidate"] for row in shown], rotation=45, ha="right", fontsize=7)
+        axes.set_xlabel(f"candidate (each with {shown[0]['parameters']:,} parameters)")
+    else:
+        axes.set_xlabel("parameters")
     axes.set_ylabel(f"test {kind.metric}")
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)

@@ -219,6 +219,30 @@ def test_the_plot_gives_every_named_candidate_its_own_look_and_none_the_random_c
         f"method_{i}" for i in range(12)]
 
 
+def test_the_plot_sets_candidates_of_one_size_side_by_side_under_their_names(monkeypatch):
+    from keras_darts.runtime import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda figure, base: drawn.append(figure) or [])
+    names = ["random_00", "searched", "random_01", "DARTS_V2_RNN"]
+    rows = [{"candidate": name, "random": name.startswith("random"), "seeds": 3, "parameters": 1617680,
+             "mean": 500.0 + 10 * i, "std": 5.0} for i, name in enumerate(names)]
+    comparison.plot(kind_of("recurrent_cell"), rows, "unused")
+    (axes,) = drawn[0].axes
+    # One position per candidate, in the rows' order, each at its own mean; against parameters
+    # they would all stand on one vertical line.
+    points = [(float(c.lines[0].get_xdata()[0]), float(c.lines[0].get_ydata()[0])) for c in axes.containers]
+    assert points == [(0.0, 500.0), (1.0, 510.0), (2.0, 520.0), (3.0, 530.0)]
+    assert [t.get_text() for t in axes.get_xticklabels()] == names
+    assert axes.get_xlabel() == "candidate (each with 1,617,680 parameters)"
+    assert axes.get_ylabel() == "test perplexity"
+    # Candidates of several sizes keep the parameter axis.
+    rows[0]["parameters"] = 1000
+    comparison.plot(kind_of("recurrent_cell"), rows, "unused")
+    assert float(drawn[1].axes[0].containers[0].lines[0].get_xdata()[0]) == 1000.0
+    assert drawn[1].axes[0].get_xlabel() == "parameters"
+
+
 def test_against_random_counts_beaten_cells_and_tests_the_difference_with_welch():
     kind = kind_of("conv_cell")
     rows = [{"candidate": "searched", "random": False, "seeds": 3, "mean": 0.9, "values": [0.89, 0.9, 0.91]},
