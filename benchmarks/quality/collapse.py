@@ -29,9 +29,9 @@ def table(folder):
     rows = list(searches(folder))
     epochs = max((len(history) for _, history in rows), default=0)
     recurrent = any("val_perplexity" in r for _, history in rows for r in history)
-    metric, shown = ("val_perplexity", "{:.1f}") if recurrent else ("val_accuracy", "{:.4f}")
-    lines = ["| search | " + " | ".join(f"epoch {e + 1}" for e in range(epochs))
-             + f" | supernet val. {metric[4:]} |",
+    name, shown = ("perplexity", "{:.1f}") if recurrent else ("accuracy", "{:.4f}")
+    metric = f"val_{name}"
+    lines = ["| search | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + f" | supernet val. {name} |",
              "|---|" + "---|" * (epochs + 1)]
     for name, history in rows:
         cells = [f"{r['skip_connections']}, {r['parameter_free']}" for r in history]

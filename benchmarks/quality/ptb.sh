@@ -20,7 +20,8 @@ for name in darts_2nd darts_1st beta_darts; do
     case "$name" in
         darts_1st) sets+=(--set search.order=first) ;;
         # beta-DARTS' official 100-epoch ramp, scaled as the convolutional part scales it (2 x epochs).
-        beta_darts) sets+=(--set search.order=first --set search.method=beta_darts --set search.beta_darts.ramp_epochs=6) ;;
+        beta_darts) sets+=(--set search.order=first --set search.method=beta_darts
+                           --set search.beta_darts.ramp_epochs=6) ;;
     esac
     if [ ! -f "$run/derived.yaml" ]; then
         echo "== search $name: ${sets[*]}"
