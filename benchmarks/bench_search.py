@@ -57,7 +57,10 @@ MODES = ["forward_backward", "first_order", "second_order_fd", "second_order_exa
 POOL = 16
 # Spec options under ``search`` that the benchmark can switch on, and their flags.
 OPTION_FLAGS = {"recompute_cells": "--recompute", "reuse_virtual_gradient": "--reuse-virtual-gradient"}
-EXTRA_MODES = ["retrain_step"]  # one retraining step of DARTS_V2 at the configuration's size
+# retrain_step: one retraining step of DARTS_V2 at the configuration's size; darts_pt_measure: one batch of
+# DARTS-PT's measurement (the supernet's validation forward with the op weights as inputs), which its
+# selection runs over the whole validation split once per measurement.
+EXTRA_MODES = ["retrain_step", "darts_pt_measure"]
 # The PyTorch reference implementation's seconds per iteration, measured on 2026-11-27 on a 2-core
 # x86_64 machine of this kind in separate processes (benchmarks/README.md, "Earlier measurements").
 # Kept in the JSON for comparison; the printed table holds this run's figures only.
@@ -243,7 +246,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
              "grappler": GRAPPLER_NAMES[grappler], "batch_norm": batch_norm if replicas else None,
              "precision": precision}
     if config_name == "RNN":
-        if replicas or mode == "retrain_step":
+        if replicas or mode in EXTRA_MODES:
             raise SystemExit("the RNN configuration measures search iterations on one device only")
         if precision != "float32":
             raise SystemExit("the RNN configuration is measured in float32 only")
@@ -277,6 +280,13 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
     if mode == "forward_backward" and strategy:
         raise SystemExit("forward_backward is measured on one device only")
+    if mode == "darts_pt_measure":
+        if strategy or method not in (None, "darts_pt"):
+            raise SystemExit("darts_pt_measure is measured on one device, on DARTS-PT's supernet")
+        spec = conv_spec(config, search={"order": "first", "method": "darts_pt", "precision": precision})
+        call, function, count = darts_pt_measure(spec, pool, batches)
+        return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra, "method": "darts_pt",
+                "measurements": count}
     bilevel = build_search(spec, strategy=strategy)
     lr = tf.constant(0.025, tf.float32)
     arch_lr = tf.constant(3e-4, tf.float32)
@@ -311,6 +321,38 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     if paired_grappler and mode in STEP_MODES:
         result.update(grappler_ratio(function, call, call_with, iterations))
     return result
+
+
+def darts_pt_measure(spec, pool, batches):
+    """DARTS-PT's measurement of one validation batch as ``runtime.projection`` compiles it; and how many
+    measurements of the validation split one selection makes (both cell types)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_darts.compiler import cell_edges
+    from keras_darts.runtime.metrics import correct_count, summed_cross_entropy
+    from keras_darts.runtime.search_loop import build_search
+
+    model = build_search(spec).model
+    selection = model.method.selection
+    edges = cell_edges(spec.search_space.nodes)
+    count = len(model.alphas) * selection.measurements(edges, spec.search_space.k, len(spec.search_space.operations))
+    specs = {t: tf.TensorSpec(v.shape, tf.float32) for t, v in model.alphas.items()}
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3)), tf.TensorSpec((None,), tf.int32), specs],
+                 autograph=False)
+    def batch_figures(x, y, weights):
+        logits = model(x, training=False, mixing=weights)
+        return summed_cross_entropy(y, logits), correct_count(y, logits)
+
+    rng = np.random.default_rng(0)
+    weights = {t: tf.constant(rng.dirichlet(np.ones(v.shape[1]), size=v.shape[0]), tf.float32)
+               for t, v in model.alphas.items()}
+
+    def call():
+        return batch_figures(*pool[2 * next(batches) + 1], weights)
+
+    return call, batch_figures, count
 
 
 def timed(call):
@@ -437,6 +479,14 @@ def machine():
     }
 
 
+def write_report(path, results, estimates):
+    """Write the run's report (machine, results so far, reference seconds, estimates) to ``path``; return it."""
+    report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -534,11 +584,12 @@ def main():
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        write_report(args.output, results, {})  # after every row: a long run stopped early keeps what it measured
         print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
               f"replicas {replicas or '-'} {precision}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr,
               flush=True)
     estimates = {config: estimate_config(config, options) for config in args.configs} if args.with_estimate else {}
-    report = {"machine": machine(), "results": results, "reference_seconds": REFERENCE, "estimates": estimates}
+    report = write_report(args.output, results, estimates)
     # The reference implementation's seconds (REFERENCE) were measured on another day in another process;
     # they stay in the JSON and in benchmarks/README.md's text, not beside this run's figures.
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
@@ -563,6 +614,13 @@ def main():
               f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6} "
               f"{paired} {other} {SHORT_PRECISION[row.get('precision', 'float32')]:>9s}")
     print_precisions(results)
+    for row in results:
+        if row["mode"] == "darts_pt_measure":
+            per_image = row["median_seconds"] / row["batch"]
+            print(f"{row['config']} DARTS-PT selection: {row['measurements']} measurements of the validation split, "
+                  f"{1000 * per_image:.2f} ms per image: {row['measurements'] * per_image * 1000 / 60:.1f} min per "
+                  f"1,000 validation images, {row['measurements'] * per_image * 25000 / 3600:.1f} h at CIFAR-10's "
+                  f"25,000")
     if args.methods:
         print_methods(results)
     for config in args.configs:
@@ -584,8 +642,6 @@ def main():
                       f"{row['median_seconds']:.3f}, ratio {seconds / row['median_seconds']:.2f}); activations "
                       f"{estimated['activation_bytes'] / 2**30:.3f} GiB per forward pass")
     print(f"machine: {json.dumps(report['machine'])}")
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
     print(f"written: {args.output}")
 
 

@@ -31,6 +31,28 @@ def test_the_schedule_of_the_darts_space_is_the_official_81_epochs_with_17_steps
     assert PerturbationSelection({"tune_epochs": 2}).tuning_epochs(cell_edges(2), 1) == 2 * (5 + 2 - 1) + 1
 
 
+@pytest.mark.parametrize("nodes,k,operations", [(4, 2, 8), (2, 1, 4), (3, 2, 5)])
+def test_the_measurement_count_is_the_number_of_evaluations_a_whole_selection_makes(nodes, k, operations):
+    # Drive one cell type's whole selection (every edge's op, then every node's inputs) with a counting
+    # evaluation, as the supernet's selection does, and compare with the count the benchmark reports.
+    edges = cell_edges(nodes)
+    selection = PerturbationSelection({})
+    weights = softmax(np.random.default_rng(2).normal(size=(len(edges), operations)))
+    count = [0]
+
+    def evaluate(masked):
+        count[0] += 1
+        return float(masked.sum())
+
+    for row in range(len(edges)):
+        selection.select_op(weights, row, evaluate)
+    for node in topology_nodes(edges, k):
+        selection.select_inputs(weights, [r for r, (_, t) in enumerate(edges) if t == node], k, evaluate)
+    assert selection.measurements(edges, k, operations) == count[0]
+    if (nodes, k, operations) == (4, 2, 8):  # the DARTS space: 14 x 8 op measurements, 3 + (4 + 3) + (5 + 4 + 3)
+        assert count[0] == 112 + 22
+
+
 def recording(values_by_masked, weights):
     """An ``evaluate`` that returns ``values_by_masked[i]`` for the matrix with entry (or row) ``i`` zeroed."""
     calls = []
