@@ -6,7 +6,8 @@ selection steps that are due: for the normal cell and then the reduction
 cell, an op for a random edge not yet selected, or, once every edge has its
 op, the inputs of a random node. It measures the supernet on the search's
 validation split (the alpha half) with one op, or one edge, masked, through
-one ``tf.function`` that takes the op weights as inputs. The state it writes
+one ``tf.function`` that takes the op weights as inputs (over the whole
+split, or its first ``measure_examples``). The state it writes
 lives in the supernet's non-trainable weights, so a checkpoint keeps it, and
 the random choices come from ``(seed, step)``: a resumed search selects what
 an uninterrupted one would.
@@ -40,6 +41,14 @@ class SupernetSelection:
         self.epochs = self.selection.tuning_epochs(self.edges, self.k)
         self._batch_figures = None
 
+    def describe(self):
+        """What the selection will cost, for the search's first line."""
+        count = len(self.model.alphas) * self.selection.measurements(self.edges, self.k, len(self.operations))
+        limit = self.selection.options["measure_examples"]
+        split = (f"the first {limit} validation examples" if limit is not None and limit < self.task.eval_data.count
+                 else "the validation split")
+        return f"DARTS-PT's selection over {self.epochs} tuning epochs, measuring the supernet {count} times on {split}"
+
     def matrices(self):
         """``{cell type: projected op weights}`` now (numpy float64), the method's noise-free mixing."""
         model = self.model
@@ -60,8 +69,24 @@ class SupernetSelection:
 
             self._batch_figures = batch_figures
         weights = {t: tf.constant(m, tf.float32) for t, m in matrices.items()}
-        loss, accuracy = evaluate(lambda x, y: self._batch_figures(x, y, weights), self.task.eval_data)
+        loss, accuracy = evaluate(lambda x, y: self._batch_figures(x, y, weights), self.examples())
         return accuracy if self.selection.options["criterion"] == "accuracy" else loss
+
+    def examples(self):
+        """The validation batches a measurement covers: the whole split, or its first ``measure_examples``."""
+        limit = self.selection.options["measure_examples"]
+        if limit is None:
+            return self.task.eval_data
+
+        def first():
+            left = limit
+            for x, y in self.task.eval_data:  # in order, unshuffled: the same examples every time
+                if left <= 0:
+                    return
+                yield x[:left], y[:left]
+                left -= int(y.shape[0])
+
+        return first()
 
     def begin(self, tune_epoch, restart_optimizer):
         """Take the selection steps due once 0-based tuning epoch ``tune_epoch`` begins.

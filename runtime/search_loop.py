@@ -351,8 +351,7 @@ class SearchLog(Callback):
         steps = loop.task
         log.info("search %s: %s, %s order%s, %d epochs%s%s", self.spec.name, steps.task.describe(), config.order,
                  f" ({config.second_order_mode})" if config.order == "second" else "", config.epochs,
-                 f", then DARTS-PT's selection over {steps.selection.epochs} tuning epochs" if steps.selection
-                 else "", precision_note(config.precision))
+                 f", then {steps.selection.describe()}" if steps.selection else "", precision_note(config.precision))
         counts = static_estimate(self.spec, steps.bilevel, steps.task.kind)
         log.info("estimate: %s weights, %s architecture parameters, %s of activations per forward pass at batch %d",
                  f"{counts['weights']:,}", f"{counts['alphas']:,}", format_bytes(counts["activation_bytes"]),

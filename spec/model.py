@@ -277,12 +277,16 @@ class DartsPtConfig:
     than k inputs keeps the k whose removal hurts most. The supernet is tuned
     for ``tune_epochs`` between two selections, its weights' learning rate
     restarted at ``learning_rate_factor`` times the search's (official:
-    ``--proj_intv 5``, ``acc``, ``learning_rate / 10``).
+    ``--proj_intv 5``, ``acc``, ``learning_rate / 10``). Each measurement
+    covers the whole validation split, as the official code's; with
+    ``measure_examples`` only its first that many examples (a budget for
+    machines where 268 passes over the split take too long).
     """
 
     tune_epochs: int = 5
     criterion: str = "accuracy"
     learning_rate_factor: float = 0.1
+    measure_examples: typing.Optional[int] = None
 
 
 # Each search method with options keeps them under its own key of ``search``.

@@ -29,6 +29,10 @@ model_search_darts_proj.py):
   learning rate / 10).
 * The derived cell is DARTS' rule on the projected weights, which after the
   last step holds exactly the selected ops and inputs.
+* Not in the official code: ``measure_examples`` limits every measurement to
+  the validation split's first that many examples. A selection measures
+  ``2 * measurements(...)`` times (268 in the DARTS space), so on a CPU the
+  whole split can cost more than the search; by default it is the whole split.
 
 The measurement runs the network with batch statistics, as the official
 ``infer(..., _eval=False)`` does (the search networks here have no others).
@@ -52,8 +56,10 @@ class PerturbationSelection:
 
     def __init__(self, options=None):
         config = DartsPtConfig(**dict(options or {}))
+        examples = config.measure_examples
         self.options = {"tune_epochs": int(config.tune_epochs), "criterion": str(config.criterion),
-                        "learning_rate_factor": float(config.learning_rate_factor)}
+                        "learning_rate_factor": float(config.learning_rate_factor),
+                        "measure_examples": None if examples is None else int(examples)}
 
     @property
     def interval(self):

@@ -118,10 +118,10 @@ def test_the_cell_is_darts_rule_on_the_projected_weights():
 
 def test_darts_pt_follows_another_method_named_by_its_options_and_is_recorded_with_it():
     document = tiny_spec_document(operations=OPS)
-    document["search"].update(method="sdarts", darts_pt={"tune_epochs": 2, "criterion": "loss"})
+    document["search"].update(method="sdarts", darts_pt={"tune_epochs": 2, "criterion": "loss", "measure_examples": 50})
     method = search_method(kd.load_spec(document))
     assert method.name == "sdarts" and method.selection.options == {
-        "tune_epochs": 2, "criterion": "loss", "learning_rate_factor": 0.1}
+        "tune_epochs": 2, "criterion": "loss", "learning_rate_factor": 0.1, "measure_examples": 50}
     document_written = method.to_document()
     assert document_written["darts_pt"] == method.selection.options
     again = method_from_document(document_written, epochs=None)
@@ -131,6 +131,7 @@ def test_darts_pt_follows_another_method_named_by_its_options_and_is_recorded_wi
     alone["search"] = {"method": "darts_pt", "epochs": 1}
     spec = kd.load_spec(alone)
     assert spec.search.order == "first" and search_method(spec).selection.options["tune_epochs"] == 5
+    assert search_method(spec).selection.options["measure_examples"] is None  # the whole split, as the official code
     # No selection without darts_pt.
     assert search_method(kd.load_spec(tiny_spec_document(operations=OPS))).selection is None
 

@@ -378,14 +378,17 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     assert [r[schedule] for r in history] == {"beta_darts": [0.0, 0.5], "darts_minus": [1.0, 0.5]}[method]
 
 
-def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most_measured_here():
+@pytest.mark.parametrize("measure_examples", [None, 7])
+def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most_measured_here(measure_examples,
+                                                                                               monkeypatch):
     from keras_darts.compiler.methods.base import softmax
+    from keras_darts.runtime import projection
     from keras_darts.runtime.projection import SupernetSelection
     from keras_darts.runtime.search_loop import ImageSearchTask, build_search
     from keras_darts.runtime.workflow import kind_of, load_data
 
     document = tiny_spec_document(operations=OPS)
-    document["search"].update(method="darts_pt", epochs=1)
+    document["search"].update(method="darts_pt", epochs=1, darts_pt={"measure_examples": measure_examples})
     spec = kd.load_spec(document)
     keras.utils.set_random_seed(0)
     bilevel = build_search(spec)
@@ -395,13 +398,27 @@ def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most
     task = ImageSearchTask(spec, load_data(spec), bilevel, kind_of(spec))
     selection = SupernetSelection(spec, task)
 
-    def accuracy(weights):  # the validation split, measured here batch by batch
-        right = count = 0
-        for x, y in task.eval_data:
-            logits = model(x, training=False, mixing={t: tf.constant(w, tf.float32) for t, w in weights.items()})
-            right += int(np.sum(np.argmax(logits.numpy(), -1) == y.numpy()))
-            count += len(y)
-        return right / count
+    # The validation split's batches, or its first measure_examples examples in them (batch statistics:
+    # the last one cut short), measured here batch by batch.
+    assert task.eval_data.count > 7 and 7 % task.eval_data.batch_size != 0  # 7 cuts the split and a batch
+    batches, left = [], measure_examples or task.eval_data.count
+    for x, y in task.eval_data:
+        batches.append((x[:left], y[:left]))
+        left -= len(batches[-1][1])
+        if left <= 0:
+            break
+    labels = np.concatenate([y.numpy() for _, y in batches])
+
+    def accuracy(weights):
+        mixing = {t: tf.constant(w, tf.float32) for t, w in weights.items()}
+        right = sum(int(np.sum(np.argmax(model(x, training=False, mixing=mixing).numpy(), -1) == y.numpy()))
+                    for x, y in batches)
+        return right / len(labels)
+
+    measured = []  # the examples each of the selection's measurements covered
+    original = projection.evaluate
+    monkeypatch.setattr(projection, "evaluate", lambda step, batches: original(
+        step, [measured.append(int(y.shape[0])) or (x, y) for x, y in batches]))
 
     weights = {t: softmax(a.numpy()) for t, a in model.alphas.items()}
     row = int(np.random.default_rng([spec.search.seed, 0]).choice(5))  # the step's edge: all five are open
@@ -412,6 +429,7 @@ def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most
         figures.append(accuracy(masked))
     assert len(set(figures)) > 1  # the ops matter, so the choice below could go wrong
     selection.take_step(0, "normal", np.random.default_rng([spec.search.seed, 0]))
+    assert sum(measured) == len(OPS) * len(labels)  # one measurement per op, each over exactly these examples
     state = model.projection["normal"]
     expected = np.zeros((5, len(OPS)))
     expected[row, int(np.argmin(figures))] = 1.0

@@ -129,6 +129,8 @@ CORPUS = [
      "DARTS-PT's selection is defined for convolutional cells; $.search_space.kind is 'recurrent_cell'"),
     ("unknown DARTS-PT criterion", GOOD + "search: {method: darts_pt, darts_pt: {criterion: acc}}\n",
      "$.search.darts_pt.criterion", "expected one of 'accuracy', 'loss'; got 'acc'"),
+    ("DARTS-PT measuring no examples", GOOD + "search: {method: darts_pt, darts_pt: {measure_examples: 0}}\n",
+     "$.search.darts_pt.measure_examples", "expected null or a positive integer, got integer 0"),
     ("partial channels under GDAS", GOOD + "search: {method: gdas, pc_darts: {partial_channels: 2}}\n",
      "$.search.pc_darts", "PC-DARTS' partial channels cannot carry $.search.method gdas, which computes only the "
      "sampled op of each edge already"),
