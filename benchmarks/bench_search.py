@@ -467,11 +467,27 @@ def print_precisions(results):
                   f"{row['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")
 
 
+def cpu_model():
+    """The CPU's model name and whether it has AVX-512 (Linux), or ``(None, None)``: figures from machines
+    without the same vector units do not compare."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None, None
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return name, any(flag.startswith("avx512") for flag in flags)
+
+
 def machine():
     import tensorflow as tf
 
+    name, avx512 = cpu_model()
     return {
         "cores": os.cpu_count(),
+        "cpu": name,
+        "avx512": avx512,
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
