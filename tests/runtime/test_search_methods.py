@@ -311,7 +311,8 @@ def test_lambda_darts_weight_step_adds_the_gradient_alignment_term_computed_by_h
 
 @pytest.mark.parametrize("method", ["beta_darts", "darts_minus", "fair_darts", "snas", "gdas", "pc_darts", "drnas",
                                     "sdarts", "lambda_darts", "darts_pt", "beta_darts+pc_darts"])
-def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys):
+def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method, tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
     document = tiny_spec_document(**({"operations": ["max_pool_3x3", "skip_connect", "sep_conv_3x3"]}
                                      if method == "fair_darts" else {}))
     method, _, partial = method.partition("+")  # beta_darts on PC-DARTS' supernet
@@ -359,6 +360,9 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
         assert len(history) == 8
         tuning = [0.001 + (0.0025 - 0.001) * (1 + np.cos(np.pi * e / 6)) / 2 for e in range(6)]
         assert [r["learning_rate"] for r in history[2:]] == pytest.approx(tuning, rel=1e-12)
+        # The first line counts the measurements: per cell type 5 edges x 5 ops, and node 3's 3 inputs.
+        assert any(r.getMessage().endswith(", then DARTS-PT's selection over 6 tuning epochs, measuring the "
+                                           "supernet 56 times on the validation split") for r in caplog.records)
         selected = derived.origin["darts_pt"]
         assert selected["steps"] == 6
         for cell_type, ops in selected["edges"].items():
