@@ -35,6 +35,7 @@ worthless.
 """
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -324,27 +325,16 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
 
 
 def darts_pt_measure(spec, pool, batches):
-    """DARTS-PT's measurement of one validation batch as ``runtime.projection`` compiles it; and how many
-    measurements of the validation split one selection makes (both cell types)."""
+    """DARTS-PT's measurement of one validation batch, compiled as ``runtime.projection`` compiles it; and
+    how many measurements of the validation split one selection makes (both cell types)."""
     import numpy as np
     import tensorflow as tf
 
-    from keras_darts.compiler import cell_edges
-    from keras_darts.runtime.metrics import correct_count, summed_cross_entropy
+    from keras_darts.runtime.projection import measurement_count, measurement_function
     from keras_darts.runtime.search_loop import build_search
 
     model = build_search(spec).model
-    selection = model.method.selection
-    edges = cell_edges(spec.search_space.nodes)
-    count = len(model.alphas) * selection.measurements(edges, spec.search_space.k, len(spec.search_space.operations))
-    specs = {t: tf.TensorSpec(v.shape, tf.float32) for t, v in model.alphas.items()}
-
-    @tf.function(input_signature=[tf.TensorSpec((None, 32, 32, 3)), tf.TensorSpec((None,), tf.int32), specs],
-                 autograph=False)
-    def batch_figures(x, y, weights):
-        logits = model(x, training=False, mixing=weights)
-        return summed_cross_entropy(y, logits), correct_count(y, logits)
-
+    batch_figures = measurement_function(model, tf.TensorSpec((None, 32, 32, 3)), tf.TensorSpec((None,), tf.int32))
     rng = np.random.default_rng(0)
     weights = {t: tf.constant(rng.dirichlet(np.ones(v.shape[1]), size=v.shape[0]), tf.float32)
                for t, v in model.alphas.items()}
@@ -352,7 +342,7 @@ def darts_pt_measure(spec, pool, batches):
     def call():
         return batch_figures(*pool[2 * next(batches) + 1], weights)
 
-    return call, batch_figures, count
+    return call, batch_figures, measurement_count(spec, model)
 
 
 def timed(call):
@@ -480,6 +470,7 @@ def cpu_model():
     return name, any(flag.startswith("avx512") for flag in flags)
 
 
+@functools.cache
 def machine():
     import tensorflow as tf
 

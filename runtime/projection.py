@@ -30,6 +30,7 @@ class SupernetSelection:
     """DARTS-PT's selection on the supernet of an image search ``task`` (``ImageSearchTask``)."""
 
     def __init__(self, spec, task):
+        self.spec = spec
         self.task = task
         self.model = task.bilevel.model
         self.selection = self.model.method.selection
@@ -43,7 +44,7 @@ class SupernetSelection:
 
     def describe(self):
         """What the selection will cost, for the search's first line."""
-        count = len(self.model.alphas) * self.selection.measurements(self.edges, self.k, len(self.operations))
+        count = measurement_count(self.spec, self.model)
         limit = self.selection.options["measure_examples"]
         split = (f"the first {limit} validation examples" if limit is not None and limit < self.task.eval_data.count
                  else "the validation split")
@@ -58,16 +59,7 @@ class SupernetSelection:
     def measure(self, matrices):
         """The supernet's validation figure (the criterion's: accuracy or loss) with op weights ``matrices``."""
         if self._batch_figures is None:
-            model = self.model
-            x_spec, y_spec = self.task.bilevel.objective.batch_signature()
-            specs = {t: tf.TensorSpec(v.shape, tf.float32) for t, v in model.alphas.items()}
-
-            @tf.function(input_signature=[x_spec, y_spec, specs], autograph=False)
-            def batch_figures(x, y, weights):
-                logits = model(x, training=False, mixing=weights)
-                return summed_cross_entropy(y, logits), correct_count(y, logits)
-
-            self._batch_figures = batch_figures
+            self._batch_figures = measurement_function(self.model, *self.task.bilevel.objective.batch_signature())
         weights = {t: tf.constant(m, tf.float32) for t, m in matrices.items()}
         loss, accuracy = evaluate(lambda x, y: self._batch_figures(x, y, weights), self.examples())
         return accuracy if self.selection.options["criterion"] == "accuracy" else loss
@@ -134,6 +126,26 @@ class SupernetSelection:
                      ", ".join(str(self.edges[r][0]) for r in kept))
         state["chosen"].assign(chosen)
         state["fixed"].assign(fixed)
+
+
+def measurement_count(spec, model):
+    """How many times a selection on ``model`` (a DARTS-PT supernet of ``spec``) measures it, both cell types."""
+    space = spec.search_space
+    return len(model.alphas) * model.method.selection.measurements(cell_edges(space.nodes), space.k,
+                                                                    len(space.operations))
+
+
+def measurement_function(model, x_spec, y_spec):
+    """One batch of a measurement, compiled once: ``(x, y, {cell type: op weights})`` to the summed
+    cross-entropy and the number correct, the weights taken as inputs so no mask traces again."""
+    specs = {t: tf.TensorSpec(v.shape, tf.float32) for t, v in model.alphas.items()}
+
+    @tf.function(input_signature=[x_spec, y_spec, specs], autograph=False)
+    def batch_figures(x, y, weights):
+        logits = model(x, training=False, mixing=weights)
+        return summed_cross_entropy(y, logits), correct_count(y, logits)
+
+    return batch_figures
 
 
 def projection_state(model):

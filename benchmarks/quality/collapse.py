@@ -29,9 +29,10 @@ def table(folder):
     rows = list(searches(folder))
     epochs = max((len(history) for _, history in rows), default=0)
     recurrent = any("val_perplexity" in r for _, history in rows for r in history)
-    name, shown = ("perplexity", "{:.1f}") if recurrent else ("accuracy", "{:.4f}")
-    metric = f"val_{name}"
-    lines = ["| search | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + f" | supernet val. {name} |",
+    shown_metric, shown = ("perplexity", "{:.1f}") if recurrent else ("accuracy", "{:.4f}")
+    metric = f"val_{shown_metric}"
+    lines = ["| search | " + " | ".join(f"epoch {e + 1}" for e in range(epochs))
+             + f" | supernet val. {shown_metric} |",
              "|---|" + "---|" * (epochs + 1)]
     for name, history in rows:
         cells = [f"{r['skip_connections']}, {r['parameter_free']}" for r in history]
