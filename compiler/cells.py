@@ -35,26 +35,44 @@ class MixedOp(keras.layers.Layer):
     """
 
     def __init__(self, operations, channels, stride, auxiliary=None, sampled=False, partial_channels=1,
-                 edge_scaled=False, **kwargs):
+                 edge_scaled=False, stage_partial_channels=None, **kwargs):
         super().__init__(**kwargs)
         self.operations = tuple(operations)
         self.channels = channels
         self.stride = stride
         self.auxiliary = auxiliary
         self.sampled = bool(sampled)
-        self.partial_channels = int(partial_channels)
         self.edge_scaled = bool(edge_scaled)
-        self.op_channels = channels // self.partial_channels
-        self.candidates = [
-            build_op(name, self.op_channels, stride, affine=False, layer_name=f"{self.name}__{name}", search=True)
-            for name in self.operations
+        self.partial_channels = int(partial_channels)
+        # DrNAS' progressive search: one set of ops per stage, each on its own C/K channels (stage 0's
+        # named as without stages); ``use_stage`` switches between them and leaves out pruned ops.
+        self.stage_partial_channels = (None if stage_partial_channels is None
+                                       else tuple(int(k) for k in stage_partial_channels))
+        stages = self.stage_partial_channels or (int(partial_channels),)
+        self.stage_candidates = [
+            [build_op(name, channels // k, stride, affine=False,
+                      layer_name=f"{self.name}__{name}" if s == 0 else f"{self.name}__stage_{s}__{name}",
+                      search=True)
+             for name in self.operations]
+            for s, k in enumerate(stages)
         ]
-        self.active = [i for i, op in enumerate(self.candidates) if not getattr(op, "is_zero", False)]
+        self.use_stage(0)
         self.auxiliary_path = (None if auxiliary is None
                                else auxiliary_op(auxiliary, self.op_channels, stride, f"{self.name}__auxiliary"))
         # PC-DARTS: the channels the ops do not see pass by, max-pooled at stride 2.
         self.bypass_pool = (keras.layers.MaxPooling2D(2, 2, name=f"{self.name}__bypass_pool")
-                            if self.partial_channels > 1 and stride == 2 else None)
+                            if max(stages) > 1 and stride == 2 else None)
+
+    def use_stage(self, stage, kept=None):
+        """Compute stage ``stage``'s ops (on its C/K channels), only those in ``kept`` (op indices) if given."""
+        self.stage = int(stage)
+        if self.stage_partial_channels:
+            self.partial_channels = self.stage_partial_channels[self.stage]
+        self.op_channels = self.channels // self.partial_channels
+        self.candidates = self.stage_candidates[self.stage]
+        self.kept = None if kept is None else frozenset(int(i) for i in kept)
+        self.active = [i for i, op in enumerate(self.candidates)
+                       if not getattr(op, "is_zero", False) and (self.kept is None or i in self.kept)]
 
     def build(self, *args, **kwargs):
         self.built = True
@@ -107,6 +125,8 @@ class MixedOp(keras.layers.Layer):
             "sampled": self.sampled,
             "partial_channels": self.partial_channels,
             "edge_scaled": self.edge_scaled,
+            "stage_partial_channels": (None if self.stage_partial_channels is None
+                                       else list(self.stage_partial_channels)),
         }
 
 
@@ -200,7 +220,7 @@ class SearchCell(_Cell):
     """
 
     def __init__(self, operations, nodes, channels, reduction, reduction_prev, auxiliary=None, sampled=False,
-                 partial_channels=1, edge_scaled=False, **kwargs):
+                 partial_channels=1, edge_scaled=False, stage_partial_channels=None, **kwargs):
         super().__init__(**kwargs)
         self.operations = tuple(operations)
         self.nodes = nodes
@@ -211,17 +231,22 @@ class SearchCell(_Cell):
         self.sampled = bool(sampled)
         self.partial_channels = int(partial_channels)
         self.edge_scaled = bool(edge_scaled)
+        self.stage_partial_channels = (None if stage_partial_channels is None
+                                       else tuple(int(k) for k in stage_partial_channels))
         self.graph = build_cell_graph(self.operations, nodes, self.reduction)
         self.preprocess0, self.preprocess1 = _preprocessing(channels, self.reduction_prev, False, self.name)
         self.mixed_ops = []
+        self.mixed_op_rows = []  # the alpha row of each mixed op
         steps = []
         for node in node_order(self.graph):
             inputs = []
             for source, target, data in incoming_edges(self.graph, node):
                 inputs.append((source, len(self.mixed_ops), data["index"]))
+                self.mixed_op_rows.append(data["index"])
                 self.mixed_ops.append(
                     MixedOp(self.operations, channels, data["stride"], auxiliary, sampled, self.partial_channels,
-                            self.edge_scaled, name=f"{self.name}__edge_{source}_{target}")
+                            self.edge_scaled, self.stage_partial_channels,
+                            name=f"{self.name}__edge_{source}_{target}")
                 )
             steps.append((node, inputs))
         self.wiring = _Wiring(steps)
@@ -244,6 +269,8 @@ class SearchCell(_Cell):
             "sampled": self.sampled,
             "partial_channels": self.partial_channels,
             "edge_scaled": self.edge_scaled,
+            "stage_partial_channels": (None if self.stage_partial_channels is None
+                                       else list(self.stage_partial_channels)),
         }
 
 

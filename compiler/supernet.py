@@ -10,6 +10,7 @@ scalars it schedules over epochs are non-trainable weights (``schedule``).
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from .cells import SearchCell
@@ -66,7 +67,8 @@ class Supernet(MethodSupernet, keras.Model):
         self.cells = [
             SearchCell(self.operations, nodes, channels, reduction, reduction_prev, auxiliary,
                        sampled=self.method.sampled_op, partial_channels=self.method.partial_channels,
-                       edge_scaled=self.method.edge_normalization, name=f"cell_{position:02d}")
+                       edge_scaled=self.method.edge_normalization,
+                       stage_partial_channels=self.method.stage_partial_channels, name=f"cell_{position:02d}")
             for position, channels, reduction, reduction_prev in cell_schedule(
                 layers, self.reduction_positions, init_channels
             )
@@ -93,12 +95,87 @@ class Supernet(MethodSupernet, keras.Model):
                 for i, cell_type in enumerate(CELL_TYPES)
             }
         self.use_selection()
+        # A search in stages (DrNAS' progressive search): the stage and each cell type's kept ops
+        # (1 per searched (edge, op)) as weights, so checkpoints keep them; ``self.stage`` is what
+        # the traced steps compute (``sync_stage`` reads it from the weights).
+        self.stage = 0
+        if self.method.stages > 1:
+            self.stage_index = self.add_weight(shape=(), dtype="int32", initializer="zeros", trainable=False,
+                                               name="stage__index", autocast=False)
+            self.kept_masks = {t: self.add_weight(shape=(self.num_edges, len(self.operations)), initializer="ones",
+                                                  trainable=False, name=f"stage__kept_{t}", autocast=False)
+                               for t in CELL_TYPES}
 
     def build(self, input_shape):
         # Sublayers create their weights on first use: run one forward pass on
-        # zeros so that every weight exists (Keras builds before loading weights).
-        self.call(ops.zeros((1, *tuple(input_shape)[1:])), training=False)
+        # zeros so that every weight exists (Keras builds before loading weights);
+        # one per stage, each stage's ops having their own weights.
+        for stage in reversed(range(self.method.stages)):
+            for cell in self.cells:
+                for mixed_op in cell.mixed_ops:
+                    mixed_op.use_stage(stage)
+            self.call(ops.zeros((1, *tuple(input_shape)[1:])), training=False)
+        self.stage = 0
         self.built = True
+
+    # -- a search in stages ----------------------------------------------------------
+    def sync_stage(self):
+        """Make the computation the stage and kept ops the weights hold; whether it changed (steps must retrace)."""
+        if self.method.stages == 1:
+            return False
+        stage = int(self.stage_index.numpy())
+        masks = {t: self.kept_masks[t].numpy() > 0 for t in CELL_TYPES}
+        changed = stage != self.stage
+        for cell in self.cells:
+            mask = masks["reduce" if cell.reduction else "normal"]
+            for row, mixed_op in zip(cell.mixed_op_rows, cell.mixed_ops):
+                kept = None if stage == 0 else frozenset(np.flatnonzero(mask[row]).tolist())
+                if mixed_op.stage != stage or mixed_op.kept != kept:
+                    mixed_op.use_stage(stage, kept)
+                    changed = True
+        self.stage = stage
+        return changed
+
+    def enter_stage(self, stage, momentum=None):
+        """Prune each edge to the method's kept ops and widen the ops into stage ``stage`` (the next one).
+
+        ``momentum`` maps ``id(variable)`` to the weights optimiser's momentum
+        buffer of that variable, widened with it. The widening draws from the
+        search's seed and the stage, so a resumed search draws the same.
+        """
+        from .methods.drnas import prune, widen, widening_indices
+
+        if stage != self.stage + 1:
+            raise ValueError(f"A search enters its stages in order. Received: stage={stage} after {self.stage}")
+        keep = self.method.kept_ops(stage)
+        for t in CELL_TYPES:
+            alpha, mask = prune(self.alphas[t].numpy(), self.kept_masks[t].numpy(), keep)
+            self.alphas[t].assign(alpha.astype(self.alphas[t].dtype))
+            self.kept_masks[t].assign(mask)
+        rng = np.random.default_rng([0 if self.seed is None else int(self.seed), stage])
+        momentum = momentum or {}
+        for cell in self.cells:
+            for mixed_op in cell.mixed_ops:
+                for narrow_op, wide_op in zip(mixed_op.stage_candidates[stage - 1], mixed_op.stage_candidates[stage]):
+                    narrow, wide = list(narrow_op.trainable_weights), list(wide_op.trainable_weights)
+                    kinds = ["depthwise" if "depthwise" in v.name else "conv" for v in narrow]
+                    if any(len(v.shape) != 4 for v in narrow):
+                        raise ValueError(f"Only convolution kernels can be widened. Received: "
+                                         f"{[(v.path, tuple(v.shape)) for v in narrow]}")
+                    plans = widening_indices([tuple(v.shape) for v in narrow], kinds,
+                                             [tuple(v.shape) for v in wide], rng)
+                    for source, target, plan in zip(narrow, wide, plans):
+                        target.assign(widen(source.numpy(), plan))
+                        if id(source) in momentum and id(target) in momentum:
+                            momentum[id(target)].assign(widen(momentum[id(source)].numpy(), plan))
+        self.stage_index.assign(stage)
+        self.sync_stage()
+
+    def searched_alphas(self, alphas):
+        """``alphas`` ({cell type: array}) with the ops a staged search pruned at -inf, so every softmax skips them."""
+        if self.method.stages == 1 or self.stage == 0:
+            return alphas
+        return {t: np.where(self.kept_masks[t].numpy() > 0, a, -np.inf) for t, a in alphas.items()}
 
     def arch_probabilities(self, mixing=None):
         """The op weights of each cell type, (edges x ops), from the method's mixing of the alphas.
@@ -113,8 +190,12 @@ class Supernet(MethodSupernet, keras.Model):
             return dict(mixing)
         if mixing == "given":
             return self.projected_matrices(dict(self.alphas))
-        return self.projected_matrices({t: self.mix_alphas(self.alphas[t], stream=i)
-                                        for i, t in enumerate(CELL_TYPES)})
+        matrices = {t: self.mix_alphas(self.alphas[t], stream=i) for i, t in enumerate(CELL_TYPES)}
+        if self.stage > 0:  # the kept ops' share of the mixing, renormalised (DrNAS' progressive search)
+            for t, m in matrices.items():
+                kept = m * ops.cast(self.kept_masks[t], m.dtype)
+                matrices[t] = kept / ops.sum(kept, axis=-1, keepdims=True)
+        return self.projected_matrices(matrices)
 
     def normalized_edge_betas(self):
         """PC-DARTS' edge weights: per node, the softmax of the betas of its incoming edges (edges x 1)."""

@@ -103,6 +103,11 @@ class Bilevel:
         self.loss_scale = loss_scale_for(precision)
         if reuse_virtual_gradient and (unrolled_clip is not None or self.objective.regularized):
             raise ValueError("reuse_virtual_gradient needs a virtual step that takes the weight step's own gradient.")
+        self.compile_passes()
+
+    def compile_passes(self):
+        """(Re)build the compiled passes; they trace on first use (again after the model's stage changes)."""
+        model, strategy, precision = self.model, self.strategy, self.precision
         batch = self.objective.batch_signature()
         weights = [tf.TensorSpec(v.shape, v.dtype) for v in self.weight_vars]
         alphas = [tf.TensorSpec(v.shape, v.dtype) for v in self.arch_vars]

@@ -110,6 +110,11 @@ def cmd_validate(args):
         method += f" on PC-DARTS' supernet (K = {spec.search.pc_darts.partial_channels})"
     if "darts_pt" in combined:
         method += ", then DARTS-PT's selection"
+    if spec.search.method == "drnas" and spec.search.drnas.progressive:
+        o = spec.search.drnas
+        method += (f", progressive: {len(o.stage_partial_channels)} stages on C/"
+                   f"{', C/'.join(map(str, o.stage_partial_channels))} channels, each edge pruned to "
+                   f"{', then '.join(map(str, o.stage_keep_ops))} ops between them")
     print(f"  search: {spec.search.epochs} epochs, {spec.search.order} order, method {method}; "
           f"data: {spec.data.source}")
     return EXIT_OK

@@ -174,6 +174,11 @@ class ImageSearchTask:
 
     def derive(self, alphas, origin):
         model = self.bilevel.model
+        if model.method.stages > 1:
+            model.sync_stage()
+        if model.method.stages > 1 and model.stage > 0:  # a search in stages: the pruned ops take no part
+            origin = {**origin, "kept_ops": {t: model.kept_masks[t].numpy().astype(int).tolist() for t in alphas}}
+            alphas = model.searched_alphas(alphas)
         betas = {t: v.numpy() for t, v in getattr(model, "edge_betas", {}).items()}
         if betas:  # PC-DARTS' edge weights take part in the derivation: record them too
             origin = {**origin, "edge_weights": {t: b.tolist() for t, b in betas.items()}}
@@ -238,6 +243,7 @@ class SearchSteps:
     def begin_epoch(self, state):
         weights = self.config.weights_optimizer
         searched = self.config.epochs
+        self.follow_stages(min(state.epoch, searched - 1))
         if state.epoch < searched:
             self.lr = state.lr_scale * cosine_learning_rate(state.epoch, searched, weights.learning_rate,
                                                             weights.learning_rate_min)
@@ -251,6 +257,30 @@ class SearchSteps:
                                                         factor * weights.learning_rate, weights.learning_rate_min)
         self.bilevel.model.set_epoch(searched - 1)
         self.selection.begin(tune_epoch, self.restart_weights_optimizer)
+
+    def follow_stages(self, epoch):
+        """Put the supernet in the method's stage of ``epoch`` (a search in stages), retracing the steps if it moves.
+
+        The stage the weights hold comes first (a resumed search); the stages
+        after it are entered in order, each pruning and widening the supernet
+        and the weights' momentum (``Supernet.enter_stage``).
+        """
+        model = self.bilevel.model
+        if model.method.stages == 1:
+            return
+        changed = model.sync_stage()
+        while model.stage < model.method.stage(epoch):
+            optimizer = self.bilevel.weights_optimizer
+            model.enter_stage(model.stage + 1, {id(v): m for v, m in zip(optimizer.variables_list,
+                                                                         optimizer.momentum_buffers)})
+            log.info("stage %d of the search from epoch %d: %d ops kept per edge, ops on C/%d channels",
+                     model.stage + 1, epoch + 1, model.method.kept_ops(model.stage),
+                     model.method.stage_partial_channels[model.stage])
+            changed = True
+        if changed:
+            self.bilevel.compile_passes()
+            self.step_function = self.bilevel.compiled_iteration(self.config.order, self.config.second_order_mode)
+            self.warmup_function = None
 
     def restart_weights_optimizer(self):
         """Clear the weights' momentum: the official tuning builds a new optimiser."""
@@ -285,7 +315,8 @@ class SearchSteps:
         record["seconds"] = seconds
         record["genotype"] = genotype_text(self.derived)
         record.update(self.task.derived_figures(self.derived))
-        record["alpha_softmax"] = {t: softmax(a).tolist() for t, a in self.alphas.items()}
+        searched = getattr(self.bilevel.model, "searched_alphas", lambda alphas: alphas)(self.alphas)
+        record["alpha_softmax"] = {t: softmax(a).tolist() for t, a in searched.items()}
         return record
 
     def arrays(self):

@@ -198,11 +198,26 @@ class DrnasConfig:
     then sets the weight decay to 0). The official derivation keeps ``none``
     in the ranking (``exclude_none: false``): an edge whose best op is
     ``none`` is dropped, and a node left without inputs with it.
+
+    ``progressive: true`` is the official DARTS-space search: stages of
+    ``stage_epochs`` (default: the search's epochs split evenly, the
+    remainder to the last), each with the ops on the first
+    ``C / stage_partial_channels[s]`` channels (PC-DARTS' partial channels
+    and shuffle, no edge weights) and the alphas frozen for its first
+    ``stage_warmup_epochs`` epochs; entering stage ``s + 1``, each edge keeps
+    its ``stage_keep_ops[s]`` ops of largest alpha and the ops are widened by
+    copying randomly chosen channels (official: K 6 then 4, 4 ops kept, 10
+    epochs, two stages of 25).
     """
 
     regularization: str = "l2"
     kl_scale: float = 1e-3
     exclude_none: bool = False
+    progressive: bool = False
+    stage_partial_channels: typing.Tuple[int, ...] = (6, 4)
+    stage_keep_ops: typing.Tuple[int, ...] = (4,)
+    stage_warmup_epochs: int = 10
+    stage_epochs: typing.Optional[typing.Tuple[int, ...]] = None
 
 
 @frozen

@@ -212,6 +212,8 @@ def method_problems(spec, source):
                                     f"{k} does not divide $.search_space.network.init_channels {channels}: the "
                                     f"ops of an edge take the first C/{k} of its C channels; expected a divisor "
                                     f"of {channels}"))
+    if method == "drnas" and convolutional:
+        problems.extend(progressive_problems(spec, source, combined))
     if method == "gdas" and config.gdas.tau_min > config.gdas.tau_max:
         problems.append(Problem(source, "$.search.gdas.tau_min",
                                 f"expected tau_min <= tau_max (the temperature anneals down), got "
@@ -232,6 +234,58 @@ def method_problems(spec, source):
             problems.append(Problem(source, "$.search.darts_minus.start_epoch",
                                     f"expected start_epoch < max_epoch (the decay divides by their difference), "
                                     f"got start_epoch {options.start_epoch} and max_epoch {max_epoch}"))
+    return problems
+
+
+STAGE_KEYS = ("stage_partial_channels", "stage_keep_ops", "stage_warmup_epochs", "stage_epochs")
+
+
+def progressive_problems(spec, source, combined):
+    """DrNAS' progressive search: its stage options only with it, consistent, on a supernet that can take them."""
+    options = spec.search.drnas
+    written = written_search(spec).get("drnas") or {}
+    if not options.progressive:
+        return [Problem(source, f"$.search.drnas.{key}",
+                        f"applies to DrNAS' progressive search, but $.search.drnas.progressive is false; set "
+                        f"progressive: true or drop {key}")
+                for key in STAGE_KEYS if key in written]
+    problems = []
+    for key in combined:
+        what = ("PC-DARTS' partial channels and edge weights" if key == "pc_darts"
+                else "DARTS-PT's selection, which measures every op of an edge")
+        problems.append(Problem(source, f"$.search.{key}",
+                                f"$.search.drnas.progressive sets its own partial channels and prunes ops between "
+                                f"stages, which {what} cannot follow; drop search.{key} or progressive"))
+    stages = len(options.stage_partial_channels)
+    operations = len(spec.search_space.operations)
+    keeps = options.stage_keep_ops
+    if len(keeps) != stages - 1:
+        problems.append(Problem(source, "$.search.drnas.stage_keep_ops",
+                                f"expected {stages - 1} entries (the ops each edge keeps entering each stage after "
+                                f"the first of $.search.drnas.stage_partial_channels' {stages}), got {len(keeps)}"))
+    for i, keep in enumerate(keeps):
+        limit = operations if i == 0 else keeps[i - 1]
+        if keep > limit:
+            problems.append(Problem(source, f"$.search.drnas.stage_keep_ops[{i}]",
+                                    f"expected at most {limit} (the ops an edge has before this pruning), got "
+                                    f"{keep}"))
+    channels = spec.search_space.network.init_channels
+    for i, k in enumerate(options.stage_partial_channels):
+        if channels % k:
+            problems.append(Problem(source, f"$.search.drnas.stage_partial_channels[{i}]",
+                                    f"{k} does not divide $.search_space.network.init_channels {channels}: the "
+                                    f"ops of an edge take the first C/{k} of its C channels; expected a divisor "
+                                    f"of {channels}"))
+    epochs = spec.search.epochs
+    if options.stage_epochs is None:
+        if epochs < stages:
+            problems.append(Problem(source, "$.search.epochs",
+                                    f"DrNAS' progressive search splits the epochs over its {stages} stages; "
+                                    f"expected at least {stages}, got {epochs}"))
+    elif len(options.stage_epochs) != stages or sum(options.stage_epochs) != epochs:
+        problems.append(Problem(source, "$.search.drnas.stage_epochs",
+                                f"expected {stages} entries (one per stage of $.search.drnas.stage_partial_channels) "
+                                f"summing to $.search.epochs {epochs}, got {list(options.stage_epochs)}"))
     return problems
 
 

@@ -37,6 +37,9 @@ class SearchMethod:
     E. partial channels, edge weights       all channels, no edge weights
        (``partial_channels``,
        ``edge_normalization``)
+    E+F. stages (``stages``, ``stage``,     one stage: one supernet throughout
+       ``stage_partial_channels``,
+       ``kept_ops``)
     F. frozen architecture (``arch_frozen``) never
     C. perturbed weight step                 no (``perturbs_weight_step = False``,
        (``perturbs_weight_step``,             ``harmonizes_cells = False``)
@@ -74,6 +77,9 @@ class SearchMethod:
     partial = None
     # DARTS-PT's perturbation-based selection after the search (``darts_pt.PerturbationSelection``), or None.
     selection = None
+    # A search in stages (DrNAS' progressive search): K of each stage's partial channels, or None (one stage).
+    stage_partial_channels = None
+    stages = 1
 
     @property
     def partial_channels(self):
@@ -84,6 +90,14 @@ class SearchMethod:
     def edge_normalization(self):
         """Whether a weight per edge, softmaxed over each node's inputs, scales the edge (PC-DARTS)."""
         return self.partial is not None
+
+    def stage(self, epoch):
+        """The 0-based stage of 0-based ``epoch`` (epochs after the last stage stay in it)."""
+        return 0
+
+    def kept_ops(self, stage):
+        """How many ops each edge keeps entering 0-based ``stage`` (``stage`` >= 1)."""
+        raise ValueError(f"{self.name} searches in one stage. Received: stage={stage}")
 
     def arch_frozen(self, epoch):
         """Whether the architecture step is left out during 0-based ``epoch`` (PC-DARTS' warm-up)."""

@@ -631,6 +631,118 @@ def test_drnas_derivation_ranks_none_like_any_op_and_drops_the_edges_it_wins():
     assert excluded.nodes[0] == (Edge("sep_conv_3x3", 1), Edge("sep_conv_3x3", 0))
 
 
+# -- DrNAS' progressive search --------------------------------------------------------------
+def test_drnas_progressive_stages_split_the_epochs_and_freeze_the_alphas_at_the_start_of_each():
+    official = Drnas({"progressive": True}, epochs=50)  # two stages of 25, alphas frozen while epoch % 25 < 10
+    assert official.options["stage_epochs"] == [25, 25] and official.stage_partial_channels == (6, 4)
+    assert [official.stage(e) for e in (0, 24, 25, 49)] == [0, 0, 1, 1]
+    assert [e for e in range(50) if official.arch_frozen(e)] == list(range(10)) + list(range(25, 35))
+    assert official.kept_ops(1) == 4
+    uneven = Drnas({"progressive": True, "stage_partial_channels": [4, 2, 1], "stage_keep_ops": [5, 3],
+                    "stage_warmup_epochs": 1}, epochs=11)
+    assert uneven.options["stage_epochs"] == [3, 3, 5]  # the remainder to the last stage
+    assert [uneven.stage(e) for e in range(11)] == [0] * 3 + [1] * 3 + [2] * 5
+    assert [e for e in range(11) if uneven.arch_frozen(e)] == [0, 3, 6]
+    given = Drnas({"progressive": True, "stage_epochs": [2, 7], "stage_warmup_epochs": 0}, epochs=9)
+    assert [given.stage(e) for e in range(9)] == [0, 0] + [1] * 7 and not any(map(given.arch_frozen, range(9)))
+    assert Drnas().stages == 1 and Drnas().stage_partial_channels is None and not Drnas().arch_frozen(0)
+
+
+def test_drnas_prune_keeps_each_rows_largest_searched_alphas_and_zeroes_the_others():
+    from keras_darts.compiler.methods.drnas import prune
+
+    alpha = np.array([[0.3, -0.2, 0.5, 0.1],
+                      [0.2, 0.2, 0.1, -1.0]])  # a tie: the earlier op wins
+    pruned, mask = prune(alpha, None, 2)
+    np.testing.assert_array_equal(mask, [[1, 0, 1, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(pruned, [[0.3, 0.0, 0.5, 0.0], [0.2, 0.2, 0.0, 0.0]])
+    # A pruned alpha that grew since (the optimiser's moments move it on) does not come back.
+    drifted = pruned + np.array([[0.0, 0.9, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    again, mask = prune(drifted, mask, 1)
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(again, [[0.0, 0.0, 0.5, 0.0], [0.2, 0.0, 0.0, 0.0]])
+
+
+def progressive_supernet(keep=2, partial=(3, 2)):
+    document = tiny_spec_document(operations=OPS)
+    document["search_space"]["network"]["init_channels"] = 12
+    document["search"].update(method="drnas", epochs=2, drnas={
+        "progressive": True, "stage_partial_channels": list(partial), "stage_keep_ops": [keep]})
+    keras.utils.set_random_seed(0)
+    return kd.build_supernet(kd.load_spec(document), seed=0)
+
+
+def test_drnas_widening_appends_copies_of_random_channels_coupled_through_each_separable_conv():
+    model = progressive_supernet()
+    rng = np.random.default_rng(5)
+    momentum = {id(v): tf.Variable(rng.normal(size=v.shape), dtype=v.dtype) for v in model.weight_variables}
+    pairs = [(narrow, wide) for cell in model.cells for mixed in cell.mixed_ops
+             for narrow, wide in zip(*mixed.stage_candidates) if narrow.trainable_weights]
+    before = [([v.numpy() for v in n.trainable_weights], [momentum[id(v)].numpy() for v in n.trainable_weights])
+              for n, _ in pairs]
+    model.enter_stage(1, momentum)
+    checked = set()
+    for (narrow, wide), (values, buffers) in zip(pairs, before):
+        c = values[0].shape[2]  # an op's channels: C/3 of its edge's C
+        assert wide.trainable_weights[0].shape[2] == c * 3 // 2
+        copied = {}
+        for name, value, buffer, variable in zip([v.name for v in wide.trainable_weights], values, buffers,
+                                                 wide.trainable_weights):
+            grown = variable.numpy()
+            widened = momentum[id(variable)].numpy()
+            np.testing.assert_array_equal(grown[tuple(slice(0, n) for n in value.shape)], value)
+            np.testing.assert_array_equal(widened[tuple(slice(0, n) for n in value.shape)], buffer)
+            # Each appended input channel repeats one of the narrow kernel's, found by its values;
+            # the momentum repeats the same one.
+            for axis in (2, 3) if name.startswith("pointwise") else (2,):
+                sources = []
+                for j in range(value.shape[axis], grown.shape[axis]):
+                    column = np.take(grown, j, axis=axis)
+                    [source] = [i for i in range(value.shape[axis])
+                                if np.array_equal(np.take(grown, i, axis=axis), column)]
+                    np.testing.assert_array_equal(np.take(widened, j, axis=axis), np.take(widened, source, axis=axis))
+                    sources.append(source)
+                copied[(name, axis)] = sources
+        # The pointwise conv after a depthwise one takes the channels the depthwise one copied.
+        for depthwise, pointwise in (("depthwise_1", "pointwise_1"), ("depthwise_2", "pointwise_2")):
+            if (depthwise, 2) in copied:
+                assert copied[(pointwise, 2)] == copied[(depthwise, 2)]
+                checked.add(type(wide).__name__)
+    assert checked == {"SepConv"}
+
+
+def test_drnas_second_stage_computes_only_the_kept_ops_on_renormalised_dirichlet_weights():
+    model = progressive_supernet(keep=2)
+    alpha = np.array([[0.1, 0.9, -0.3, 0.6]] * 5)  # avg_pool_3x3 and sep_conv_3x3 kept on every edge
+    model.alphas["normal"].assign(alpha)
+    model.enter_stage(1)
+    np.testing.assert_array_equal(model.kept_masks["normal"].numpy(), [[0, 1, 0, 1]] * 5)
+    np.testing.assert_array_equal(model.alphas["normal"].numpy(), np.float32([[0.0, 0.9, 0.0, 0.6]] * 5))
+    normal = [cell for cell in model.cells if not cell.reduction][0]
+    assert all(op.active == [1, 3] and op.partial_channels == 2 for op in normal.mixed_ops)
+    # The Dirichlet of the kept ops: Dir(c) restricted to them and renormalised is Dir(c_kept).
+    draws = []
+    for step in range(400):
+        model.set_noise(tf.constant(step))
+        draws.append(model.arch_probabilities()["normal"].numpy())
+    draws = np.stack(draws)
+    assert np.all(draws[..., [0, 2]] == 0.0)
+    np.testing.assert_allclose(draws.sum(axis=-1), 1.0, rtol=1e-6)
+    c = np.array([1.9, 1.6])  # elu(a) + 1 of the kept alphas
+    samples = draws[..., [1, 3]].reshape(-1, 2)
+    assert np.all(np.abs(samples.mean(axis=0) - c / c.sum()) < 4 * samples.std(axis=0) / np.sqrt(len(samples)))
+    # A pruned op's weights change nothing; a kept op's do.
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 8, 8, 1)), tf.float32)
+    mixing = {t: tf.constant(np.full((5, 4), 0.25), tf.float32) for t in model.alphas}
+    reference = model(x, mixing=mixing).numpy()
+    edge = normal.mixed_ops[0]
+    for index, changes in ((0, False), (2, False), (3, True)):
+        for variable in edge.candidates[index].trainable_weights:
+            variable.assign(variable.numpy() + 1.0)
+        assert (not np.allclose(model(x, mixing=mixing).numpy(), reference)) == changes
+        reference = model(x, mixing=mixing).numpy()
+
+
 def test_drnas_searches_first_order_by_default():
     document = tiny_spec_document()
     del document["search"]["order"]

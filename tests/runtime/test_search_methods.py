@@ -320,8 +320,9 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
                               diagnostics={"hessian_eigenvalue": False})
     if "pc_darts" in (method, partial):  # C = 4: two partial channels; one warm-up epoch of the two
         document["search"]["pc_darts"] = {"partial_channels": 2, "warmup_epochs": 1}
-    if method == "drnas":
-        document["search"]["drnas"] = {"regularization": "kl"}
+    if method == "drnas":  # the official progressive search: stage 2 on all C channels, 3 of the 5 ops per edge
+        document["search"]["drnas"] = {"regularization": "kl", "progressive": True, "stage_partial_channels": [2, 1],
+                                       "stage_keep_ops": [3], "stage_warmup_epochs": 0}
     if method == "darts_pt":  # one tuning epoch between selection steps: 5 edges, 1 node, 6 epochs
         document["search"]["darts_pt"] = {"tune_epochs": 1}
     spec = tmp_path / "spec.yaml"
@@ -344,6 +345,19 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
         return
     if method == "drnas":  # the KL regulariser's value is recorded each epoch, positive
         assert all(r["alpha_loss"] > 0 for r in history)
+        assert any(r.getMessage() == "stage 2 of the search from epoch 2: 3 ops kept per edge, ops on C/1 channels"
+                   for r in caplog.records)
+        assert derived.origin["method"]["stage_epochs"] == [1, 1]
+        operations = document["search_space"]["operations"]
+        edges = [(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
+        for cell_type, kept in derived.origin["kept_ops"].items():
+            assert [sum(row) for row in kept] == [3] * 5
+            # The second epoch's op weights are the kept ops' alone, and the derived cell uses only them.
+            weights = np.array(history[1]["alpha_softmax"][cell_type])
+            np.testing.assert_array_equal(weights == 0, np.array(kept) == 0)
+            for target, node in zip((2, 3), derived.cells[cell_type].nodes):
+                for e in node:
+                    assert kept[edges.index((e.input, target))][operations.index(e.op)] == 1
         return
     if "pc_darts" in (method, partial):  # no architecture step in the warm-up epoch; the edge weights are recorded
         assert "arch_loss" not in history[0] and "arch_loss" in history[1]
@@ -440,6 +454,40 @@ def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most
     np.testing.assert_array_equal(state["chosen"].numpy(), expected)
     np.testing.assert_array_equal(state["fixed"].numpy(), np.eye(5)[row])
     assert not model.projection["reduce"]["fixed"].numpy().any()
+
+
+def test_a_progressive_drnas_search_interrupted_in_its_second_stage_resumes_to_the_uninterrupted_result(tmp_path):
+    from keras_darts.runtime.workflow import search
+
+    document = tiny_spec_document(operations=OPS)
+    document["search"].update(method="drnas", order="first", epochs=3, steps_per_epoch=2, deterministic=True,
+                              diagnostics={"hessian_eigenvalue": False},
+                              drnas={"progressive": True, "stage_partial_channels": [2, 1], "stage_keep_ops": [2],
+                                     "stage_epochs": [1, 2], "stage_warmup_epochs": 0})
+    document["retrain"]["enabled"] = False
+    spec = kd.load_spec(document)
+    whole = search(spec, run_dir=str(tmp_path / "whole"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_3(record):
+        if record["epoch"] == 3:  # before its checkpoint: the run resumes from epoch 2's, inside stage 2
+            raise Stop
+
+    with pytest.raises(Stop):
+        search(spec, run_dir=str(tmp_path / "parts"), on_epoch=stop_after_epoch_3)
+    resumed = search(spec, run_dir=str(tmp_path / "parts"))
+    assert resumed.model.stage == 1
+    assert {**resumed.history[2], "seconds": 0} == {**whole.history[2], "seconds": 0}
+    assert resumed.derived.to_document() == whole.derived.to_document()
+    for cell_type, alpha in whole.alphas.items():
+        np.testing.assert_array_equal(resumed.alphas[cell_type], alpha)
+        np.testing.assert_array_equal(resumed.model.kept_masks[cell_type].numpy(),
+                                      whole.model.kept_masks[cell_type].numpy())
+    # The second stage's ops went on from the widened weights: equal to the uninterrupted run's.
+    for a, b in zip(resumed.model.weight_variables, whole.model.weight_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_a_darts_pt_search_interrupted_in_its_tuning_resumes_to_the_uninterrupted_result(tmp_path):

@@ -131,6 +131,33 @@ CORPUS = [
      "$.search.darts_pt.criterion", "expected one of 'accuracy', 'loss'; got 'acc'"),
     ("DARTS-PT measuring no examples", GOOD + "search: {method: darts_pt, darts_pt: {measure_examples: 0}}\n",
      "$.search.darts_pt.measure_examples", "expected null or a positive integer, got integer 0"),
+    ("DrNAS stage options without the progressive search",
+     GOOD + "search: {method: drnas, drnas: {stage_keep_ops: [2]}}\n", "$.search.drnas.stage_keep_ops",
+     "applies to DrNAS' progressive search, but $.search.drnas.progressive is false; set progressive: true or "
+     "drop stage_keep_ops"),
+    ("DrNAS' progressive search under PC-DARTS' partial channels",
+     GOOD + "search: {method: drnas, pc_darts: {partial_channels: 2}, drnas: {progressive: true, "
+            "stage_partial_channels: [2, 1], stage_keep_ops: [2]}}\n", "$.search.pc_darts",
+     "$.search.drnas.progressive sets its own partial channels and prunes ops between stages, which PC-DARTS' "
+     "partial channels and edge weights cannot follow; drop search.pc_darts or progressive"),
+    ("DrNAS keeping more ops than it has", GOOD + "search: {method: drnas, drnas: {progressive: true, "
+     "stage_partial_channels: [2, 1], stage_keep_ops: [4]}}\n", "$.search.drnas.stage_keep_ops[0]",
+     "expected at most 3 (the ops an edge has before this pruning), got 4"),
+    ("DrNAS keep counts for the wrong number of stages", GOOD + "search: {method: drnas, drnas: {progressive: true, "
+     "stage_partial_channels: [2, 1], stage_keep_ops: [2, 1]}}\n", "$.search.drnas.stage_keep_ops",
+     "expected 1 entries (the ops each edge keeps entering each stage after the first of "
+     "$.search.drnas.stage_partial_channels' 2), got 2"),
+    ("DrNAS' default partial channels on 4 channels", GOOD + "search: {method: drnas, drnas: {progressive: true, "
+     "stage_keep_ops: [2]}}\n", "$.search.drnas.stage_partial_channels[0]",
+     "6 does not divide $.search_space.network.init_channels 4: the ops of an edge take the first C/6 of its C "
+     "channels; expected a divisor of 4"),
+    ("DrNAS stage epochs not summing to the search's", GOOD + "search: {method: drnas, epochs: 4, drnas: "
+     "{progressive: true, stage_partial_channels: [2, 1], stage_keep_ops: [2], stage_epochs: [1, 2]}}\n",
+     "$.search.drnas.stage_epochs",
+     "expected 2 entries (one per stage of $.search.drnas.stage_partial_channels) summing to $.search.epochs 4, "
+     "got [1, 2]"),
+    ("DrNAS with one stage", GOOD + "search: {method: drnas, drnas: {progressive: true, "
+     "stage_partial_channels: [2]}}\n", "$.search.drnas.stage_partial_channels", "expected"),
     ("partial channels under GDAS", GOOD + "search: {method: gdas, pc_darts: {partial_channels: 2}}\n",
      "$.search.pc_darts", "PC-DARTS' partial channels cannot carry $.search.method gdas, which computes only the "
      "sampled op of each edge already"),
