@@ -75,7 +75,12 @@ REFERENCE = {
 # FairDARTS' op set has no 'none' (its validator refuses one): the seven other DARTS ops.
 METHOD_OPERATIONS = {"fair_darts": ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
                                     "dil_conv_3x3", "dil_conv_5x5"]}
-FIRST_ORDER_ONLY = ("snas", "gdas")
+FIRST_ORDER_ONLY = ("snas", "gdas", "drnas_stage_1", "drnas_stage_2")
+# DrNAS' progressive search, each stage's iteration: ``--methods drnas_progressive`` measures both. The
+# official K 6 then 4 divides neither config's 8 or 16 channels, so the benchmark runs K 4 then 2 with the
+# official 4 ops kept per edge; stage 2 is entered as a search enters it (prune, widen) from the start.
+PROGRESSIVE = {"drnas_stage_1": 0, "drnas_stage_2": 1}
+PROGRESSIVE_OPTIONS = {"progressive": True, "stage_partial_channels": [4, 2], "stage_keep_ops": [4]}
 # ``--grappler`` values and what ``compiled_iteration`` takes for them.
 GRAPPLER_FLAGS = {"auto": None, "on": True, "off": False}
 GRAPPLER_NAMES = {None: "auto", True: "on", False: "off"}
@@ -258,10 +263,13 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         if paired_grappler and mode in STEP_MODES:
             result.update(grappler_ratio(function, call, call_with, iterations))
         return result
+    stage = PROGRESSIVE.get(method)
+    method_options = {"method": "drnas", "drnas": PROGRESSIVE_OPTIONS} if stage is not None else (
+        {"method": method} if method else {})
     spec = conv_spec(config, METHOD_OPERATIONS.get(method), search={
         **options, "order": "first" if mode == "first_order" else "second",
         "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference",
-        "precision": precision, **({"method": method} if method else {})}, distribute={"batch_norm": batch_norm})
+        "precision": precision, **method_options}, distribute={"batch_norm": batch_norm})
     if mode == "second_order_exact":
         # As a search does: exact mode over max and average pooling runs one kernel at a time.
         from keras_darts.runtime.determinism import serialize_kernels_if_needed
@@ -289,6 +297,10 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra, "method": "darts_pt",
                 "measurements": count}
     bilevel = build_search(spec, strategy=strategy)
+    if stage:  # the second stage: pruned to the 4 largest (seeded, initial) alphas per edge and widened
+        optimizer = bilevel.weights_optimizer
+        bilevel.model.enter_stage(stage, dict(zip(map(id, optimizer.variables_list), optimizer.momentum_buffers)))
+        bilevel.compile_passes()
     lr = tf.constant(0.025, tf.float32)
     arch_lr = tf.constant(3e-4, tf.float32)
     model = bilevel.model
@@ -427,14 +439,14 @@ def estimate_config(config_name, options=None):
 
 def print_methods(results):
     """Each method's time per iteration, first call and peak memory beside plain DARTS' in the same mode."""
-    print(f"\n{'config':7s} {'mode':18s} {'method':12s} {'s/iter':>8s} {'x darts':>8s} {'first call':>10s} "
+    print(f"\n{'config':7s} {'mode':18s} {'method':13s} {'s/iter':>8s} {'x darts':>8s} {'first call':>10s} "
           f"{'peak GiB':>8s} {'x darts':>8s}")
     for row in results:
         darts = next((r for r in results if r["config"] == row["config"] and r["mode"] == row["mode"]
                       and r.get("method") == "darts"), None)
         time_ratio = f"{row['median_seconds'] / darts['median_seconds']:8.2f}" if darts else f"{'-':>8s}"
         memory_ratio = f"{row['peak_rss_gib'] / darts['peak_rss_gib']:8.2f}" if darts else f"{'-':>8s}"
-        print(f"{row['config']:7s} {row['mode']:18s} {row.get('method', 'darts'):12s} {row['median_seconds']:8.3f} "
+        print(f"{row['config']:7s} {row['mode']:18s} {row.get('method', 'darts'):13s} {row['median_seconds']:8.3f} "
               f"{time_ratio} {row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {memory_ratio}")
 
 
@@ -518,9 +530,10 @@ def main():
     parser.add_argument("--paired", action="store_true",
                         help="also time each iteration alternately with a forward+backward in the same process and "
                              "report the median ratio of the pairs (robust to the machine's drift)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "drnas_progressive"],
                         help="measure the search modes under each of these search methods (darts added), beside "
-                             "plain DARTS (first-order-only methods skip second order)")
+                             "plain DARTS (first-order-only methods skip second order); drnas_progressive: each "
+                             "stage of DrNAS' progressive search")
     parser.add_argument("--grappler", nargs="+", default=["auto"], choices=list(GRAPPLER_FLAGS),
                         help="TensorFlow's graph optimiser for the search steps: auto (off on CPUs only, as a short search "
                              "runs), on, off; several values measure each search configuration under each")
@@ -553,7 +566,8 @@ def main():
             for r in (args.replicas or [None])]
     methods = [None]
     if args.methods:
-        methods = ["darts"] + [m for m in args.methods if m != "darts"]
+        methods = ["darts"] + [stage for m in args.methods if m != "darts"
+                               for stage in (PROGRESSIVE if m == "drnas_progressive" else [m])]
         runs = [(c, m, b, r) for c, m, b, r in runs
                 if c != "RNN" and m in ("first_order", "second_order_fd", "second_order_exact")]
     runs = [(*run, method) for run in runs for method in methods
