@@ -221,6 +221,7 @@ class ExpectedLatency:
         plan = plan_for(spec)
         factors = edge_factors(plan, spec)
         self.method = model.method
+        self.model = model
         self.fixed = plan.fixed_cost(table["entries"])
         self.costs = {t: factors * c for t, c in plan.edge_costs(table["entries"]).items()}
         self.positions = [next(i for i, v in enumerate(model.arch_variables) if v is model.alphas[t])
@@ -231,6 +232,9 @@ class ExpectedLatency:
         total = tf.constant(self.fixed, dtype)
         for cell_type, position in zip(CELL_TYPES, self.positions):
             weights = self.method.mix(alphas[position])
+            if getattr(self.model, "stage", 0) > 0:  # DrNAS' progressive search: the kept ops' share alone
+                kept = weights * tf.cast(self.model.kept_masks[cell_type], weights.dtype)
+                weights = kept / tf.reduce_sum(kept, axis=-1, keepdims=True)
             total += tf.reduce_sum(tf.cast(weights, dtype) * tf.constant(self.costs[cell_type], dtype))
         return total
 

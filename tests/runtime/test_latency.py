@@ -17,9 +17,10 @@ from tests.conftest import tiny_spec_document
 OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3")
 
 
-def latency_spec(**latency_options):
+def latency_spec(search=None, **latency_options):
     document = tiny_spec_document()
     document["search"]["latency"] = {"target_ms": 2.0, **latency_options}
+    document["search"].update(search or {})
     return kd.load_spec(document)
 
 
@@ -56,14 +57,14 @@ def random_table(seed=0):
     return {k: float(rng.uniform(0.01, 0.5)) for k in sorted(keys)}
 
 
-def numpy_expected(alphas, table, survival=True):
+def numpy_expected(alphas, table, survival=True, weigh=None):
     """fixed + sum over cells, edges and ops of s_e softmax(alpha)[e, op] LUT[key], with the hand keys."""
     fixed, layout = hand_keys()
     total = sum(table[k] for k in fixed)
     edges = [(i, j) for j in (2, 3) for i in range(j)]
     for cell_type, cell in layout:
         a = alphas[cell_type]
-        weights = np.exp(a - a.max(axis=1, keepdims=True))
+        weights = np.exp(a - a.max(axis=1, keepdims=True)) if weigh is None else weigh(cell_type, a)
         weights /= weights.sum(axis=1, keepdims=True)
         for row, (source, node) in enumerate(edges):
             factor = min(1.0, 2 / node) if survival else 1.0
@@ -103,6 +104,26 @@ def test_expected_latency_matches_an_independent_computation_under_both_edge_rul
         got = latency.ExpectedLatency(model, spec, table)([tf.convert_to_tensor(v) for v in model.arch_variables])
         np.testing.assert_allclose(float(got), numpy_expected(values, table["entries"], edges == "survival"),
                                    rtol=1e-5)
+
+
+def test_expected_latency_of_drnas_second_stage_weighs_only_the_kept_ops_by_their_dirichlet_mean():
+    table = {"entries": random_table()}
+    spec = latency_spec(search={"method": "drnas", "order": "first", "drnas": {
+        "progressive": True, "stage_partial_channels": [1, 1], "stage_keep_ops": [2]}})
+    model = kd.build_supernet(spec, seed=0)
+    rng = np.random.default_rng(4)
+    for t in ("normal", "reduce"):
+        model.alphas[t].assign(rng.normal(0, 1, (5, len(OPS))))
+    model.enter_stage(1)
+    values = {t: model.alphas[t].numpy().astype(np.float64) for t in ("normal", "reduce")}
+    masks = {t: model.kept_masks[t].numpy() for t in values}
+    assert all(m.sum(axis=1).tolist() == [2] * 5 for m in masks.values())
+
+    def kept_mean(cell_type, a):  # the Dirichlet's mean over the kept ops: (elu(a) + 1) / its sum, by hand
+        return np.where(a > 0, a + 1, np.exp(a)) * masks[cell_type]
+
+    got = latency.ExpectedLatency(model, spec, table)([tf.convert_to_tensor(v) for v in model.arch_variables])
+    np.testing.assert_allclose(float(got), numpy_expected(values, table["entries"], weigh=kept_mean), rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["mul_log", "add_linear"])
