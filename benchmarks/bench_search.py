@@ -298,9 +298,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
                 "measurements": count}
     bilevel = build_search(spec, strategy=strategy)
     if stage:  # the second stage: pruned to the 4 largest (seeded, initial) alphas per edge and widened
-        optimizer = bilevel.weights_optimizer
-        bilevel.model.enter_stage(stage, dict(zip(map(id, optimizer.variables_list), optimizer.momentum_buffers)))
-        bilevel.compile_passes()
+        bilevel.enter_stage(stage)
     lr = tf.constant(0.025, tf.float32)
     arch_lr = tf.constant(3e-4, tf.float32)
     model = bilevel.model

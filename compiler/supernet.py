@@ -190,12 +190,15 @@ class Supernet(MethodSupernet, keras.Model):
             return dict(mixing)
         if mixing == "given":
             return self.projected_matrices(dict(self.alphas))
-        matrices = {t: self.mix_alphas(self.alphas[t], stream=i) for i, t in enumerate(CELL_TYPES)}
-        if self.stage > 0:  # the kept ops' share of the mixing, renormalised (DrNAS' progressive search)
-            for t, m in matrices.items():
-                kept = m * ops.cast(self.kept_masks[t], m.dtype)
-                matrices[t] = kept / ops.sum(kept, axis=-1, keepdims=True)
-        return self.projected_matrices(matrices)
+        return self.projected_matrices({t: self.kept_share(t, self.mix_alphas(self.alphas[t], stream=i))
+                                        for i, t in enumerate(CELL_TYPES)})
+
+    def kept_share(self, cell_type, weights):
+        """Op ``weights`` of ``cell_type`` restricted to the ops a staged search still searches, renormalised."""
+        if self.stage == 0:
+            return weights
+        kept = weights * ops.cast(self.kept_masks[cell_type], weights.dtype)
+        return kept / ops.sum(kept, axis=-1, keepdims=True)
 
     def normalized_edge_betas(self):
         """PC-DARTS' edge weights: per node, the softmax of the betas of its incoming edges (edges x 1)."""

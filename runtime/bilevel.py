@@ -105,6 +105,13 @@ class Bilevel:
             raise ValueError("reuse_virtual_gradient needs a virtual step that takes the weight step's own gradient.")
         self.compile_passes()
 
+    def enter_stage(self, stage):
+        """Move a supernet searched in stages (``Supernet.enter_stage``) into ``stage``, the weights' momentum
+        widened with them, and rebuild the compiled passes for it."""
+        optimizer = self.weights_optimizer
+        self.model.enter_stage(stage, {id(v): m for v, m in zip(optimizer.variables_list, optimizer.momentum_buffers)})
+        self.compile_passes()
+
     def compile_passes(self):
         """(Re)build the compiled passes; they trace on first use (again after the model's stage changes)."""
         model, strategy, precision = self.model, self.strategy, self.precision

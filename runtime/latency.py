@@ -231,10 +231,7 @@ class ExpectedLatency:
         dtype = alphas[0].dtype
         total = tf.constant(self.fixed, dtype)
         for cell_type, position in zip(CELL_TYPES, self.positions):
-            weights = self.method.mix(alphas[position])
-            if getattr(self.model, "stage", 0) > 0:  # DrNAS' progressive search: the kept ops' share alone
-                kept = weights * tf.cast(self.model.kept_masks[cell_type], weights.dtype)
-                weights = kept / tf.reduce_sum(kept, axis=-1, keepdims=True)
+            weights = self.model.kept_share(cell_type, self.method.mix(alphas[position]))  # DrNAS' stages
             total += tf.reduce_sum(tf.cast(weights, dtype) * tf.constant(self.costs[cell_type], dtype))
         return total
 

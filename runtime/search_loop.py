@@ -175,10 +175,11 @@ class ImageSearchTask:
     def derive(self, alphas, origin):
         model = self.bilevel.model
         if model.method.stages > 1:
-            model.sync_stage()
-        if model.method.stages > 1 and model.stage > 0:  # a search in stages: the pruned ops take no part
-            origin = {**origin, "kept_ops": {t: model.kept_masks[t].numpy().astype(int).tolist() for t in alphas}}
-            alphas = model.searched_alphas(alphas)
+            model.sync_stage()  # the stage its weights hold, also when no epoch ran since a resume
+            if model.stage > 0:  # a search in stages: the pruned ops take no part
+                origin = {**origin, "kept_ops": {t: model.kept_masks[t].numpy().astype(int).tolist()
+                                                 for t in alphas}}
+                alphas = model.searched_alphas(alphas)
         betas = {t: v.numpy() for t, v in getattr(model, "edge_betas", {}).items()}
         if betas:  # PC-DARTS' edge weights take part in the derivation: record them too
             origin = {**origin, "edge_weights": {t: b.tolist() for t, b in betas.items()}}
@@ -270,9 +271,7 @@ class SearchSteps:
             return
         changed = model.sync_stage()
         while model.stage < model.method.stage(epoch):
-            optimizer = self.bilevel.weights_optimizer
-            model.enter_stage(model.stage + 1, {id(v): m for v, m in zip(optimizer.variables_list,
-                                                                         optimizer.momentum_buffers)})
+            self.bilevel.enter_stage(model.stage + 1)
             log.info("stage %d of the search from epoch %d: %d ops kept per edge, ops on C/%d channels",
                      model.stage + 1, epoch + 1, model.method.kept_ops(model.stage),
                      model.method.stage_partial_channels[model.stage])

@@ -456,6 +456,21 @@ def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most
     assert not model.projection["reduce"]["fixed"].numpy().any()
 
 
+def search_stopped_after_epoch(spec, run_dir, epoch):
+    """Search ``spec`` in ``run_dir``, interrupted once ``epoch``'s record is made, before its checkpoint."""
+    from keras_darts.runtime.workflow import search
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        if record["epoch"] == epoch:
+            raise Stop
+
+    with pytest.raises(Stop):
+        search(spec, run_dir=str(run_dir), on_epoch=stop)
+
+
 def test_a_progressive_drnas_search_interrupted_in_its_second_stage_resumes_to_the_uninterrupted_result(tmp_path):
     from keras_darts.runtime.workflow import search
 
@@ -467,16 +482,8 @@ def test_a_progressive_drnas_search_interrupted_in_its_second_stage_resumes_to_t
     document["retrain"]["enabled"] = False
     spec = kd.load_spec(document)
     whole = search(spec, run_dir=str(tmp_path / "whole"))
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_epoch_3(record):
-        if record["epoch"] == 3:  # before its checkpoint: the run resumes from epoch 2's, inside stage 2
-            raise Stop
-
-    with pytest.raises(Stop):
-        search(spec, run_dir=str(tmp_path / "parts"), on_epoch=stop_after_epoch_3)
+    # Stopped before epoch 3's checkpoint: the run resumes from epoch 2's, inside stage 2.
+    search_stopped_after_epoch(spec, tmp_path / "parts", 3)
     resumed = search(spec, run_dir=str(tmp_path / "parts"))
     assert resumed.model.stage == 1
     assert {**resumed.history[2], "seconds": 0} == {**whole.history[2], "seconds": 0}
@@ -499,19 +506,10 @@ def test_a_darts_pt_search_interrupted_in_its_tuning_resumes_to_the_uninterrupte
     document["retrain"]["enabled"] = False
     spec = kd.load_spec(document)
     whole = search(spec, run_dir=str(tmp_path / "whole"))
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_epoch_3(record):
-        # After the second selection step and its tuning epoch, before that epoch's checkpoint
-        # (written after every other callback): the run resumes from the checkpoint of epoch 2 and
-        # takes the second selection step again.
-        if record["epoch"] == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        search(spec, run_dir=str(tmp_path / "parts"), on_epoch=stop_after_epoch_3)
+    # After the second selection step and its tuning epoch, before that epoch's checkpoint (written
+    # after every other callback): the run resumes from the checkpoint of epoch 2 and takes the
+    # second selection step again.
+    search_stopped_after_epoch(spec, tmp_path / "parts", 3)
     first = yaml.safe_load((tmp_path / "parts" / "search" / "history.json").read_text())
     assert len(first) == 3
     resumed = search(spec, run_dir=str(tmp_path / "parts"))
