@@ -51,7 +51,7 @@ from keras_darts.compiler.methods import clip_to_simplex, harmonizing_directions
 from keras_darts.compiler.ops import replica_batch_statistics
 
 from .distribution import cross_replica_mean, replica_slices
-from .graph_build import StepFunction
+from .graph_build import StepFunction, built_as_the_process_runs
 from .objectives import ImageClassification
 from .optimizers import clip_by_global_norm, clip_coefficient, scalar
 from .precision import computing_in, loss_scale_for
@@ -159,6 +159,9 @@ class Bilevel:
             self.float32_alpha_gradients_at if strategy is None
             else tf.function(self._float32_alpha_gradients_at, input_signature=signature, autograph=False)
         )
+        # Called on their own, outside the iteration: their first calls log their builds.
+        self.evaluation_step = built_as_the_process_runs(self.loss_at, "evaluation step")
+        self.eigenvalue_pass = built_as_the_process_runs(self.eval_alpha_gradients_at, "eigenvalue pass")
 
     # -- passes on substituted values -------------------------------------------
     def forward(self, weights, alphas, **call_options):
@@ -626,10 +629,10 @@ class Bilevel:
             if norm == 0.0:
                 return 0.0
             vector = [v / norm for v in vector]
-            plus = self.eval_alpha_gradients_at(
+            plus = self.eigenvalue_pass(
                 weights, [tf.constant(a + radius * v, dt.dtype) for a, v, dt in zip(alphas, vector, self.arch_vars)],
                 self._pass(batch, PASS_VALIDATION))[2]
-            minus = self.eval_alpha_gradients_at(
+            minus = self.eigenvalue_pass(
                 weights, [tf.constant(a - radius * v, dt.dtype) for a, v, dt in zip(alphas, vector, self.arch_vars)],
                 self._pass(batch, PASS_VALIDATION))[2]
             product = [(p.numpy().astype("float64") - m.numpy().astype("float64")) / (2 * radius)
@@ -640,6 +643,6 @@ class Bilevel:
 
     def evaluate_batch(self, batch):
         """``(summed loss, summed metric, count, end state)`` of one batch in evaluation mode."""
-        loss, metric, state = self.loss_at(self.current_weights(), self.current_alphas(), batch)
+        loss, metric, state = self.evaluation_step(self.current_weights(), self.current_alphas(), batch)
         count = self.objective.count(batch)
         return loss * count, metric * count, count, state

@@ -34,7 +34,11 @@ for other options, so a step must always be called under the same setting,
 which ``StepFunction`` guarantees.
 
 ``StepFunction`` also measures the build: the tracing, then the first call
-(optimisation, executor construction and one iteration), and logs both.
+(optimisation, executor construction and one iteration), and logs both. Every
+step function a search or retraining calls is one, so its log holds the build
+of each: the search step (and the warm-up step of a search that has one), the
+evaluation step, the eigenvalue pass, DARTS-PT's measurement step, and the
+retraining and test steps; these others run under the process's own setting.
 
 Every ``tf.function`` of the runtime (search steps and their passes,
 retraining and evaluation steps, the exported serving functions) is traced
@@ -84,10 +88,23 @@ def resolve_graph_optimizer(setting, current, iterations, replicas=1):
     return accelerated() or replicas > 1 or iterations > SHORT_SEARCH_ITERATIONS
 
 
+def meta_optimizer_disabled():
+    """Whether TensorFlow's graph optimiser is switched off for this process (or inside ``grappler_off``)."""
+    return bool(tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False))
+
+
+def built_as_the_process_runs(function, name):
+    """``function`` (a ``tf.function`` with an input signature) whose first call logs its build under
+    ``name``, optimised as the process's own setting says: for the steps outside a search's iteration
+    (evaluation, measurements, retraining), whose graph optimisation ``search.graph_optimizer`` leaves
+    alone."""
+    return StepFunction(function, name, grappler=True)
+
+
 @contextlib.contextmanager
 def grappler_off():
     """TensorFlow's graph optimiser off for the functions called inside, restored after."""
-    previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    previous = meta_optimizer_disabled()
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     try:
         yield
@@ -98,8 +115,9 @@ def grappler_off():
 class StepFunction:
     """A step ``tf.function`` with a fixed input signature, called under its graph-optimisation setting.
 
-    ``grappler``: ``True`` keeps TensorFlow's graph optimiser on, ``False``
-    turns it off for this function's calls; ``None`` (the default) decides by
+    ``grappler``: ``True`` leaves TensorFlow's graph optimiser as the process
+    has it (on, unless switched off process-wide), ``False`` turns it off for
+    this function's calls; ``None`` (the default) decides by
     the devices (off on CPUs only, see the module docstring). After the first
     call, ``trace_seconds`` and ``first_call_seconds`` hold what the build
     took, and the build is logged under ``name``.
@@ -121,12 +139,13 @@ class StepFunction:
         started = time.perf_counter()
         with contextlib.nullcontext() if self.grappler else grappler_off():
             result = self.function(*args)
+            optimised = not meta_optimizer_disabled()
         if first:
             # The values, so the time includes the run (calls may return before it ends on a GPU).
             tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
             self.first_call_seconds = time.perf_counter() - started
             log.info("%s built: traced in %.1f s; optimised and first run in %.1f s (graph optimiser %s)",
-                     self.name, self.trace_seconds, self.first_call_seconds, "on" if self.grappler else "off")
+                     self.name, self.trace_seconds, self.first_call_seconds, "on" if optimised else "off")
         return result
 
     def get_concrete_function(self, *args, **kwargs):

@@ -25,6 +25,7 @@ from keras_darts.compiler import build_language_model, count_parameters
 
 from . import rundir
 from .checkpoint import Checkpoints
+from .graph_build import built_as_the_process_runs
 from .language_search import evaluate_perplexity
 from .loop import Checkpointing, HistoryFiles, Loop, ProgressBar
 from .objectives import LanguageModeling
@@ -228,8 +229,10 @@ def retrain_language_model(spec, derived, data, run_dir=None, progress=False):
     optimizer = CoupledSGD(model.trainable_variables, momentum=0.0, weight_decay=config.weight_decay,
                            grad_clip=config.grad_clip)
     loss_scale = loss_scale_for(config.precision)
-    steps = LanguageRetraining(spec, model, make_language_train_step(model, optimizer, objective, loss_scale),
-                               make_language_eval_step(model, objective), data)
+    steps = LanguageRetraining(
+        spec, model,
+        built_as_the_process_runs(make_language_train_step(model, optimizer, objective, loss_scale), "retraining step"),
+        built_as_the_process_runs(make_language_eval_step(model, objective), "retraining evaluation step"), data)
     log.info("retrain %s: %d parameters, vocabulary %d, %d epochs%s", derived.name, parameters,
              data.vocabulary_size, config.epochs, precision_note(config.precision))
     callbacks = [ProgressBar("retrain", progress)]

@@ -25,6 +25,7 @@ from keras_darts.compiler import build_recurrent_supernet, derived_spec_from_sea
 from keras_darts.compiler.recurrent import CELL_TYPE
 
 from .bilevel import Bilevel
+from .graph_build import built_as_the_process_runs
 from .objectives import LanguageModeling
 from .optimizers import CoupledAdam, CoupledSGD
 from .precision import set_precision
@@ -88,12 +89,12 @@ class LanguageSearchTask:
         self.train = batchify(data.train, self.settings.batch_size)
         self.alpha_data = batchify(data.valid, self.settings.batch_size)
         bilevel = self.bilevel
-        self.loss_fn = tf.function(
+        self.loss_fn = built_as_the_process_runs(tf.function(
             lambda x, y, h: bilevel.loss_at(bilevel.current_weights(), bilevel.current_alphas(),
                                             (x, y, h, tf.zeros((2,), tf.int32)))[::2],
             input_signature=bilevel.objective.batch_signature()[:3],
             autograph=False,
-        )
+        ), "evaluation step")
         self.reset_hidden()
 
     def describe(self):

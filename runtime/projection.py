@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras_darts.compiler import cell_edges
 from keras_darts.compiler.methods.darts_pt import topology_nodes
 
+from .graph_build import built_as_the_process_runs
 from .metrics import correct_count, evaluate, summed_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class SupernetSelection:
     def measure(self, matrices):
         """The supernet's validation figure (the criterion's: accuracy or loss) with op weights ``matrices``."""
         if self._batch_figures is None:
-            self._batch_figures = measurement_function(self.model, *self.task.bilevel.objective.batch_signature())
+            self._batch_figures = built_as_the_process_runs(
+                measurement_function(self.model, *self.task.bilevel.objective.batch_signature()), "measurement step")
         weights = {t: tf.constant(m, tf.float32) for t, m in matrices.items()}
         loss, accuracy = evaluate(lambda x, y: self._batch_figures(x, y, weights), self.examples())
         return accuracy if self.selection.options["criterion"] == "accuracy" else loss

@@ -30,6 +30,7 @@ from .bilevel import dense_gradients
 from .checkpoint import Checkpoints
 from .data import pipeline
 from .distribution import cross_replica_sum, run_on_replicas
+from .graph_build import built_as_the_process_runs
 from .loop import Checkpointing, HistoryFiles, Loop, ProgressBar, WorkersAgree
 from .metrics import correct_count, evaluate, summed_cross_entropy
 from .optimizers import CoupledSGD, cosine_learning_rate
@@ -159,8 +160,10 @@ def retrain(spec, derived, data, run_dir=None, progress=False, strategy=None, wr
         optimizer = CoupledSGD.from_config(model.trainable_variables, config.weights_optimizer)
         loss_scale = loss_scale_for(config.precision)
     parameters = count_parameters(model)
-    train_step = make_train_step(model, optimizer, config.auxiliary_weight, data.image_shape, strategy, loss_scale)
-    eval_step = make_eval_step(model, data.image_shape, strategy)
+    train_step = built_as_the_process_runs(
+        make_train_step(model, optimizer, config.auxiliary_weight, data.image_shape, strategy, loss_scale),
+        "retraining step")
+    eval_step = built_as_the_process_runs(make_eval_step(model, data.image_shape, strategy), "test step")
     train_data = pipeline(data, data.x_train, data.y_train, config.batch_size, True, config.augment, config.seed)
     test_data = pipeline(data, data.x_test, data.y_test, config.batch_size)
     replicas = strategy.num_replicas_in_sync if strategy else 1

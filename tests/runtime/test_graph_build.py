@@ -1,5 +1,6 @@
 """The step functions' graph-optimisation setting: what it switches, what it leaves alone, what it reports."""
 
+import contextlib
 import logging
 
 import numpy as np
@@ -8,13 +9,10 @@ import tensorflow as tf
 
 import keras_darts as kd
 from keras_darts.runtime import graph_build
-from keras_darts.runtime.graph_build import StepFunction, grappler_off, resolve_graph_optimizer
+from keras_darts.runtime.graph_build import (StepFunction, built_as_the_process_runs, grappler_off,
+                                             meta_optimizer_disabled, resolve_graph_optimizer)
 from tests.conftest import tiny_spec_document
 from tests.runtime.test_bilevel import ETA, batches, make_bilevel
-
-
-def meta_optimizer_disabled():
-    return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
 
 
 def test_grappler_off_switches_the_meta_optimizer_off_inside_and_restores_the_previous_setting():
@@ -103,14 +101,43 @@ def test_a_recurrent_search_keeps_the_optimiser_on(cyclic_corpus):
     assert make_language_bilevel(cyclic_corpus, grad_clip=0.25).grappler is True
 
 
-def test_the_spec_setting_reaches_the_search_step_and_its_log_line(caplog):
+def builds_logged(messages):
+    """``{step name: [its build lines]}`` of the ``... built: traced in ...`` lines among ``messages``."""
+    built = {}
+    for message in messages:
+        name, found, _ = message.partition(" built: traced in ")
+        if found:
+            built.setdefault(name, []).append(message)
+    return built
+
+
+def test_the_spec_setting_reaches_the_search_step_and_every_step_function_logs_its_build_once(caplog):
     from keras_darts.runtime.workflow import search
 
     document = tiny_spec_document()
-    document["search"].update({"epochs": 1, "steps_per_epoch": 2, "order": "first", "graph_optimizer": "on",
-                               "diagnostics": {"hessian_eigenvalue": False}})
+    document["search"].update({"epochs": 2, "steps_per_epoch": 2, "order": "first", "graph_optimizer": "off"})
     document["retrain"]["enabled"] = False
     with caplog.at_level(logging.INFO, logger="keras_darts"):
         search(kd.load_spec(document))
-    built = [r.getMessage() for r in caplog.records if "search step built" in r.getMessage()]
-    assert len(built) == 1 and built[0].endswith("(graph optimiser on)")  # auto would be off: 2 iterations
+    built = builds_logged(r.getMessage() for r in caplog.records)
+    # Two epochs, each evaluated and its eigenvalue measured: each function built once, not per epoch.
+    assert {name: len(lines) for name, lines in built.items()} == {"search step": 1, "evaluation step": 1,
+                                                                  "eigenvalue pass": 1}
+    assert built["search step"][0].endswith("(graph optimiser off)")  # the spec's setting
+    # The others run as the process has it: on.
+    assert built["evaluation step"][0].endswith("(graph optimiser on)")
+    assert built["eigenvalue pass"][0].endswith("(graph optimiser on)")
+
+
+def test_a_function_built_as_the_process_runs_reports_the_process_setting(caplog):
+    @tf.function(input_signature=[tf.TensorSpec((), tf.float32)])
+    def double(x):
+        return 2.0 * x
+
+    for off in (False, True):
+        step = built_as_the_process_runs(double, f"step {off}")
+        with caplog.at_level(logging.INFO, logger="keras_darts.runtime.graph_build"):
+            with grappler_off() if off else contextlib.nullcontext():
+                assert float(step(tf.constant(3.0))) == 6.0
+        assert builds_logged(r.getMessage() for r in caplog.records)[f"step {off}"][0].endswith(
+            f"(graph optimiser {'off' if off else 'on'})")

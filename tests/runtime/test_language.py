@@ -26,6 +26,7 @@ from keras_darts.runtime.text_data import (
 )
 from keras_darts.spec import DataError
 from tests.conftest import tiny_recurrent_document, write_cyclic_corpus
+from tests.runtime.test_graph_build import builds_logged
 
 ETA = 0.5
 NO_DROPOUT = {"dropout_output": 0.0, "dropout_hidden": 0.0, "dropout_cell_input": 0.0, "dropout_embedding": 0.0}
@@ -232,6 +233,9 @@ def test_compile_and_search_takes_a_recurrent_spec_to_a_saved_language_model(tmp
     result = run_cli("compile_and_search_main", str(spec_path), "--run-dir", str(run_dir), "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "test perplexity" in result.stdout and "Traceback" not in result.stderr
+    built = {name: len(lines) for name, lines in builds_logged(result.stderr.splitlines()).items()}
+    assert built == {"search step": 1, "evaluation step": 1, "eigenvalue pass": 1, "retraining step": 1,
+                     "retraining evaluation step": 1}
     metrics = json.loads((run_dir / "retrain" / "metrics.json").read_text())
     assert 1.0 < metrics["test_perplexity"] < 1e4
     derived = kd.load_derived(str(run_dir / "derived.yaml"))

@@ -13,6 +13,7 @@ from keras_darts.runtime.bilevel import Bilevel
 from keras_darts.runtime.cli import compile_and_search_main
 from keras_darts.runtime.optimizers import CoupledSGD
 from tests.conftest import tiny_spec_document
+from tests.runtime.test_graph_build import builds_logged
 
 OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
 
@@ -332,6 +333,15 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
     assert os.path.exists(run_dir / "export" / "saved_model" / "saved_model.pb")
     derived = kd.load_derived(str(run_dir / "derived.yaml"))
     assert derived.origin["method"]["name"] == method
+    # Every step function logged its build once; DrNAS' second stage rebuilt the search's two.
+    built = {name: len(lines) for name, lines in builds_logged(r.getMessage() for r in caplog.records).items()}
+    stages = 2 if method == "drnas" else 1
+    expected = {"search step": stages, "evaluation step": stages, "retraining step": 1, "test step": 1}
+    if "pc_darts" in (method, partial):
+        expected["warm-up step"] = 1
+    if method == "darts_pt":
+        expected["measurement step"] = 1
+    assert built == expected
     history = yaml.safe_load((run_dir / "search" / "history.json").read_text())
     if method in ("snas", "gdas"):  # the temperature anneals: SNAS over 150 epochs, GDAS over the search's 2
         assert [r["temperature"] for r in history] == pytest.approx(
