@@ -13,7 +13,7 @@ import json
 import os
 
 ORDER = ("darts_2nd", "darts_1st", "pc_darts", "gdas", "snas", "fair_darts", "drnas", "sdarts", "beta_darts",
-         "darts_minus", "lambda_darts")
+         "darts_minus", "lambda_darts", "darts_pt")
 
 
 def searches(folder):
