@@ -139,7 +139,7 @@ class StepFunction:
         started = time.perf_counter()
         with contextlib.nullcontext() if self.grappler else grappler_off():
             result = self.function(*args)
-            optimised = not meta_optimizer_disabled()
+            optimised = first and not meta_optimizer_disabled()  # what the build ran under, for its log line
         if first:
             # The values, so the time includes the run (calls may return before it ends on a GPU).
             tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)

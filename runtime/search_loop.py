@@ -269,15 +269,17 @@ class SearchSteps:
         model = self.bilevel.model
         if model.method.stages == 1:
             return
-        changed = model.sync_stage()
+        resumed_in_stage = model.sync_stage()
+        entered = False
         while model.stage < model.method.stage(epoch):
-            self.bilevel.enter_stage(model.stage + 1)
+            self.bilevel.enter_stage(model.stage + 1)  # rebuilds the passes itself
             log.info("stage %d of the search from epoch %d: %d ops kept per edge, ops on C/%d channels",
                      model.stage + 1, epoch + 1, model.method.kept_ops(model.stage),
                      model.method.stage_partial_channels[model.stage])
-            changed = True
-        if changed:
+            entered = True
+        if resumed_in_stage and not entered:
             self.bilevel.compile_passes()
+        if resumed_in_stage or entered:
             self.step_function = self.bilevel.compiled_iteration(self.config.order, self.config.second_order_mode)
             self.warmup_function = None
 

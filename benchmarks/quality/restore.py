@@ -23,13 +23,9 @@ import os
 import shutil
 import sys
 
+from keras_darts.runtime.rundir import MARKER, atomic_write_text, write_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def write_json(path, value):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2)
 
 
 def restore(out, part="fashion_mnist"):
@@ -42,11 +38,11 @@ def restore(out, part="fashion_mnist"):
             run = os.path.join(out, "searches", name[: -len(".derived.yaml")])
             os.makedirs(run, exist_ok=True)
             shutil.copyfile(os.path.join(committed, name), os.path.join(run, "derived.yaml"))
-            with open(os.path.join(run, "spec.yaml"), "w", encoding="utf-8") as handle:  # marks a run directory
-                handle.write("# Restored by benchmarks/quality/restore.py: the protocol's spec, not the search's own\n"
-                             "# settings (searches.sh lists them; derived.yaml's origin records the method).\n")
-                with open(os.path.join(HERE, f"{part}.yaml"), encoding="utf-8") as spec:
-                    handle.write(spec.read())
+            with open(os.path.join(HERE, f"{part}.yaml"), encoding="utf-8") as spec:
+                atomic_write_text(os.path.join(run, MARKER),  # marks a run directory
+                                  "# Restored by benchmarks/quality/restore.py: the protocol's spec, not the search's "
+                                  "own\n# settings (searches.sh lists them; derived.yaml's origin records the method).\n"
+                                  + spec.read())
     with open(os.path.join(committed, "compare.json"), encoding="utf-8") as handle:
         document = json.load(handle)
     seeds = 0
