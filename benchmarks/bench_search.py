@@ -148,9 +148,13 @@ def recurrent_step(config, mode, grappler=None):
             gradients, carried["train"] = run(batch("train", next(batches)))
             return gradients
 
-        return forward_backward, run, None
+        return forward_backward, run, None, None
     order = "first" if mode == "first_order" else "second"
-    step = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference", grappler)
+
+    def compiled(grappler):
+        return bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference", grappler)
+
+    step = compiled(grappler)
 
     def call_with(function):
         def call():
@@ -161,7 +165,7 @@ def recurrent_step(config, mode, grappler=None):
 
         return call
 
-    return call_with(step), step, call_with
+    return call_with(step), step, call_with, compiled
 
 
 def replicated(replicas):
@@ -256,12 +260,12 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
             raise SystemExit("the RNN configuration measures search iterations on one device only")
         if precision != "float32":
             raise SystemExit("the RNN configuration is measured in float32 only")
-        call, function, call_with = recurrent_step(config, mode, grappler)
+        call, function, call_with, compiled = recurrent_step(config, mode, grappler)
         result = {**timed_run(config_name, mode, call, function, warmup, iterations), **extra}
         if paired and mode != "forward_backward":
             result.update(paired_ratio(call, recurrent_step(config, "forward_backward")[0], iterations))
         if paired_grappler and mode in STEP_MODES:
-            result.update(grappler_ratio(function, call, call_with, iterations))
+            result.update(grappler_ratio(function, call, call_with, compiled, iterations))
         return result
     stage = PROGRESSIVE.get(method)
     method_options = {"method": "drnas", "drnas": PROGRESSIVE_OPTIONS} if stage is not None else (
@@ -314,8 +318,12 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         call, function = forward_backward, run
     else:
         order = "first" if mode == "first_order" else "second"
-        function = bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference",
+
+        def compiled(grappler):
+            return bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference",
                                               grappler)
+
+        function = compiled(grappler)
 
         def call_with(f):
             def call():
@@ -330,7 +338,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     if paired and mode != "forward_backward":
         result.update(paired_ratio(call, forward_backward, iterations))
     if paired_grappler and mode in STEP_MODES:
-        result.update(grappler_ratio(function, call, call_with, iterations))
+        result.update(grappler_ratio(function, call, call_with, compiled, iterations))
     return result
 
 
@@ -378,15 +386,15 @@ def paired_ratio(call, baseline, iterations):
             "paired_ratio": statistics.median(c / b for c, b in pairs)}
 
 
-def grappler_ratio(function, call, call_with, iterations):
+def grappler_ratio(function, call, call_with, compiled, iterations):
     """This step's time over the same step's with the graph optimiser the other way, timed alternately.
 
-    The same traced function, optimised once for each setting, in one process:
-    the ratio is free of the drift between processes.
+    The same iteration compiled again (``compiled(grappler)``) and traced under
+    the other setting, since the calls of its passes carry the setting they
+    were traced under; in one process, so the ratio is free of the drift
+    between processes.
     """
-    from keras_darts.runtime.graph_build import StepFunction
-
-    other = StepFunction(function.function, grappler=not function.grappler)
+    other = compiled(not function.grappler)
     other_call = call_with(other)
     timed(other_call)  # its own optimisation and first run
     timed(other_call)

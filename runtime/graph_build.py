@@ -26,12 +26,16 @@ make convolutions fast. A recurrent search keeps it on: its step is
 thousands of small ops over the unrolled sequence, which Grappler's rewrites
 do speed up on a CPU. ``on`` and ``off`` force it.
 
-The setting is TensorFlow's process-wide optimiser option, switched on around
-each call of the step and restored after it, so that nothing else the
-process runs (retraining, evaluation, a user's own functions) is affected. A
-function is optimised once for the options it is first called with and again
-for other options, so a step must always be called under the same setting,
-which ``StepFunction`` guarantees.
+The setting is TensorFlow's process-wide optimiser option, switched around
+the step's tracing and each of its calls and restored after them, so that
+nothing else the process runs (retraining, evaluation, a user's own
+functions) is affected. A function is optimised once for the options it is
+first called with and again for other options, so a step must always be
+called under the same setting, which ``StepFunction`` guarantees. The tracing
+matters as much as the call: a step calls its passes (the forward and
+backward bodies, most of its graph) as nested functions, and each such call
+carries the options it was traced under, with which the runtime optimises
+the nested body.
 
 ``StepFunction`` also measures the build: the tracing, then the first call
 (optimisation, executor construction and one iteration), and logs both. Every
@@ -130,14 +134,17 @@ class StepFunction:
         self.trace_seconds = None
         self.first_call_seconds = None
 
+    def _setting(self):
+        return contextlib.nullcontext() if self.grappler else grappler_off()
+
     def __call__(self, *args):
         first = self.first_call_seconds is None
         if first:
             started = time.perf_counter()
-            self.function.get_concrete_function()
+            self.get_concrete_function()
             self.trace_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        with contextlib.nullcontext() if self.grappler else grappler_off():
+        with self._setting():
             result = self.function(*args)
             optimised = first and not meta_optimizer_disabled()  # what the build ran under, for its log line
         if first:
@@ -149,7 +156,10 @@ class StepFunction:
         return result
 
     def get_concrete_function(self, *args, **kwargs):
-        return self.function.get_concrete_function(*args, **kwargs)
+        # Traced under the setting too: a call of a nested function (a search's passes) carries the
+        # options it was traced under, and the runtime optimises that function's body with them.
+        with self._setting():
+            return self.function.get_concrete_function(*args, **kwargs)
 
     def experimental_get_tracing_count(self):
         return self.function.experimental_get_tracing_count()

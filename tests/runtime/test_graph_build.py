@@ -50,6 +50,33 @@ def test_a_step_function_calls_its_function_under_its_setting_and_leaves_the_pro
         assert meta_optimizer_disabled() is False
 
 
+def nested_calls_optimised(graph):
+    """For each call of a nested function in ``graph``: whether the runtime optimises its body with Grappler
+    (the options the call carries, which it took from the context it was traced in)."""
+    from tensorflow.core.protobuf import config_pb2
+
+    return [not config_pb2.ConfigProto.FromString(op.get_attr("config_proto")).graph_options.rewrite_options
+            .disable_meta_optimizer
+            for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+
+
+def test_a_step_function_traces_its_nested_functions_under_the_setting_it_calls_them_with():
+    # A nested function's call carries the options of its tracing, and its body (a search's passes,
+    # most of a step's graph) is optimised with them: so the step is traced under its own setting.
+    # (On: as the caller has it; off: off whatever the caller has.)
+    inner = tf.function(lambda x: 2.0 * x, input_signature=[tf.TensorSpec((), tf.float32)], autograph=False,
+                        experimental_attributes={"_noinline": True})
+    for grappler, caller_off in ((False, False), (True, True), (False, True), (True, False)):
+        outer = tf.function(lambda x: inner(inner(x) + 1.0), input_signature=[tf.TensorSpec((), tf.float32)],
+                            autograph=False)
+        step = StepFunction(outer, grappler=grappler)
+        with grappler_off() if caller_off else contextlib.nullcontext():
+            assert float(step(tf.constant(3.0))) == 14.0
+        expected = grappler and not caller_off
+        assert nested_calls_optimised(step.get_concrete_function().graph) == [expected, expected]
+        assert meta_optimizer_disabled() is False
+
+
 def test_by_default_the_optimiser_is_off_on_cpus_and_on_with_an_accelerator(monkeypatch):
     assert not tf.config.list_logical_devices("GPU")  # this machine
     assert StepFunction(lambda: None).grappler is False
@@ -74,6 +101,8 @@ def test_an_iteration_computes_the_same_with_the_graph_optimiser_on_and_off(capl
         assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) > len(after) // 2
         results[grappler] = ({k: float(v) for k, v in metrics.items()}, after)
         assert step.trace_seconds > 0 and step.first_call_seconds > 0
+        # Its passes (the forward and backward bodies) are optimised as the step is: 5 calls in second order.
+        assert nested_calls_optimised(step.get_concrete_function().graph) == [grappler] * 5
         assert (f"search step built: traced in {step.trace_seconds:.1f} s; optimised and first run in "
                 f"{step.first_call_seconds:.1f} s (graph optimiser {'on' if grappler else 'off'})") in caplog.text
     (metrics_on, on), (metrics_off, off) = results[True], results[False]
