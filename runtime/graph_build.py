@@ -1,20 +1,22 @@
 """How a search's step functions are built, and what the build costs.
 
-A search step is one large graph: a SMALL second-order step holds some 55,000
-nodes, five passes over every edge of the supernet plus the optimiser
-arithmetic of every weight. Before its first iteration TensorFlow traces it
-(Python creating every node) and then, at the first call, Grappler rewrites
-the graph and the runtime builds its executors. For a convolutional supernet
-on a 2-core CPU the Grappler rewrite is most of that first call after tracing
-(SMALL second order: 48 of 71 s in one measurement, 21 of 45 s with Grappler
-off) and gives little time per iteration back: the step's ops are
-convolutions, batch norms and elementwise arithmetic that TensorFlow's CPU
-kernels run much as they are. Timed alternately in one process, the steps ran
-3% (SMALL first order), 7% (SMALL second order) and 2.5% (PAPER second order)
-slower without it, so Grappler pays for its build time after about 300
-second-order iterations at SMALL (36 s saved, 0.12 s lost per iteration) and
-150 at PAPER (47 s, 0.31 s). The figures, both sides, are in
-``benchmarks/README.md``.
+A search step is one large graph: a SMALL second-order step holds some 57,000
+nodes, five calls of its passes over every edge of the supernet plus the
+optimiser arithmetic of every weight. Before its first iteration TensorFlow
+traces it (Python creating every node) and then, at the first call, Grappler
+rewrites the graph and the runtime builds its executors. For a convolutional
+supernet on a 2-core CPU the Grappler rewrite is most of that first call
+after tracing (SMALL second order, measured on 2026-12-04: 60.5 s with it,
+15.0 s without; first order 26.3 and 10.3 s) and gives little time per
+iteration back: the step's ops are convolutions, batch norms and elementwise
+arithmetic that TensorFlow's CPU kernels run much as they are. Timed
+alternately in one process, the steps ran 3% slower without it (SMALL first
+and second order) and exact second order 2.4% faster, so Grappler pays for
+its build time only after about 650 second-order iterations at SMALL (45 s
+spent, 0.07 s saved per iteration). The threshold below was set before the
+passes were traced under the step's setting, between the break-evens then
+measured (about 300 iterations at SMALL and 150 at PAPER); PAPER's has not
+been measured again. The figures, both sides, are in ``benchmarks/README.md``.
 
 ``search.graph_optimizer: auto`` therefore turns it off
 (``disable_meta_optimizer``) for a convolutional search on a machine whose
@@ -67,7 +69,7 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 # Planned iterations up to which ``auto`` builds a convolutional search's steps without Grappler
-# on CPUs: between the measured break-evens of the SMALL and PAPER second-order steps (see above).
+# on CPUs: between the break-evens of the SMALL and PAPER second-order steps measured before (see above).
 SHORT_SEARCH_ITERATIONS = 200
 
 
