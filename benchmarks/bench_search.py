@@ -320,8 +320,8 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         order = "first" if mode == "first_order" else "second"
 
         def compiled(grappler):
-            return bilevel.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference",
-                                              grappler)
+            mode_name = "exact" if mode.endswith("exact") else "finite_difference"
+            return bilevel.compiled_iteration(order, mode_name, grappler)
 
         function = compiled(grappler)
 
