@@ -33,16 +33,15 @@ def restore(out, part="fashion_mnist"):
     compare_dir = os.path.join(out, "compare")
     if os.path.exists(os.path.join(compare_dir, "compare.json")):
         sys.exit(f"error: {compare_dir}: holds a comparison already; restore into an empty OUT")
+    with open(os.path.join(HERE, f"{part}.yaml"), encoding="utf-8") as spec:
+        marker = ("# Restored by benchmarks/quality/restore.py: the protocol's spec, not the search's own\n"
+                  "# settings (searches.sh lists them; derived.yaml's origin records the method).\n" + spec.read())
     for name in sorted(os.listdir(committed)):
         if name.endswith(".derived.yaml"):
             run = os.path.join(out, "searches", name[: -len(".derived.yaml")])
             os.makedirs(run, exist_ok=True)
             shutil.copyfile(os.path.join(committed, name), os.path.join(run, "derived.yaml"))
-            with open(os.path.join(HERE, f"{part}.yaml"), encoding="utf-8") as spec:
-                atomic_write_text(os.path.join(run, MARKER),  # marks a run directory
-                                  "# Restored by benchmarks/quality/restore.py: the protocol's spec, not the search's "
-                                  "own\n# settings (searches.sh lists them; derived.yaml's origin records the method).\n"
-                                  + spec.read())
+            atomic_write_text(os.path.join(run, MARKER), marker)  # marks a run directory
     with open(os.path.join(committed, "compare.json"), encoding="utf-8") as handle:
         document = json.load(handle)
     seeds = 0
