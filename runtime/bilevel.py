@@ -121,10 +121,14 @@ class Bilevel:
         signature = [weights, alphas, batch]
 
         def compile_pass(fn, input_signature=signature):
-            # Kept as function calls (not inlined) so each body is optimised once. Under a
-            # strategy the passes hold cross-replica reductions (batch statistics), which
-            # cannot sit in a nested function: there they are traced into the step itself.
-            if strategy is not None:
+            # Kept as function calls (not inlined) so each body is traced and optimised once.
+            # Under a strategy with global batch norm the passes hold cross-replica reductions
+            # (batch statistics), which cannot sit in a nested function (a CPU or non-XLA
+            # replica all-reduces by merge_call): there they are traced into the step itself,
+            # once per call. With replica batch norm they hold no collective; a strategy of
+            # several devices traces them once per replica device (tf.function keys its cache
+            # by device there), so what a replica draws from its id stays its own.
+            if strategy is not None and self.batch_norm == "global":
                 return fn
             return tf.function(fn, input_signature=input_signature, autograph=False, experimental_attributes={"_noinline": True})
 

@@ -217,6 +217,8 @@ rng = np.random.default_rng(0)
 train = (tf.constant(rng.normal(size=(8, 8, 8, 1)), tf.float32), tf.constant(rng.integers(0, 10, 8), tf.int32))
 val = (tf.constant(rng.normal(size=(8, 8, 8, 1)), tf.float32), tf.constant(rng.integers(0, 10, 8), tf.int32))
 lr, arch_lr = tf.constant(0.05), tf.constant(3e-4)
+calls = lambda step: [op.get_attr("f").name for op in step.get_concrete_function().graph.get_operations()  # noqa: E731
+                      if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
 
 # One device: the validation loss and alpha gradient on the whole batch and on each half.
 keras.utils.set_random_seed(0)
@@ -236,11 +238,36 @@ for batch_norm in ("global", "replica"):
     keras.utils.set_random_seed(0)
     bilevel = build_search(spec, strategy=strategy)
     start = [w.numpy().tolist() for w in bilevel.current_weights() + bilevel.current_alphas()]
-    metrics, _, _ = bilevel.compiled_iteration("first", "finite_difference")(train, val, lr, arch_lr)
+    step = bilevel.compiled_iteration("first", "finite_difference")
+    metrics, _, _ = step(train, val, lr, arch_lr)
     # Adam's first moment after one step, with no weight decay: (1 - beta_1) times the gradient it took.
     moments = [m.numpy() / (1.0 - bilevel.arch_optimizer.beta_1) for m in bilevel.arch_optimizer.first_moments]
     out[batch_norm] = {"start": start, "loss": float(metrics["arch_loss"]),
-                       "gradient": [m.tolist() for m in moments]}
+                       "gradient": [m.tolist() for m in moments], "nested_calls": calls(step)}
+
+# Second order with replica batch norm, from the same start, against the paper's formula with every
+# pass on one device on one replica's slices and the averages the replicas all-reduce.
+keras.utils.set_random_seed(0)
+bilevel = build_search(spec, strategy=strategy)
+step = bilevel.compiled_iteration("second", "finite_difference")
+metrics, _, _ = step(train, val, lr, arch_lr)
+moments = [m.numpy() / (1.0 - bilevel.arch_optimizer.beta_1) for m in bilevel.arch_optimizer.first_moments]
+out["replica_second"] = {"loss": float(metrics["arch_loss"]), "gradient": [m.tolist() for m in moments],
+                         "nested_calls": calls(step)}
+halves = lambda batch: [(batch[0][:4], batch[1][:4]), (batch[0][4:], batch[1][4:])]  # noqa: E731
+mean = lambda parts: [tf.add_n(list(p)) / len(p) for p in zip(*parts)]  # noqa: E731
+g = mean([single.gradients_at(weights, alphas, t)[2] for t in halves(train)])
+unrolled = single.weights_optimizer.virtual_step(weights, g, lr)
+passes = [single.gradients_at(unrolled, alphas, v) for v in halves(val)]
+v, g1 = mean([p[2] for p in passes]), mean([p[3] for p in passes])
+radius = single.hvp_epsilon / tf.linalg.global_norm(v)
+plus = mean([single.alpha_gradients_at([w + radius * d for w, d in zip(weights, v)], alphas, t)[2]
+             for t in halves(train)])
+minus = mean([single.alpha_gradients_at([w - radius * d for w, d in zip(weights, v)], alphas, t)[2]
+              for t in halves(train)])
+out["replica_second_expected"] = {
+    "loss": float(sum(p[0] for p in passes) / 2),
+    "gradient": [(a - lr * (p - m) / (2 * radius)).numpy().tolist() for a, p, m in zip(g1, plus, minus)]}
 print(json.dumps(out))
 """
 
@@ -274,6 +301,27 @@ def test_batch_norm_global_equals_one_device_and_replica_equals_one_device_per_s
     difference = max(np.abs(np.array(a) - np.array(b)).max()
                      for a, b in zip(out["global"]["gradient"], out["replica"]["gradient"]))
     assert difference > 1e-3 * max(np.abs(np.array(a)).max() for a in out["global"]["gradient"])
+    # Second order with replica batch norm is the paper's formula on the replicas' slices, each
+    # pass's gradients averaged as the replicas all-reduce them (2e-6 of the largest component apart
+    # on an AMD EPYC).
+    got, want = out["replica_second"], out["replica_second_expected"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    scale = max(np.abs(np.array(a)).max() for a in want["gradient"])
+    for a, b in zip(got["gradient"], want["gradient"]):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-4 * scale)
+    # ... and differs from first order's gradient by more than that, so the comparison could fail.
+    assert max(np.abs(np.array(a) - np.array(b)).max()
+               for a, b in zip(want["gradient"], out["replica"]["gradient"])) > 1e-2 * scale
+    # With replica batch norm the passes hold no collective and stay nested functions (first order:
+    # the alpha step's validation pass and the weight step's pass, on each replica; second order:
+    # five); with global batch norm they are traced into the step.
+    calls = {mode: out[mode]["nested_calls"] for mode in ("global", "replica", "replica_second")}
+    assert {mode: len(names) for mode, names in calls.items()} == {"global": 0, "replica": 2 * 2,
+                                                                   "replica_second": 5 * 2}
+    # Each replica calls passes traced for its own device, never the other replica's: what it draws
+    # from its replica id (Gumbel noise, drop paths) stays its own.
+    assert len(set(calls["replica"])) == 4
+    assert len(set(calls["replica_second"])) == 4  # two passes per replica, each called where needed
 
 
 def free_port():
