@@ -102,22 +102,19 @@ def _all_reduce(values, op):
     for dtype in dict.fromkeys(t.dtype for t in flat):
         positions = [i for i, t in enumerate(flat) if t.dtype == dtype]
         tensors = [flat[i] for i in positions]
-        if len(tensors) == 1:
-            reduced[positions[0]] = context.all_reduce(op, tensors[0])
+        if len(tensors) == 1 or not all(t.shape.is_fully_defined() for t in tensors):
+            # One tensor, or a shape known only at run time: the strategy's own reduction.
+            for i, value in zip(positions, context.all_reduce(op, tensors)):
+                reduced[i] = value
             continue
-        static = all(t.shape.is_fully_defined() for t in tensors)
-        sizes = [t.shape.num_elements() if static else tf.size(t) for t in tensors]
         flatten = tf.constant([-1])  # one constant for every reshape, not one each
         vector = context.all_reduce(op, tf.concat([tf.reshape(t, flatten) for t in tensors], 0))
         shapes = {}
-        for i, t, part in zip(positions, tensors, tf.split(vector, sizes if static else tf.stack(sizes))):
-            if static:
-                shape = tuple(t.shape.as_list())
-                if shape not in shapes:
-                    shapes[shape] = tf.constant(shape, tf.int32)
-                reduced[i] = tf.reshape(part, shapes[shape])
-            else:
-                reduced[i] = tf.reshape(part, tf.shape(t))
+        for i, t, part in zip(positions, tensors, tf.split(vector, [t.shape.num_elements() for t in tensors])):
+            shape = tuple(t.shape.as_list())
+            if shape not in shapes:
+                shapes[shape] = tf.constant(shape, tf.int32)
+            reduced[i] = tf.reshape(part, shapes[shape])
     return tf.nest.pack_sequence_as(values, reduced)
 
 

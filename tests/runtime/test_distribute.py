@@ -318,8 +318,8 @@ def test_batch_norm_global_equals_one_device_and_replica_equals_one_device_per_s
     calls = {mode: out[mode]["nested_calls"] for mode in ("global", "replica", "replica_second")}
     assert {mode: len(names) for mode, names in calls.items()} == {"global": 0, "replica": 2 * 2,
                                                                    "replica_second": 5 * 2}
-    # Each replica calls passes traced for its own device, never the other replica's: what it draws
-    # from its replica id (Gumbel noise, drop paths) stays its own.
+    # The passes are traced once per replica device (four distinct functions, not two shared by
+    # both replicas), so what a replica draws from its id (Gumbel noise, drop paths) stays its own.
     assert len(set(calls["replica"])) == 4
     assert len(set(calls["replica_second"])) == 4  # two passes per replica, each called where needed
 
