@@ -28,7 +28,9 @@ model_search_darts_proj.py):
   cosine to the search's minimum over the tuning epochs (official: the
   learning rate / 10).
 * The derived cell is DARTS' rule on the projected weights, which after the
-  last step holds exactly the selected ops and inputs.
+  last step holds the selected ops and inputs. As in the official parse, an
+  edge kept with ``none`` selected weighs zero on every other op and gets the
+  first of them.
 * Not in the official code: ``measure_examples`` limits every measurement to
   the validation split's first that many examples. A selection measures
   ``2 * measurements(...)`` times (268 in the DARTS space), so on a CPU the

@@ -325,7 +325,9 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
         document["search"]["drnas"] = {"regularization": "kl", "progressive": True, "stage_partial_channels": [2, 1],
                                        "stage_keep_ops": [3], "stage_warmup_epochs": 0}
     if method == "darts_pt":  # one tuning epoch between selection steps: 5 edges, 1 node, 6 epochs
-        document["search"]["darts_pt"] = {"tune_epochs": 1}
+        # Each of the 60 measurements on 64 validation examples, not the split's 360 (that default is
+        # measured in test_darts_pt_keeps_the_op_whose_masking_...[None]).
+        document["search"]["darts_pt"] = {"tune_epochs": 1, "measure_examples": 64}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(document))
     run_dir = tmp_path / "run"
@@ -386,16 +388,32 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
         assert [r["learning_rate"] for r in history[2:]] == pytest.approx(tuning, rel=1e-12)
         # The first line counts the measurements: per cell type 5 edges x 5 ops, and node 3's 3 inputs.
         assert any(r.getMessage().endswith(", then DARTS-PT's selection over 6 tuning epochs, measuring the "
-                                           "supernet 56 times on the validation split") for r in caplog.records)
+                                           "supernet 56 times on the first 64 validation examples")
+                   for r in caplog.records)
         selected = derived.origin["darts_pt"]
         assert selected["steps"] == 6
         for cell_type, ops in selected["edges"].items():
             assert None not in ops and ops[:2] != ["dropped"] * 2 and ops[2:].count("dropped") == 1
-            # The derived cell holds exactly the selected ops on the kept edges.
-            edges = [(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
+            # The derived cell is the official parse of the projected weights: one-hot on each selected
+            # op, zero on dropped edges; per node the two inputs of largest weight other than none (a
+            # stable sort), each with its op of largest weight other than none (the first on ties).
+            # So it holds the selected ops on the kept edges, except that an edge kept with none
+            # selected weighs zero on every other op and gets the first of them.
+            operations = document["search_space"]["operations"]
+            others = [i for i, op in enumerate(operations) if op != "none"]
+            projected = np.zeros((5, len(operations)))
+            for row, op in enumerate(ops):
+                if op != "dropped":
+                    projected[row, operations.index(op)] = 1.0
+            expected, start = {}, 0
+            for target in (2, 3):
+                rows = projected[start:start + target][:, others]
+                for source in sorted(range(target), key=lambda j: -rows[j].max())[:2]:
+                    expected[source, target] = operations[others[int(np.argmax(rows[source]))]]
+                start += target
             kept = {(e.input, target): e.op for target, node in zip((2, 3), derived.cells[cell_type].nodes)
                     for e in node}
-            assert kept == {edge: op for edge, op in zip(edges, ops) if op != "dropped"}
+            assert kept == expected
         return
     if method == "fair_darts":  # no schedule: the zero-one loss is negative (sigmoids away from 0.5)
         assert all(r["alpha_loss"] < 0 for r in history)
@@ -425,6 +443,9 @@ def test_darts_pt_keeps_the_op_whose_masking_lowers_the_validation_accuracy_most
         alpha.assign(np.random.default_rng(i).normal(0, 1.0, size=alpha.shape))
     task = ImageSearchTask(spec, load_data(spec), bilevel, kind_of(spec))
     selection = SupernetSelection(spec, task)
+    # The search's first line says what a measurement covers.
+    assert selection.describe().endswith(" on the validation split" if measure_examples is None
+                                         else " on the first 7 validation examples")
 
     # The validation split's batches, or its first measure_examples examples in them (batch statistics:
     # the last one cut short), measured here batch by batch.
@@ -511,8 +532,11 @@ def test_a_darts_pt_search_interrupted_in_its_tuning_resumes_to_the_uninterrupte
     from keras_darts.runtime.workflow import search
 
     document = tiny_spec_document(operations=OPS)
-    document["search"].update(method="darts_pt", epochs=1, steps_per_epoch=2, darts_pt={"tune_epochs": 1},
-                              deterministic=True, diagnostics={"hessian_eigenvalue": False})
+    # Measured on 64 validation examples: what is checked is that the resumed selection and tuning
+    # take the uninterrupted run's steps, which does not depend on how many examples it measures.
+    document["search"].update(method="darts_pt", epochs=1, steps_per_epoch=2,
+                              darts_pt={"tune_epochs": 1, "measure_examples": 64}, deterministic=True,
+                              diagnostics={"hessian_eigenvalue": False})
     document["retrain"]["enabled"] = False
     spec = kd.load_spec(document)
     whole = search(spec, run_dir=str(tmp_path / "whole"))
