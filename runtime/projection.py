@@ -128,6 +128,15 @@ class SupernetSelection:
                      ", ".join(str(self.edges[r][0]) for r in kept))
         state["chosen"].assign(chosen)
         state["fixed"].assign(fixed)
+        if index + 1 == len(self.edges) + len(self.nodes) and "none" in self.operations:
+            zero = self.operations.index("none")
+            kept_none = [f"{s}->{t}" for row, (s, t) in enumerate(self.edges)
+                         if chosen[row].any() and int(np.argmax(chosen[row])) == zero]
+            if kept_none:
+                log.info("DARTS-PT: the %s cell's selection keeps none on %s, which a derived cell cannot hold; it "
+                         "is derived by DARTS' rule on the projected weights, as in the official code, where every "
+                         "other op weighs zero on such an edge (and on a dropped one): ties decide",
+                         cell_type, ", ".join(kept_none))
 
 
 def measurement_count(spec, model):

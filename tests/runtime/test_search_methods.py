@@ -405,7 +405,7 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
             for row, op in enumerate(ops):
                 if op != "dropped":
                     projected[row, operations.index(op)] = 1.0
-            expected, start = {}, 0
+            edges, expected, start = [(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)], {}, 0
             for target in (2, 3):
                 rows = projected[start:start + target][:, others]
                 for source in sorted(range(target), key=lambda j: -rows[j].max())[:2]:
@@ -414,6 +414,14 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
             kept = {(e.input, target): e.op for target, node in zip((2, 3), derived.cells[cell_type].nodes)
                     for e in node}
             assert kept == expected
+            # A selection that keeps none on an edge says so once it ends.
+            kept_none = [f"{s}->{t}" for (s, t), op in zip(edges, ops) if op == "none"]
+            notes = [r.getMessage() for r in caplog.records
+                     if r.getMessage().startswith(f"DARTS-PT: the {cell_type} cell's selection keeps none on ")]
+            assert notes == ([f"DARTS-PT: the {cell_type} cell's selection keeps none on {', '.join(kept_none)}, "
+                              "which a derived cell cannot hold; it is derived by DARTS' rule on the projected "
+                              "weights, as in the official code, where every other op weighs zero on such an edge "
+                              "(and on a dropped one): ties decide"] if kept_none else [])
         return
     if method == "fair_darts":  # no schedule: the zero-one loss is negative (sigmoids away from 0.5)
         assert all(r["alpha_loss"] < 0 for r in history)
