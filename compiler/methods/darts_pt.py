@@ -29,8 +29,9 @@ model_search_darts_proj.py):
   learning rate / 10).
 * The derived cell is DARTS' rule on the projected weights, which after the
   last step holds the selected ops and inputs. As in the official parse, an
-  edge kept with ``none`` selected weighs zero on every other op and gets the
-  first of them.
+  edge kept with ``none`` selected weighs zero on every other op, as a
+  dropped edge does: the rule ranks the two alike (the earlier edge first)
+  and gives such an edge the first op other than ``none``.
 * Not in the official code: ``measure_examples`` limits every measurement to
   the validation split's first that many examples. A selection measures
   ``2 * measurements(...)`` times (268 in the DARTS space), so on a CPU the
