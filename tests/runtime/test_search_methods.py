@@ -325,7 +325,7 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
         document["search"]["drnas"] = {"regularization": "kl", "progressive": True, "stage_partial_channels": [2, 1],
                                        "stage_keep_ops": [3], "stage_warmup_epochs": 0}
     if method == "darts_pt":  # one tuning epoch between selection steps: 5 edges, 1 node, 6 epochs
-        # Each of the 60 measurements on 64 validation examples, not the split's 360 (that default is
+        # Each of the 56 measurements on 64 validation examples, not the whole split (that default is
         # measured in test_darts_pt_keeps_the_op_whose_masking_...[None]).
         document["search"]["darts_pt"] = {"tune_epochs": 1, "measure_examples": 64}
     spec = tmp_path / "spec.yaml"
@@ -398,7 +398,8 @@ def test_compile_and_search_with_a_method_ends_in_a_verified_saved_model(method,
             # op, zero on dropped edges; per node the two inputs of largest weight other than none (a
             # stable sort), each with its op of largest weight other than none (the first on ties).
             # So it holds the selected ops on the kept edges, except that an edge kept with none
-            # selected weighs zero on every other op and gets the first of them.
+            # selected weighs zero on every other op: it ranks alike with a dropped edge (the earlier
+            # first) and gets the first op other than none.
             operations = document["search_space"]["operations"]
             others = [i for i, op in enumerate(operations) if op != "none"]
             projected = np.zeros((5, len(operations)))
