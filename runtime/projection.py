@@ -128,10 +128,9 @@ class SupernetSelection:
                      ", ".join(str(self.edges[r][0]) for r in kept))
         state["chosen"].assign(chosen)
         state["fixed"].assign(fixed)
-        if index + 1 == len(self.edges) + len(self.nodes) and "none" in self.operations:
-            zero = self.operations.index("none")
-            kept_none = [f"{s}->{t}" for row, (s, t) in enumerate(self.edges)
-                         if chosen[row].any() and int(np.argmax(chosen[row])) == zero]
+        if index + 1 == self.selection.steps(self.edges, self.k):
+            kept_none = [f"{s}->{t}" for (s, t), op in zip(self.edges, edge_ops(chosen, fixed, self.operations))
+                         if op == "none"]
             if kept_none:
                 log.info("DARTS-PT: the %s cell's selection keeps none on %s, which a derived cell cannot hold; it "
                          "is derived by DARTS' rule on the projected weights, as in the official code, where every "
@@ -166,14 +165,17 @@ def projection_state(model):
     return {t: (s["chosen"].numpy(), s["fixed"].numpy()) for t, s in model.projection.items()}
 
 
-def projection_record(model, operations, edges):
+def projection_record(model, operations):
     """What a derived spec's origin records: the steps taken and each edge's selected op per cell type.
 
     An edge reads ``null`` while not selected, its op once selected, and
     ``dropped`` when its node kept other inputs.
     """
-    out = {}
-    for t, (chosen, fixed) in projection_state(model).items():
-        out[t] = [None if not fixed[row] else operations[int(np.argmax(chosen[row]))] if chosen[row].any()
-                  else "dropped" for row in range(len(edges))]
+    out = {t: edge_ops(chosen, fixed, operations) for t, (chosen, fixed) in projection_state(model).items()}
     return {"steps": int(model.projection_steps.numpy()), "edges": out}
+
+
+def edge_ops(chosen, fixed, operations):
+    """Each edge's selection of one cell type: ``None`` while open, its op's name, or ``dropped``."""
+    return [None if not fixed[row] else operations[int(np.argmax(chosen[row]))] if chosen[row].any()
+            else "dropped" for row in range(len(chosen))]

@@ -34,7 +34,7 @@ import resource
 import numpy as np
 import tensorflow as tf
 
-from keras_darts.compiler import CELL_TYPES, build_supernet, cell_edges, derived_spec_from_search
+from keras_darts.compiler import CELL_TYPES, build_supernet, derived_spec_from_search
 from keras_darts.compiler.methods import search_method
 from keras_darts.compiler.methods.base import softmax
 from keras_darts.spec import DivergenceError
@@ -186,7 +186,7 @@ class ImageSearchTask:
         projection = projection_state(model)
         if projection is not None:  # DARTS-PT's selection so far decides the edges it has fixed
             space = self.spec.search_space
-            origin = {**origin, "darts_pt": projection_record(model, space.operations, cell_edges(space.nodes))}
+            origin = {**origin, "darts_pt": projection_record(model, space.operations)}
         return derived_spec_from_search(self.spec, alphas, retrain=self.spec.retrain.enabled, origin=origin,
                                         edge_betas=betas or None, projection=projection)
 

@@ -68,9 +68,14 @@ class PerturbationSelection:
     def interval(self):
         return self.options["tune_epochs"]
 
+    @staticmethod
+    def steps(edges, k):
+        """How many selection steps one cell type takes: one per edge, then one per node with more than k inputs."""
+        return len(edges) + len(topology_nodes(edges, k))
+
     def tuning_epochs(self, edges, k):
         """How many epochs the selection tunes the supernet for, its steps included."""
-        return self.interval * (len(edges) + len(topology_nodes(edges, k)) - 1) + 1
+        return self.interval * (self.steps(edges, k) - 1) + 1
 
     @staticmethod
     def measurements(edges, k, operations):
