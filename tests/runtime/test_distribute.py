@@ -324,6 +324,49 @@ def test_batch_norm_global_equals_one_device_and_replica_equals_one_device_per_s
     assert len(set(calls["replica_second"])) == 4  # two passes per replica, each called where needed
 
 
+ALL_REDUCE_CHILD = """
+import json
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from keras_darts.runtime.distribution import cross_replica_mean, cross_replica_sum
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+shapes = [[3, 2], [4], [3, 2], [2, 2, 1], [4], [3, 2], []]
+
+def values(replica):
+    # Every tensor distinct on each replica; an int32 tensor travels in its own vector.
+    floats = [tf.reshape(tf.range(tf.reduce_prod(s), dtype=tf.float32), s) * (i + 1) + 100.0 * tf.cast(replica, tf.float32)
+              for i, s in enumerate(shapes)]
+    return {"floats": floats, "count": tf.stack([replica, 7])}
+
+@tf.function(autograph=False)
+def reduced():
+    def on_replica():
+        mine = values(tf.distribute.get_replica_context().replica_id_in_sync_group)
+        return cross_replica_mean(mine), cross_replica_sum(mine)
+    return strategy.run(on_replica)
+
+mean, total = reduced()
+local = lambda tree: tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0].numpy().tolist(), tree)
+print(json.dumps({"mean": local(mean), "sum": local(total),
+                  "replicas": [tf.nest.map_structure(lambda t: t.numpy().tolist(), values(tf.constant(r))) for r in (0, 1)]}))
+"""
+
+
+def test_replica_reductions_pack_tensors_of_every_shape_and_dtype_and_return_each_in_its_place():
+    done = subprocess.run([sys.executable, "-c", ALL_REDUCE_CHILD], capture_output=True, text=True,
+                          env=child_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    first, second = out["replicas"]
+    for got, a, b in zip(out["mean"]["floats"], first["floats"], second["floats"]):
+        np.testing.assert_array_equal(np.array(got), (np.array(a) + np.array(b)) / 2)
+    for got, a, b in zip(out["sum"]["floats"], first["floats"], second["floats"]):
+        np.testing.assert_array_equal(np.array(got), np.array(a) + np.array(b))
+    assert out["sum"]["count"] == [1, 14]
+    assert len(out["mean"]["floats"]) == 7 and np.array(out["mean"]["floats"][6]).shape == ()
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,19 +16,25 @@ def test_cosine_schedule_is_the_reference_one():
         assert cosine_learning_rate(epoch, 50, 0.025, 0.001) == pytest.approx(expected, rel=1e-12)
 
 
-def test_sgd_has_pytorch_momentum_coupled_decay_and_clipping():
+# Several tensors, shapes repeated and interleaved: each gets its own formula, in its place.
+SHAPES = [(3, 2), (4,), (3, 2), (2, 2, 1), (4,), (3, 2)]
+
+
+@pytest.mark.parametrize("weight_decay,grad_clip", [(0.01, 1.0), (0.0, 1.0), (0.01, None), (0.0, None)])
+def test_sgd_has_pytorch_momentum_coupled_decay_and_clipping(weight_decay, grad_clip):
     rng = np.random.default_rng(0)
-    start = [rng.normal(size=(3, 2)), rng.normal(size=(4,))]
+    start = [rng.normal(size=shape) for shape in SHAPES]
     variables = [tf.Variable(w, dtype=tf.float64) for w in start]
-    optimizer = CoupledSGD(variables, momentum=0.9, weight_decay=0.01, grad_clip=1.0)
+    optimizer = CoupledSGD(variables, momentum=0.9, weight_decay=weight_decay, grad_clip=grad_clip)
     weights = [w.copy() for w in start]
     buffers = [np.zeros_like(w) for w in start]
     for lr in (0.1, 0.05, 0.02):  # the learning rate changes between steps, as per epoch
         grads = [rng.normal(size=w.shape) * 3 for w in start]
         norm = math.sqrt(sum(float((g**2).sum()) for g in grads))
-        scale = min(1.0, 1.0 / (norm + 1e-6))
-        for i in range(2):
-            direction = grads[i] * scale + 0.01 * weights[i]
+        scale = 1.0 if grad_clip is None else min(1.0, grad_clip / (norm + 1e-6))
+        assert scale < 1.0 or grad_clip is None  # the gradients are large enough to be clipped
+        for i in range(len(start)):
+            direction = grads[i] * scale + weight_decay * weights[i]
             buffers[i] = 0.9 * buffers[i] + direction
             weights[i] = weights[i] - lr * buffers[i]
         reported = optimizer.apply([tf.constant(g) for g in grads], lr)
@@ -46,6 +52,20 @@ def test_sgd_virtual_step_does_not_touch_variables():
     np.testing.assert_allclose(virtual[0].numpy(), [0.85, 1.84], rtol=1e-12)
     np.testing.assert_array_equal(variables[0].numpy(), [1.0, 2.0])
     np.testing.assert_array_equal(optimizer.momentum_buffers[0].numpy(), [1.0, 1.0])
+
+
+def test_virtual_step_of_many_tensors_is_the_formula_for_each_in_its_place():
+    rng = np.random.default_rng(2)
+    start = [rng.normal(size=shape) for shape in SHAPES]
+    variables = [tf.Variable(w, dtype=tf.float64) for w in start]
+    optimizer = CoupledSGD(variables, momentum=0.9, weight_decay=3e-4, grad_clip=5.0)
+    buffers = [rng.normal(size=shape) for shape in SHAPES]
+    for buffer, value in zip(optimizer.momentum_buffers, buffers):
+        buffer.assign(value)
+    grads = [rng.normal(size=shape) for shape in SHAPES]
+    virtual = optimizer.virtual_step([v.value() for v in variables], [tf.constant(g) for g in grads], 0.05)
+    for got, w, m, g in zip(virtual, start, buffers, grads):
+        np.testing.assert_allclose(got.numpy(), w - 0.05 * (0.9 * m + g + 3e-4 * w), rtol=1e-12)
 
 
 def test_adam_has_pytorch_epsilon_and_coupled_decay():
