@@ -334,7 +334,7 @@ strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 shapes = [[3, 2], [4], [3, 2], [2, 2, 1], [4], [3, 2], []]
 
 def values(replica):
-    # Every tensor distinct on each replica; an int32 tensor travels in its own vector.
+    # Every tensor distinct on each replica; the int32 one, alone in its dtype, takes the strategy's own reduction.
     floats = [tf.reshape(tf.range(tf.reduce_prod(s), dtype=tf.float32), s) * (i + 1) + 100.0 * tf.cast(replica, tf.float32)
               for i, s in enumerate(shapes)]
     return {"floats": floats, "count": tf.stack([replica, 7])}
