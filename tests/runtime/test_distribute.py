@@ -33,11 +33,15 @@ def document(order, two_cells=True, **space):
     return doc
 
 
-MIRRORED_CHILD = """
-import json, sys
+# Every child process starts by splitting the CPU into two logical devices, before TensorFlow initialises.
+TWO_CPUS = """
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+"""
+
+MIRRORED_CHILD = TWO_CPUS + """
+import json, sys
 import numpy as np
 import keras_darts as kd
 from keras_darts.runtime.workflow import search
@@ -91,11 +95,8 @@ def test_mirrored_on_two_logical_cpus_equals_one_device():
         assert mirrored[order]["arch_grad_norm"] == pytest.approx(single.history[-1]["arch_grad_norm"], rel=1e-3)
 
 
-EXACT_CHILD = """
+EXACT_CHILD = TWO_CPUS + """
 import json, sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras_darts as kd
 from keras_darts.runtime.workflow import search
 from keras_darts.runtime.distribution import make_strategy
@@ -131,11 +132,8 @@ def test_exact_second_order_on_two_logical_cpus_equals_one_device():
     assert out["mirrored"]["arch_grad_norm"] == pytest.approx(out["single"]["arch_grad_norm"], rel=1e-4)
 
 
-RETRAIN_CHILD = """
+RETRAIN_CHILD = TWO_CPUS + """
 import json, sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np
 import keras_darts as kd
 from keras_darts.runtime.data import load_image_data
@@ -202,11 +200,8 @@ def test_retraining_on_two_logical_cpus_equals_one_device_and_restores_across_re
     assert out["mirrored_from_single"]["test_loss"] == pytest.approx(single["test_loss"], rel=1e-6)
 
 
-BATCH_NORM_CHILD = """
+BATCH_NORM_CHILD = TWO_CPUS + """
 import json, sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 import numpy as np
 import keras_darts as kd
@@ -324,11 +319,8 @@ def test_batch_norm_global_equals_one_device_and_replica_equals_one_device_per_s
     assert len(set(calls["replica_second"])) == 4  # two passes per replica, each called where needed
 
 
-ALL_REDUCE_CHILD = """
+ALL_REDUCE_CHILD = TWO_CPUS + """
 import json
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from keras_darts.runtime.distribution import cross_replica_mean, cross_replica_sum
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 shapes = [[3, 2], [4], [3, 2], [2, 2, 1], [4], [3, 2], []]
