@@ -70,6 +70,23 @@ def replica_batch_statistics(enabled=True):
         _REPLICA_STATISTICS[0] = previous
 
 
+# Set while a step is traced with ``global`` batch norm on replicas that all-reduce without
+# ``merge_call`` (``runtime.distribution.ReplicaAllReduce``): its ``sum`` replaces the
+# strategy's own reduction, so the passes holding the batch norms can stay nested functions.
+_ALL_REDUCE = [None]
+
+
+@contextlib.contextmanager
+def replica_all_reduce(reducer):
+    """Batch norms traced inside all-reduce their statistics with ``reducer.sum`` (``None``: the strategy's)."""
+    previous = _ALL_REDUCE[0]
+    _ALL_REDUCE[0] = reducer
+    try:
+        yield
+    finally:
+        _ALL_REDUCE[0] = previous
+
+
 def cross_replica_moments(x, axes):
     """Mean and biased variance of ``x`` over ``axes`` and over all replicas, or ``None`` on one replica.
 
@@ -85,9 +102,18 @@ def cross_replica_moments(x, axes):
     if context is None or context.num_replicas_in_sync == 1:
         return None
     count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), list(axes))), x.dtype)
-    total, count = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axes), count])
+    reducer = _ALL_REDUCE[0]
+    if reducer is not None:  # the sums and the count as one vector: one all-reduce, not two
+        summed = reducer.sum(tf.concat([tf.reduce_sum(x, axes), tf.reshape(count, [1])], 0))
+        total, count = summed[:-1], summed[-1]
+    else:
+        total, count = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axes), count])
     mean = total / count
-    squares = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axes))
+    squares = tf.reduce_sum(tf.square(x - mean), axes)
+    if reducer is not None:
+        squares = reducer.sum(squares)
+    else:
+        squares = context.all_reduce(tf.distribute.ReduceOp.SUM, squares)
     return mean, squares / count, count
 
 

@@ -48,9 +48,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_darts.compiler.methods import clip_to_simplex, harmonizing_directions
-from keras_darts.compiler.ops import replica_batch_statistics
+from keras_darts.compiler.ops import replica_all_reduce, replica_batch_statistics
 
-from .distribution import cross_replica_mean, replica_slices
+from .distribution import ReplicaAllReduce, cross_replica_mean, replica_slices
 from .graph_build import StepFunction, built_as_the_process_runs
 from .objectives import ImageClassification
 from .optimizers import clip_by_global_norm, clip_coefficient, scalar
@@ -95,6 +95,11 @@ class Bilevel:
         if batch_norm not in ("global", "replica"):
             raise ValueError(f"batch_norm must be 'global' or 'replica'. Received: batch_norm={batch_norm!r}")
         self.batch_norm = batch_norm
+        # global batch norm on a MirroredStrategy: the batch norms all-reduce without merge_call.
+        self.all_reduce = (ReplicaAllReduce(strategy) if batch_norm == "global" and ReplicaAllReduce.available(strategy)
+                           else None)
+        # Elsewhere under a strategy, global batch norm's passes are traced into the step (compile_passes).
+        self.passes_inlined = strategy is not None and batch_norm == "global" and self.all_reduce is None
         # The graph optimiser for the compiled steps: None decides by the devices (graph_build).
         self.grappler = grappler
         self.reuse_virtual_gradient = reuse_virtual_gradient
@@ -123,12 +128,14 @@ class Bilevel:
         def compile_pass(fn, input_signature=signature):
             # Kept as function calls (not inlined) so each body is traced and optimised once.
             # Under a strategy with global batch norm the passes hold cross-replica reductions
-            # (batch statistics), which cannot sit in a nested function (a CPU or non-XLA
-            # replica all-reduces by merge_call): there they are traced into the step itself,
-            # once per call. With replica batch norm they hold no collective; a strategy of
-            # several devices traces them once per replica device (tf.function keys its cache
-            # by device there), so what a replica draws from its id stays its own.
-            if strategy is not None and self.batch_norm == "global":
+            # (batch statistics). On a MirroredStrategy each replica launches them itself
+            # (ReplicaAllReduce), so the passes stay nested. Other strategies (multi-worker, TPU)
+            # keep their own all-reduce, which may go through merge_call and so cannot sit in a
+            # nested function: there the passes are traced into the step itself, once per call.
+            # With replica batch norm they hold no collective. A strategy of several devices traces a nested pass
+            # once per replica device (tf.function keys its cache by device there), so what a
+            # replica draws from its id stays its own.
+            if self.passes_inlined:
                 return fn
             return tf.function(fn, input_signature=input_signature, autograph=False, experimental_attributes={"_noinline": True})
 
@@ -602,7 +609,7 @@ class Bilevel:
         def distributed_step(train, val, weights_lr, arch_lr):
             # Each replica takes its slice of the global batches; metrics are averaged
             # already, and the carried states are gathered back into global ones.
-            with replica_batch_statistics(self.batch_norm == "replica"):
+            with replica_batch_statistics(self.batch_norm == "replica"), replica_all_reduce(self.all_reduce):
                 metrics, train_state, val_state = strategy.run(
                     iteration,
                     args=(replica_slices(strategy, train, split), replica_slices(strategy, val, split), weights_lr,

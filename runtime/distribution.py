@@ -10,6 +10,7 @@ applies the same averaged update to its own copy, so the alphas are identical
 on every replica at every step. Only the chief writes the run directory.
 """
 
+import itertools
 import os
 
 import tensorflow as tf
@@ -116,6 +117,52 @@ def _all_reduce(values, op):
                 shapes[shape] = tf.constant(shape, tf.int32)
             reduced[i] = tf.reshape(part, shapes[shape])
     return tf.nest.pack_sequence_as(values, reduced)
+
+
+class ReplicaAllReduce:
+    """Differentiable all-reduce sums that each replica of a MirroredStrategy makes on its own.
+
+    A replica's ``ReplicaContext.all_reduce`` goes through ``merge_call`` on
+    CPUs (and on GPUs outside XLA): every replica stops, and one thread reduces
+    their values. That cannot happen inside a nested function, so passes whose
+    batch norms all-reduce had to be traced into the step, once per call and per
+    replica. Here each replica launches collective all-reduce ops itself, with
+    TensorFlow's own launchers (one per device, in a group of their own): the
+    instance keys are assigned at each call, so one pass called twice in a step
+    reduces twice, and an ordering token per device keeps each device's
+    collectives in one order. The gradient of a sum over replicas is the sum
+    over replicas of the gradients, so the gradient is this reduction again, and
+    so is its own (exact second order differentiates twice).
+    """
+
+    # A group of its own for each instance, apart from the strategy's own collectives (numbered from 1).
+    _group_keys = itertools.count(1_000_000)
+
+    def __init__(self, strategy):
+        from tensorflow.python.distribute import collective_util, cross_device_utils
+
+        devices = list(strategy.extended.worker_devices)
+        keys = cross_device_utils.CollectiveKeys(group_key_start=next(self._group_keys))
+        group = keys.get_group_key(devices)
+        self.launchers = [cross_device_utils.CollectiveReplicaLauncher(group, len(devices), keys, device,
+                                                                       collective_util.Options())
+                          for device in devices]
+
+    @staticmethod
+    def available(strategy):
+        """Whether ``strategy`` is a MirroredStrategy of several devices in this process (not multi-worker, not TPU)."""
+        return isinstance(strategy, tf.distribute.MirroredStrategy) and strategy.num_replicas_in_sync > 1
+
+    def sum(self, x):
+        """``x`` summed over the replicas, on the replica whose function is being traced."""
+        replica = int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
+        launcher = self.launchers[replica]
+
+        @tf.custom_gradient
+        def summed(value):
+            return launcher.all_reduce(value), self.sum
+
+        return summed(x)
 
 
 def cross_replica_mean(values):

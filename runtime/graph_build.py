@@ -22,8 +22,9 @@ been measured again. The figures, both sides, are in ``benchmarks/README.md``.
 (``disable_meta_optimizer``) for a convolutional search on a machine whose
 only devices are CPUs when the search plans at most
 ``SHORT_SEARCH_ITERATIONS`` iterations (tests, quickstarts, estimates: they
-start sooner), and keeps it on for longer searches, under a multi-replica
-strategy, and with a GPU, where its layout optimiser and op fusions are what
+start sooner), and keeps it on for longer searches, where global batch
+norm's passes are traced into the step (multi-worker and TPU replicas), and
+with a GPU, where its layout optimiser and op fusions are what
 make convolutions fast. A recurrent search keeps it on: its step is
 thousands of small ops over the unrolled sequence, which Grappler's rewrites
 do speed up on a CPU. ``on`` and ``off`` force it.
@@ -78,20 +79,25 @@ def accelerated():
     return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
-def resolve_graph_optimizer(setting, current, iterations, replicas=1):
+def resolve_graph_optimizer(setting, current, iterations, passes_inlined=False):
     """Whether a search's steps run with Grappler, for ``search.graph_optimizer`` ``setting``.
 
     ``current`` is what the search's builder chose (``True`` for a recurrent
     search, ``None`` for no choice); ``iterations`` the search's planned
-    total; ``replicas`` the strategy's replica count. Under several replicas
-    ``auto`` keeps Grappler on: a two-replica SMALL second-order step with
-    global batch norm ran out of 24 GiB while building without it.
+    total; ``passes_inlined`` whether the passes are traced into the step
+    (global batch norm under a multi-worker or TPU strategy), where ``auto``
+    keeps Grappler on: a two-replica SMALL second-order step built that way
+    ran out of 24 GiB without it. A MirroredStrategy keeps its passes nested
+    (with global batch norm each replica launches its own all-reduces), and
+    there Grappler did not make an iteration faster (two replicas, SMALL
+    second order, global: 5.91 s on, 5.93 s off) and made the first call
+    647 s against 367 s.
     """
     if setting != "auto":
         return setting == "on"
     if current is not None:
         return current
-    return accelerated() or replicas > 1 or iterations > SHORT_SEARCH_ITERATIONS
+    return accelerated() or passes_inlined or iterations > SHORT_SEARCH_ITERATIONS
 
 
 def meta_optimizer_disabled():

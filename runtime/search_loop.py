@@ -223,10 +223,9 @@ class SearchSteps:
         self.config = spec.search
         self.task = task
         self.bilevel = task.bilevel
-        strategy = self.bilevel.strategy
         self.bilevel.grappler = resolve_graph_optimizer(self.config.graph_optimizer, self.bilevel.grappler,
                                                         self.config.epochs * task.steps_in_epoch(0),
-                                                        strategy.num_replicas_in_sync if strategy else 1)
+                                                        self.bilevel.passes_inlined)
         self.step_function = self.bilevel.compiled_iteration(self.config.order, self.config.second_order_mode)
         # DARTS-PT: tuning epochs after the search's, with selection steps between them.
         self.selection = (SupernetSelection(spec, task) if self.bilevel.model.method.selection is not None

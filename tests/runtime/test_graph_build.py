@@ -118,8 +118,10 @@ def test_auto_builds_short_convolutional_searches_on_cpus_without_the_optimiser(
     assert resolve_graph_optimizer("auto", True, short) is True  # the builder's choice (recurrent) stands
     assert resolve_graph_optimizer("on", None, short) is True
     assert resolve_graph_optimizer("off", True, long) is False
-    assert resolve_graph_optimizer("auto", None, short, replicas=2) is True
-    assert resolve_graph_optimizer("off", None, short, replicas=2) is False
+    # Passes traced into the step (global batch norm on multi-worker or TPU replicas) keep it on.
+    assert resolve_graph_optimizer("auto", None, short, passes_inlined=True) is True
+    assert resolve_graph_optimizer("auto", None, long, passes_inlined=True) is True
+    assert resolve_graph_optimizer("off", None, short, passes_inlined=True) is False
     monkeypatch.setattr(graph_build.tf.config, "list_logical_devices", lambda kind: ["/gpu:0"] if kind == "GPU" else [])
     assert resolve_graph_optimizer("auto", None, short) is True
 
