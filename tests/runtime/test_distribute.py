@@ -25,7 +25,8 @@ def document(order, two_cells=True, **space):
     doc = tiny_spec_document(reduction_cells=[1], **space) if two_cells else tiny_spec_document(**space)
     if two_cells:
         doc["search_space"]["network"]["layers"] = 2
-    # Grappler off, as a short search on one CPU runs (auto keeps it on under several replicas):
+    # Grappler off, as a short search on one CPU runs (auto does so on mirrored replicas too, and
+    # keeps it on for multi-worker ones, whose global batch norm passes are traced into the step):
     # these tests compare distribution with one device, and build in half the time without it.
     doc["search"].update({"epochs": 1, "steps_per_epoch": 3, "order": order, "deterministic": True,
                           "diagnostics": {"hessian_eigenvalue": False}, "graph_optimizer": "off"})
