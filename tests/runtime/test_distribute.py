@@ -373,8 +373,10 @@ def test_multi_worker_on_localhost_equals_one_device(tmp_path):
     # differed by 3.6e-4 relative; not investigated).
     # First order: over gRPC every all-reduce is a round trip, and global batch norm makes
     # hundreds per pass (two second-order iterations took 10 to 17 s here; first order has two
-    # passes, not five). Second order on several replicas runs the same code under MirroredStrategy, in the
-    # two tests above; what this one adds is the cluster, the chief and the workers' checkpoints.
+    # passes, not five). Second order on several replicas is tested under MirroredStrategy above,
+    # whose replicas launch their batch norms' all-reduces themselves; here they go through the
+    # strategy, with the passes traced into the step. What this test adds is that path, the
+    # cluster, the chief and the workers' checkpoints.
     # Without max pooling, as in the mirrored test: with it, these alphas came out 4.7e-5 apart.
     doc = document("first", two_cells=False, operations=["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"])
     doc["data"]["max_train_examples"] = 640  # 10 retraining steps of 64, each with its all-reduces
