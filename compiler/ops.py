@@ -11,6 +11,7 @@ parameters (``affine=False``), derived networks' BNs do.
 """
 
 import contextlib
+import functools
 import weakref
 
 import keras
@@ -62,12 +63,8 @@ def replica_batch_statistics(enabled=True):
     SyncBN. Outside it (``global``, the default) a batch norm under a strategy
     all-reduces its statistics and normalises over the global batch.
     """
-    previous = _REPLICA_STATISTICS[0]
-    _REPLICA_STATISTICS[0] = bool(enabled)
-    try:
+    with _holding(_REPLICA_STATISTICS, bool(enabled)):
         yield
-    finally:
-        _REPLICA_STATISTICS[0] = previous
 
 
 # Set while a step is traced with ``global`` batch norm on replicas that all-reduce without
@@ -79,12 +76,19 @@ _ALL_REDUCE = [None]
 @contextlib.contextmanager
 def replica_all_reduce(reducer):
     """Batch norms traced inside all-reduce their statistics with ``reducer.sum`` (``None``: the strategy's)."""
-    previous = _ALL_REDUCE[0]
-    _ALL_REDUCE[0] = reducer
+    with _holding(_ALL_REDUCE, reducer):
+        yield
+
+
+@contextlib.contextmanager
+def _holding(cell, value):
+    """``cell[0]`` is ``value`` inside, and what it was before after."""
+    previous = cell[0]
+    cell[0] = value
     try:
         yield
     finally:
-        _ALL_REDUCE[0] = previous
+        cell[0] = previous
 
 
 def cross_replica_moments(x, axes):
@@ -106,14 +110,12 @@ def cross_replica_moments(x, axes):
     if reducer is not None:  # the sums and the count as one vector: one all-reduce, not two
         summed = reducer.sum(tf.concat([tf.reduce_sum(x, axes), tf.reshape(count, [1])], 0))
         total, count = summed[:-1], summed[-1]
+        all_reduce = reducer.sum
     else:
-        total, count = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axes), count])
+        all_reduce = functools.partial(context.all_reduce, tf.distribute.ReduceOp.SUM)
+        total, count = all_reduce([tf.reduce_sum(x, axes), count])
     mean = total / count
-    squares = tf.reduce_sum(tf.square(x - mean), axes)
-    if reducer is not None:
-        squares = reducer.sum(squares)
-    else:
-        squares = context.all_reduce(tf.distribute.ReduceOp.SUM, squares)
+    squares = all_reduce(tf.reduce_sum(tf.square(x - mean), axes))
     return mean, squares / count, count
 
 

@@ -98,8 +98,6 @@ class Bilevel:
         # global batch norm on a MirroredStrategy: the batch norms all-reduce without merge_call.
         self.all_reduce = (ReplicaAllReduce(strategy) if batch_norm == "global" and ReplicaAllReduce.available(strategy)
                            else None)
-        # Elsewhere under a strategy, global batch norm's passes are traced into the step (compile_passes).
-        self.passes_inlined = strategy is not None and batch_norm == "global" and self.all_reduce is None
         # The graph optimiser for the compiled steps: None decides by the devices (graph_build).
         self.grappler = grappler
         self.reuse_virtual_gradient = reuse_virtual_gradient
@@ -109,6 +107,11 @@ class Bilevel:
         if reuse_virtual_gradient and (unrolled_clip is not None or self.objective.regularized):
             raise ValueError("reuse_virtual_gradient needs a virtual step that takes the weight step's own gradient.")
         self.compile_passes()
+
+    @property
+    def passes_inlined(self):
+        """Whether the passes are traced into the step: global batch norm under a strategy other than mirrored."""
+        return self.strategy is not None and self.batch_norm == "global" and self.all_reduce is None
 
     def enter_stage(self, stage):
         """Move a supernet searched in stages (``Supernet.enter_stage``) into ``stage``, the weights' momentum
@@ -132,9 +135,9 @@ class Bilevel:
             # (ReplicaAllReduce), so the passes stay nested. Other strategies (multi-worker, TPU)
             # keep their own all-reduce, which may go through merge_call and so cannot sit in a
             # nested function: there the passes are traced into the step itself, once per call.
-            # With replica batch norm they hold no collective. A strategy of several devices traces a nested pass
-            # once per replica device (tf.function keys its cache by device there), so what a
-            # replica draws from its id stays its own.
+            # With replica batch norm they hold no collective. A strategy of several devices
+            # traces a nested pass once per replica device (tf.function keys its cache by device
+            # there), so what a replica draws from its id stays its own.
             if self.passes_inlined:
                 return fn
             return tf.function(fn, input_signature=input_signature, autograph=False, experimental_attributes={"_noinline": True})
