@@ -51,7 +51,7 @@ from keras_darts.compiler.methods import clip_to_simplex, harmonizing_directions
 from keras_darts.compiler.ops import replica_all_reduce, replica_batch_statistics
 
 from .distribution import ReplicaAllReduce, cross_replica_mean, replica_slices
-from .graph_build import StepFunction, built_as_the_process_runs
+from .graph_build import NestedFunction, StepFunction, built_as_the_process_runs
 from .objectives import ImageClassification
 from .optimizers import clip_by_global_norm, clip_coefficient, scalar
 from .precision import computing_in, loss_scale_for
@@ -140,7 +140,7 @@ class Bilevel:
             # there), so what a replica draws from its id stays its own.
             if self.passes_inlined:
                 return fn
-            return tf.function(fn, input_signature=input_signature, autograph=False, experimental_attributes={"_noinline": True})
+            return NestedFunction(fn, input_signature)
 
         # Evaluation runs outside the replicas, always as its own function.
         self.loss_at = tf.function(self._loss_at, input_signature=signature, autograph=False)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import keras_darts as kd
 from keras_darts.runtime import graph_build
-from keras_darts.runtime.graph_build import (StepFunction, built_as_the_process_runs, grappler_off,
+from keras_darts.runtime.graph_build import (NestedFunction, StepFunction, built_as_the_process_runs, grappler_off,
                                              meta_optimizer_disabled, resolve_graph_optimizer)
 from tests.conftest import tiny_spec_document
 from tests.runtime.test_bilevel import ETA, batches, make_bilevel
@@ -75,6 +75,50 @@ def test_a_step_function_traces_its_nested_functions_under_the_setting_it_calls_
         expected = grappler and not caller_off
         assert nested_calls_optimised(step.get_concrete_function().graph) == [expected, expected]
         assert meta_optimizer_disabled() is False
+
+
+def call_ops(graph):
+    """``(function name, whether TensorFlow's graph builder skipped its body's shape inference)`` per call op."""
+    return [(op.get_attr("f").name, op.node_def.attr["_disable_call_shape_inference"].b)
+            for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+
+
+def test_a_nested_function_call_skips_the_shape_inference_of_its_body_and_computes_the_same():
+    def body(x, w):
+        return tf.reduce_sum(tf.nn.relu(tf.matmul(x, w)) ** 2)
+
+    signature = [tf.TensorSpec((3, 4), tf.float32), tf.TensorSpec((4, 2), tf.float32)]
+    nested = NestedFunction(body, signature)
+    plain = tf.function(body, input_signature=signature, autograph=False,
+                        experimental_attributes={"_noinline": True})
+
+    @tf.function(input_signature=signature, autograph=False)
+    def outer(x, w):
+        first = nested(x, w)
+        with tf.GradientTape() as tape:  # a gradient through a marked call
+            tape.watch(w)
+            second = nested(x, 2.0 * w)
+        after = plain(x, w)  # made after the nested calls: unmarked
+        return first, second, tape.gradient(second, w), after
+
+    x = tf.constant(np.linspace(-1.0, 1.0, 12).reshape(3, 4), tf.float32)
+    w = tf.constant(np.linspace(-0.5, 1.5, 8).reshape(4, 2), tf.float32)
+    first, second, gradient, after = outer(x, w)
+    # d/dw sum(relu(x 2w)^2) = 2 x^T relu(x 2w) . 2 (the chain rule through 2w).
+    expected_gradient = 4.0 * tf.matmul(x, tf.nn.relu(tf.matmul(x, 2.0 * w)), transpose_a=True)
+    np.testing.assert_allclose(float(first), float(body(x, w)), rtol=1e-6)
+    np.testing.assert_allclose(float(second), float(body(x, 2.0 * w)), rtol=1e-6)
+    np.testing.assert_allclose(gradient.numpy(), expected_gradient.numpy(), rtol=1e-6)
+    assert float(after) == float(first)
+    graph = outer.get_concrete_function().graph
+    calls = call_ops(graph)
+    # In the order made: the plain call, the call of the forward function the tape asked for, the
+    # other function's call, and the backward function's call that tape.gradient made after them.
+    assert [name.split("_body")[0] for name, _ in calls] == [
+        "__inference", "__forward", "__inference", "__inference___backward"]
+    assert [marked for _, marked in calls] == [True, True, False, False]
+    assert not getattr(graph.create_op, "marks_calls", False)  # the graph's own create_op is back
+    assert float(nested(x, w)) == float(first)  # called eagerly, outside any trace
 
 
 def test_by_default_the_optimiser_is_off_on_cpus_and_on_with_an_accelerator(monkeypatch):
