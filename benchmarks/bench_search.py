@@ -24,6 +24,11 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL --grappler on off --paired-grappler   # graph optimiser
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --replicas 2 --batch-norm global replica
     python benchmarks/bench_search.py --configs SMALL PAPER --precision float32 mixed_bfloat16   # 16-bit compute
+    python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --call-shape-inference skipped inferred
+
+``--call-shape-inference inferred`` builds the steps as before the passes'
+calls skipped TensorFlow's shape inference of their bodies
+(``graph_build.NestedFunction``), to compare both builds in one run.
 
 ``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
 devices, at the same global batch, for the throughput per replica
@@ -84,6 +89,8 @@ PROGRESSIVE_OPTIONS = {"progressive": True, "stage_partial_channels": [4, 2], "s
 # ``--grappler`` values and what ``compiled_iteration`` takes for them.
 GRAPPLER_FLAGS = {"auto": None, "on": True, "off": False}
 GRAPPLER_NAMES = {None: "auto", True: "on", False: "off"}
+# How the passes' calls were built: skipping TensorFlow's shape inference of their bodies, or not.
+CALLS = {"skipped": "skip", "inferred": "infer"}
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 
 
@@ -233,10 +240,16 @@ def search_epoch(config_name, steps):
 
 
 def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
-            method=None, grappler=None, batch_norm="global", paired_grappler=False, precision="float32"):
+            method=None, grappler=None, batch_norm="global", paired_grappler=False, precision="float32",
+            call_shape_inference="skipped"):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
+
+    if call_shape_inference == "inferred":  # the build before the passes' calls were marked
+        from keras_darts.runtime.graph_build import NestedFunction
+
+        NestedFunction.__call__ = lambda self, *args: self.function(*args)
 
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
@@ -254,7 +267,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         config["batch"] = batch
     extra = {"batch": config["batch"], "replicas": replicas, "search_options": options, "method": method or "darts",
              "grappler": GRAPPLER_NAMES[grappler], "batch_norm": batch_norm if replicas else None,
-             "precision": precision}
+             "precision": precision, "call_shape_inference": call_shape_inference if mode in STEP_MODES else None}
     if config_name == "RNN":
         if replicas or mode in EXTRA_MODES:
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -475,6 +488,23 @@ def print_precisions(results):
                   f"{row['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")
 
 
+def print_call_shape_inference(results):
+    """Each search step built with its passes' calls skipping shape inference beside the same step inferring it."""
+    setting = ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm", "precision")
+    for row in results:
+        if row.get("call_shape_inference") != "skipped":
+            continue
+        inferred = next((r for r in results if r.get("call_shape_inference") == "inferred"
+                         and all(r.get(key) == row.get(key) for key in setting)), None)
+        if inferred and row.get("trace_seconds") is not None:
+            print(f"{row['config']} {row['mode']} rep {row.get('replicas') or '-'}: calls skipping / inferring shape "
+                  f"inference: trace {row['trace_seconds']:.1f} / {inferred['trace_seconds']:.1f} s "
+                  f"({row['trace_seconds'] / inferred['trace_seconds']:.2f}x), first call "
+                  f"{row['first_call_seconds']:.1f} / {inferred['first_call_seconds']:.1f} s "
+                  f"({row['first_call_seconds'] / inferred['first_call_seconds']:.2f}x), s/iter "
+                  f"{row['median_seconds']:.3f} / {inferred['median_seconds']:.3f}")
+
+
 def cpu_model():
     """The CPU's model name and whether it has AVX-512 (Linux), or ``(None, None)``: figures from machines
     without the same vector units do not compare."""
@@ -551,6 +581,9 @@ def main():
     parser.add_argument("--paired-grappler", action="store_true",
                         help="also time each search step with the graph optimiser the other way, alternately "
                              "in the same process (the 'x other' column: this setting's time over the other's)")
+    parser.add_argument("--call-shape-inference", nargs="+", default=["skipped"], choices=["skipped", "inferred"],
+                        help="whether the passes' calls skip TensorFlow's shape inference of their bodies (skipped, "
+                             "as the search builds them) or not (inferred, as before); several values measure each")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
@@ -565,7 +598,7 @@ def main():
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
                                  args.replica_count, options, args.paired, args.method,
                                  GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
-                                 args.precision[0])))
+                                 args.precision[0], args.call_shape_inference[0])))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -590,9 +623,13 @@ def main():
     runs = [(*run[:7], precision, *run[7:]) for run in runs
             for precision in (args.precision if run[0] != "RNN" and run[1] not in ("retrain_step", "search_epoch")
                               else ["float32"])]
-    for config, mode, batch, replicas, method, setting, norm, precision, *steps in runs:
+    # Search step runs with each call shape inference asked for.
+    runs = [(*run[:8], calls, *run[8:]) for run in runs
+            for calls in (args.call_shape_inference if run[1] in STEP_MODES else args.call_shape_inference[:1])]
+    for config, mode, batch, replicas, method, setting, norm, precision, calls, *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,
-                   "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--precision", precision]
+                   "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--precision", precision,
+                   "--call-shape-inference", calls]
         if method:
             command += ["--method", method]
         if steps:
@@ -613,7 +650,8 @@ def main():
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         write_report(args.output, results, {})  # after every row: a long run stopped early keeps what it measured
         print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
-              f"replicas {replicas or '-'} {precision}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr,
+              f"replicas {replicas or '-'} {precision} calls {calls}: {results[-1]['median_seconds']:.3f} s",
+              file=sys.stderr,
               flush=True)
     estimates = {config: estimate_config(config, options) for config in args.configs} if args.with_estimate else {}
     report = write_report(args.output, results, estimates)
@@ -621,7 +659,7 @@ def main():
     # they stay in the JSON and in benchmarks/README.md's text, not beside this run's figures.
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'grappler':>8s} {'trace s':>7s} {'first call':>10s} " \
-             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s}"
+             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s} {'calls':>5s}"
     print(header)
     for row in results:
         batch = row["batch"]
@@ -639,8 +677,10 @@ def main():
               f"{row['median_seconds']:8.3f} {1000 * row['median_seconds'] / batch:10.2f} "
               f"{batch / row['median_seconds'] / replicas:8.1f} {ratio} {grappler:>8s} {trace} "
               f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6} "
-              f"{paired} {other} {SHORT_PRECISION[row.get('precision', 'float32')]:>9s}")
+              f"{paired} {other} {SHORT_PRECISION[row.get('precision', 'float32')]:>9s} "
+              f"{CALLS.get(row.get('call_shape_inference'), '-'):>5s}")
     print_precisions(results)
+    print_call_shape_inference(results)
     for row in results:
         if row["mode"] == "darts_pt_measure":
             per_image = row["median_seconds"] / row["batch"]
