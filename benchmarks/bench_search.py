@@ -258,10 +258,10 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     options = {k: v for k, v in (options or {}).items()
                if k != "reuse_virtual_gradient" or mode.startswith("second_order")}
     strategy = replicated(replicas) if replicas else None
-    if grappler is None and replicas:  # as a search resolves auto under a strategy
+    if grappler is None and replicas:  # as a search resolves auto on a MirroredStrategy (its passes nested)
         from keras_darts.runtime.graph_build import resolve_graph_optimizer
 
-        grappler = resolve_graph_optimizer("auto", None, 0, replicas)
+        grappler = resolve_graph_optimizer("auto", None, 0)
     config = dict(CONFIGS[config_name])
     if batch:
         config["batch"] = batch
@@ -497,7 +497,8 @@ def print_call_shape_inference(results):
         inferred = next((r for r in results if r.get("call_shape_inference") == "inferred"
                          and all(r.get(key) == row.get(key) for key in setting)), None)
         if inferred and row.get("trace_seconds") is not None:
-            print(f"{row['config']} {row['mode']} rep {row.get('replicas') or '-'}: calls skipping / inferring shape "
+            replicas = f"{row['replicas']} replicas, {row['batch_norm']} batch norm" if row.get("replicas") else "one device"
+            print(f"{row['config']} {row['mode']} {replicas}: calls skipping / inferring shape "
                   f"inference: trace {row['trace_seconds']:.1f} / {inferred['trace_seconds']:.1f} s "
                   f"({row['trace_seconds'] / inferred['trace_seconds']:.2f}x), first call "
                   f"{row['first_call_seconds']:.1f} / {inferred['first_call_seconds']:.1f} s "
