@@ -582,7 +582,7 @@ def main():
     parser.add_argument("--paired-grappler", action="store_true",
                         help="also time each search step with the graph optimiser the other way, alternately "
                              "in the same process (the 'x other' column: this setting's time over the other's)")
-    parser.add_argument("--call-shape-inference", nargs="+", default=["skipped"], choices=["skipped", "inferred"],
+    parser.add_argument("--call-shape-inference", nargs="+", default=["skipped"], choices=list(CALLS),
                         help="whether the passes' calls skip TensorFlow's shape inference of their bodies (skipped, "
                              "as the search builds them) or not (inferred, as before); several values measure each")
     parser.add_argument("--method", help=argparse.SUPPRESS)

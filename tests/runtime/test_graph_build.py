@@ -50,6 +50,10 @@ def test_a_step_function_calls_its_function_under_its_setting_and_leaves_the_pro
         assert meta_optimizer_disabled() is False
 
 
+# The ops by which a traced graph calls a function of its own.
+CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+
+
 def nested_calls_optimised(graph):
     """For each call of a nested function in ``graph``: whether the runtime optimises its body with Grappler
     (the options the call carries, which it took from the context it was traced in)."""
@@ -57,7 +61,7 @@ def nested_calls_optimised(graph):
 
     return [not config_pb2.ConfigProto.FromString(op.get_attr("config_proto")).graph_options.rewrite_options
             .disable_meta_optimizer
-            for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+            for op in graph.get_operations() if op.type in CALL_OPS]
 
 
 def test_a_step_function_traces_its_nested_functions_under_the_setting_it_calls_them_with():
@@ -80,7 +84,7 @@ def test_a_step_function_traces_its_nested_functions_under_the_setting_it_calls_
 def call_ops(graph):
     """``(function name, whether TensorFlow's graph builder skipped its body's shape inference)`` per call op."""
     return [(op.get_attr("f").name, op.node_def.attr["_disable_call_shape_inference"].b)
-            for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+            for op in graph.get_operations() if op.type in CALL_OPS]
 
 
 def test_a_nested_function_call_skips_the_shape_inference_of_its_body_and_computes_the_same():
@@ -112,8 +116,8 @@ def test_a_nested_function_call_skips_the_shape_inference_of_its_body_and_comput
     assert float(after) == float(first)
     graph = outer.get_concrete_function().graph
     calls = call_ops(graph)
-    # In the order made: the plain call, the call of the forward function the tape asked for, the
-    # other function's call, and the backward function's call that tape.gradient made after them.
+    # In the order made: the nested function's call, the call of its forward function the tape asked
+    # for, the plain function's call, and the backward function's call that tape.gradient made last.
     assert [name.split("_body")[0] for name, _ in calls] == [
         "__inference", "__forward", "__inference", "__inference___backward"]
     assert [marked for _, marked in calls] == [True, True, False, False]
