@@ -53,7 +53,7 @@ from keras_darts.compiler.ops import replica_all_reduce, replica_batch_statistic
 from .distribution import ReplicaAllReduce, cross_replica_mean, replica_slices
 from .graph_build import NestedFunction, StepFunction, built_as_the_process_runs
 from .objectives import ImageClassification
-from .optimizers import clip_by_global_norm, clip_coefficient, scalar
+from .optimizers import clip_by_global_norm, clip_coefficient, elementwise, scalar
 from .precision import computing_in, loss_scale_for
 
 # Pass numbers: each pass of an iteration draws its own dropout masks.
@@ -268,7 +268,7 @@ class Bilevel:
         plus = self.cell_gradients_at(weights, alphas, [c + epsilon * u for c, u in zip(cells, directions)], batch)[2]
         minus, plus = cross_replica_mean((minus, plus))
         weight = tf.cast(model.schedule["lambda_weight"], norm.dtype)
-        gradients = [g + weight * (m - p) / (2 * epsilon) for g, m, p in zip(gradients, minus, plus)]
+        gradients = elementwise(lambda g, m, p: g + weight * (m - p) / (2 * epsilon), gradients, minus, plus)
         return loss, metric, gradients, state
 
     def _given_train_loss_at(self, weights, probabilities, batch):
@@ -315,7 +315,7 @@ class Bilevel:
         coefficient = tf.constant(1.0, tf.float32)
         if self.unrolled_clip is not None:
             coefficient = clip_coefficient(tf.linalg.global_norm(gradients), self.unrolled_clip)
-            gradients = [g * tf.cast(coefficient, g.dtype) for g in gradients]
+            gradients = elementwise(lambda g: g * tf.cast(coefficient, g.dtype), gradients)
         return self.weights_optimizer.virtual_step(weights, gradients, learning_rate), coefficient, train_pass
 
     def virtual_weights(self, train, learning_rate, weights=None, alphas=None):
@@ -333,13 +333,13 @@ class Bilevel:
             v = clip_by_global_norm(v, self.unrolled_clip)[0]
         radius = self.hvp_epsilon / tf.linalg.global_norm(v)
         step = tf.cast(radius, weights[0].dtype)
-        plus = [w + step * d for w, d in zip(weights, v)]
+        plus = elementwise(lambda w, d: w + step * d, weights, v)
         grad_plus = cross_replica_mean(
             self.float32_alpha_gradients_at(plus, alphas, self._pass(train, PASS_PLUS))[2])
         # The two perturbed passes are independent; run them one after the
         # other so that only one holds its activations at a time.
         with tf.control_dependencies(grad_plus):
-            minus = [w - step * d for w, d in zip(weights, v)]
+            minus = elementwise(lambda w, d: w - step * d, weights, v)
         grad_minus = cross_replica_mean(
             self.float32_alpha_gradients_at(minus, alphas, self._pass(train, PASS_MINUS))[2])
         hvp = [(p - m) / tf.cast(2.0 * radius, p.dtype) for p, m in zip(grad_plus, grad_minus)]

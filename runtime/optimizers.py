@@ -17,6 +17,14 @@ Adam (architecture), per step:
 
 Each optimiser is built on its own list of variables and only ever updates
 those: ``apply`` takes gradients in that list's order.
+
+A supernet has hundreds of weights but few distinct shapes, so the arithmetic
+on lists of them stacks each group of equal shape and computes it once
+(``elementwise``): the same values, bit for bit, from a traced graph with a
+few operations per shape instead of per tensor, which builds faster. Norms
+stay per tensor (``tf.linalg.global_norm``): a norm summed in another order
+differs in its last bits, and one epoch of retraining on digits turned such a
+difference into test losses 1.8e-3 apart.
 """
 
 import math
@@ -34,11 +42,50 @@ def clip_coefficient(norm, max_norm):
     return tf.minimum(tf.ones((), norm.dtype), max_norm / (norm + 1e-6))
 
 
+def shape_groups(tensors):
+    """The positions of ``tensors`` grouped by static shape and dtype, groups in order of first appearance."""
+    groups = {}
+    for position, tensor in enumerate(tensors):
+        groups.setdefault((tuple(tensor.shape), tensor.dtype), []).append(position)
+    return list(groups.values())
+
+
+def elementwise(function, *lists):
+    """``[function(*items) for items in zip(*lists)]``, with one call per group of equal shape.
+
+    ``function`` takes and returns tensors of one shape, element by element
+    (arithmetic, no reduction); it may return a tuple, and then so does this,
+    one list per output. The tensors of each group (``shape_groups`` of the
+    first list) are stacked, ``function`` runs once on the stacks, and the
+    results are unstacked into their places: every element is computed by the
+    same operations as alone, so the values are the same. What changes is the
+    traced graph: a few operations per shape instead of a few per tensor, which
+    in a second-order search step is most of its nodes, each one costing time
+    to trace and to build (the stacks' copies cost microseconds per step).
+    """
+    lists = [[tf.convert_to_tensor(item) for item in items] for items in lists]
+    results = None
+    for positions in shape_groups(lists[0]):
+        if len(positions) == 1:
+            outputs = function(*(items[positions[0]] for items in lists))
+            pieces = [[value] for value in (outputs if isinstance(outputs, tuple) else (outputs,))]
+        else:
+            outputs = function(*(tf.stack([items[p] for p in positions]) for items in lists))
+            pieces = [tf.unstack(value, num=len(positions))
+                      for value in (outputs if isinstance(outputs, tuple) else (outputs,))]
+        if results is None:
+            results = [[None] * len(lists[0]) for _ in pieces]
+        for result, values in zip(results, pieces):
+            for position, value in zip(positions, values):
+                result[position] = value
+    return results if isinstance(outputs, tuple) else results[0]
+
+
 def clip_by_global_norm(gradients, max_norm):
     """PyTorch's ``clip_grad_norm_``: scale by ``clip_coefficient``; returns the clipped gradients and the norm."""
     norm = tf.linalg.global_norm(gradients)
     scale = tf.cast(clip_coefficient(norm, max_norm), gradients[0].dtype)
-    return [g * scale for g in gradients], norm
+    return elementwise(lambda g: g * scale, gradients), norm
 
 
 def scalar(value, dtype):
@@ -104,17 +151,19 @@ class CoupledSGD(_Optimizer):
         """One real step; returns the gradient norm before clipping."""
         self._check(gradients)
         gradients = _dense(gradients, self.variables_list)
-        if self.grad_clip is not None:
-            gradients, norm = clip_by_global_norm(gradients, self.grad_clip)
-        else:
-            norm = tf.linalg.global_norm(gradients)
+        norm = tf.linalg.global_norm(gradients)
         # Scalars are made once, not once per variable: a supernet has >1000 variables.
         dtype = self.variables_list[0].dtype
         lr = scalar(learning_rate, dtype)
         momentum = tf.constant(self.momentum, dtype)
         decay = tf.constant(self.weight_decay, dtype)
-        for variable, gradient, buffer in zip(self.variables_list, gradients, self.momentum_buffers):
-            direction = gradient + decay * variable if self.weight_decay else gradient
+        scale = None if self.grad_clip is None else tf.cast(clip_coefficient(norm, self.grad_clip), dtype)
+        if self.weight_decay:
+            directions = elementwise(lambda g, w: (g if scale is None else g * scale) + decay * w, gradients,
+                                     self.variables_list)
+        else:
+            directions = gradients if scale is None else elementwise(lambda g: g * scale, gradients)
+        for variable, direction, buffer in zip(self.variables_list, directions, self.momentum_buffers):
             # One fused kernel: buffer <- momentum * buffer + direction; w <- w - lr * buffer.
             tf.raw_ops.ResourceApplyMomentum(
                 var=_handle(variable), accum=_handle(buffer), lr=lr, grad=direction, momentum=momentum
@@ -133,7 +182,8 @@ class CoupledSGD(_Optimizer):
         lr = scalar(learning_rate, dtype)
         momentum = tf.constant(self.momentum, dtype)
         decay = tf.constant(self.weight_decay, dtype)
-        return [w - lr * (momentum * m + g + decay * w) for w, g, m in zip(values, gradients, self.momentum_buffers)]
+        return elementwise(lambda w, g, m: w - lr * (momentum * m + g + decay * w), values, gradients,
+                           self.momentum_buffers)
 
 
 class CoupledAdam(_Optimizer):

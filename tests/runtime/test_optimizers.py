@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_darts.runtime.optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate
+from keras_darts.runtime.optimizers import CoupledAdam, CoupledSGD, cosine_learning_rate, elementwise
 
 
 def test_cosine_schedule_is_the_reference_one():
@@ -66,6 +66,32 @@ def test_virtual_step_of_many_tensors_is_the_formula_for_each_in_its_place():
     virtual = optimizer.virtual_step([v.value() for v in variables], [tf.constant(g) for g in grads], 0.05)
     for got, w, m, g in zip(virtual, start, buffers, grads):
         np.testing.assert_allclose(got.numpy(), w - 0.05 * (0.9 * m + g + 3e-4 * w), rtol=1e-12)
+
+
+def test_elementwise_gives_each_tensor_its_own_values_in_its_place_from_one_op_per_shape():
+    rng = np.random.default_rng(3)
+    a, b = ([tf.constant(rng.normal(size=shape), tf.float32) for shape in SHAPES] for _ in range(2))
+    step = tf.constant(0.37, tf.float32)
+
+    def both(x, y):
+        return x + step * y, x - step * y
+
+    plus, minus = elementwise(both, a, b)
+    for got_plus, got_minus, x, y in zip(plus, minus, a, b):
+        # Bit for bit what the same operations give on the tensor alone.
+        np.testing.assert_array_equal(got_plus.numpy(), (x + step * y).numpy())
+        np.testing.assert_array_equal(got_minus.numpy(), (x - step * y).numpy())
+    assert [t.shape for t in plus] == [t.shape for t in a]
+
+    @tf.function(autograph=False)
+    def traced(a, b):
+        return elementwise(lambda x, y: x * y, a, b)
+
+    graph = traced.get_concrete_function(a, b).graph
+    # Six tensors of three shapes: one multiplication per shape (the lone (2, 2, 1) tensor is not stacked).
+    assert [op.type for op in graph.get_operations()].count("Mul") == len(set(SHAPES)) == 3
+    for got, x, y in zip(traced(a, b), a, b):
+        np.testing.assert_array_equal(got.numpy(), (x * y).numpy())
 
 
 def test_adam_has_pytorch_epsilon_and_coupled_decay():
