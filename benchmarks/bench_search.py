@@ -25,10 +25,14 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --replicas 2 --batch-norm global replica
     python benchmarks/bench_search.py --configs SMALL PAPER --precision float32 mixed_bfloat16   # 16-bit compute
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --call-shape-inference skipped inferred
+    python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --optimizer-arithmetic stacked per_tensor
 
 ``--call-shape-inference inferred`` builds the steps as before the passes'
 calls skipped TensorFlow's shape inference of their bodies
-(``graph_build.NestedFunction``), to compare both builds in one run.
+(``graph_build.NestedFunction``), to compare both builds in one run;
+``--optimizer-arithmetic per_tensor`` builds the optimisers' arithmetic on
+lists of weights one tensor at a time, as before it was stacked per shape
+(``optimizers.elementwise``).
 
 ``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
 devices, at the same global batch, for the throughput per replica
@@ -91,6 +95,7 @@ GRAPPLER_FLAGS = {"auto": None, "on": True, "off": False}
 GRAPPLER_NAMES = {None: "auto", True: "on", False: "off"}
 # How the passes' calls were built: skipping TensorFlow's shape inference of their bodies, or not.
 CALLS = {"skipped": "skip", "inferred": "infer"}
+ARITHMETIC = {"stacked": "stack", "per_tensor": "each"}
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 
 
@@ -241,7 +246,7 @@ def search_epoch(config_name, steps):
 
 def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
             method=None, grappler=None, batch_norm="global", paired_grappler=False, precision="float32",
-            call_shape_inference="skipped"):
+            call_shape_inference="skipped", optimizer_arithmetic="stacked"):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -250,6 +255,14 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         from keras_darts.runtime.graph_build import NestedFunction
 
         NestedFunction.__call__ = lambda self, *args: self.function(*args)
+    if optimizer_arithmetic == "per_tensor":  # the build before the arithmetic was stacked per shape
+        from keras_darts.runtime import bilevel, optimizers
+
+        def per_tensor(function, *lists):
+            outputs = [function(*items) for items in zip(*lists)]
+            return tuple(map(list, zip(*outputs))) if isinstance(outputs[0], tuple) else outputs
+
+        optimizers.elementwise = bilevel.elementwise = per_tensor
 
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
@@ -267,7 +280,8 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         config["batch"] = batch
     extra = {"batch": config["batch"], "replicas": replicas, "search_options": options, "method": method or "darts",
              "grappler": GRAPPLER_NAMES[grappler], "batch_norm": batch_norm if replicas else None,
-             "precision": precision, "call_shape_inference": call_shape_inference if mode in STEP_MODES else None}
+             "precision": precision, "call_shape_inference": call_shape_inference if mode in STEP_MODES else None,
+             "optimizer_arithmetic": optimizer_arithmetic if mode in STEP_MODES else None}
     if config_name == "RNN":
         if replicas or mode in EXTRA_MODES:
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -488,22 +502,22 @@ def print_precisions(results):
                   f"{row['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")
 
 
-def print_call_shape_inference(results):
-    """Each search step built with its passes' calls skipping shape inference beside the same step inferring it."""
-    setting = ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm", "precision")
+def print_pairs(results, key, chosen, other, label):
+    """Each search step built with ``key`` = ``chosen`` beside the same step built with ``other``."""
+    setting = ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm", "precision",
+               "call_shape_inference", "optimizer_arithmetic")
     for row in results:
-        if row.get("call_shape_inference") != "skipped":
+        if row.get(key) != chosen:
             continue
-        inferred = next((r for r in results if r.get("call_shape_inference") == "inferred"
-                         and all(r.get(key) == row.get(key) for key in setting)), None)
-        if inferred and row.get("trace_seconds") is not None:
+        before = next((r for r in results if r.get(key) == other
+                       and all(r.get(k) == row.get(k) for k in setting if k != key)), None)
+        if before and row.get("trace_seconds") is not None:
             replicas = f"{row['replicas']} replicas, {row['batch_norm']} batch norm" if row.get("replicas") else "one device"
-            print(f"{row['config']} {row['mode']} {replicas}: calls skipping / inferring shape "
-                  f"inference: trace {row['trace_seconds']:.1f} / {inferred['trace_seconds']:.1f} s "
-                  f"({row['trace_seconds'] / inferred['trace_seconds']:.2f}x), first call "
-                  f"{row['first_call_seconds']:.1f} / {inferred['first_call_seconds']:.1f} s "
-                  f"({row['first_call_seconds'] / inferred['first_call_seconds']:.2f}x), s/iter "
-                  f"{row['median_seconds']:.3f} / {inferred['median_seconds']:.3f}")
+            print(f"{row['config']} {row['mode']} {replicas}: {label}: trace {row['trace_seconds']:.1f} / "
+                  f"{before['trace_seconds']:.1f} s ({row['trace_seconds'] / before['trace_seconds']:.2f}x), first call "
+                  f"{row['first_call_seconds']:.1f} / {before['first_call_seconds']:.1f} s "
+                  f"({row['first_call_seconds'] / before['first_call_seconds']:.2f}x), s/iter "
+                  f"{row['median_seconds']:.3f} / {before['median_seconds']:.3f}")
 
 
 def cpu_model():
@@ -585,6 +599,9 @@ def main():
     parser.add_argument("--call-shape-inference", nargs="+", default=["skipped"], choices=list(CALLS),
                         help="whether the passes' calls skip TensorFlow's shape inference of their bodies (skipped, "
                              "as the search builds them) or not (inferred, as before); several values measure each")
+    parser.add_argument("--optimizer-arithmetic", nargs="+", default=["stacked"], choices=list(ARITHMETIC),
+                        help="the optimisers' arithmetic on lists of weights stacked per shape (stacked, as the search "
+                             "builds it) or one tensor at a time (per_tensor, as before); several values measure each")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
@@ -599,7 +616,7 @@ def main():
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
                                  args.replica_count, options, args.paired, args.method,
                                  GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
-                                 args.precision[0], args.call_shape_inference[0])))
+                                 args.precision[0], args.call_shape_inference[0], args.optimizer_arithmetic[0])))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -627,10 +644,13 @@ def main():
     # Search step runs with each call shape inference asked for.
     runs = [(*run[:8], calls, *run[8:]) for run in runs
             for calls in (args.call_shape_inference if run[1] in STEP_MODES else args.call_shape_inference[:1])]
-    for config, mode, batch, replicas, method, setting, norm, precision, calls, *steps in runs:
+    # ... and with each optimiser arithmetic asked for.
+    runs = [(*run[:9], arithmetic, *run[9:]) for run in runs
+            for arithmetic in (args.optimizer_arithmetic if run[1] in STEP_MODES else args.optimizer_arithmetic[:1])]
+    for config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,
                    "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--precision", precision,
-                   "--call-shape-inference", calls]
+                   "--call-shape-inference", calls, "--optimizer-arithmetic", arithmetic]
         if method:
             command += ["--method", method]
         if steps:
@@ -651,7 +671,8 @@ def main():
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         write_report(args.output, results, {})  # after every row: a long run stopped early keeps what it measured
         print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
-              f"replicas {replicas or '-'} {precision} calls {calls}: {results[-1]['median_seconds']:.3f} s",
+              f"replicas {replicas or '-'} {precision} calls {calls} arithmetic {arithmetic}: "
+              f"{results[-1]['median_seconds']:.3f} s",
               file=sys.stderr,
               flush=True)
     estimates = {config: estimate_config(config, options) for config in args.configs} if args.with_estimate else {}
@@ -660,7 +681,8 @@ def main():
     # they stay in the JSON and in benchmarks/README.md's text, not beside this run's figures.
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'grappler':>8s} {'trace s':>7s} {'first call':>10s} " \
-             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s} {'calls':>5s}"
+             f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s} {'calls':>5s} " \
+             f"{'arith':>5s}"
     print(header)
     for row in results:
         batch = row["batch"]
@@ -679,9 +701,12 @@ def main():
               f"{batch / row['median_seconds'] / replicas:8.1f} {ratio} {grappler:>8s} {trace} "
               f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6} "
               f"{paired} {other} {SHORT_PRECISION[row.get('precision', 'float32')]:>9s} "
-              f"{CALLS.get(row.get('call_shape_inference'), '-'):>5s}")
+              f"{CALLS.get(row.get('call_shape_inference'), '-'):>5s} "
+              f"{ARITHMETIC.get(row.get('optimizer_arithmetic'), '-'):>5s}")
     print_precisions(results)
-    print_call_shape_inference(results)
+    print_pairs(results, "call_shape_inference", "skipped", "inferred", "calls skipping / inferring shape inference")
+    print_pairs(results, "optimizer_arithmetic", "stacked", "per_tensor",
+                "optimiser arithmetic stacked per shape / per tensor")
     for row in results:
         if row["mode"] == "darts_pt_measure":
             per_image = row["median_seconds"] / row["batch"]
