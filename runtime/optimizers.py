@@ -43,10 +43,14 @@ def clip_coefficient(norm, max_norm):
 
 
 def shape_groups(tensors):
-    """The positions of ``tensors`` grouped by static shape and dtype, groups in order of first appearance."""
+    """The positions of ``tensors`` grouped by static shape and dtype, groups in order of first appearance.
+
+    A tensor whose shape is not fully known when traced is a group of its own.
+    """
     groups = {}
     for position, tensor in enumerate(tensors):
-        groups.setdefault((tuple(tensor.shape), tensor.dtype), []).append(position)
+        key = (tuple(tensor.shape), tensor.dtype) if tensor.shape.is_fully_defined() else position
+        groups.setdefault(key, []).append(position)
     return list(groups.values())
 
 

@@ -92,6 +92,12 @@ def test_elementwise_gives_each_tensor_its_own_values_in_its_place_from_one_op_p
     assert [op.type for op in graph.get_operations()].count("Mul") == len(set(SHAPES)) == 3
     for got, x, y in zip(traced(a, b), a, b):
         np.testing.assert_array_equal(got.numpy(), (x * y).numpy())
+    # Shapes known only at run time are never stacked: these two differ when run.
+    vectors = [tf.TensorSpec([None], tf.float32)] * 2
+    loose = traced.get_concrete_function(vectors, vectors)
+    assert [op.type for op in loose.graph.get_operations()].count("Pack") == 0
+    short, long = tf.constant([1.0, 2.0]), tf.constant([3.0, 4.0, 5.0])
+    assert [t.numpy().tolist() for t in loose([short, long], [long[:2], long + 1.0])] == [[3.0, 8.0], [12.0, 20.0, 30.0]]
 
 
 def test_adam_has_pytorch_epsilon_and_coupled_decay():
