@@ -65,7 +65,8 @@ def elementwise(function, *lists):
     same operations as alone, so the values are the same. What changes is the
     traced graph: a few operations per shape instead of a few per tensor, which
     in a second-order search step is most of its nodes, each one costing time
-    to trace and to build (the stacks' copies cost microseconds per step).
+    to trace and to build (the stacks copy the weights a few times per step).
+    The lists must not be empty.
     """
     lists = [[tf.convert_to_tensor(item) for item in items] for items in lists]
     results = None
