@@ -26,13 +26,16 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL PAPER --precision float32 mixed_bfloat16   # 16-bit compute
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --call-shape-inference skipped inferred
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --optimizer-arithmetic stacked per_tensor
+    python benchmarks/bench_search.py --configs SMALL --modes second_order_exact --batch-shape fixed open
 
 ``--call-shape-inference inferred`` builds the steps as before the passes'
 calls skipped TensorFlow's shape inference of their bodies
 (``graph_build.NestedFunction``), to compare both builds in one run;
 ``--optimizer-arithmetic per_tensor`` builds the optimisers' arithmetic on
 lists of weights one tensor at a time, as before it was stacked per shape
-(``optimizers.elementwise``).
+(``optimizers.elementwise``); ``--batch-shape open`` builds the search steps
+for batches of any size, as before a search fixed their size
+(``Bilevel.fix_batch_size``).
 
 ``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
 devices, at the same global batch, for the throughput per replica
@@ -96,6 +99,7 @@ GRAPPLER_NAMES = {None: "auto", True: "on", False: "off"}
 # How the passes' calls were built: skipping TensorFlow's shape inference of their bodies, or not.
 CALLS = {"skipped": "skip", "inferred": "infer"}
 ARITHMETIC = {"stacked": "stack", "per_tensor": "each"}
+BATCH_SHAPES = {"fixed": "fixed", "open": "open"}
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 
 
@@ -246,7 +250,7 @@ def search_epoch(config_name, steps):
 
 def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
             method=None, grappler=None, batch_norm="global", paired_grappler=False, precision="float32",
-            call_shape_inference="skipped", optimizer_arithmetic="stacked"):
+            call_shape_inference="skipped", optimizer_arithmetic="stacked", batch_shape="fixed"):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -281,7 +285,8 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     extra = {"batch": config["batch"], "replicas": replicas, "search_options": options, "method": method or "darts",
              "grappler": GRAPPLER_NAMES[grappler], "batch_norm": batch_norm if replicas else None,
              "precision": precision, "call_shape_inference": call_shape_inference if mode in STEP_MODES else None,
-             "optimizer_arithmetic": optimizer_arithmetic if mode in STEP_MODES else None}
+             "optimizer_arithmetic": optimizer_arithmetic if mode in STEP_MODES else None,
+             "batch_shape": batch_shape if mode in STEP_MODES and config_name != "RNN" else None}
     if config_name == "RNN":
         if replicas or mode in EXTRA_MODES:
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -328,6 +333,8 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra, "method": "darts_pt",
                 "measurements": count}
     bilevel = build_search(spec, strategy=strategy)
+    if batch_shape == "fixed" and mode in STEP_MODES:  # as a search builds its steps
+        bilevel.fix_batch_size(batch)
     if stage:  # the second stage: pruned to the 4 largest (seeded, initial) alphas per edge and widened
         bilevel.enter_stage(stage)
     lr = tf.constant(0.025, tf.float32)
@@ -505,7 +512,7 @@ def print_precisions(results):
 def print_pairs(results, key, chosen, other, label):
     """Each search step built with ``key`` = ``chosen`` beside the same step built with ``other``."""
     setting = ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm", "precision",
-               "call_shape_inference", "optimizer_arithmetic")
+               "call_shape_inference", "optimizer_arithmetic", "batch_shape")
     for row in results:
         if row.get(key) != chosen:
             continue
@@ -602,6 +609,9 @@ def main():
     parser.add_argument("--optimizer-arithmetic", nargs="+", default=["stacked"], choices=list(ARITHMETIC),
                         help="the optimisers' arithmetic on lists of weights stacked per shape (stacked, as the search "
                              "builds it) or one tensor at a time (per_tensor, as before); several values measure each")
+    parser.add_argument("--batch-shape", nargs="+", default=["fixed"], choices=list(BATCH_SHAPES),
+                        help="the search steps built for the batch's size (fixed, as a search builds them) or for any "
+                             "size (open, as before); several values measure each")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
@@ -616,7 +626,8 @@ def main():
         print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
                                  args.replica_count, options, args.paired, args.method,
                                  GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
-                                 args.precision[0], args.call_shape_inference[0], args.optimizer_arithmetic[0])))
+                                 args.precision[0], args.call_shape_inference[0], args.optimizer_arithmetic[0],
+                                 args.batch_shape[0])))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -647,10 +658,13 @@ def main():
     # ... and with each optimiser arithmetic asked for.
     runs = [(*run[:9], arithmetic, *run[9:]) for run in runs
             for arithmetic in (args.optimizer_arithmetic if run[1] in STEP_MODES else args.optimizer_arithmetic[:1])]
-    for config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, *steps in runs:
+    # ... and each batch shape asked for.
+    runs = [(*run[:10], shape, *run[10:]) for run in runs
+            for shape in (args.batch_shape if run[1] in STEP_MODES else args.batch_shape[:1])]
+    for config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, shape, *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,
                    "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--precision", precision,
-                   "--call-shape-inference", calls, "--optimizer-arithmetic", arithmetic]
+                   "--call-shape-inference", calls, "--optimizer-arithmetic", arithmetic, "--batch-shape", shape]
         if method:
             command += ["--method", method]
         if steps:
@@ -671,7 +685,7 @@ def main():
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         write_report(args.output, results, {})  # after every row: a long run stopped early keeps what it measured
         print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
-              f"replicas {replicas or '-'} {precision} calls {calls} arithmetic {arithmetic}: "
+              f"replicas {replicas or '-'} {precision} calls {calls} arithmetic {arithmetic} batch {shape}: "
               f"{results[-1]['median_seconds']:.3f} s",
               file=sys.stderr,
               flush=True)
@@ -682,7 +696,7 @@ def main():
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'grappler':>8s} {'trace s':>7s} {'first call':>10s} " \
              f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s} {'calls':>5s} " \
-             f"{'arith':>5s}"
+             f"{'arith':>5s} {'shape':>5s}"
     print(header)
     for row in results:
         batch = row["batch"]
@@ -702,11 +716,13 @@ def main():
               f"{row['first_call_seconds']:10.1f} {row['peak_rss_gib']:8.2f} {'-' if row['traces'] is None else row['traces']:>6} "
               f"{paired} {other} {SHORT_PRECISION[row.get('precision', 'float32')]:>9s} "
               f"{CALLS.get(row.get('call_shape_inference'), '-'):>5s} "
-              f"{ARITHMETIC.get(row.get('optimizer_arithmetic'), '-'):>5s}")
+              f"{ARITHMETIC.get(row.get('optimizer_arithmetic'), '-'):>5s} "
+              f"{BATCH_SHAPES.get(row.get('batch_shape'), '-'):>5s}")
     print_precisions(results)
     print_pairs(results, "call_shape_inference", "skipped", "inferred", "calls skipping / inferring shape inference")
     print_pairs(results, "optimizer_arithmetic", "stacked", "per_tensor",
                 "optimiser arithmetic stacked per shape / per tensor")
+    print_pairs(results, "batch_shape", "fixed", "open", "batch size fixed / open")
     for row in results:
         if row["mode"] == "darts_pt_measure":
             per_image = row["median_seconds"] / row["batch"]

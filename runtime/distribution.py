@@ -66,8 +66,11 @@ def replica_slices(strategy, batch, split):
         parts = []
         for tensor, per_example in zip(batch, split):
             if per_example:
+                known = tensor.shape[0]
                 rows = tf.shape(tensor)[0]
                 tensor = tensor[index * rows // replicas:(index + 1) * rows // replicas]
+                if known is not None and known % replicas == 0:  # a batch of fixed size: so is each slice
+                    tensor.set_shape([known // replicas, *tensor.shape[1:]])
             parts.append(tensor)
         return tuple(parts)
 

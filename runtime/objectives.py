@@ -30,8 +30,9 @@ class ImageClassification:
         self.image_shape = tuple(model.image_shape)
         self.dtype = model.arch_variables[0].dtype
 
-    def batch_signature(self):
-        return (tf.TensorSpec((None, *self.image_shape), self.dtype), tf.TensorSpec((None,), tf.int32))
+    def batch_signature(self, batch_size=None):
+        """Images and labels; ``batch_size`` examples, or any number (``None``)."""
+        return (tf.TensorSpec((batch_size, *self.image_shape), self.dtype), tf.TensorSpec((batch_size,), tf.int32))
 
     def for_pass(self, batch, number):
         return batch
@@ -59,7 +60,8 @@ class LanguageModeling:
         self.tar = float(temporal_activation_regularization)
         self.regularized = bool(self.ar or self.tar)
 
-    def batch_signature(self):
+    def batch_signature(self, batch_size=None):
+        """Tokens, targets, hidden states and a seed; sequences vary in length, so the batch stays open too."""
         tokens = tf.TensorSpec((None, None), tf.int32)
         return (tokens, tokens, tf.TensorSpec((None, self.hidden_size), self.dtype), tf.TensorSpec((2,), tf.int32))
 

@@ -137,6 +137,8 @@ class ImageSearchTask:
         self.steps = min(self.weights_data.batches_per_epoch(), self.alpha_data.batches_per_epoch())
         if config.steps_per_epoch:
             self.steps = min(self.steps, config.steps_per_epoch)
+        # Every search batch has ``batch`` examples (the remainder is dropped): the steps are built for that size.
+        bilevel.fix_batch_size(batch)
         self.bilevel = bilevel
 
     def describe(self):

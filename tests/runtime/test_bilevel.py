@@ -347,3 +347,35 @@ def test_exact_mode_with_max_and_average_pooling_runs_serialized_and_matches_flo
     # And float64 exact mode over max and average pooling is the unrolled loss's derivative.
     for exact, numeric in out["central"]:
         assert exact == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["finite_difference", "exact"])
+def test_an_iteration_built_for_a_fixed_batch_size_computes_what_the_open_one_does(mode):
+    # A search's batches all have the spec's size, so its steps are built for that size (fix_batch_size): the
+    # same iteration, whose gradient code can take its static paths where the batch dimension is known.
+    (xt, yt), (xv, yv) = batches("float32", seed=6)
+    lr, arch_lr = tf.constant(ETA, tf.float32), tf.constant(0.1, tf.float32)
+    results = {}
+    for fixed in (False, True):
+        bilevel = make_bilevel(seed=6, arch_sgd=True)
+        if fixed:
+            bilevel.fix_batch_size(6)
+        start = [v.numpy().copy() for v in bilevel.weight_vars + bilevel.arch_vars]
+        step = bilevel.compiled_iteration("second", mode)
+        metrics, _, _ = step((xt, yt), (xv, yv), lr, arch_lr)
+        graph = step.get_concrete_function().graph
+        functions = graph.as_graph_def().library.function
+        results[fixed] = {"start": start, "after": [v.numpy() for v in bilevel.weight_vars + bilevel.arch_vars],
+                          "loss": float(metrics["arch_loss"]), "signature": graph.inputs[0].shape.as_list(),
+                          "dynamic_shapes": sum(n.op == "DynamicStitch" for f in functions for n in f.node_def)}
+    open_, fixed = results[False], results[True]
+    assert open_["signature"] == [None, 8, 8, 1] and fixed["signature"] == [6, 8, 8, 1]
+    for a, b in zip(open_["start"], fixed["start"]):
+        np.testing.assert_array_equal(a, b)
+    assert fixed["loss"] == pytest.approx(open_["loss"], rel=1e-6)
+    moved = max(float(np.abs(a - s).max()) for a, s in zip(open_["after"], open_["start"]))
+    assert moved > 1e-3  # the iteration moved the variables well beyond the tolerance below
+    for a, b in zip(fixed["after"], open_["after"]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    # Gradients of reductions over a batch of unknown size compute the reduced shape at run time.
+    assert fixed["dynamic_shapes"] < open_["dynamic_shapes"]
