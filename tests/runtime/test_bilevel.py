@@ -17,16 +17,19 @@ from keras_darts.runtime.optimizers import CoupledAdam, CoupledSGD
 from tests.conftest import tiny_spec_document
 
 ETA = 0.05
+# Examples per batch (``batches``); the passes are built for it (``make_bilevel``).
+BATCH = 6
 
 
 SMOOTH_OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
 
 
 def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False, reuse_virtual_gradient=False, arch_sgd=False,
-                 operations=SMOOTH_OPS):
+                 operations=SMOOTH_OPS, batch_size=BATCH):
     """A tiny supernet's Bilevel; ``arch_sgd`` makes the alpha step plain SGD, which moves alphas by -lr * g
     (Adam's first step moves them by about lr * sign(g), which would hide the gradient). By default no
-    max-pool, whose kinks could spoil a finite-difference reference."""
+    max-pool, whose kinks could spoil a finite-difference reference. Its passes are built for
+    ``batch_size`` examples (``batches``), as an image search builds them; ``None`` leaves the batch open."""
     document = tiny_spec_document(operations=list(operations))
     document["search"]["recompute_cells"] = recompute_cells
     spec = kd.load_spec(document)
@@ -34,7 +37,7 @@ def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False, reuse_virtual_gra
     model = kd.build_supernet(spec, seed=seed)
     for alpha in model.arch_variables:  # alphas far enough from uniform that ops differ
         alpha.assign(np.random.default_rng(seed).normal(0, 0.5, size=alpha.shape))
-    return Bilevel(
+    bilevel = Bilevel(
         model,
         CoupledSGD(model.weight_variables, 0.9, 3e-4, grad_clip),
         (CoupledSGD(model.arch_variables, 0.0, 0.0, None, name="arch_sgd") if arch_sgd
@@ -42,11 +45,15 @@ def make_bilevel(grad_clip=5.0, seed=0, recompute_cells=False, reuse_virtual_gra
         hvp_epsilon=0.01,
         reuse_virtual_gradient=reuse_virtual_gradient,
     )
+    if batch_size is not None:
+        bilevel.fix_batch_size(batch_size)
+    return bilevel
 
 
 def batches(dtype="float64", seed=0):
     rng = np.random.default_rng(seed)
-    make = lambda: (tf.constant(rng.normal(size=(6, 8, 8, 1)), dtype), tf.constant(rng.integers(0, 10, 6), tf.int32))
+    make = lambda: (tf.constant(rng.normal(size=(BATCH, 8, 8, 1)), dtype),
+                    tf.constant(rng.integers(0, 10, BATCH), tf.int32))
     return make(), make()
 
 
@@ -209,7 +216,7 @@ def test_each_optimiser_updates_only_its_own_variables():
 
 
 def test_the_iteration_is_traced_once_and_takes_the_alpha_step_first():
-    bilevel = make_bilevel()
+    bilevel = make_bilevel(batch_size=None)  # the open build: batches of other sizes reuse its trace
     step = bilevel.compiled_iteration("second", "finite_difference")
     (xt, yt), (xv, yv) = batches("float32")
     before = [a.numpy().copy() for a in bilevel.arch_vars]
@@ -289,6 +296,7 @@ def float32_and_float64_gradients():
             model = kd.build_supernet(spec, seed=0)
             bilevel = Bilevel(model, CoupledSGD(model.weight_variables, 0.9, 3e-4, 5.0),
                               CoupledAdam(model.arch_variables, 0.5, 0.999, 1e-8, 1e-3))
+            bilevel.fix_batch_size(BATCH)
             for variable, value in zip(model.variables, reference_values):
                 variable.assign(value.astype(dtype))
             (xt, yt), (xv, yv) = batches(dtype, seed=2)
@@ -357,9 +365,7 @@ def test_an_iteration_built_for_a_fixed_batch_size_computes_what_the_open_one_do
     lr, arch_lr = tf.constant(ETA, tf.float32), tf.constant(0.1, tf.float32)
     results = {}
     for fixed in (False, True):
-        bilevel = make_bilevel(seed=6, arch_sgd=True)
-        if fixed:
-            bilevel.fix_batch_size(6)
+        bilevel = make_bilevel(seed=6, arch_sgd=True, batch_size=BATCH if fixed else None)
         start = [v.numpy().copy() for v in bilevel.weight_vars + bilevel.arch_vars]
         step = bilevel.compiled_iteration("second", mode)
         metrics, _, _ = step((xt, yt), (xv, yv), lr, arch_lr)
