@@ -17,6 +17,7 @@ from tests.conftest import tiny_spec_document
 
 SMOOTH_OPS = ["none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"]
 ETA = 0.025
+BATCH = 32
 
 
 def bilevel_in(precision, seed=4):
@@ -24,6 +25,7 @@ def bilevel_in(precision, seed=4):
     keras.utils.set_random_seed(seed)
     spec = kd.load_spec(tiny_spec_document(operations=SMOOTH_OPS), overrides=[f"search.precision={precision}"])
     bilevel = build_search(spec)
+    bilevel.fix_batch_size(BATCH)  # as an image search builds its passes
     for alpha in bilevel.model.arch_variables:
         alpha.assign(np.random.default_rng(seed).normal(0, 0.5, size=alpha.shape))
     return bilevel
@@ -31,8 +33,8 @@ def bilevel_in(precision, seed=4):
 
 def batches(seed=4):
     rng = np.random.default_rng(seed)
-    make = lambda: (tf.constant(rng.normal(size=(32, 8, 8, 1)), tf.float32),  # noqa: E731
-                    tf.constant(rng.integers(0, 10, 32), tf.int32))
+    make = lambda: (tf.constant(rng.normal(size=(BATCH, 8, 8, 1)), tf.float32),  # noqa: E731
+                    tf.constant(rng.integers(0, 10, BATCH), tf.int32))
     return make(), make()
 
 
