@@ -27,6 +27,7 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --call-shape-inference skipped inferred
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --optimizer-arithmetic stacked per_tensor
     python benchmarks/bench_search.py --configs SMALL --modes second_order_exact --batch-shape fixed open
+    python benchmarks/bench_search.py --configs PAPER --modes second_order_fd --paired-batch-shape
 
 ``--call-shape-inference inferred`` builds the steps as before the passes'
 calls skipped TensorFlow's shape inference of their bodies
@@ -35,7 +36,8 @@ calls skipped TensorFlow's shape inference of their bodies
 lists of weights one tensor at a time, as before it was stacked per shape
 (``optimizers.elementwise``); ``--batch-shape open`` builds the search steps
 for batches of any size, as before a search fixed their size
-(``Bilevel.fix_batch_size``).
+(``Bilevel.fix_batch_size``); ``--paired-batch-shape`` also builds the other
+one in the same process and times the two alternately.
 
 ``--replicas`` runs the modes under MirroredStrategy on that many logical CPU
 devices, at the same global batch, for the throughput per replica
@@ -250,7 +252,8 @@ def search_epoch(config_name, steps):
 
 def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
             method=None, grappler=None, batch_norm="global", paired_grappler=False, precision="float32",
-            call_shape_inference="skipped", optimizer_arithmetic="stacked", batch_shape="fixed"):
+            call_shape_inference="skipped", optimizer_arithmetic="stacked", batch_shape="fixed",
+            paired_batch_shape=False):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -332,9 +335,13 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         call, function, count = darts_pt_measure(spec, pool, batches)
         return {**timed_run(config_name, mode, call, function, warmup, iterations), **extra, "method": "darts_pt",
                 "measurements": count}
-    bilevel = build_search(spec, strategy=strategy)
-    if batch_shape == "fixed" and mode in STEP_MODES:  # as a search builds its steps
-        bilevel.fix_batch_size(batch)
+    def built(batch_shape):
+        bilevel = build_search(spec, strategy=strategy)
+        if batch_shape == "fixed" and mode in STEP_MODES:  # as a search builds its steps
+            bilevel.fix_batch_size(batch)
+        return bilevel
+
+    bilevel = built(batch_shape)
     if stage:  # the second stage: pruned to the 4 largest (seeded, initial) alphas per edge and widened
         bilevel.enter_stage(stage)
     lr = tf.constant(0.025, tf.float32)
@@ -373,7 +380,32 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         result.update(paired_ratio(call, forward_backward, iterations))
     if paired_grappler and mode in STEP_MODES:
         result.update(grappler_ratio(function, call, call_with, compiled, iterations))
+    if paired_batch_shape and mode in STEP_MODES:
+        other = built("open" if batch_shape == "fixed" else "fixed")
+        if stage:
+            other.enter_stage(stage)
+        other_function = other.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference",
+                                                  grappler)
+        result.update(batch_shape_ratio(call, call_with(other_function), other_function, iterations))
     return result
+
+
+def batch_shape_ratio(call, other_call, other_function, iterations):
+    """This step's time over the same iteration's built for the other batch shape, timed alternately.
+
+    A second supernet from the same spec, its step built with the batch
+    dimension the other way (fixed or open); in one process, so the ratio is
+    free of the drift between processes.
+    """
+    timed(other_call)  # its trace, build and first run
+    timed(other_call)
+    pairs = [(timed(call), timed(other_call)) for _ in range(iterations)]
+    return {"other_batch_shape_seconds": statistics.median(b for _, b in pairs),
+            "other_batch_shape_trace_seconds": other_function.trace_seconds,
+            # Its optimisation and first run after the trace (StepFunction.first_call_seconds).
+            "other_batch_shape_build_seconds": other_function.first_call_seconds,
+            "batch_shape_pairs": pairs,
+            "batch_shape_ratio": statistics.median(c / b for c, b in pairs)}
 
 
 def darts_pt_measure(spec, pool, batches):
@@ -612,6 +644,10 @@ def main():
     parser.add_argument("--batch-shape", nargs="+", default=["fixed"], choices=list(BATCH_SHAPES),
                         help="the search steps built for the batch's size (fixed, as a search builds them) or for any "
                              "size (open, as before); several values measure each")
+    parser.add_argument("--paired-batch-shape", action="store_true",
+                        help="also build each search step for the other batch shape (a second supernet in the same "
+                             "process) and time the two alternately: the median ratio of the pairs, free of the "
+                             "machine's drift between processes")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replica-count", type=int, help=argparse.SUPPRESS)
@@ -627,7 +663,7 @@ def main():
                                  args.replica_count, options, args.paired, args.method,
                                  GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
                                  args.precision[0], args.call_shape_inference[0], args.optimizer_arithmetic[0],
-                                 args.batch_shape[0])))
+                                 args.batch_shape[0], args.paired_batch_shape)))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -678,6 +714,8 @@ def main():
             command.append("--paired")
         if args.paired_grappler:
             command.append("--paired-grappler")
+        if args.paired_batch_shape:
+            command.append("--paired-batch-shape")
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if done.returncode != 0:
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -723,6 +761,15 @@ def main():
     print_pairs(results, "optimizer_arithmetic", "stacked", "per_tensor",
                 "optimiser arithmetic stacked per shape / per tensor")
     print_pairs(results, "batch_shape", "fixed", "open", "batch size fixed / open")
+    for row in results:
+        if "batch_shape_ratio" in row:
+            this, other = ("fixed", "open") if row["batch_shape"] == "fixed" else ("open", "fixed")
+            mine = statistics.median(c for c, _ in row["batch_shape_pairs"])
+            print(f"{row['config']} {row['mode']}: batch {this} / {other}, built in one process and timed alternately "
+                  f"({len(row['batch_shape_pairs'])} pairs): median ratio {row['batch_shape_ratio']:.3f} "
+                  f"(medians {mine:.3f} / {row['other_batch_shape_seconds']:.3f} s); the {other} build in the same "
+                  f"process: traced in {row['other_batch_shape_trace_seconds']:.1f} s, optimised and first run in "
+                  f"{row['other_batch_shape_build_seconds']:.1f} s")
     for row in results:
         if row["mode"] == "darts_pt_measure":
             per_image = row["median_seconds"] / row["batch"]
