@@ -3,6 +3,10 @@
 An objective knows its batch structure (``batch_signature``), computes
 ``(value to differentiate, loss to report, metric, end state)`` with a model
 function, and tells passes apart (``for_pass``) where they draw randomness.
+``batch_signature(batch_size)`` gives batches of ``batch_size`` examples,
+for the steps of a search whose batches all have that size
+(``Bilevel.fix_batch_size``), and of any size for ``None`` (evaluation); an
+objective whose batches cannot have a fixed shape may ignore the size.
 
 * ``ImageClassification``: a batch is ``(images, labels)``; cross-entropy,
   accuracy; no state.
