@@ -193,7 +193,12 @@ class Bilevel:
         )
         # Called on their own, outside the iteration: their first calls log their builds.
         self.evaluation_step = built_as_the_process_runs(self.loss_at, "evaluation step")
-        self.eigenvalue_pass = built_as_the_process_runs(self.eval_alpha_gradients_at, "eigenvalue pass")
+        # The eigenvalue's finite differences turn last-bit differences between runs into different
+        # eigenvalues, which the early-stopping rule compares: built by Grappler on a CPU, the pass gave
+        # the quickstart's supernet -0.70, -1.14 and -1.09 from three evaluations in one process, and
+        # -1.087 each time without it. So it is built without Grappler on CPUs, as a short search's
+        # steps are (with it on accelerators).
+        self.eigenvalue_pass = StepFunction(self.eval_alpha_gradients_at, "eigenvalue pass")
 
     # -- passes on substituted values -------------------------------------------
     def forward(self, weights, alphas, **call_options):

@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -9,8 +10,9 @@ import tensorflow as tf
 
 import keras_darts as kd
 from keras_darts.runtime import graph_build
-from keras_darts.runtime.graph_build import (NestedFunction, StepFunction, built_as_the_process_runs, grappler_off,
-                                             meta_optimizer_disabled, resolve_graph_optimizer)
+from keras_darts.runtime.graph_build import (NestedFunction, StepFunction, accelerated, built_as_the_process_runs,
+                                             grappler_off, meta_optimizer_disabled, resolve_graph_optimizer)
+from keras_darts.runtime.search_loop import build_search
 from tests.conftest import tiny_spec_document
 from tests.runtime.test_bilevel import ETA, batches, make_bilevel
 
@@ -194,7 +196,7 @@ def test_the_spec_setting_reaches_the_search_step_and_every_step_function_logs_i
     from keras_darts.runtime.workflow import search
 
     document = tiny_spec_document()
-    document["search"].update({"epochs": 2, "steps_per_epoch": 2, "order": "first", "graph_optimizer": "off"})
+    document["search"].update({"epochs": 2, "steps_per_epoch": 2, "order": "first", "graph_optimizer": "on"})
     document["retrain"]["enabled"] = False
     with caplog.at_level(logging.INFO, logger="keras_darts"):
         search(kd.load_spec(document))
@@ -202,10 +204,11 @@ def test_the_spec_setting_reaches_the_search_step_and_every_step_function_logs_i
     # Two epochs, each evaluated and its eigenvalue measured: each function built once, not per epoch.
     assert {name: len(lines) for name, lines in built.items()} == {"search step": 1, "evaluation step": 1,
                                                                   "eigenvalue pass": 1}
-    assert built["search step"][0].endswith("(graph optimiser off)")  # the spec's setting
-    # The others run as the process has it: on.
+    assert built["search step"][0].endswith("(graph optimiser on)")  # the spec's setting
+    # Evaluation runs as the process has it: on.
     assert built["evaluation step"][0].endswith("(graph optimiser on)")
-    assert built["eigenvalue pass"][0].endswith("(graph optimiser on)")
+    # The eigenvalue pass as the devices decide: off on CPUs, where Grappler's build of it is not reproducible.
+    assert built["eigenvalue pass"][0].endswith(f"(graph optimiser {'on' if accelerated() else 'off'})")
 
 
 def test_a_function_built_as_the_process_runs_reports_the_process_setting(caplog):
@@ -220,3 +223,24 @@ def test_a_function_built_as_the_process_runs_reports_the_process_setting(caplog
                 assert float(step(tf.constant(3.0))) == 6.0
         assert builds_logged(r.getMessage() for r in caplog.records)[f"step {off}"][0].endswith(
             f"(graph optimiser {'off' if off else 'on'})")
+
+
+def test_the_eigenvalue_pass_gives_the_same_alpha_gradients_each_time_at_the_quickstarts_scale():
+    # The eigenvalue's finite differences (radius 1e-3) divide differences between two passes by 2e-3, so
+    # its pass must give the same values each time. Grappler's build of it on a CPU did not at this scale
+    # (the tiny test supernets do not show it): three calls differed by about 2e-8 in 90% of the gradients'
+    # entries, in each of three runs of this test, and the eigenvalues of three evaluations by up to 0.57.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = kd.load_spec(os.path.join(root, "examples", "quickstart.yaml"))
+    bilevel = build_search(spec)
+    size = spec.data.batch_size
+    bilevel.fix_batch_size(size)  # as the search builds it
+    generator = tf.random.Generator.from_seed(0)
+    batch = (generator.normal((size, 28, 28, 1)), generator.uniform((size,), 0, 10, tf.int32))
+    weights, alphas = bilevel.current_weights(), bilevel.current_alphas()
+    first, *others = [[g.numpy() for g in bilevel.eigenvalue_pass(weights, alphas, batch)[2]] for _ in range(3)]
+    assert bilevel.eigenvalue_pass.grappler is accelerated()
+    assert max(float(np.abs(g).max()) for g in first) > 1e-3  # gradients, not zeros
+    for other in others:
+        for a, b in zip(first, other):
+            np.testing.assert_array_equal(a, b)
