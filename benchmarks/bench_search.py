@@ -397,9 +397,7 @@ def batch_shape_ratio(call, other_call, other_function, iterations):
     dimension the other way (fixed or open); in one process, so the ratio is
     free of the drift between processes.
     """
-    timed(other_call)  # its trace, build and first run
-    timed(other_call)
-    pairs = [(timed(call), timed(other_call)) for _ in range(iterations)]
+    pairs = alternated(call, other_call, iterations)
     return {"other_batch_shape_seconds": statistics.median(b for _, b in pairs),
             "other_batch_shape_trace_seconds": other_function.trace_seconds,
             # Its optimisation and first run after the trace (StepFunction.first_call_seconds).
@@ -438,6 +436,14 @@ def timed(call):
     return time.perf_counter() - started
 
 
+def alternated(call, other, iterations):
+    """``iterations`` pairs of seconds ``(call, other)``, timed alternately after two warming calls of ``other``
+    (its trace, build and first run)."""
+    for _ in range(2):
+        timed(other)
+    return [(timed(call), timed(other)) for _ in range(iterations)]
+
+
 def paired_ratio(call, baseline, iterations):
     """The ratio of ``call`` to ``baseline`` (the plain forward+backward) timed alternately in this process.
 
@@ -445,9 +451,7 @@ def paired_ratio(call, baseline, iterations):
     minutes; alternating the two and taking the median of the per-pair ratios
     cancels most of that drift.
     """
-    for _ in range(2):
-        timed(baseline)  # trace and warm
-    pairs = [(timed(call), timed(baseline)) for _ in range(iterations)]
+    pairs = alternated(call, baseline, iterations)
     return {"paired_forward_backward_seconds": statistics.median(b for _, b in pairs),
             "paired_ratio": statistics.median(c / b for c, b in pairs)}
 
@@ -461,10 +465,7 @@ def grappler_ratio(function, call, call_with, compiled, iterations):
     between processes.
     """
     other = compiled(not function.grappler)
-    other_call = call_with(other)
-    timed(other_call)  # its own optimisation and first run
-    timed(other_call)
-    pairs = [(timed(call), timed(other_call)) for _ in range(iterations)]
+    pairs = alternated(call, call_with(other), iterations)
     return {"other_grappler_seconds": statistics.median(b for _, b in pairs),
             "other_grappler_first_call_seconds": other.first_call_seconds,
             "grappler_ratio": statistics.median(c / b for c, b in pairs)}

@@ -92,6 +92,7 @@ class Bilevel:
         self.objective = objective or ImageClassification(model)
         self.unrolled_clip = unrolled_clip
         self.strategy = strategy
+        self.replicas = strategy.num_replicas_in_sync if strategy is not None else 1
         if batch_norm not in ("global", "replica"):
             raise ValueError(f"batch_norm must be 'global' or 'replica'. Received: batch_norm={batch_norm!r}")
         self.batch_norm = batch_norm
@@ -119,10 +120,9 @@ class Bilevel:
         double backward pass has a third fewer nodes and builds in two thirds of
         the time. Evaluation, outside the iteration, still takes any batch.
         """
-        replicas = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
-        if global_batch % replicas:
-            raise ValueError(f"a batch of {global_batch} does not split over {replicas} replicas")
-        self.batch_size = global_batch // replicas
+        if global_batch % self.replicas:
+            raise ValueError(f"a batch of {global_batch} does not split over {self.replicas} replicas")
+        self.batch_size = global_batch // self.replicas
         self.compile_passes()
 
     @property
@@ -618,8 +618,7 @@ class Bilevel:
 
     def _compile(self, iteration):
         """``iteration(train, val, weights_lr, arch_lr)`` as one ``tf.function``, on the replicas under a strategy."""
-        replicas = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
-        batch = self.objective.batch_signature(None if self.batch_size is None else self.batch_size * replicas)
+        batch = self.objective.batch_signature(None if self.batch_size is None else self.batch_size * self.replicas)
         scalar_spec = tf.TensorSpec((), tf.float32)
         strategy = self.strategy
 
