@@ -262,6 +262,13 @@ def _augment_fn(augment, image_shape):
     return augment_one
 
 
+def without_autotuning():
+    """``tf.data.Options`` that switch autotuning off (see ``ImagePipeline``)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
 class ImagePipeline:
     """Normalised, shuffled, augmented batches of one set of images, epoch by epoch.
 
@@ -269,6 +276,18 @@ class ImagePipeline:
     example's augmentation from ``(seed, e, position)``, so an epoch can be
     replayed exactly and entered after ``skip`` batches (resuming a search).
     Cutout applies after normalisation (the cut square is zero, as in the reference).
+
+    Each epoch's dataset runs without tf.data's autotuning: its parallelism
+    and prefetch buffer stay at their starting values (a parallel call per
+    core; a buffer that grows as batches are waited for). The data is in
+    memory and each example a gather and a few elementwise ops, so there is
+    nothing to tune, and the tuning thread cost a search whole minutes: an
+    epoch's iterator is dropped when the epoch ends, and dropping it waited
+    for that thread's next wake-up, which comes further apart the longer the
+    iterator lives (up to 60 s). In the quickstart's search (epochs of some
+    40 s), the end of an epoch waited 40, 72 and 100 s in three of five
+    epochs measured, and the README's runs had epochs of 72 and 82 s
+    between ones of 41 s.
     """
 
     def __init__(self, data, x, y, batch_size, shuffle=False, augment=None, seed=None, drop_remainder=False):
@@ -309,7 +328,8 @@ class ImagePipeline:
             return image, tf.gather(labels, index)
 
         dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return dataset.batch(self.batch_size, drop_remainder=self.drop_remainder).prefetch(tf.data.AUTOTUNE)
+        dataset = dataset.batch(self.batch_size, drop_remainder=self.drop_remainder).prefetch(tf.data.AUTOTUNE)
+        return dataset.with_options(without_autotuning())
 
     def __iter__(self):
         return iter(self.epoch(0))

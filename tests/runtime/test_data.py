@@ -103,3 +103,17 @@ def test_pipeline_normalises_and_cutout_zeroes_a_square():
     cut = next(iter(pipeline(data, x, data.y_train, 4, augment=AugmentConfig(0, False, 4), seed=0)))[0].numpy()
     zeros = (cut == 0.0).reshape(4, -1).sum(axis=1)
     assert np.all(zeros >= 4) and np.all(zeros <= 16)  # a 4x4 square, clipped at the border
+
+
+def test_every_epoch_of_a_pipeline_runs_without_tf_data_autotuning():
+    # With autotuning on, dropping an epoch's iterator waited for the tuning thread (40-100 s at a search's epoch end).
+    x = np.random.default_rng(3).uniform(size=(6, 8, 8, 1)).astype("float32")
+    data = ImageData("toy", x, np.arange(6, dtype=np.int32), x, np.arange(6, dtype=np.int32), 6)
+    plain = pipeline(data, x, data.y_train, 2)
+    augmented = pipeline(data, x, data.y_train, 2, shuffle=True, augment=AugmentConfig(2, True, 0), seed=1)
+    for dataset in (plain.epoch(0), augmented.epoch(3, skip=1)):
+        assert dataset.options().autotune.enabled is False
+    # The order is still the epoch's permutation from the skipped batch on.
+    order = np.random.default_rng([1, 3]).permutation(6)
+    labels = np.concatenate([y.numpy() for _, y in augmented.epoch(3, skip=1)])
+    np.testing.assert_array_equal(labels, order[2:])
