@@ -286,8 +286,8 @@ class ImagePipeline:
     for that thread's next wake-up, which comes further apart the longer the
     iterator lives (up to 60 s). In the quickstart's search (epochs of some
     40 s), the end of an epoch waited 40, 72 and 100 s in three of five
-    epochs measured, and the README's runs had epochs of 72 and 82 s
-    between ones of 41 s.
+    epochs measured, and two earlier runs had second epochs of 82 s
+    against third ones of 41 and 46 s.
     """
 
     def __init__(self, data, x, y, batch_size, shuffle=False, augment=None, seed=None, drop_remainder=False):
