@@ -339,11 +339,11 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         bilevel = build_search(spec, strategy=strategy)
         if batch_shape == "fixed" and mode in STEP_MODES:  # as a search builds its steps
             bilevel.fix_batch_size(batch)
+        if stage:  # the second stage: pruned to the 4 largest (seeded, initial) alphas per edge and widened
+            bilevel.enter_stage(stage)
         return bilevel
 
     bilevel = built(batch_shape)
-    if stage:  # the second stage: pruned to the 4 largest (seeded, initial) alphas per edge and widened
-        bilevel.enter_stage(stage)
     lr = tf.constant(0.025, tf.float32)
     arch_lr = tf.constant(3e-4, tf.float32)
     model = bilevel.model
@@ -360,7 +360,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     else:
         order = "first" if mode == "first_order" else "second"
 
-        def compiled(grappler):
+        def compiled(grappler, bilevel=bilevel):
             mode_name = "exact" if mode.endswith("exact") else "finite_difference"
             return bilevel.compiled_iteration(order, mode_name, grappler)
 
@@ -381,11 +381,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     if paired_grappler and mode in STEP_MODES:
         result.update(grappler_ratio(function, call, call_with, compiled, iterations))
     if paired_batch_shape and mode in STEP_MODES:
-        other = built("open" if batch_shape == "fixed" else "fixed")
-        if stage:
-            other.enter_stage(stage)
-        other_function = other.compiled_iteration(order, "exact" if mode.endswith("exact") else "finite_difference",
-                                                  grappler)
+        other_function = compiled(grappler, built("open" if batch_shape == "fixed" else "fixed"))
         result.update(batch_shape_ratio(call, call_with(other_function), other_function, iterations))
     return result
 
