@@ -236,7 +236,9 @@ def test_the_eigenvalue_pass_gives_the_same_alpha_gradients_each_time_at_the_qui
     size = spec.data.batch_size
     bilevel.fix_batch_size(size)  # as the search builds it
     generator = tf.random.Generator.from_seed(0)
-    batch = (generator.normal((size, 28, 28, 1)), generator.uniform((size,), 0, 10, tf.int32))
+    network = spec.search_space.network
+    batch = (generator.normal((size, *network.input_shape)),
+             generator.uniform((size,), 0, network.num_classes, tf.int32))
     weights, alphas = bilevel.current_weights(), bilevel.current_alphas()
     first, *others = [[g.numpy() for g in bilevel.eigenvalue_pass(weights, alphas, batch)[2]] for _ in range(3)]
     assert bilevel.eigenvalue_pass.grappler is accelerated()
