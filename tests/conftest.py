@@ -7,24 +7,6 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 
-def pytest_configure(config):
-    """TensorFlow's thread pools in a pytest-xdist worker: the machine's cores divided among the workers.
-
-    Left alone, each worker's TensorFlow (and every child process a test
-    starts) sizes both its pools for the whole machine, so the README's two
-    workers on two cores run four pools on two cores, and their threads spin
-    and switch: the method tests' end-to-end runs took 12% more wall time that
-    way (145.6 s against 130.1 s on 2 cores, 2026-12-05). Set here, before any
-    test module imports TensorFlow, and not when a child process imports this
-    module for its helpers. ``TF_NUM_INTEROP_THREADS`` or
-    ``TF_NUM_INTRAOP_THREADS`` set by the caller win; the test that exact
-    second order serialises its own kernels starts its child without either.
-    """
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    for variable in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS"):
-        os.environ.setdefault(variable, str(max(1, (os.cpu_count() or 1) // workers)))
-
-
 def tiny_spec_document(**search_space):
     """A search space small enough to compile and step in seconds (digits, 8x8x1)."""
     space = {

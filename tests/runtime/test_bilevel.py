@@ -341,9 +341,7 @@ def test_exact_mode_with_max_and_average_pooling_runs_serialized_and_matches_flo
     # float32 matches float64, and float64 matches central differences.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": root}
-    # TensorFlow's own pools, not the suite's share of the cores (conftest): the child serialises itself.
     env.pop("TF_NUM_INTEROP_THREADS", None)
-    env.pop("TF_NUM_INTRAOP_THREADS", None)
     done = subprocess.run([sys.executable, "-c", EXACT_CHILD], capture_output=True, text=True, env=env,
                           timeout=600, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
