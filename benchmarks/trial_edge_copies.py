@@ -26,8 +26,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-OPERATIONS = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
-              "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+from keras_darts.spec.operations import DARTS_CONV_OPERATIONS as OPERATIONS  # noqa: E402
 
 
 def main():
