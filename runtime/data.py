@@ -262,13 +262,6 @@ def _augment_fn(augment, image_shape):
     return augment_one
 
 
-def without_autotuning():
-    """``tf.data.Options`` that switch autotuning off (see ``ImagePipeline``)."""
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return options
-
-
 class ImagePipeline:
     """Normalised, shuffled, augmented batches of one set of images, epoch by epoch.
 
@@ -329,7 +322,9 @@ class ImagePipeline:
 
         dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         dataset = dataset.batch(self.batch_size, drop_remainder=self.drop_remainder).prefetch(tf.data.AUTOTUNE)
-        return dataset.with_options(without_autotuning())
+        options = tf.data.Options()
+        options.autotune.enabled = False  # see the class's docstring
+        return dataset.with_options(options)
 
     def __iter__(self):
         return iter(self.epoch(0))
