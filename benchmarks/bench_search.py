@@ -309,11 +309,6 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         **options, "order": "first" if mode == "first_order" else "second",
         "second_order_mode": "exact" if mode == "second_order_exact" else "finite_difference",
         "precision": precision, **method_options}, distribute={"batch_norm": batch_norm})
-    if mode == "second_order_exact":
-        # As a search does: exact mode over max and average pooling runs one kernel at a time.
-        from keras_darts.runtime.determinism import serialize_kernels_if_needed
-
-        serialize_kernels_if_needed(spec)
     batch = config["batch"]
     # Distinct training and validation batches every iteration, generated before the clock starts.
     generator = tf.random.Generator.from_seed(0)

@@ -50,6 +50,7 @@ import tensorflow as tf
 from keras_darts.compiler.methods import clip_to_simplex, harmonizing_directions
 from keras_darts.compiler.ops import replica_all_reduce, replica_batch_statistics
 
+from . import second_derivatives
 from .distribution import ReplicaAllReduce, cross_replica_mean, replica_slices
 from .graph_build import NestedFunction, StepFunction, built_as_the_process_runs
 from .objectives import ImageClassification
@@ -412,6 +413,7 @@ class Bilevel:
 
     def _mixed_hvp_at(self, weights, alphas, vector, batch):
         """``d/da [dL(w, a)/dw . vector]`` by double back-propagation."""
+        second_derivatives.install()  # TensorFlow's own second derivative of max pooling can be wrong
         with tf.GradientTape() as outer:
             outer.watch(alphas)
             with tf.GradientTape() as inner:

@@ -16,17 +16,10 @@ import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
-RACING_OPERATIONS = {"max_pool_3x3", "avg_pool_3x3"}
-
 
 def _why_serial(spec):
     """Why ``spec``'s run needs TensorFlow's kernels one at a time, or ``None``."""
-    config = spec.search
-    if (config.order == "second" and config.second_order_mode == "exact"
-            and RACING_OPERATIONS <= set(spec.search_space.operations)):
-        return ("exact second order with max and average pooling needs TensorFlow's kernels run one at a time "
-                "(concurrent kernels give wrong Hessian-vector products)")
-    if config.deterministic:
+    if spec.search.deterministic:
         return ("search.deterministic needs TensorFlow's kernels run one at a time (op determinism does not fix "
                 "the order in which concurrently run kernels' gradients are summed: a language-model search "
                 "then differs from run to run in the last bits, and the differences grow)")
@@ -40,16 +33,10 @@ def _serial():
 def serialize_kernels_if_needed(spec):
     """Run TensorFlow's kernels one at a time where the run needs it; True if they do.
 
-    Measured on TensorFlow 2.21's CPU kernels:
-
-    * the double back-propagation of a supernet holding both max and average
-      pooling gives a different, wrong mixed Hessian-vector product from run
-      to run when independent kernels run concurrently, in float32 and
-      float64 alike; with one inter-op thread it is deterministic and matches
-      float64 and central differences;
-    * with concurrent kernels a language-model search step differs from run
-      to run in the last bits (about 1e-7) even under op determinism, so
-      ``search.deterministic`` runs one kernel at a time too.
+    Measured on TensorFlow 2.21's CPU kernels: with concurrent kernels a
+    language-model search step differs from run to run in the last bits
+    (about 1e-7) even under op determinism, so ``search.deterministic`` runs
+    one kernel at a time.
 
     It must be set before TensorFlow starts its runtime (the CLI does so);
     later, a warning says how (``TF_NUM_INTEROP_THREADS=1``).

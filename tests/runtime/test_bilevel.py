@@ -1,10 +1,5 @@
 """Second order is second order: the bilevel gradients against independent computations (float64)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
@@ -316,44 +311,20 @@ def float32_and_float64_gradients():
     return gradients("float32"), gradients("float64")
 
 
-EXACT_CHILD = """
-import json
-import keras_darts as kd
-from keras_darts.runtime.determinism import serialize_kernels_if_needed
-from tests.conftest import tiny_spec_document
-document = tiny_spec_document()
-document["search"]["second_order_mode"] = "exact"
-serialized = serialize_kernels_if_needed(kd.load_spec(document))
-from tests.runtime.test_bilevel import exact_and_central_differences, float32_and_float64_gradients
-gradients = float32_and_float64_gradients()
-import keras
-keras.config.set_floatx("float64")
-keras.config.set_dtype_policy("float64")
-central = exact_and_central_differences(document["search_space"]["operations"])
-print(json.dumps({"serialized": serialized, "gradients": gradients, "central": central}))
-"""
-
-
-def test_exact_mode_with_max_and_average_pooling_runs_serialized_and_matches_float64_and_central_differences():
-    # With max and average pooling together, TensorFlow's CPU kernels give a wrong
-    # mixed Hessian-vector product, different from run to run, when independent
-    # kernels run concurrently; exact mode therefore runs them one at a time. Then
-    # float32 matches float64, and float64 matches central differences.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": root}
-    env.pop("TF_NUM_INTEROP_THREADS", None)
-    done = subprocess.run([sys.executable, "-c", EXACT_CHILD], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["serialized"] is True
-    (first_32, exact_32), (first_64, exact_64) = [[np.array(g) for g in pair] for pair in out["gradients"]]
+def test_exact_mode_with_max_and_average_pooling_matches_float64_and_central_differences():
+    # Max pooling's second derivative used to depend on the order TensorFlow ran its kernels in
+    # (runtime/second_derivatives.py): float32 and float64 disagreed in some runs. Here the kernels
+    # run concurrently, as TensorFlow runs them by default.
+    (first_32, exact_32), (first_64, exact_64) = [[np.array(g) for g in pair]
+                                                  for pair in float32_and_float64_gradients()]
     np.testing.assert_allclose(first_32, first_64, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(exact_32, exact_64, rtol=2e-3, atol=2e-3 * np.abs(exact_64).max())
     # The second-order term matters here, so agreeing exact gradients say something.
     assert np.abs(exact_64 - first_64).max() > 0.05 * np.abs(first_64).max()
-    # And float64 exact mode over max and average pooling is the unrolled loss's derivative.
-    for exact, numeric in out["central"]:
+
+
+def test_exact_mode_with_max_and_average_pooling_is_the_derivative_of_the_unrolled_validation_loss(float64):
+    for exact, numeric in exact_and_central_differences(tiny_spec_document()["search_space"]["operations"]):
         assert exact == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
 

@@ -117,11 +117,8 @@ print(json.dumps({"start": start, **{name: {"alphas": {t: a.tolist() for t, a in
 def test_exact_second_order_on_two_logical_cpus_equals_one_device():
     doc = document("second")
     doc["search"]["second_order_mode"] = "exact"
-    # Max and average pooling together: exact mode needs one kernel at a time (see
-    # test_bilevel); the environment sets it before TensorFlow starts, for both runs.
-    env = {**child_env(), "TF_NUM_INTEROP_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", EXACT_CHILD, json.dumps(doc)], capture_output=True, text=True,
-                          env=env, timeout=900)
+                          env=child_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     for cell_type, alpha in out["single"]["alphas"].items():

@@ -1,0 +1,71 @@
+"""Second derivatives through max pooling that do not depend on the order kernels run in.
+
+TensorFlow 2.21 differentiates a max pooling's gradient (``MaxPoolGrad``)
+with the ``MaxPoolGradGrad`` kernel. On a CPU that kernel takes its
+``grad`` input's buffer for its output whenever no other kernel still holds
+that buffer and the pooling keeps the shape (stride 1, ``SAME``, as the
+normal cells' ``max_pool_3x3``), then zeroes the output before reading the
+input: the second derivative comes out wrong. Whether it does depends on
+the order in which the graph's kernels ran, so exact second order's
+mixed Hessian-vector product was right in some runs and wrong in others.
+Inside a ``tf.function`` whose only use of that ``grad`` is the kernel, it
+is wrong every time (``tests/runtime/test_second_derivatives.py``).
+
+``install()`` gives ``MaxPoolGrad`` (and ``MaxPoolGradV2``) a gradient
+that computes the same thing without that kernel: the incoming gradient
+picked at each window's maximum, located by ``MaxPoolWithArgmax``, which
+takes the first maximum in a window as ``MaxPoolGrad`` and
+``MaxPoolGradGrad`` do. The gradients of the pooling's input and output
+are zero, as in TensorFlow's own rule. TensorFlow has no public way to
+replace a registered gradient, so the entry in its registry is swapped
+(TensorFlow is pinned). The swap is process-wide and only ever gives the
+right value; layouts the replacement does not cover (``NCHW``, explicit
+padding, window sizes held in tensors) keep TensorFlow's rule.
+"""
+
+import threading
+
+import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops
+
+_LOCK = threading.Lock()
+_ORIGINAL = {}
+
+
+def _picked_at_maxima(op, grad, ksize, strides):
+    """``grad`` at each pooling window's first maximum of ``op``'s input, or ``None`` where not covered."""
+    padding = op.get_attr("padding")
+    if op.get_attr("data_format") != b"NHWC" or padding not in (b"SAME", b"VALID") or ksize is None or strides is None:
+        return None
+    pooled_input, pooled = op.inputs[0], op.inputs[1]
+    _, argmax = tf.nn.max_pool_with_argmax(pooled_input, list(ksize), list(strides), padding.decode(),
+                                           include_batch_in_index=True)
+    return tf.reshape(tf.gather(tf.reshape(grad, [-1]), argmax), tf.shape(pooled))
+
+
+def _max_pool_grad_grad(op, grad):
+    picked = _picked_at_maxima(op, grad, op.get_attr("ksize"), op.get_attr("strides"))
+    if picked is None:
+        return _ORIGINAL["MaxPoolGrad"](op, grad)
+    return tf.zeros_like(op.inputs[0]), tf.zeros_like(op.inputs[1]), picked
+
+
+def _max_pool_grad_grad_v2(op, grad):
+    ksize, strides = tf.get_static_value(op.inputs[3]), tf.get_static_value(op.inputs[4])
+    picked = _picked_at_maxima(op, grad, ksize, strides)
+    if picked is None:
+        return _ORIGINAL["MaxPoolGradV2"](op, grad)
+    return tf.zeros_like(op.inputs[0]), tf.zeros_like(op.inputs[1]), picked, None, None
+
+
+_REPLACEMENTS = {"MaxPoolGrad": _max_pool_grad_grad, "MaxPoolGradV2": _max_pool_grad_grad_v2}
+
+
+def install():
+    """Give ``MaxPoolGrad`` and ``MaxPoolGradV2`` the gradients above, once per process (idempotent)."""
+    registry = tf_ops._gradient_registry._registry
+    with _LOCK:
+        for name, replacement in _REPLACEMENTS.items():
+            if name not in _ORIGINAL:
+                _ORIGINAL[name] = registry[name]["type"]
+                registry[name] = {**registry[name], "type": replacement}
