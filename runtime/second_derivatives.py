@@ -19,8 +19,11 @@ takes the first maximum in a window as ``MaxPoolGrad`` and
 are zero, as in TensorFlow's own rule. TensorFlow has no public way to
 replace a registered gradient, so the entry in its registry is swapped
 (TensorFlow is pinned). The swap is process-wide and only ever gives the
-right value; layouts the replacement does not cover (``NCHW``, explicit
-padding, window sizes held in tensors) keep TensorFlow's rule.
+right value. TensorFlow's rule stays where its kernel is not the CPU's
+(an op placed on a GPU or TPU, or placed by TensorFlow on a machine that
+has one: their kernels do not reuse that input, and XLA has no
+``MaxPoolWithArgmax``) and what the replacement does not cover (``NCHW``,
+explicit padding, window sizes known only at run time).
 """
 
 import threading
@@ -28,14 +31,28 @@ import threading
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 
+from .graph_build import accelerated
+
 _LOCK = threading.Lock()
 _ORIGINAL = {}
+
+
+def _on_cpu(op):
+    """Whether ``op``'s pooling runs on a CPU: placed there, or unplaced on a machine without GPU or TPU.
+
+    Tapes pass a stand-in for the op without its device; its inputs' tensors have theirs.
+    """
+    device = op.inputs[1].device  # the pooling's output
+    if device:
+        return tf.DeviceSpec.from_string(device).device_type == "CPU"
+    return not accelerated()
 
 
 def _picked_at_maxima(op, grad, ksize, strides):
     """``grad`` at each pooling window's first maximum of ``op``'s input, or ``None`` where not covered."""
     padding = op.get_attr("padding")
-    if op.get_attr("data_format") != b"NHWC" or padding not in (b"SAME", b"VALID") or ksize is None or strides is None:
+    if (not _on_cpu(op) or op.get_attr("data_format") != b"NHWC" or padding not in (b"SAME", b"VALID")
+            or ksize is None or strides is None):
         return None
     pooled_input, pooled = op.inputs[0], op.inputs[1]
     _, argmax = tf.nn.max_pool_with_argmax(pooled_input, list(ksize), list(strides), padding.decode(),

@@ -116,3 +116,29 @@ def test_the_replacement_picks_the_first_maximum_of_each_window_as_tensorflows_k
         kernel = tf.raw_ops.MaxPoolGradGrad(orig_input=x, orig_output=pooled, grad=u, ksize=[1, 3, 3, 1],
                                             strides=[1, stride, stride, 1], padding=padding)
         np.testing.assert_array_equal(kernel.numpy(), expected)
+
+
+def test_an_op_placed_on_a_gpu_keeps_tensorflows_rule():
+    # Only TensorFlow's CPU kernel reuses its input; a GPU's does not, and XLA has no MaxPoolWithArgmax.
+    # Traced only: the graph needs no GPU to be built.
+    second_derivatives.install()
+    x = tf.constant(np.random.default_rng(3).normal(size=(2, 5, 5, 3)))
+
+    def second(x):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                cubed = tf.reduce_sum(tf.nn.max_pool2d(x, 3, 1, "SAME") ** 3)
+            dot = tf.reduce_sum(inner.gradient(cubed, x))
+        return outer.gradient(dot, x)
+
+    def on(device):
+        def traced(x):
+            with tf.device(device):
+                return second(x)
+        graph = tf.function(traced).get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "MaxPoolGradGrad" in on("/device:GPU:0") and "MaxPoolWithArgmax" not in on("/device:GPU:0")
+    assert "MaxPoolWithArgmax" in on("/device:CPU:0") and "MaxPoolGradGrad" not in on("/device:CPU:0")
