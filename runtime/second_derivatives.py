@@ -48,6 +48,18 @@ def _on_cpu(op):
     return not accelerated()
 
 
+def _window_of_attributes(op):
+    return op.get_attr("ksize"), op.get_attr("strides")
+
+
+def _window_of_inputs(op):
+    return tf.get_static_value(op.inputs[3]), tf.get_static_value(op.inputs[4])
+
+
+# Each replaced op's type, and where its window's size and strides are.
+_WINDOWS = {"MaxPoolGrad": _window_of_attributes, "MaxPoolGradV2": _window_of_inputs}
+
+
 def _picked_at_maxima(op, grad, ksize, strides):
     """``grad`` at each pooling window's first maximum of ``op``'s input, or ``None`` where not covered."""
     padding = op.get_attr("padding")
@@ -61,28 +73,19 @@ def _picked_at_maxima(op, grad, ksize, strides):
 
 
 def _max_pool_grad_grad(op, grad):
-    picked = _picked_at_maxima(op, grad, op.get_attr("ksize"), op.get_attr("strides"))
+    """The gradient of ``MaxPoolGrad`` or ``MaxPoolGradV2`` (``op.type``), TensorFlow's where not covered."""
+    picked = _picked_at_maxima(op, grad, *_WINDOWS[op.type](op))
     if picked is None:
-        return _ORIGINAL["MaxPoolGrad"](op, grad)
-    return tf.zeros_like(op.inputs[0]), tf.zeros_like(op.inputs[1]), picked
-
-
-def _max_pool_grad_grad_v2(op, grad):
-    ksize, strides = tf.get_static_value(op.inputs[3]), tf.get_static_value(op.inputs[4])
-    picked = _picked_at_maxima(op, grad, ksize, strides)
-    if picked is None:
-        return _ORIGINAL["MaxPoolGradV2"](op, grad)
-    return tf.zeros_like(op.inputs[0]), tf.zeros_like(op.inputs[1]), picked, None, None
-
-
-_REPLACEMENTS = {"MaxPoolGrad": _max_pool_grad_grad, "MaxPoolGradV2": _max_pool_grad_grad_v2}
+        return _ORIGINAL[op.type](op, grad)
+    # Zero for the pooling's input and output; none for V2's window tensors.
+    return (tf.zeros_like(op.inputs[0]), tf.zeros_like(op.inputs[1]), picked) + (None,) * (len(op.inputs) - 3)
 
 
 def install():
-    """Give ``MaxPoolGrad`` and ``MaxPoolGradV2`` the gradients above, once per process (idempotent)."""
+    """Give ``MaxPoolGrad`` and ``MaxPoolGradV2`` the gradient above, once per process (idempotent)."""
     registry = tf_ops._gradient_registry._registry
     with _LOCK:
-        for name, replacement in _REPLACEMENTS.items():
+        for name in _WINDOWS:
             if name not in _ORIGINAL:
                 _ORIGINAL[name] = registry[name]["type"]
-                registry[name] = {**registry[name], "type": replacement}
+                registry[name] = {**registry[name], "type": _max_pool_grad_grad}
