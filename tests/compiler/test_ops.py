@@ -7,7 +7,7 @@ import pytest
 import keras_darts as kd
 
 from keras_darts.compiler import build_op
-from keras_darts.compiler.ops import FactorizedReduce, ReLUConvBN, batch_normalize
+from keras_darts.compiler.ops import FactorizedReduce, ReLUConvBN, batch_normalize, fused_batch_norm
 from keras_darts.spec import DARTS_CONV_OPERATIONS
 
 
@@ -215,3 +215,82 @@ def test_fused_batch_norm_adds_the_reference_epsilon_exactly():
     y = np.asarray(batch_normalize(x.astype("float32"))[0])
     expected = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
     np.testing.assert_allclose(y, expected, rtol=2e-5, atol=1e-5)
+
+
+
+def _batch_norm_derivatives(x, upstream, direction):
+    """``d/dx sum(upstream * y)`` and the derivative of its dot with ``direction`` (exact mode's double pass)."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(tf.cast(upstream, x.dtype) * batch_normalize(x)[0])
+        gradient = inner.gradient(loss, x)
+        dot = tf.reduce_sum(gradient * tf.cast(direction, x.dtype))
+    return gradient, outer.gradient(dot, x)
+
+
+def test_fused_batch_norm_matches_the_formula_to_second_order():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(6)
+    x, upstream, direction = (rng.normal(1.0, 2.0, size=(4, 5, 5, 3)) for _ in range(3))
+    fused = tf.function(_batch_norm_derivatives, autograph=False)
+    got = fused(x.astype("float32"), upstream, direction)
+    want = _batch_norm_derivatives(x, upstream, direction)  # float64: the formula
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-3)
+    kinds = {op.type for op in fused.get_concrete_function(x.astype("float32"), upstream, direction)
+             .graph.get_operations()}
+    assert {"FusedBatchNorm", "FusedBatchNormGrad"} <= kinds, kinds
+
+
+def test_fused_batch_norm_gradient_fills_no_zeros_for_the_statistics():
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((4, 5, 5, 3))], autograph=False)
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = batch_normalize(x)[0]
+        return tape.gradient(y, x)
+
+    operations = gradient.get_concrete_function().graph.get_operations()
+    # A vector of zeros as long as the channels: the BN's shared offset alone. With FusedBatchNormV3
+    # the tape adds one for each output the loss does not use (mean, variance, two reserve spaces)
+    # and a ZerosLike for the third reserve space.
+    zero_vectors = [op.name for op in operations if op.type == "Const" and op.outputs[0].shape == (3,)
+                    and not tf.make_ndarray(op.get_attr("value")).any()]
+    assert len(zero_vectors) == 1, zero_vectors
+    assert "ZerosLike" not in [op.type for op in operations]
+
+
+def test_float32_fused_batch_norm_equals_the_third_version_bit_for_bit_to_second_order():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(7)
+    x, upstream, direction = (tf.constant(rng.normal(1.0, 2.0, size=(4, 5, 5, 3)), tf.float32) for _ in range(3))
+    scale, offset, empty = tf.ones([3]), tf.zeros([3]), tf.zeros([0])
+
+    @tf.function(autograph=False)
+    def run(x, third):
+        op = tf.raw_ops.FusedBatchNormV3 if third else fused_batch_norm("float32")
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y, mean, variance = op(x=x, scale=scale, offset=offset, mean=empty, variance=empty,
+                                       epsilon=1e-5, is_training=True)[:3]
+                loss = tf.reduce_sum(upstream * y)
+            gradient = inner.gradient(loss, x)
+            dot = tf.reduce_sum(gradient * direction)
+        return y, mean, variance, gradient, outer.gradient(dot, x)
+
+    assert fused_batch_norm("float32") is tf.raw_ops.FusedBatchNorm
+    assert fused_batch_norm("bfloat16") is tf.raw_ops.FusedBatchNormV3
+    for first, third in zip(run(x, False), run(x, True)):
+        np.testing.assert_array_equal(first.numpy(), third.numpy())
+
