@@ -294,3 +294,46 @@ def test_float32_fused_batch_norm_equals_the_third_version_bit_for_bit_to_second
     for first, third in zip(run(x, False), run(x, True)):
         np.testing.assert_array_equal(first.numpy(), third.numpy())
 
+
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dilated_depthwise_convolution_and_its_gradients_equal_keras_bit_for_bit_but_a_strided_kernel_gradient(size, kernel_size, stride):
+    import tensorflow as tf
+
+    from keras_darts.compiler.ops import _dilated_depthwise, _pad
+
+    rng = np.random.default_rng(8)
+    x = tf.constant(rng.normal(size=(2, size, size, 3)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, 3, 1)), tf.float32)
+    pad = kernel_size - 1  # dilation 2
+
+    def keras_path(x, kernel):
+        if stride == 1:
+            return keras.ops.depthwise_conv(x, kernel, strides=1, padding="same", dilation_rate=2)
+        return keras.ops.depthwise_conv(_pad(x, pad), kernel, strides=2, padding="valid", dilation_rate=2)
+
+    def ours(x, kernel):
+        return _dilated_depthwise(x if stride == 1 else _pad(x, pad), kernel, stride, 2)
+
+    @tf.function(autograph=False)
+    def derivatives(x, kernel, use_ours):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, kernel])
+            y = (ours if use_ours else keras_path)(x, kernel)
+            loss = tf.reduce_sum(tf.sin(y))
+        return [y, *tape.gradient(loss, [x, kernel])]
+
+    got, want = derivatives(x, kernel, True), derivatives(x, kernel, False)
+    assert got[0].shape == (2, (size + 1) // stride if stride == 2 else size, (size + 1) // stride if stride == 2
+                            else size, 3)
+    for a, b in zip(got[:2], want[:2]):  # the output and its gradient with respect to the input
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The kernel's gradient sums over the output positions: at stride 2 Keras' sum also runs over the
+    # positions it computes and discards (zeros), so its order, and the last bit, may differ.
+    if stride == 1:
+        np.testing.assert_array_equal(got[2].numpy(), want[2].numpy())
+    else:
+        np.testing.assert_allclose(got[2].numpy(), want[2].numpy(), rtol=1e-6, atol=1e-6)
+    kinds = {op.type for op in derivatives.get_concrete_function(x, kernel, True).graph.get_operations()}
+    assert ("SpaceToBatchND" in kinds) == (stride == 1) and "DepthwiseConv2dNative" in kinds
