@@ -111,3 +111,14 @@ def test_onnx_without_its_packages_stops_compile_and_search_before_the_search(tm
     assert capsys.readouterr().err == (f"error: {spec}: $.export.formats: onnx needs tf2onnx, which is not "
                                        "installed; pip install 'keras-darts[onnx]'\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_multiply_adds_of_a_dilated_convolution_count_its_output_positions_only(stride):
+    from keras_darts.compiler import build_op
+
+    op = build_op("dil_conv_3x3", 4, stride, affine=True, layer_name="dil")
+    counted = deploy.multiply_adds(lambda x: op(x, training=False), [tf.TensorSpec((1, 8, 8, 4))])
+    positions = (8 // stride) ** 2
+    # The depthwise 3x3 and the pointwise 4 -> 4 at each output position, however TensorFlow lays the dilation out.
+    assert counted == positions * 4 * 9 + positions * 4 * 4
