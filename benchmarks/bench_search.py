@@ -107,6 +107,8 @@ BATCH_SHAPES = {"fixed": "fixed", "open": "open"}
 FUSED_BATCH_NORMS = {"first": "bn1", "third": "bn3"}
 # Dilated depthwise convolutions from three TensorFlow ops, or through keras.ops.depthwise_conv as before.
 DILATED = {"three_ops": "3ops", "keras": "keras"}
+# Convolutions as TensorFlow's ops built directly, or through keras.ops as before (with --dilated keras: all of them).
+CONVOLUTIONS = {"raw": "raw", "keras": "keras"}
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 
 
@@ -258,7 +260,8 @@ def search_epoch(config_name, steps):
 def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
             method=None, grappler=None, batch_norm="global", paired_grappler=False, precision="float32",
             call_shape_inference="skipped", optimizer_arithmetic="stacked", batch_shape="fixed",
-            paired_batch_shape=False, fused_batch_norm="first", dilated="three_ops"):
+            paired_batch_shape=False, fused_batch_norm="first", dilated="three_ops",
+            convolutions="raw"):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -283,6 +286,10 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
         from keras_darts.compiler import ops as compiler_ops
 
         compiler_ops._dilated_depthwise_applies = lambda x, stride, dilation: False
+    if convolutions == "keras":  # the build before undilated convolutions were built as TensorFlow's ops
+        from keras_darts.compiler import ops as compiler_ops
+
+        compiler_ops._raw_convolutions = lambda x, dilation_rate: False
 
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
@@ -304,7 +311,8 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
              "optimizer_arithmetic": optimizer_arithmetic if mode in STEP_MODES else None,
              "batch_shape": batch_shape if mode in STEP_MODES and config_name != "RNN" else None,
              "fused_batch_norm": fused_batch_norm if config_name != "RNN" else None,
-             "dilated": dilated if config_name != "RNN" else None}
+             "dilated": dilated if config_name != "RNN" else None,
+             "convolutions": convolutions if config_name != "RNN" else None}
     if config_name == "RNN":
         if replicas or mode in EXTRA_MODES:
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -552,7 +560,7 @@ def print_pairs(results, key, chosen, other, label):
     """Each search step built with ``key`` = ``chosen`` beside the same step built with ``other``."""
     setting = ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm", "precision",
                "call_shape_inference", "optimizer_arithmetic", "batch_shape", "fused_batch_norm",
-               "dilated")
+               "dilated", "convolutions")
     for row in results:
         if row.get(key) != chosen:
             continue
@@ -658,6 +666,9 @@ def main():
     parser.add_argument("--dilated", nargs="+", default=["three_ops"], choices=list(DILATED),
                         help="dilated depthwise convolutions from three TensorFlow ops (as the search builds) or "
                              "through keras.ops.depthwise_conv (as before)")
+    parser.add_argument("--convolutions", nargs="+", default=["raw"], choices=list(CONVOLUTIONS),
+                        help="undilated convolutions as TensorFlow's ops built directly (as the search builds) or "
+                             "through keras.ops (as before)")
     parser.add_argument("--paired-batch-shape", action="store_true",
                         help="also build each search step for the other batch shape (a second supernet in the same "
                              "process) and time the two alternately: the median ratio of the pairs, free of the "
@@ -678,7 +689,7 @@ def main():
                                  GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
                                  args.precision[0], args.call_shape_inference[0], args.optimizer_arithmetic[0],
                                  args.batch_shape[0], args.paired_batch_shape, args.fused_batch_norm[0],
-                                 args.dilated[0])))
+                                 args.dilated[0], args.convolutions[0])))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -717,12 +728,15 @@ def main():
             for fused in (args.fused_batch_norm if run[0] != "RNN" else args.fused_batch_norm[:1])]
     runs = [(*run[:12], dilated, *run[12:]) for run in runs
             for dilated in (args.dilated if run[0] != "RNN" else args.dilated[:1])]
+    runs = [(*run[:13], convolutions, *run[13:]) for run in runs
+            for convolutions in (args.convolutions if run[0] != "RNN" else args.convolutions[:1])]
     for config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, shape, fused, dilated, \
-            *steps in runs:
+            convolutions, *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,
                    "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--precision", precision,
                    "--call-shape-inference", calls, "--optimizer-arithmetic", arithmetic, "--batch-shape", shape,
-                   "--fused-batch-norm", fused, "--dilated", dilated]
+                   "--fused-batch-norm", fused, "--dilated", dilated,
+                   "--convolutions", convolutions]
         if method:
             command += ["--method", method]
         if steps:
@@ -746,7 +760,7 @@ def main():
         write_report(args.output, results, {})  # after every row: a long run stopped early keeps what it measured
         print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
               f"replicas {replicas or '-'} {precision} calls {calls} arithmetic {arithmetic} batch {shape} "
-              f"fused {fused} dilated {dilated}: "
+              f"fused {fused} dilated {dilated} convolutions {convolutions}: "
               f"{results[-1]['median_seconds']:.3f} s",
               file=sys.stderr,
               flush=True)
@@ -757,7 +771,7 @@ def main():
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'grappler':>8s} {'trace s':>7s} {'first call':>10s} " \
              f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s} {'calls':>5s} " \
-             f"{'arith':>5s} {'shape':>5s} {'bn op':>5s} {'dil':>5s}"
+             f"{'arith':>5s} {'shape':>5s} {'bn op':>5s} {'dil':>5s} {'convs':>5s}"
     print(header)
     for row in results:
         batch = row["batch"]
@@ -780,7 +794,8 @@ def main():
               f"{ARITHMETIC.get(row.get('optimizer_arithmetic'), '-'):>5s} "
               f"{BATCH_SHAPES.get(row.get('batch_shape'), '-'):>5s} "
               f"{FUSED_BATCH_NORMS.get(row.get('fused_batch_norm'), '-'):>5s} "
-              f"{DILATED.get(row.get('dilated'), '-'):>5s}")
+              f"{DILATED.get(row.get('dilated'), '-'):>5s} "
+              f"{CONVOLUTIONS.get(row.get('convolutions'), '-'):>5s}")
     print_precisions(results)
     print_pairs(results, "call_shape_inference", "skipped", "inferred", "calls skipping / inferring shape inference")
     print_pairs(results, "optimizer_arithmetic", "stacked", "per_tensor",
@@ -788,6 +803,7 @@ def main():
     print_pairs(results, "batch_shape", "fixed", "open", "batch size fixed / open")
     print_pairs(results, "fused_batch_norm", "first", "third", "FusedBatchNorm / FusedBatchNormV3")
     print_pairs(results, "dilated", "three_ops", "keras", "dilated depthwise from three ops / keras.ops")
+    print_pairs(results, "convolutions", "raw", "keras", "convolutions as TensorFlow's ops / keras.ops")
     for row in results:
         if "batch_shape_ratio" in row:
             this, other = ("fixed", "open") if row["batch_shape"] == "fixed" else ("open", "fixed")

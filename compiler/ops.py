@@ -276,9 +276,43 @@ class Op(keras.layers.Layer):
         return {**super().get_config(), "channels": self.channels, "stride": self.stride, "affine": self.affine}
 
 
+def _raw_convolutions(x, dilation_rate):
+    """Whether ``conv``/``depthwise_conv`` build TensorFlow's op directly: TensorFlow, channels last, 2-D, undilated."""
+    return (dilation_rate == 1 and keras.backend.backend() == "tensorflow"
+            and keras.backend.image_data_format() == "channels_last" and len(x.shape) == 4)
+
+
+def conv(x, kernel, strides=1, padding="valid", dilation_rate=1):
+    """``ops.conv``; on TensorFlow (channels last, undilated) the ``Conv2D`` op it builds, built directly.
+
+    ``ops.conv`` reaches the op through Keras' and TensorFlow's wrappers
+    (``tf.nn.convolution``), and ``ops.depthwise_conv`` through
+    ``with_space_to_batch`` even undilated: their Python was about a sixth of a
+    SMALL second-order step's tracing (``py-spy``). The op and its attributes
+    are the same, so the values are too, bit for bit (the tests compare them
+    and their gradients).
+    """
+    if not _raw_convolutions(x, dilation_rate):
+        return ops.conv(x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate)
+    import tensorflow as tf
+
+    return tf.raw_ops.Conv2D(input=ops.convert_to_tensor(x), filter=ops.convert_to_tensor(kernel),
+                             strides=[1, strides, strides, 1], padding=padding.upper())
+
+
+def depthwise_conv(x, kernel, strides=1, padding="valid", dilation_rate=1):
+    """``ops.depthwise_conv``; on TensorFlow (channels last, undilated) its ``DepthwiseConv2dNative`` op (see ``conv``)."""
+    if not _raw_convolutions(x, dilation_rate):
+        return ops.depthwise_conv(x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate)
+    import tensorflow as tf
+
+    return tf.raw_ops.DepthwiseConv2dNative(input=ops.convert_to_tensor(x), filter=ops.convert_to_tensor(kernel),
+                                            strides=[1, strides, strides, 1], padding=padding.upper())
+
+
 def _symmetric(convolution, x, kernel, stride=1, padding=0, dilation=1):
-    """``ops.conv`` or ``ops.depthwise_conv`` with the reference's symmetric padding."""
-    if convolution is ops.depthwise_conv and dilation > 1 and _dilated_depthwise_applies(x, stride, dilation):
+    """``conv`` or ``depthwise_conv`` with the reference's symmetric padding."""
+    if convolution is depthwise_conv and dilation > 1 and _dilated_depthwise_applies(x, stride, dilation):
         return _dilated_depthwise(x if stride == 1 else _pad(x, padding), kernel, stride, dilation)
     if stride == 1:
         return convolution(x, kernel, strides=1, padding="same", dilation_rate=dilation)
@@ -350,7 +384,7 @@ class ReLUConvBN(Op):
         self.norm_weights("bn", self.channels)
 
     def call(self, x, training=None):
-        x = _symmetric(ops.conv, ops.relu(x), self.conv_kernel, self.stride, self.padding)
+        x = _symmetric(conv, ops.relu(x), self.conv_kernel, self.stride, self.padding)
         return self.norm(x, "bn", training)
 
     def get_config(self):
@@ -376,10 +410,10 @@ class SepConv(Op):
 
     def call(self, x, training=None):
         pad = (self.kernel_size - 1) // 2
-        x = _symmetric(ops.depthwise_conv, ops.relu(x), self.depthwise_1, self.stride, pad)
-        x = self.norm(ops.conv(x, self.pointwise_1), "bn_1", training)
-        x = _symmetric(ops.depthwise_conv, ops.relu(x), self.depthwise_2, 1, pad)
-        return self.norm(ops.conv(x, self.pointwise_2), "bn_2", training)
+        x = _symmetric(depthwise_conv, ops.relu(x), self.depthwise_1, self.stride, pad)
+        x = self.norm(conv(x, self.pointwise_1), "bn_1", training)
+        x = _symmetric(depthwise_conv, ops.relu(x), self.depthwise_2, 1, pad)
+        return self.norm(conv(x, self.pointwise_2), "bn_2", training)
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": self.kernel_size}
@@ -402,8 +436,8 @@ class DilConv(Op):
 
     def call(self, x, training=None):
         pad = self.dilation * (self.kernel_size - 1) // 2
-        x = _symmetric(ops.depthwise_conv, ops.relu(x), self.depthwise, self.stride, pad, self.dilation)
-        return self.norm(ops.conv(x, self.pointwise), "bn", training)
+        x = _symmetric(depthwise_conv, ops.relu(x), self.depthwise, self.stride, pad, self.dilation)
+        return self.norm(conv(x, self.pointwise), "bn", training)
 
     def get_config(self):
         return {**super().get_config(), "kernel_size": self.kernel_size, "dilation": self.dilation}
@@ -464,7 +498,7 @@ class IdentityConv1x1(Op):
                                         name="conv")
 
     def call(self, x, training=None):
-        return ops.conv(x, self.kernel_1, strides=1, padding="valid")
+        return conv(x, self.kernel_1, strides=1, padding="valid")
 
 
 def _identity_kernel(shape, dtype=None):
@@ -500,8 +534,8 @@ class FactorizedReduce(Op):
 
     def call(self, x, training=None):
         x = ops.relu(x)
-        left = ops.conv(x, self.kernel_1, strides=2, padding="valid")
-        right = ops.conv(x[:, 1:, 1:, :], self.kernel_2, strides=2, padding="valid")
+        left = conv(x, self.kernel_1, strides=2, padding="valid")
+        right = conv(x[:, 1:, 1:, :], self.kernel_2, strides=2, padding="valid")
         return self.norm(ops.concatenate([left, right], axis=-1), "bn", training)
 
 

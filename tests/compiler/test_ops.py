@@ -337,3 +337,36 @@ def test_dilated_depthwise_convolution_and_its_gradients_equal_keras_bit_for_bit
         np.testing.assert_allclose(got[2].numpy(), want[2].numpy(), rtol=1e-6, atol=1e-6)
     kinds = {op.type for op in derivatives.get_concrete_function(x, kernel, True).graph.get_operations()}
     assert ("SpaceToBatchND" in kinds) == (stride == 1) and "DepthwiseConv2dNative" in kinds
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_convolutions_built_as_tensorflow_ops_equal_keras_ops_bit_for_bit_with_their_gradients(depthwise, stride):
+    import tensorflow as tf
+
+    from keras_darts.compiler import ops as compiler_ops
+
+    rng = np.random.default_rng(9)
+    x = tf.constant(rng.normal(size=(2, 7, 7, 3)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(3, 3, 3, 1 if depthwise else 5)), tf.float32)
+    padding = "same" if stride == 1 else "valid"
+    ours = compiler_ops.depthwise_conv if depthwise else compiler_ops.conv
+    theirs = keras.ops.depthwise_conv if depthwise else keras.ops.conv
+
+    @tf.function(autograph=False)
+    def derivatives(x, kernel, convolution):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = convolution(x, kernel, strides=stride, padding=padding)
+            loss = tf.reduce_sum(tf.sin(y))
+        return [y, *tape.gradient(loss, [x, kernel])]
+
+    for a, b in zip(derivatives(x, kernel, ours), derivatives(x, kernel, theirs)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    def kinds(convolution):
+        return sorted(op.type for op in derivatives.get_concrete_function(x, kernel, convolution).graph
+                      .get_operations() if op.type != "Const")
+
+    # The same ops (Keras' depthwise path adds constants for a space-to-batch it then skips).
+    assert kinds(ours) == kinds(theirs)
+    assert kinds(ours).count("DepthwiseConv2dNative" if depthwise else "Conv2D") == 1
