@@ -329,7 +329,7 @@ def _dilated_depthwise_applies(x, stride, dilation):
 
 
 def _dilated_depthwise(x, kernel, stride, dilation):
-    """A dilated depthwise convolution, built from three TensorFlow ops instead of ``ops.depthwise_conv``'s dozens.
+    """A dilated depthwise convolution as at most three TensorFlow ops, without ``ops.depthwise_conv``'s wrappers.
 
     At stride 1 (``x`` unpadded, padding ``same``, which is symmetric for odd
     kernels) these are the ops ``tf.nn.depthwise_conv2d`` builds for a
