@@ -217,7 +217,6 @@ def test_fused_batch_norm_adds_the_reference_epsilon_exactly():
     np.testing.assert_allclose(y, expected, rtol=2e-5, atol=1e-5)
 
 
-
 def _batch_norm_derivatives(x, upstream, direction):
     """``d/dx sum(upstream * y)`` and the derivative of its dot with ``direction`` (exact mode's double pass)."""
     import tensorflow as tf
