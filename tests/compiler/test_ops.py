@@ -297,7 +297,8 @@ def test_float32_fused_batch_norm_equals_the_third_version_bit_for_bit_to_second
 @pytest.mark.parametrize("size", [8, 7])
 @pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_dilated_depthwise_convolution_and_its_gradients_equal_keras_bit_for_bit_but_a_strided_kernel_gradient(size, kernel_size, stride):
+def test_dilated_depthwise_convolution_and_its_gradients_equal_keras_bit_for_bit_but_a_strided_kernel_gradient(
+        size, kernel_size, stride):
     import tensorflow as tf
 
     from keras_darts.compiler.ops import _dilated_depthwise, _pad
@@ -324,8 +325,8 @@ def test_dilated_depthwise_convolution_and_its_gradients_equal_keras_bit_for_bit
         return [y, *tape.gradient(loss, [x, kernel])]
 
     got, want = derivatives(x, kernel, True), derivatives(x, kernel, False)
-    assert got[0].shape == (2, (size + 1) // stride if stride == 2 else size, (size + 1) // stride if stride == 2
-                            else size, 3)
+    side = size if stride == 1 else (size + 1) // 2
+    assert got[0].shape == (2, side, side, 3)
     for a, b in zip(got[:2], want[:2]):  # the output and its gradient with respect to the input
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     # The kernel's gradient sums over the output positions: at stride 2 Keras' sum also runs over the
@@ -362,6 +363,7 @@ def test_convolutions_built_as_tensorflow_ops_equal_keras_ops_bit_for_bit_with_t
 
     for a, b in zip(derivatives(x, kernel, ours), derivatives(x, kernel, theirs)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
     def kinds(convolution):
         return sorted(op.type for op in derivatives.get_concrete_function(x, kernel, convolution).graph
                       .get_operations() if op.type != "Const")
