@@ -58,6 +58,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import typing
 import time
 
 from keras_darts.spec.model import METHODS
@@ -102,14 +103,45 @@ GRAPPLER_NAMES = {None: "auto", True: "on", False: "off"}
 CALLS = {"skipped": "skip", "inferred": "infer"}
 ARITHMETIC = {"stacked": "stack", "per_tensor": "each"}
 BATCH_SHAPES = {"fixed": "fixed", "open": "open"}
-# The fused BN op of float32 search BNs: FusedBatchNorm, or FusedBatchNormV3 as before (whose gradient's
-# unused outputs the tape fills with zeros).
-FUSED_BATCH_NORMS = {"first": "bn1", "third": "bn3"}
-# Dilated depthwise convolutions from three TensorFlow ops, or through keras.ops.depthwise_conv as before.
-DILATED = {"three_ops": "3ops", "keras": "keras"}
-# Convolutions as TensorFlow's ops built directly, or through keras.ops as before (with --dilated keras: all of them).
-CONVOLUTIONS = {"raw": "raw", "keras": "keras"}
+
+
+class OpBuild(typing.NamedTuple):
+    """How ``compiler.ops`` builds something, as the search does (``now``) or as before (``before``), for its flag."""
+
+    now: str
+    before: str
+    short: dict  # each value's text in the table's column ``column``
+    column: str
+    attribute: str  # the compiler.ops function that the build before replaces ...
+    replacement: typing.Callable  # ... with replacement(tf)
+    label: str  # the pairs' line
+    help: str
+
+
+# Convolutional runs only; --<key> (underscores as dashes) takes one or both values, and every combination is measured.
+OP_BUILDS = {
+    "fused_batch_norm": OpBuild(
+        "first", "third", {"first": "bn1", "third": "bn3"}, "bn op", "fused_batch_norm",
+        lambda tf: lambda dtype: tf.raw_ops.FusedBatchNormV3, "FusedBatchNorm / FusedBatchNormV3",
+        "the fused op of float32 search BNs: first (FusedBatchNorm, as the search builds) or third "
+        "(FusedBatchNormV3, as before, whose gradient's unused outputs the tape fills with zeros)"),
+    "dilated": OpBuild(
+        "three_ops", "keras", {"three_ops": "3ops", "keras": "keras"}, "dil", "_dilated_depthwise_applies",
+        lambda tf: lambda x, stride, dilation: False, "dilated depthwise from three ops / keras.ops",
+        "dilated depthwise convolutions from three TensorFlow ops (as the search builds) or through "
+        "keras.ops.depthwise_conv (as before)"),
+    "convolutions": OpBuild(
+        "raw", "keras", {"raw": "raw", "keras": "keras"}, "convs", "_raw_convolutions",
+        lambda tf: lambda x, dilation_rate: False, "convolutions as TensorFlow's ops / keras.ops",
+        "undilated convolutions as TensorFlow's ops built directly (as the search builds) or through keras.ops "
+        "(as before; with --dilated keras, all of them)"),
+}
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
+
+
+def flag(key):
+    """The command-line flag of an ``OP_BUILDS`` key."""
+    return "--" + key.replace("_", "-")
 
 
 def conv_spec(config, operations=None, **sections):
@@ -260,8 +292,7 @@ def search_epoch(config_name, steps):
 def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, options=None, paired=False,
             method=None, grappler=None, batch_norm="global", paired_grappler=False, precision="float32",
             call_shape_inference="skipped", optimizer_arithmetic="stacked", batch_shape="fixed",
-            paired_batch_shape=False, fused_batch_norm="first", dilated="three_ops",
-            convolutions="raw"):
+            paired_batch_shape=False, op_builds=None):
     """Runs inside the child process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -278,18 +309,12 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
             return tuple(map(list, zip(*outputs))) if isinstance(outputs[0], tuple) else outputs
 
         optimizers.elementwise = bilevel.elementwise = per_tensor
-    if fused_batch_norm == "third":  # the build before float32 BNs took the first version of the op
-        from keras_darts.compiler import ops as compiler_ops
+    op_builds = {key: build.now for key, build in OP_BUILDS.items()} | (op_builds or {})
+    for key, value in op_builds.items():
+        if value == OP_BUILDS[key].before:
+            from keras_darts.compiler import ops as compiler_ops
 
-        compiler_ops.fused_batch_norm = lambda dtype: tf.raw_ops.FusedBatchNormV3
-    if dilated == "keras":  # the build before dilated depthwise convolutions were built from three ops
-        from keras_darts.compiler import ops as compiler_ops
-
-        compiler_ops._dilated_depthwise_applies = lambda x, stride, dilation: False
-    if convolutions == "keras":  # the build before undilated convolutions were built as TensorFlow's ops
-        from keras_darts.compiler import ops as compiler_ops
-
-        compiler_ops._raw_convolutions = lambda x, dilation_rate: False
+            setattr(compiler_ops, OP_BUILDS[key].attribute, OP_BUILDS[key].replacement(tf))
 
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
@@ -310,9 +335,7 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
              "precision": precision, "call_shape_inference": call_shape_inference if mode in STEP_MODES else None,
              "optimizer_arithmetic": optimizer_arithmetic if mode in STEP_MODES else None,
              "batch_shape": batch_shape if mode in STEP_MODES and config_name != "RNN" else None,
-             "fused_batch_norm": fused_batch_norm if config_name != "RNN" else None,
-             "dilated": dilated if config_name != "RNN" else None,
-             "convolutions": convolutions if config_name != "RNN" else None}
+             **{key: value if config_name != "RNN" else None for key, value in op_builds.items()}}
     if config_name == "RNN":
         if replicas or mode in EXTRA_MODES:
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -559,8 +582,7 @@ def print_precisions(results):
 def print_pairs(results, key, chosen, other, label):
     """Each search step built with ``key`` = ``chosen`` beside the same step built with ``other``."""
     setting = ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm", "precision",
-               "call_shape_inference", "optimizer_arithmetic", "batch_shape", "fused_batch_norm",
-               "dilated", "convolutions")
+               "call_shape_inference", "optimizer_arithmetic", "batch_shape", *OP_BUILDS)
     for row in results:
         if row.get(key) != chosen:
             continue
@@ -660,15 +682,9 @@ def main():
     parser.add_argument("--batch-shape", nargs="+", default=["fixed"], choices=list(BATCH_SHAPES),
                         help="the search steps built for the batch's size (fixed, as a search builds them) or for any "
                              "size (open, as before); several values measure each")
-    parser.add_argument("--fused-batch-norm", nargs="+", default=["first"], choices=list(FUSED_BATCH_NORMS),
-                        help="the fused op of float32 search BNs: first (FusedBatchNorm, as the search builds) or "
-                             "third (FusedBatchNormV3, as before)")
-    parser.add_argument("--dilated", nargs="+", default=["three_ops"], choices=list(DILATED),
-                        help="dilated depthwise convolutions from three TensorFlow ops (as the search builds) or "
-                             "through keras.ops.depthwise_conv (as before)")
-    parser.add_argument("--convolutions", nargs="+", default=["raw"], choices=list(CONVOLUTIONS),
-                        help="undilated convolutions as TensorFlow's ops built directly (as the search builds) or "
-                             "through keras.ops (as before)")
+    for key, build in OP_BUILDS.items():
+        parser.add_argument(flag(key), nargs="+", default=[build.now], choices=[build.now, build.before],
+                            help=build.help)
     parser.add_argument("--paired-batch-shape", action="store_true",
                         help="also build each search step for the other batch shape (a second supernet in the same "
                              "process) and time the two alternately: the median ratio of the pairs, free of the "
@@ -688,8 +704,8 @@ def main():
                                  args.replica_count, options, args.paired, args.method,
                                  GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
                                  args.precision[0], args.call_shape_inference[0], args.optimizer_arithmetic[0],
-                                 args.batch_shape[0], args.paired_batch_shape, args.fused_batch_norm[0],
-                                 args.dilated[0], args.convolutions[0])))
+                                 args.batch_shape[0], args.paired_batch_shape,
+                                 {key: getattr(args, key)[0] for key in OP_BUILDS})))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -723,20 +739,17 @@ def main():
     # ... and each batch shape asked for.
     runs = [(*run[:10], shape, *run[10:]) for run in runs
             for shape in (args.batch_shape if run[1] in STEP_MODES else args.batch_shape[:1])]
-    # ... and each fused batch norm op asked for (convolutional runs).
-    runs = [(*run[:11], fused, *run[11:]) for run in runs
-            for fused in (args.fused_batch_norm if run[0] != "RNN" else args.fused_batch_norm[:1])]
-    runs = [(*run[:12], dilated, *run[12:]) for run in runs
-            for dilated in (args.dilated if run[0] != "RNN" else args.dilated[:1])]
-    runs = [(*run[:13], convolutions, *run[13:]) for run in runs
-            for convolutions in (args.convolutions if run[0] != "RNN" else args.convolutions[:1])]
-    for config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, shape, fused, dilated, \
-            convolutions, *steps in runs:
+    # ... and (convolutional runs) each combination of the op builds asked for.
+    combinations = [dict(zip(OP_BUILDS, values)) for values in itertools.product(*(getattr(args, key)
+                                                                                   for key in OP_BUILDS))]
+    runs = [(*run[:11], builds, *run[11:]) for run in runs
+            for builds in (combinations if run[0] != "RNN" else combinations[:1])]
+    for config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, shape, builds, \
+            *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,
                    "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--precision", precision,
                    "--call-shape-inference", calls, "--optimizer-arithmetic", arithmetic, "--batch-shape", shape,
-                   "--fused-batch-norm", fused, "--dilated", dilated,
-                   "--convolutions", convolutions]
+                   *(item for key, value in builds.items() for item in (flag(key), value))]
         if method:
             command += ["--method", method]
         if steps:
@@ -760,7 +773,7 @@ def main():
         write_report(args.output, results, {})  # after every row: a long run stopped early keeps what it measured
         print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
               f"replicas {replicas or '-'} {precision} calls {calls} arithmetic {arithmetic} batch {shape} "
-              f"fused {fused} dilated {dilated} convolutions {convolutions}: "
+              f"{' '.join(f'{key} {value}' for key, value in builds.items())}: "
               f"{results[-1]['median_seconds']:.3f} s",
               file=sys.stderr,
               flush=True)
@@ -771,7 +784,7 @@ def main():
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'grappler':>8s} {'trace s':>7s} {'first call':>10s} " \
              f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s} {'calls':>5s} " \
-             f"{'arith':>5s} {'shape':>5s} {'bn op':>5s} {'dil':>5s} {'convs':>5s}"
+             f"{'arith':>5s} {'shape':>5s} " + " ".join(f"{build.column:>5s}" for build in OP_BUILDS.values())
     print(header)
     for row in results:
         batch = row["batch"]
@@ -793,17 +806,14 @@ def main():
               f"{CALLS.get(row.get('call_shape_inference'), '-'):>5s} "
               f"{ARITHMETIC.get(row.get('optimizer_arithmetic'), '-'):>5s} "
               f"{BATCH_SHAPES.get(row.get('batch_shape'), '-'):>5s} "
-              f"{FUSED_BATCH_NORMS.get(row.get('fused_batch_norm'), '-'):>5s} "
-              f"{DILATED.get(row.get('dilated'), '-'):>5s} "
-              f"{CONVOLUTIONS.get(row.get('convolutions'), '-'):>5s}")
+              + " ".join(f"{build.short.get(row.get(key), '-'):>5s}" for key, build in OP_BUILDS.items()))
     print_precisions(results)
     print_pairs(results, "call_shape_inference", "skipped", "inferred", "calls skipping / inferring shape inference")
     print_pairs(results, "optimizer_arithmetic", "stacked", "per_tensor",
                 "optimiser arithmetic stacked per shape / per tensor")
     print_pairs(results, "batch_shape", "fixed", "open", "batch size fixed / open")
-    print_pairs(results, "fused_batch_norm", "first", "third", "FusedBatchNorm / FusedBatchNormV3")
-    print_pairs(results, "dilated", "three_ops", "keras", "dilated depthwise from three ops / keras.ops")
-    print_pairs(results, "convolutions", "raw", "keras", "convolutions as TensorFlow's ops / keras.ops")
+    for key, build in OP_BUILDS.items():
+        print_pairs(results, key, build.now, build.before, build.label)
     for row in results:
         if "batch_shape_ratio" in row:
             this, other = ("fixed", "open") if row["batch_shape"] == "fixed" else ("open", "fixed")
