@@ -276,10 +276,15 @@ class Op(keras.layers.Layer):
         return {**super().get_config(), "channels": self.channels, "stride": self.stride, "affine": self.affine}
 
 
+def _tensorflow_channels_last():
+    """Whether Keras runs on TensorFlow with channels last: where this module builds convolutions as TensorFlow's
+    ops."""
+    return keras.backend.backend() == "tensorflow" and keras.backend.image_data_format() == "channels_last"
+
+
 def _raw_convolutions(x, dilation_rate):
     """Whether ``conv``/``depthwise_conv`` build TensorFlow's op directly: TensorFlow, channels last, 2-D, undilated."""
-    return (dilation_rate == 1 and keras.backend.backend() == "tensorflow"
-            and keras.backend.image_data_format() == "channels_last" and len(x.shape) == 4)
+    return dilation_rate == 1 and _tensorflow_channels_last() and len(x.shape) == 4
 
 
 def conv(x, kernel, strides=1, padding="valid", dilation_rate=1):
@@ -301,7 +306,8 @@ def conv(x, kernel, strides=1, padding="valid", dilation_rate=1):
 
 
 def depthwise_conv(x, kernel, strides=1, padding="valid", dilation_rate=1):
-    """``ops.depthwise_conv``; on TensorFlow (channels last, undilated) its ``DepthwiseConv2dNative`` op (see ``conv``)."""
+    """``ops.depthwise_conv``; on TensorFlow (channels last, undilated) its ``DepthwiseConv2dNative`` op (see
+    ``conv``)."""
     if not _raw_convolutions(x, dilation_rate):
         return ops.depthwise_conv(x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate)
     import tensorflow as tf
@@ -324,8 +330,8 @@ def _symmetric(convolution, x, kernel, stride=1, padding=0, dilation=1):
 def _dilated_depthwise_applies(x, stride, dilation):
     """Whether ``_dilated_depthwise`` computes this convolution: TensorFlow, channels last, known height and
     width, and a stride of 1 or equal to the dilation."""
-    return (keras.backend.backend() == "tensorflow" and keras.backend.image_data_format() == "channels_last"
-            and x.shape[1] is not None and x.shape[2] is not None and stride in (1, dilation))
+    return (_tensorflow_channels_last() and x.shape[1] is not None and x.shape[2] is not None
+            and stride in (1, dilation))
 
 
 def _dilated_depthwise(x, kernel, stride, dilation):
