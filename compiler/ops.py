@@ -141,15 +141,76 @@ def replica_uniform(shape, seed_generator, dtype):
 _CONSTANTS = weakref.WeakKeyDictionary()
 
 
-def _graph_constant(kind, length):
-    """A float32 vector of ones or zeros, one per graph being built (a supernet has hundreds of BNs)."""
+def graph_constant(value, dtype="float32"):
+    """``value`` as a constant of ``dtype``, one per graph being built and value (TensorFlow backend).
+
+    Every tensor argument an op is given as a Python value becomes a constant
+    node of its own, and a supernet's edges repeat the same few hundreds of
+    times: the BNs' scale and offset, the dilated convolutions' block shapes
+    and paddings, the slices' bounds, the reductions' axes. The graph's
+    optimiser would merge them, but a short search on a CPU builds its steps
+    without it (``runtime.graph_build``), so they are shared here as they are
+    made. Under a MirroredStrategy the replicas trace into one graph and
+    share them too; they are a few numbers each.
+    """
+    import numpy as np
     import tensorflow as tf
 
-    graph = tf.compat.v1.get_default_graph()
-    constants = _CONSTANTS.setdefault(graph, {})
-    if (kind, length) not in constants:
-        constants[kind, length] = (tf.ones if kind == "ones" else tf.zeros)([length], tf.float32)
-    return constants[kind, length]
+    array = np.asarray(value, dtype)
+    constants = _CONSTANTS.setdefault(tf.compat.v1.get_default_graph(), {})
+    key = (array.dtype.str, array.shape, array.tobytes())
+    if key not in constants:
+        constants[key] = tf.constant(array)
+    return constants[key]
+
+
+def recorded(name, inputs, forward, gradients):
+    """``forward()``'s one output, recorded on the gradient tapes as one operation named ``name`` of
+    ``inputs``, whose gradient for ``inputs[i]`` is ``gradients[i](upstream)``.
+
+    Only the gradients of inputs that some active tape watches are built (the
+    others are ``None``): the alpha pass watches no weights, and TensorFlow's
+    own gradients of a convolution build the kernel's gradient regardless,
+    for nothing to read it. ``forward``'s own ops are not recorded, as those
+    of a function under ``tf.custom_gradient`` are never differentiated.
+    Unlike that decorator inside a traced function, this passes nothing
+    through an ``IdentityN``, so the backward pass builds no zeros for the
+    inputs (see ``cells.weighted_sum``). TensorFlow has no public way to
+    record an operation; this is the call ``tf.custom_gradient`` makes
+    (TensorFlow is pinned).
+    """
+    from tensorflow.python.eager import record
+
+    with record.stop_recording():
+        output = forward()
+    if not record.could_possibly_record():
+        return output
+    needed = [record.should_record_backprop([tensor]) for tensor in inputs]
+
+    def backward(upstream):
+        return [gradient(upstream) if need else None for gradient, need in zip(gradients, needed)]
+
+    record.record_operation(name, [output], inputs, backward)
+    return output
+
+
+def sum_all(x):
+    """``tf.reduce_sum(x)``: the same op, with its axes shared by the graph (``graph_constant``)."""
+    import tensorflow as tf
+
+    return tf.reduce_sum(x, graph_constant(range(x.shape.rank), "int32"))
+
+
+def every(x, stride, offset=0):
+    """``x[:, offset::stride, offset::stride, :]`` (the same op), with its bounds shared by the graph (``graph_constant``)."""
+    if keras.backend.backend() != "tensorflow":
+        return x[:, offset::stride, offset::stride, :]
+    import tensorflow as tf
+
+    return tf.raw_ops.StridedSlice(input=x, begin=graph_constant([0, offset, offset, 0], "int32"),
+                                   end=graph_constant([0, 0, 0, 0], "int32"),
+                                   strides=graph_constant([1, stride, stride, 1], "int32"),
+                                   begin_mask=0b1001 if offset else 0b1111, end_mask=0b1111)
 
 
 def fused_batch_norm(dtype):
@@ -190,9 +251,9 @@ def batch_normalize(x, gamma=None, beta=None):
         import tensorflow as tf
 
         channels = x.shape[-1]
-        scale = _graph_constant("ones", channels) if gamma is None else tf.cast(gamma, tf.float32)
-        offset = _graph_constant("zeros", channels) if beta is None else tf.cast(beta, tf.float32)
-        empty = _graph_constant("zeros", 0)
+        scale = graph_constant([1.0] * channels) if gamma is None else tf.cast(gamma, tf.float32)
+        offset = graph_constant([0.0] * channels) if beta is None else tf.cast(beta, tf.float32)
+        empty = graph_constant([])
         # As tf.compat.v1.nn.fused_batch_norm calls it, with the constant inputs shared by all BNs of a graph.
         y, mean, variance = fused_batch_norm(dtype)(
             x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=BN_EPSILON,
@@ -295,14 +356,11 @@ def conv(x, kernel, strides=1, padding="valid", dilation_rate=1):
     ``with_space_to_batch`` even undilated: their Python was about a sixth of a
     SMALL second-order step's tracing (``py-spy``). The op and its attributes
     are the same, so the values are too, bit for bit (the tests compare them
-    and their gradients).
+    and their gradients). So is its gradient (``_convolution``).
     """
     if not _raw_convolutions(x, dilation_rate):
         return ops.conv(x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate)
-    import tensorflow as tf
-
-    return tf.raw_ops.Conv2D(input=ops.convert_to_tensor(x), filter=ops.convert_to_tensor(kernel),
-                             strides=[1, strides, strides, 1], padding=padding.upper())
+    return _convolution("Conv2D", x, kernel, strides, padding)
 
 
 def depthwise_conv(x, kernel, strides=1, padding="valid", dilation_rate=1):
@@ -310,10 +368,45 @@ def depthwise_conv(x, kernel, strides=1, padding="valid", dilation_rate=1):
     ``conv``)."""
     if not _raw_convolutions(x, dilation_rate):
         return ops.depthwise_conv(x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate)
+    return _convolution("DepthwiseConv2dNative", x, kernel, strides, padding)
+
+
+def _convolution(op, x, kernel, strides, padding):
+    """TensorFlow's convolution ``op`` (``Conv2D`` or ``DepthwiseConv2dNative``), with the gradient TensorFlow
+    registers for it, built leaner where the shapes are static.
+
+    TensorFlow's gradient passes the input's and the kernel's shapes to the
+    two backprop ops, computed again for every convolution (a ``ShapeN`` op,
+    or two constants), and builds the kernel's gradient even where no tape
+    watches the kernel. With static shapes the gradient here is the same two
+    ops with the same attributes, given the shapes as constants the graph
+    shares (``graph_constant``), and only for the inputs a tape watches
+    (``recorded``): at SMALL 3,100 fewer nodes in a second-order step's
+    passes. Values and gradients are the same bit for bit (the tests compare
+    them, to second order).
+    """
     import tensorflow as tf
 
-    return tf.raw_ops.DepthwiseConv2dNative(input=ops.convert_to_tensor(x), filter=ops.convert_to_tensor(kernel),
-                                            strides=[1, strides, strides, 1], padding=padding.upper())
+    # Keras may hand back its variable, which TensorFlow's ops read as a tensor: the tapes need the tensor.
+    x, kernel = (tf.convert_to_tensor(ops.convert_to_tensor(t)) for t in (x, kernel))
+    forward, by_input, by_kernel = _CONVOLUTIONS[op]
+    attributes = {"strides": [1, strides, strides, 1], "padding": padding.upper()}
+    if not (x.shape.is_fully_defined() and kernel.shape.is_fully_defined()):
+        return getattr(tf.raw_ops, forward)(input=x, filter=kernel, **attributes)
+    return recorded(op, [x, kernel], lambda: getattr(tf.raw_ops, forward)(input=x, filter=kernel, **attributes), [
+        lambda upstream: getattr(tf.raw_ops, by_input)(
+            input_sizes=graph_constant(x.shape, "int32"), filter=kernel, out_backprop=upstream, **attributes),
+        lambda upstream: getattr(tf.raw_ops, by_kernel)(
+            input=x, filter_sizes=graph_constant(kernel.shape, "int32"), out_backprop=upstream, **attributes),
+    ])
+
+
+# Each convolution op's two backprop ops, as TensorFlow's registered gradient calls them.
+_CONVOLUTIONS = {
+    "Conv2D": ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"),
+    "DepthwiseConv2dNative": ("DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
+                              "DepthwiseConv2dNativeBackpropFilter"),
+}
 
 
 def _symmetric(convolution, x, kernel, stride=1, padding=0, dilation=1):
@@ -362,17 +455,18 @@ def _dilated_depthwise(x, kernel, stride, dilation):
     kernel = ops.convert_to_tensor(kernel)  # as ops.depthwise_conv reads it (autocast under mixed precision)
 
     def convolve(inputs):
-        return tf.raw_ops.DepthwiseConv2dNative(input=inputs, filter=kernel, strides=[1, 1, 1, 1], padding="VALID")
+        return _convolution("DepthwiseConv2dNative", inputs, kernel, 1, "valid")
 
     if stride > 1:
-        return convolve(x[:, ::stride, ::stride, :])
+        return convolve(every(x, stride))
     reach = dilation * (int(kernel.shape[0]) - 1), dilation * (int(kernel.shape[1]) - 1)
     before = [r // 2 for r in reach]
     extra = [-(int(n) + r) % dilation for n, r in zip(x.shape[1:3], reach)]
     paddings = [[b, r - b + e] for b, r, e in zip(before, reach, extra)]
-    blocks = tf.raw_ops.SpaceToBatchND(input=x, block_shape=[dilation, dilation], paddings=paddings)
-    return tf.raw_ops.BatchToSpaceND(input=convolve(blocks), block_shape=[dilation, dilation],
-                                     crops=[[0, e] for e in extra])
+    block_shape = graph_constant([dilation, dilation], "int32")
+    blocks = tf.raw_ops.SpaceToBatchND(input=x, block_shape=block_shape, paddings=graph_constant(paddings, "int32"))
+    return tf.raw_ops.BatchToSpaceND(input=convolve(blocks), block_shape=block_shape,
+                                     crops=graph_constant([[0, e] for e in extra], "int32"))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -209,6 +209,44 @@ def test_weighted_sum_has_the_plain_expressions_gradients_to_second_order():
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_weighted_sums_gradient_builds_no_zeros_for_the_inputs_it_passes_through():
+    import tensorflow as tf
+
+    from keras_darts.compiler.cells import weighted_sum
+
+    rng = np.random.default_rng(1)
+    scalars = [tf.constant(rng.normal(), tf.float32) for _ in range(3)]
+    tensors = [tf.constant(rng.normal(size=(2, 3, 3, 4)), tf.float32) for _ in range(3)]
+
+    def custom_gradient_sum(scalars, tensors):  # what weighted_sum built with tf.custom_gradient
+        @tf.custom_gradient
+        def run(*inputs):
+            def gradient(upstream):
+                return [tf.reduce_sum(upstream * t) for t in tensors] + [s * upstream for s in scalars]
+
+            return tf.add_n([s * t for s, t in zip(scalars, tensors)]), gradient
+
+        return run(*scalars, *tensors)
+
+    @tf.function(autograph=False)
+    def gradients(combine):
+        with tf.GradientTape() as tape:
+            tape.watch([scalars, tensors])
+            loss = tf.reduce_sum(tf.sin(combine(scalars, tensors)))
+        return tape.gradient(loss, [scalars, tensors])
+
+    def zeros(combine):
+        operations = gradients.get_concrete_function(combine).graph.get_operations()
+        return [op.name for op in operations if op.type == "Fill" or op.type == "Const" and op.outputs[0].shape
+                in ((), (2, 3, 3, 4)) and op.outputs[0].dtype == tf.float32
+                and not tf.make_ndarray(op.get_attr("value")).any()]
+
+    for got, want in zip(tf.nest.flatten(gradients(weighted_sum)), tf.nest.flatten(gradients(custom_gradient_sum))):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert zeros(weighted_sum) == []
+    assert len(zeros(custom_gradient_sum)) == 6  # one per input passed through its IdentityN
+
+
 def test_fused_batch_norm_adds_the_reference_epsilon_exactly():
     # Batch variance about 1e-5, as large as epsilon: 1.001e-5 instead would move y by 2.5e-4 relative.
     x = np.random.default_rng(5).normal(0.0, 3e-3, size=(8, 5, 5, 2))
@@ -341,33 +379,70 @@ def test_dilated_depthwise_convolution_and_its_gradients_equal_keras_bit_for_bit
 
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_convolutions_built_as_tensorflow_ops_equal_keras_ops_bit_for_bit_with_their_gradients(depthwise, stride):
+def test_convolutions_built_as_tensorflow_ops_equal_keras_ops_bit_for_bit_to_second_order(depthwise, stride):
     import tensorflow as tf
 
     from keras_darts.compiler import ops as compiler_ops
 
     rng = np.random.default_rng(9)
-    x = tf.constant(rng.normal(size=(2, 7, 7, 3)), tf.float32)
-    kernel = tf.constant(rng.normal(size=(3, 3, 3, 1 if depthwise else 5)), tf.float32)
+    x, along_x = (tf.constant(rng.normal(size=(2, 7, 7, 3)), tf.float32) for _ in range(2))
+    kernel, along_kernel = (tf.constant(rng.normal(size=(3, 3, 3, 1 if depthwise else 5)), tf.float32)
+                            for _ in range(2))
     padding = "same" if stride == 1 else "valid"
     ours = compiler_ops.depthwise_conv if depthwise else compiler_ops.conv
     theirs = keras.ops.depthwise_conv if depthwise else keras.ops.conv
 
     @tf.function(autograph=False)
     def derivatives(x, kernel, convolution):
-        with tf.GradientTape() as tape:
-            tape.watch([x, kernel])
-            y = convolution(x, kernel, strides=stride, padding=padding)
-            loss = tf.reduce_sum(tf.sin(y))
-        return [y, *tape.gradient(loss, [x, kernel])]
+        with tf.GradientTape() as outer:
+            outer.watch([x, kernel])
+            with tf.GradientTape() as inner:
+                inner.watch([x, kernel])
+                y = convolution(x, kernel, strides=stride, padding=padding)
+                loss = tf.reduce_sum(tf.sin(y))  # not linear in y, so the second derivatives are not zero
+            by_x, by_kernel = inner.gradient(loss, [x, kernel])
+            dot = tf.reduce_sum(by_x * along_x) + tf.reduce_sum(by_kernel * along_kernel)
+        return [y, by_x, by_kernel, *outer.gradient(dot, [x, kernel])]
 
-    for a, b in zip(derivatives(x, kernel, ours), derivatives(x, kernel, theirs)):
+    got, want = derivatives(x, kernel, ours), derivatives(x, kernel, theirs)
+    for a, b in zip(got, want):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert np.abs(got[3].numpy()).max() > 0 and np.abs(got[4].numpy()).max() > 0
 
     def kinds(convolution):
         return sorted(op.type for op in derivatives.get_concrete_function(x, kernel, convolution).graph
                       .get_operations() if op.type != "Const")
 
-    # The same ops (Keras' depthwise path adds constants for a space-to-batch it then skips).
-    assert kinds(ours) == kinds(theirs)
-    assert kinds(ours).count("DepthwiseConv2dNative" if depthwise else "Conv2D") == 1
+    # The same ops, but for the shapes TensorFlow's gradient computes again (Keras' depthwise path also adds
+    # constants for a space-to-batch it then skips).
+    assert kinds(ours) == [kind for kind in kinds(theirs) if kind not in ("Shape", "ShapeN")]
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_a_convolution_builds_the_gradient_of_only_what_a_tape_watches(depthwise):
+    import tensorflow as tf
+
+    from keras_darts.compiler import ops as compiler_ops
+
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(2, 6, 6, 4)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(3, 3, 4, 1 if depthwise else 2)), tf.float32)
+    ours = compiler_ops.depthwise_conv if depthwise else compiler_ops.conv
+    theirs = keras.ops.depthwise_conv if depthwise else keras.ops.conv
+    backprop = "DepthwiseConv2dNativeBackprop" if depthwise else "Conv2DBackprop"
+
+    @tf.function(autograph=False)
+    def gradient(x, kernel, convolution, watched):
+        with tf.GradientTape() as tape:
+            tape.watch(x if watched == "input" else kernel)
+            loss = tf.reduce_sum(tf.square(convolution(x, kernel, padding="same")))
+        return tape.gradient(loss, x if watched == "input" else kernel)
+
+    for watched, other in (("input", "Filter"), ("kernel", "Input")):
+        np.testing.assert_array_equal(gradient(x, kernel, ours, watched).numpy(),
+                                      gradient(x, kernel, theirs, watched).numpy())
+        kinds = [{op.type for op in gradient.get_concrete_function(x, kernel, convolution, watched).graph
+                  .get_operations()} for convolution in (ours, theirs)]
+        # TensorFlow's own gradient builds both backprop ops whatever the tape watches.
+        assert backprop + other not in kinds[0] and backprop + other in kinds[1]
+        assert backprop + ("Input" if other == "Filter" else "Filter") in kinds[0]
