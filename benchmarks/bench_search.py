@@ -28,6 +28,7 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --optimizer-arithmetic stacked per_tensor
     python benchmarks/bench_search.py --configs SMALL --modes second_order_exact --batch-shape fixed open
     python benchmarks/bench_search.py --configs PAPER --modes second_order_fd --paired-batch-shape
+    python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --sum-gradient recorded custom_gradient
 
 ``--call-shape-inference inferred`` builds the steps as before the passes'
 calls skipped TensorFlow's shape inference of their bodies
@@ -50,6 +51,7 @@ worthless.
 
 import argparse
 import functools
+import importlib
 import itertools
 import json
 import os
@@ -112,10 +114,43 @@ class OpBuild(typing.NamedTuple):
     before: str
     short: dict  # each value's text in the table's column ``column``
     column: str
-    attribute: str  # the compiler.ops function that the build before replaces ...
+    attribute: str  # the function of compiler.<module> that the build before replaces ...
     replacement: typing.Callable  # ... with replacement(tf)
     label: str  # the pairs' line
     help: str
+    module: str = "ops"
+
+
+def custom_gradient_recorded(tf):
+    """``compiler.ops.recorded`` as ``tf.custom_gradient`` records it in a traced function (the build before):
+    the output and every input through one ``IdentityN``, every input's gradient built."""
+
+    def recorded(name, inputs, forward, gradients):
+        @tf.custom_gradient
+        def run(*args):
+            return forward(), lambda upstream: [gradient(upstream) for gradient in gradients]
+
+        return run(*inputs)
+
+    return recorded
+
+
+def constants_per_op(tf):
+    """``compiler.ops.graph_constant`` as before: every integer constant a node of its own (the BNs' float
+    vectors were shared already)."""
+    import numpy as np
+
+    from keras_darts.compiler import ops as compiler_ops
+
+    shared = compiler_ops.graph_constant
+    return lambda value, dtype="float32": (shared(value, dtype) if dtype == "float32"
+                                           else tf.constant(np.asarray(value, dtype)))
+
+
+def tensorflows_convolution_gradient(tf):
+    """``compiler.ops._convolution`` as before: the op alone, differentiated by TensorFlow's registered gradient."""
+    return lambda op, x, kernel, strides, padding: getattr(tf.raw_ops, op)(
+        input=x, filter=kernel, strides=[1, strides, strides, 1], padding=padding.upper())
 
 
 # Convolutional runs only; --<key> (underscores as dashes) takes one or both values, and every combination is measured.
@@ -135,6 +170,23 @@ OP_BUILDS = {
         lambda tf: lambda x, dilation_rate: False, "convolutions as TensorFlow's ops / keras.ops",
         "undilated convolutions as TensorFlow's ops built directly (as the search builds) or through keras.ops "
         "(as before; with --dilated keras, all of them)"),
+    "sum_gradient": OpBuild(
+        "recorded", "custom_gradient", {"recorded": "rec", "custom_gradient": "cg"}, "sum", "recorded",
+        custom_gradient_recorded, "weighted sums recorded as one op / through tf.custom_gradient",
+        "the mixed ops' weighted sums recorded on the tapes as one operation of one output (as the search "
+        "builds) or through tf.custom_gradient (as before: an IdentityN of the output and inputs, whose "
+        "unused outputs the tape fills with zeros)", module="cells"),
+    "constants": OpBuild(
+        "shared", "per_op", {"shared": "share", "per_op": "each"}, "consts", "graph_constant", constants_per_op,
+        "integer constants shared per graph / one per op",
+        "the shapes, paddings, slice bounds and reduction axes the ops are given: one constant per graph and "
+        "value (as the search builds) or one per op (as before)"),
+    "convolution_gradients": OpBuild(
+        "recorded", "tensorflow", {"recorded": "rec", "tensorflow": "tf"}, "cgrad", "_convolution",
+        tensorflows_convolution_gradient, "convolution gradients with static shapes / TensorFlow's",
+        "the convolutions' gradients: the two backprop ops given static shapes, only for what a tape watches "
+        "(as the search builds), or TensorFlow's registered gradient (as before: the shapes computed again, "
+        "both backprops built)"),
 }
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 
@@ -312,9 +364,8 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     op_builds = {key: build.now for key, build in OP_BUILDS.items()} | (op_builds or {})
     for key, value in op_builds.items():
         if value == OP_BUILDS[key].before:
-            from keras_darts.compiler import ops as compiler_ops
-
-            setattr(compiler_ops, OP_BUILDS[key].attribute, OP_BUILDS[key].replacement(tf))
+            module = importlib.import_module(f"keras_darts.compiler.{OP_BUILDS[key].module}")
+            setattr(module, OP_BUILDS[key].attribute, OP_BUILDS[key].replacement(tf))
 
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
