@@ -125,10 +125,10 @@ def custom_gradient_recorded(tf):
     """``compiler.ops.recorded`` as ``tf.custom_gradient`` records it in a traced function (the build before):
     the output and every input through one ``IdentityN``, every input's gradient built."""
 
-    def recorded(name, inputs, forward, gradients):
+    def recorded(name, inputs, forward, backward):
         @tf.custom_gradient
         def run(*args):
-            return forward(), lambda upstream: [gradient(upstream) for gradient in gradients]
+            return forward(), lambda upstream: backward(upstream, [True] * len(inputs))
 
         return run(*inputs)
 
@@ -145,6 +145,16 @@ def constants_per_op(tf):
     shared = compiler_ops.graph_constant
     return lambda value, dtype="float32": (shared(value, dtype) if dtype == "float32"
                                            else tf.constant(np.asarray(value, dtype)))
+
+
+def tensorflows_batch_norm(tf):
+    """``compiler.ops._search_batch_norm`` as before: the op alone, differentiated (twice, in exact mode) by
+    TensorFlow's registered gradients."""
+    from keras_darts.compiler.ops import BN_EPSILON
+
+    return lambda x, scale, offset, empty: tuple(tf.raw_ops.FusedBatchNorm(
+        x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=BN_EPSILON, data_format="NHWC",
+        is_training=True)[:3])
 
 
 def tensorflows_convolution_gradient(tf):
@@ -187,6 +197,11 @@ OP_BUILDS = {
         "the convolutions' gradients: the two backprop ops given static shapes, only for what a tape watches "
         "(as the search builds), or TensorFlow's registered gradient (as before: the shapes computed again, "
         "both backprops built)"),
+    "bn_second_derivative": OpBuild(
+        "closed_form", "tensorflow", {"closed_form": "form", "tensorflow": "tf"}, "bn2nd", "_search_batch_norm",
+        tensorflows_batch_norm, "search BNs' second derivative in closed form / TensorFlow's",
+        "the search BNs' second derivative (exact second order's Hessian-vector pass): its closed form (as the "
+        "search builds) or TensorFlow's (as before: a tape through the unfused gradient formula)"),
 }
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 

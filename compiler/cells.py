@@ -15,6 +15,7 @@ from .ops import (
     build_op,
     recorded,
     replica_uniform,
+    separately,
     sum_all,
 )
 
@@ -182,7 +183,7 @@ def weighted_sum(scalars, tensors):
 
     by_scalar = [lambda upstream, t=t: sum_all(upstream * t) for t in tensors]
     by_tensor = [lambda upstream, s=s: tf.cast(s, upstream.dtype) * upstream for s in scalars]
-    return recorded("WeightedSum", inputs, forward, by_scalar + by_tensor)
+    return recorded("WeightedSum", inputs, forward, separately(by_scalar + by_tensor))
 
 
 class _Wiring:

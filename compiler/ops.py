@@ -164,20 +164,20 @@ def graph_constant(value, dtype="float32"):
     return constants[key]
 
 
-def recorded(name, inputs, forward, gradients):
-    """``forward()``'s one output, recorded on the gradient tapes as one operation named ``name`` of
-    ``inputs``, whose gradient for ``inputs[i]`` is ``gradients[i](upstream)``.
+def recorded(name, inputs, forward, backward):
+    """``forward()``'s one output, recorded on the gradient tapes as one operation named ``name`` of ``inputs``,
+    whose gradients are ``backward(upstream, needed)``: one per input, ``None`` where ``needed[i]`` is false.
 
-    Only the gradients of inputs that some active tape watches are built (the
-    others are ``None``): the alpha pass watches no weights, and TensorFlow's
-    own gradients of a convolution build the kernel's gradient regardless,
-    for nothing to read it. ``forward``'s own ops are not recorded, as those
-    of a function under ``tf.custom_gradient`` are never differentiated.
-    Unlike that decorator inside a traced function, this passes nothing
-    through an ``IdentityN``, so the backward pass builds no zeros for the
-    inputs (see ``cells.weighted_sum``). TensorFlow has no public way to
-    record an operation; this is the call ``tf.custom_gradient`` makes
-    (TensorFlow is pinned).
+    ``needed[i]`` says whether some active tape watches ``inputs[i]``, so
+    that only the gradients something can read are built: the alpha pass
+    watches no weights, and TensorFlow's own gradients of a convolution build
+    the kernel's gradient regardless. ``forward``'s own ops are not recorded,
+    as those of a function under ``tf.custom_gradient`` are never
+    differentiated. Unlike that decorator inside a traced function, this
+    passes nothing through an ``IdentityN``, so the backward pass builds no
+    zeros for the inputs (see ``cells.weighted_sum``). TensorFlow has no
+    public way to record an operation; this is the call
+    ``tf.custom_gradient`` makes (TensorFlow is pinned).
     """
     from tensorflow.python.eager import record
 
@@ -186,12 +186,13 @@ def recorded(name, inputs, forward, gradients):
     if not record.could_possibly_record():
         return output
     needed = [record.should_record_backprop([tensor]) for tensor in inputs]
-
-    def backward(upstream):
-        return [gradient(upstream) if need else None for gradient, need in zip(gradients, needed)]
-
-    record.record_operation(name, [output], inputs, backward)
+    record.record_operation(name, [output], inputs, lambda upstream: backward(upstream, needed))
     return output
+
+
+def separately(gradients):
+    """A ``recorded`` backward from one function of the upstream gradient per input, calling those needed."""
+    return lambda upstream, needed: [gradient(upstream) if need else None for gradient, need in zip(gradients, needed)]
 
 
 def sum_all(x):
@@ -254,6 +255,8 @@ def batch_normalize(x, gamma=None, beta=None):
         scale = graph_constant([1.0] * channels) if gamma is None else tf.cast(gamma, tf.float32)
         offset = graph_constant([0.0] * channels) if beta is None else tf.cast(beta, tf.float32)
         empty = graph_constant([])
+        if gamma is None and beta is None and dtype == "float32":
+            return _search_batch_norm(x, scale, offset, empty)
         # As tf.compat.v1.nn.fused_batch_norm calls it, with the constant inputs shared by all BNs of a graph.
         y, mean, variance = fused_batch_norm(dtype)(
             x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=BN_EPSILON,
@@ -267,6 +270,83 @@ def batch_normalize(x, gamma=None, beta=None):
         y = y * gamma + beta
     count = ops.cast(ops.prod(ops.shape(x)[:3]), x.dtype)
     return y, mean, variance * count / ops.maximum(count - 1.0, 1.0)
+
+
+def _search_batch_norm(x, scale, offset, empty):
+    """A search BN (float32, no affine parameters) on TensorFlow: ``FusedBatchNorm`` and, for its gradient,
+    ``FusedBatchNormGrad``, as TensorFlow differentiates it, but with a lean second derivative.
+
+    Exact second order differentiates every BN's gradient once more.
+    TensorFlow's gradient of ``FusedBatchNormGrad`` builds the unfused
+    gradient formula and differentiates it with a tape, some 150 nodes per
+    BN, most of them reshapes, tiles and the shapes they take: four fifths of
+    a SMALL exact step's Hessian-vector pass. Here the second derivative is
+    its closed form (``batch_norm_second_derivatives``). The values and first
+    derivatives are TensorFlow's ops, bit for bit; the second derivatives
+    agree to rounding (the tests compare both with TensorFlow's, and the
+    closed form in float64 with a tape through the formula).
+    """
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    outputs = []
+    attributes = {"epsilon": BN_EPSILON, "data_format": "NHWC", "is_training": True}
+
+    def forward():
+        outputs.extend(tf.raw_ops.FusedBatchNorm(x=x, scale=scale, offset=offset, mean=empty, variance=empty,
+                                                 **attributes))
+        return outputs[0]
+
+    def backward(upstream, needed):
+        def gradient():
+            return tf.raw_ops.FusedBatchNormGrad(y_backprop=upstream, x=x, scale=scale, reserve_space_1=outputs[3],
+                                                 reserve_space_2=outputs[4], **attributes)[0]
+
+        def second(along, needed):
+            by_upstream, by_x = batch_norm_second_derivatives(upstream, x, along, BN_EPSILON, needed)
+            return [by_upstream, by_x]
+
+        return [recorded("FusedBatchNormGrad", [upstream, x], gradient, second)]
+
+    y = recorded("FusedBatchNorm", [x], forward, backward)
+    return y, outputs[1], outputs[2]
+
+
+def batch_norm_second_derivatives(upstream, x, along, epsilon, needed=(True, True)):
+    """The derivatives of ``<along, dx>`` by ``upstream`` and by ``x``, where ``dx`` is the gradient of a
+    training-mode BN without affine parameters (per channel, over every axis but the last) at ``x``, given the
+    gradient ``upstream`` of its output: ``None`` where ``needed`` says so.
+
+    With ``h`` the normalised ``x``, ``r = 1 / sqrt(var(x) + epsilon)`` and
+    means over the batch and space, ``dx = r (u - mean(u) - h mean(u h))``
+    for ``u = upstream``, linear in ``u`` and self-adjoint, so with ``a =
+    along``::
+
+        d/du = r (a - mean(a) - h mean(a h))
+        d/dx = -r^2 [h (mean(a u) - mean(u) mean(a) - 3 mean(u h) mean(a h))
+                     + mean(a h) (u - mean(u)) + mean(u h) (a - mean(a))]
+
+    using ``dh_j/dx_i = r (delta_ij - 1/N - h_i h_j / N)`` and ``dr/dx_i =
+    -r^2 h_i / N``. About 30 nodes, its axes shared by the graph.
+    """
+    import tensorflow as tf
+
+    axes = graph_constant(range(x.shape.rank - 1), "int32")
+
+    def mean(t):
+        return tf.reduce_mean(t, axes, keepdims=True)
+
+    centred = x - mean(x)
+    r = tf.math.rsqrt(mean(tf.square(centred)) + epsilon)
+    h = centred * r
+    mean_a, mean_ah = mean(along), mean(along * h)
+    by_upstream = r * (along - mean_a - h * mean_ah) if needed[0] else None
+    by_x = None
+    if needed[1]:
+        mean_u, mean_uh = mean(upstream), mean(upstream * h)
+        by_x = -tf.square(r) * (h * (mean(along * upstream) - mean_u * mean_a - 3.0 * mean_uh * mean_ah)
+                                + mean_ah * (upstream - mean_u) + mean_uh * (along - mean_a))
+    return by_upstream, by_x
 
 
 class Op(keras.layers.Layer):
@@ -393,12 +473,15 @@ def _convolution(op, x, kernel, strides, padding):
     attributes = {"strides": [1, strides, strides, 1], "padding": padding.upper()}
     if not (x.shape.is_fully_defined() and kernel.shape.is_fully_defined()):
         return getattr(tf.raw_ops, forward)(input=x, filter=kernel, **attributes)
-    return recorded(op, [x, kernel], lambda: getattr(tf.raw_ops, forward)(input=x, filter=kernel, **attributes), [
-        lambda upstream: getattr(tf.raw_ops, by_input)(
-            input_sizes=graph_constant(x.shape, "int32"), filter=kernel, out_backprop=upstream, **attributes),
-        lambda upstream: getattr(tf.raw_ops, by_kernel)(
-            input=x, filter_sizes=graph_constant(kernel.shape, "int32"), out_backprop=upstream, **attributes),
-    ])
+    return recorded(op, [x, kernel], lambda: getattr(tf.raw_ops, forward)(input=x, filter=kernel, **attributes),
+                    separately([
+                        lambda upstream: getattr(tf.raw_ops, by_input)(
+                            input_sizes=graph_constant(x.shape, "int32"), filter=kernel, out_backprop=upstream,
+                            **attributes),
+                        lambda upstream: getattr(tf.raw_ops, by_kernel)(
+                            input=x, filter_sizes=graph_constant(kernel.shape, "int32"), out_backprop=upstream,
+                            **attributes),
+                    ]))
 
 
 # Each convolution op's two backprop ops, as TensorFlow's registered gradient calls them.

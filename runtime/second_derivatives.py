@@ -16,7 +16,8 @@ that computes the same thing without that kernel: the incoming gradient
 picked at each window's maximum, located by ``MaxPoolWithArgmax``, which
 takes the first maximum in a window as ``MaxPoolGrad`` and
 ``MaxPoolGradGrad`` do. The gradients of the pooling's input and output
-are zero, as in TensorFlow's own rule. TensorFlow has no public way to
+are zero, as in TensorFlow's own rule, given as none (for which the tape
+builds no tensor of zeros to add, as TensorFlow's rule has it do). TensorFlow has no public way to
 replace a registered gradient, so the entry in its registry is swapped
 (TensorFlow is pinned). The swap is process-wide and only ever gives the
 right value. TensorFlow's rule stays where its kernel is not the CPU's
@@ -77,8 +78,9 @@ def _max_pool_grad_grad(op, grad):
     picked = _picked_at_maxima(op, grad, *_WINDOWS[op.type](op))
     if picked is None:
         return _ORIGINAL[op.type](op, grad)
-    # Zero for the pooling's input and output; none for V2's window tensors.
-    return (tf.zeros_like(op.inputs[0]), tf.zeros_like(op.inputs[1]), picked) + (None,) * (len(op.inputs) - 3)
+    # Zero for the pooling's input and output, where TensorFlow's builds tensors of zeros for the tape to add;
+    # none for V2's window tensors.
+    return (None, None, picked) + (None,) * (len(op.inputs) - 3)
 
 
 def install():

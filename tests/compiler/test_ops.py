@@ -305,6 +305,67 @@ def test_fused_batch_norm_gradient_fills_no_zeros_for_the_statistics():
     assert "ZerosLike" not in [op.type for op in operations]
 
 
+def test_batch_norm_second_derivatives_equal_a_tape_through_the_formula_in_float64():
+    import tensorflow as tf
+
+    from keras_darts.compiler.ops import batch_norm_second_derivatives
+
+    rng = np.random.default_rng(11)
+    x, upstream, along = (tf.constant(rng.normal(0.5, 2.0, size=(4, 3, 3, 2)), tf.float64) for _ in range(3))
+    epsilon = 1e-3  # large enough to matter against the variances
+
+    with tf.GradientTape() as outer:
+        outer.watch([upstream, x])
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            mean = tf.reduce_mean(x, (0, 1, 2))
+            y = (x - mean) / tf.sqrt(tf.reduce_mean(tf.square(x - mean), (0, 1, 2)) + epsilon)
+            loss = tf.reduce_sum(upstream * y)
+        dot = tf.reduce_sum(along * inner.gradient(loss, x))
+    want = outer.gradient(dot, [upstream, x])
+
+    got = batch_norm_second_derivatives(upstream, x, along, epsilon)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-10, atol=1e-12)
+    assert batch_norm_second_derivatives(upstream, x, along, epsilon, (False, True))[0] is None
+
+
+def test_a_search_batch_norm_is_tensorflows_bit_for_bit_and_its_second_derivatives_agree_with_a_leaner_graph():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+    x, weights, direction = (tf.constant(rng.normal(1.0, 2.0, size=(4, 5, 5, 3)), tf.float32) for _ in range(3))
+    scale, offset, empty = tf.ones([3]), tf.zeros([3]), tf.zeros([0])
+
+    def tensorflows(x):  # the op alone, differentiated by TensorFlow's registered gradients
+        return fused_batch_norm("float32")(x=x, scale=scale, offset=offset, mean=empty, variance=empty,
+                                           epsilon=1e-5, is_training=True)[0]
+
+    @tf.function(autograph=False)
+    def derivatives(normalize):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.sin(normalize(x)) * weights)  # not linear in y
+            gradient = inner.gradient(loss, x)
+            dot = tf.reduce_sum(gradient * direction)
+        return normalize(x), gradient, outer.gradient(dot, x)
+
+    ours, theirs = derivatives(lambda x: batch_normalize(x)[0]), derivatives(tensorflows)
+    np.testing.assert_array_equal(ours[0].numpy(), theirs[0].numpy())
+    np.testing.assert_array_equal(ours[1].numpy(), theirs[1].numpy())
+    np.testing.assert_allclose(ours[2].numpy(), theirs[2].numpy(), rtol=1e-4, atol=1e-4 * np.abs(theirs[2]).max())
+
+    def kinds(normalize):
+        return [op.type for op in derivatives.get_concrete_function(normalize).graph.get_operations()]
+
+    # TensorFlow differentiates its unfused gradient formula: its reductions' gradients reshape and tile.
+    lean, tensorflow = kinds(lambda x: batch_normalize(x)[0]), kinds(tensorflows)
+    assert lean.count("Tile") == 2 and tensorflow.count("Tile") > 2  # 2: the gradients of loss and dot's sums
+    assert len(lean) < len(tensorflow) / 2
+
+
 def test_float32_fused_batch_norm_equals_the_third_version_bit_for_bit_to_second_order():
     import tensorflow as tf
 
