@@ -2,17 +2,17 @@
 
 A search step is one large graph: a SMALL second-order step holds some 27,000
 nodes (57,000 on 2026-12-04), five calls of its passes over every edge of the
-supernet plus the optimiser arithmetic of every weight. Before its first iteration TensorFlow
-traces it (Python creating every node) and then, at the first call, Grappler
-rewrites the graph and the runtime builds its executors. For a convolutional
-supernet on a 2-core CPU the Grappler rewrite is most of that first call
-after tracing (SMALL second order, measured on 2026-12-04: 60.5 s with it,
-15.0 s without; first order 26.3 and 10.3 s) and gives little time per
-iteration back: the step's ops are convolutions, batch norms and elementwise
-arithmetic that TensorFlow's CPU kernels run much as they are. Timed
-alternately in one process, the steps ran 3% slower without it (SMALL first
-and second order) and exact second order 2.4% faster, so Grappler pays for
-its build time only after about 650 second-order iterations at SMALL (45 s
+supernet plus the optimiser arithmetic of every weight. Before its first
+iteration TensorFlow traces it (Python creating every node) and then, at the
+first call, Grappler rewrites the graph and the runtime builds its executors.
+For a convolutional supernet on a 2-core CPU the Grappler rewrite is most of
+that first call after tracing (SMALL second order, measured on 2026-12-04:
+60.5 s with it, 15.0 s without; first order 26.3 and 10.3 s) and gives little
+time per iteration back: the step's ops are convolutions, batch norms and
+elementwise arithmetic that TensorFlow's CPU kernels run much as they are.
+Timed alternately in one process, the steps ran 3% slower without it (SMALL
+first and second order) and exact second order 2.4% faster, so Grappler pays
+for its build time only after about 650 second-order iterations at SMALL (45 s
 spent, 0.07 s saved per iteration). The threshold below was set before the
 passes were traced under the step's setting, between the break-evens then
 measured (about 300 iterations at SMALL and 150 at PAPER); PAPER's has not

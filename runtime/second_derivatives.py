@@ -16,8 +16,8 @@ that computes the same thing without that kernel: the incoming gradient
 picked at each window's maximum, located by ``MaxPoolWithArgmax``, which
 takes the first maximum in a window as ``MaxPoolGrad`` and
 ``MaxPoolGradGrad`` do. The gradients of the pooling's input and output
-are zero, as in TensorFlow's own rule, given as none (for which the tape
-builds no tensor of zeros to add, as TensorFlow's rule has it do). TensorFlow has no public way to
+are zero, as in TensorFlow's own rule, but given as none, so the tape has
+no tensors of zeros to build and add. TensorFlow has no public way to
 replace a registered gradient, so the entry in its registry is swapped
 (TensorFlow is pinned). The swap is process-wide and only ever gives the
 right value. TensorFlow's rule stays where its kernel is not the CPU's
