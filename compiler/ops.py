@@ -255,10 +255,11 @@ def batch_normalize(x, gamma=None, beta=None):
         scale = graph_constant([1.0] * channels) if gamma is None else tf.cast(gamma, tf.float32)
         offset = graph_constant([0.0] * channels) if beta is None else tf.cast(beta, tf.float32)
         empty = graph_constant([])
-        if gamma is None and beta is None and dtype == "float32":
+        fused = fused_batch_norm(dtype)
+        if gamma is None and beta is None and fused is tf.raw_ops.FusedBatchNorm:
             return _search_batch_norm(x, scale, offset, empty)
         # As tf.compat.v1.nn.fused_batch_norm calls it, with the constant inputs shared by all BNs of a graph.
-        y, mean, variance = fused_batch_norm(dtype)(
+        y, mean, variance = fused(
             x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=BN_EPSILON,
             data_format="NHWC", is_training=True,
         )[:3]
@@ -471,11 +472,15 @@ def _convolution(op, x, kernel, strides, padding):
 
     # Keras may hand back its variable, which TensorFlow's ops read as a tensor: the tapes need the tensor.
     x, kernel = (tf.convert_to_tensor(ops.convert_to_tensor(t)) for t in (x, kernel))
-    forward, by_input, by_kernel = _CONVOLUTIONS[op]
+    by_input, by_kernel = _BACKPROPS[op]
     attributes = {"strides": [1, strides, strides, 1], "padding": padding.upper()}
+
+    def forward():
+        return getattr(tf.raw_ops, op)(input=x, filter=kernel, **attributes)
+
     if not (x.shape.is_fully_defined() and kernel.shape.is_fully_defined()):
-        return getattr(tf.raw_ops, forward)(input=x, filter=kernel, **attributes)
-    return recorded(op, [x, kernel], lambda: getattr(tf.raw_ops, forward)(input=x, filter=kernel, **attributes),
+        return forward()
+    return recorded(op, [x, kernel], forward,
                     separately([
                         lambda upstream: getattr(tf.raw_ops, by_input)(
                             input_sizes=graph_constant(x.shape, "int32"), filter=kernel, out_backprop=upstream,
@@ -487,10 +492,9 @@ def _convolution(op, x, kernel, strides, padding):
 
 
 # Each convolution op's two backprop ops, as TensorFlow's registered gradient calls them.
-_CONVOLUTIONS = {
-    "Conv2D": ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"),
-    "DepthwiseConv2dNative": ("DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
-                              "DepthwiseConv2dNativeBackpropFilter"),
+_BACKPROPS = {
+    "Conv2D": ("Conv2DBackpropInput", "Conv2DBackpropFilter"),
+    "DepthwiseConv2dNative": ("DepthwiseConv2dNativeBackpropInput", "DepthwiseConv2dNativeBackpropFilter"),
 }
 
 
