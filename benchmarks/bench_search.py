@@ -29,6 +29,8 @@ it writes everything, with the machine, to JSON.
     python benchmarks/bench_search.py --configs SMALL --modes second_order_exact --batch-shape fixed open
     python benchmarks/bench_search.py --configs PAPER --modes second_order_fd --paired-batch-shape
     python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --sum-gradient recorded custom_gradient
+    python benchmarks/bench_search.py --configs SMALL --modes second_order_fd --replicas 2 --batch-norm replica \
+        --replica-passes shared per_device
 
 ``--call-shape-inference inferred`` builds the steps as before the passes'
 calls skipped TensorFlow's shape inference of their bodies
@@ -108,17 +110,18 @@ BATCH_SHAPES = {"fixed": "fixed", "open": "open"}
 
 
 class OpBuild(typing.NamedTuple):
-    """How ``compiler.ops`` builds something, as the search does (``now``) or as before (``before``), for its flag."""
+    """How the package builds something (in ``compiler.ops`` by default), as the search does (``now``) or as
+    before (``before``), for its flag."""
 
     now: str
     before: str
     short: dict  # each value's text in the table's column ``column``
     column: str
-    attribute: str  # the function of compiler.<module> that the build before replaces ...
+    attribute: str  # the function (or Class.attribute) of keras_darts.<module> that the build before replaces ...
     replacement: typing.Callable  # ... with replacement(tf)
     label: str  # the pairs' line
     help: str
-    module: str = "ops"
+    module: str = "compiler.ops"
 
 
 def custom_gradient_recorded(tf):
@@ -185,7 +188,7 @@ OP_BUILDS = {
         custom_gradient_recorded, "weighted sums recorded as one op / through tf.custom_gradient",
         "the mixed ops' weighted sums recorded on the tapes as one operation of one output (as the search "
         "builds) or through tf.custom_gradient (as before: an IdentityN of the output and inputs, whose "
-        "unused outputs the tape fills with zeros)", module="cells"),
+        "unused outputs the tape fills with zeros)", module="compiler.cells"),
     "constants": OpBuild(
         "shared", "per_op", {"shared": "share", "per_op": "each"}, "consts", "graph_constant", constants_per_op,
         "integer constants shared per graph / one per op",
@@ -202,6 +205,12 @@ OP_BUILDS = {
         tensorflows_batch_norm, "search BNs' second derivative in closed form / TensorFlow's",
         "the search BNs' second derivative (exact second order's Hessian-vector pass): its closed form (as the "
         "search builds) or TensorFlow's (as before: a tape through the unfused gradient formula)"),
+    "replica_passes": OpBuild(
+        "shared", "per_device", {"shared": "share", "per_device": "each"}, "rpass", "Bilevel.shares_passes",
+        lambda tf: property(lambda self: False), "passes traced once for every replica / once per replica",
+        "with --replicas and --batch-norm replica: every replica calls one trace of each pass (as the search "
+        "builds) or each replica traces its own (as before, and as global batch norm still does)",
+        module="runtime.bilevel"),
 }
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 
@@ -379,8 +388,11 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
     op_builds = {key: build.now for key, build in OP_BUILDS.items()} | (op_builds or {})
     for key, value in op_builds.items():
         if value == OP_BUILDS[key].before:
-            module = importlib.import_module(f"keras_darts.compiler.{OP_BUILDS[key].module}")
-            setattr(module, OP_BUILDS[key].attribute, OP_BUILDS[key].replacement(tf))
+            owner = importlib.import_module(f"keras_darts.{OP_BUILDS[key].module}")
+            *path, name = OP_BUILDS[key].attribute.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            setattr(owner, name, OP_BUILDS[key].replacement(tf))
 
     from keras_darts.runtime.metrics import cross_entropy
     from keras_darts.runtime.search_loop import build_search
@@ -402,6 +414,8 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
              "optimizer_arithmetic": optimizer_arithmetic if mode in STEP_MODES else None,
              "batch_shape": batch_shape if mode in STEP_MODES and config_name != "RNN" else None,
              **{key: value if config_name != "RNN" else None for key, value in op_builds.items()}}
+    if not ((replicas or 0) > 1 and batch_norm == "replica"):
+        extra["replica_passes"] = None
     if config_name == "RNN":
         if replicas or mode in EXTRA_MODES:
             raise SystemExit("the RNN configuration measures search iterations on one device only")
@@ -809,7 +823,10 @@ def main():
     combinations = [dict(zip(OP_BUILDS, values)) for values in itertools.product(*(getattr(args, key)
                                                                                    for key in OP_BUILDS))]
     runs = [(*run[:11], builds, *run[11:]) for run in runs
-            for builds in (combinations if run[0] != "RNN" else combinations[:1])]
+            for builds in (combinations if run[0] != "RNN" else combinations[:1])
+            # the passes' traces differ only on replicas with replica batch norm
+            if builds["replica_passes"] == OP_BUILDS["replica_passes"].now
+            or ((run[3] or 0) > 1 and run[6] == "replica")]
     for config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, shape, builds, \
             *steps in runs:
         command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,

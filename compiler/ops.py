@@ -80,6 +80,18 @@ def replica_all_reduce(reducer):
         yield
 
 
+# Set while a pass shared by every replica is traced (``runtime.bilevel``, ``batch_norm: replica``): the
+# replica's index as the pass's input, where the replica context would give the tracing replica's constant.
+_REPLICA_INDEX = [None]
+
+
+@contextlib.contextmanager
+def replica_index(index):
+    """Draws traced inside fold in ``index`` (an int32 tensor) as their replica's, not the replica context's."""
+    with _holding(_REPLICA_INDEX, index):
+        yield
+
+
 @contextlib.contextmanager
 def _holding(cell, value):
     """``cell[0]`` is ``value`` inside, and what it was before after."""
@@ -133,7 +145,8 @@ def replica_uniform(shape, seed_generator, dtype):
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
             seed = tf.cast(tf.math.floormod(seed_generator.next(), tf.int32.max - 1), tf.int32)
-            seed = seed + tf.stack([0, tf.cast(context.replica_id_in_sync_group, tf.int32) * 1_000_003])
+            index = context.replica_id_in_sync_group if _REPLICA_INDEX[0] is None else _REPLICA_INDEX[0]
+            seed = seed + tf.stack([0, tf.cast(index, tf.int32) * 1_000_003])
             return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
     return keras.random.uniform(shape, dtype=dtype, seed=seed_generator)
 

@@ -42,13 +42,14 @@ product by the virtual step's clipping coefficient, as the reference's
 recurrent search does.
 """
 
+import contextlib
 import functools
 
 import numpy as np
 import tensorflow as tf
 
 from keras_darts.compiler.methods import clip_to_simplex, harmonizing_directions
-from keras_darts.compiler.ops import replica_all_reduce, replica_batch_statistics
+from keras_darts.compiler.ops import replica_all_reduce, replica_batch_statistics, replica_index
 
 from . import second_derivatives
 from .distribution import ReplicaAllReduce, cross_replica_mean, replica_slices
@@ -110,6 +111,8 @@ class Bilevel:
             raise ValueError("reuse_virtual_gradient needs a virtual step that takes the weight step's own gradient.")
         # Examples per batch on each replica, when every iteration's batches have that many (fix_batch_size).
         self.batch_size = None
+        # The non-trainable variables' values while a pass shared by the replicas is traced (_shared_pass).
+        self._state = None
         self.compile_passes()
 
     def fix_batch_size(self, global_batch):
@@ -131,6 +134,42 @@ class Bilevel:
         """Whether the passes are traced into the step: global batch norm under a strategy other than mirrored."""
         return self.strategy is not None and self.batch_norm == "global" and self.all_reduce is None
 
+    @property
+    def shares_passes(self):
+        """Whether every replica calls one trace of each pass: replica batch norm on several replicas."""
+        return self.strategy is not None and self.replicas > 1 and self.batch_norm == "replica"
+
+    def _shared_pass(self, fn, input_signature):
+        """``fn`` as one nested function that every replica calls (``NestedFunction(shared_by_replicas=True)``).
+
+        The replica's index (for the draws it folds in, ``compiler.ops.replica_uniform``) and its copies
+        of the model's non-trainable variables come in as arguments, read on the calling replica.
+        """
+        variables = self.model.non_trainable_variables
+        state = [tf.TensorSpec(v.shape, v.dtype) for v in variables]
+
+        def on_replica(index, values, *args):
+            with replica_index(index), self._substituted_state(values):
+                return fn(*args)
+
+        shared = NestedFunction(on_replica, [tf.TensorSpec((), tf.int32), state, *input_signature],
+                                shared_by_replicas=True)
+
+        def call(*args):
+            index = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int32)
+            return shared(index, [v.value for v in variables], *args)
+
+        return call
+
+    @contextlib.contextmanager
+    def _substituted_state(self, values):
+        """``forward`` takes ``values`` as the model's non-trainable variables inside."""
+        previous, self._state = self._state, values
+        try:
+            yield
+        finally:
+            self._state = previous
+
     def enter_stage(self, stage):
         """Move a supernet searched in stages (``Supernet.enter_stage``) into ``stage``, the weights' momentum
         widened with them, and rebuild the compiled passes for it."""
@@ -151,15 +190,17 @@ class Bilevel:
             # Kept as function calls (not inlined) so each body is traced and optimised once.
             # Under a strategy with global batch norm the passes hold cross-replica reductions
             # (batch statistics). On a MirroredStrategy each replica launches them itself
-            # (ReplicaAllReduce), so the passes stay nested. Other strategies (multi-worker, TPU)
-            # keep their own all-reduce, which may go through merge_call and so cannot sit in a
-            # nested function: there the passes are traced into the step itself, once per call.
-            # With replica batch norm they hold no collective. A strategy of several devices
-            # traces a nested pass once per replica device (tf.function keys its cache by device
-            # there), so what a replica draws from its id stays its own.
+            # (ReplicaAllReduce, one launcher per device), so the passes stay nested, traced once
+            # per replica device (tf.function keys its traces by device there). Other strategies
+            # (multi-worker, TPU) keep their own all-reduce, which may go through merge_call and so
+            # cannot sit in a nested function: there the passes are traced into the step itself,
+            # once per call. With replica batch norm a pass holds no collective, and one trace
+            # serves every replica (``shares_passes``).
             if self.passes_inlined:
                 return fn
-            return NestedFunction(fn, input_signature)
+            if not self.shares_passes:
+                return NestedFunction(fn, input_signature)
+            return self._shared_pass(fn, input_signature)
 
         # Evaluation runs outside the replicas, always as its own function.
         self.loss_at = tf.function(self._loss_at, input_signature=any_batch, autograph=False)
@@ -212,7 +253,8 @@ class Bilevel:
             values[position] = value
         for position, value in zip(self.arch_positions, alphas):
             values[position] = value
-        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        non_trainable = (self._state if self._state is not None
+                         else [v.value for v in self.model.non_trainable_variables])
 
         def call(*args, **kwargs):
             outputs, _ = self.model.stateless_call(values, non_trainable, *args, **kwargs, **call_options)

@@ -145,18 +145,36 @@ class NestedFunction:
     So each call made while a graph is traced carries
     ``_disable_call_shape_inference``; the call, its body and its gradient
     are the same as without it.
+
+    ``shared_by_replicas``: one trace for every replica of a strategy. Under a
+    strategy of several devices a ``tf.function`` keys its traces by the
+    device it is called on, so each replica traces the body again (a SMALL
+    second-order step: its two passes traced twice, a third of a two-replica
+    first call). A shared function is traced at its first call and that
+    concrete function is called on every replica; the runtime places each
+    call's body on the caller's device (a trace holds no device of its own).
+    What differs between replicas must come in as arguments: the body must
+    not read variables (it would read the tracing replica's copies) nor the
+    replica's index from its context.
     """
 
-    def __init__(self, function, input_signature):
+    def __init__(self, function, input_signature, shared_by_replicas=False):
         self.function = tf.function(function, input_signature=input_signature, autograph=False,
                                     experimental_attributes={"_noinline": True})
+        self.shared_by_replicas = shared_by_replicas
+        self.shared = None  # the one concrete function, once traced
 
     def __call__(self, *args):
         if tf.executing_eagerly():
             return self.function(*args)
+        function = self.function
+        if self.shared_by_replicas:
+            if self.shared is None:
+                self.shared = self.function.get_concrete_function()
+            function = self.shared
         graph = tf.compat.v1.get_default_graph()
         if getattr(graph.create_op, "marks_calls", False):  # inside another such call on this graph
-            return self.function(*args)
+            return function(*args)
         create_op = type(graph).create_op
 
         def marked(op_type, inputs, *rest, **options):
@@ -168,7 +186,7 @@ class NestedFunction:
         marked.marks_calls = True
         graph.create_op = marked  # for this call only
         try:
-            return self.function(*args)
+            return function(*args)
         finally:
             del graph.create_op
 

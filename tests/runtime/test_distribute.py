@@ -312,10 +312,96 @@ def test_batch_norm_global_equals_one_device_and_replica_equals_one_device_per_s
     calls = {mode: out[mode]["nested_calls"] for mode in ("global", "replica", "replica_second")}
     assert {mode: len(names) for mode, names in calls.items()} == {"global": 2 * 2, "replica": 2 * 2,
                                                                    "replica_second": 5 * 2}
-    # The passes are traced once per replica device (four distinct functions, not two shared by
-    # both replicas), so what a replica draws from its id (Gumbel noise, drop paths) stays its own.
-    assert len(set(calls["global"])) == len(set(calls["replica"])) == 4
-    assert len(set(calls["replica_second"])) == 4  # two passes per replica, each called where needed
+    # With global batch norm each replica device traces the passes (four distinct functions): each
+    # holds its device's all-reduce launcher. With replica batch norm both replicas call one trace.
+    assert len(set(calls["global"])) == 4
+    assert len(set(calls["replica"])) == len(set(calls["replica_second"])) == 2
+
+
+SHARED_PASSES_CHILD = TWO_CPUS + """
+import json, sys
+import keras
+import numpy as np
+import keras_darts as kd
+from keras_darts.compiler.ops import replica_index, replica_uniform
+from keras_darts.runtime import bilevel as bilevel_module
+from keras_darts.runtime.distribution import make_strategy
+from keras_darts.runtime.graph_build import NestedFunction
+from keras_darts.runtime.search_loop import build_search
+doc = json.loads(sys.argv[1])
+spec = kd.load_spec(doc)
+strategy = make_strategy(spec.distribute)
+rng = np.random.default_rng(0)
+train = (tf.constant(rng.normal(size=(8, 8, 8, 1)), tf.float32), tf.constant(rng.integers(0, 10, 8), tf.int32))
+val = (tf.constant(rng.normal(size=(8, 8, 8, 1)), tf.float32), tf.constant(rng.integers(0, 10, 8), tf.int32))
+calls = lambda graph: [op for op in graph.get_operations()  # noqa: E731
+                       if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+out = {}
+for shared in (True, False):
+    if not shared:  # each replica traces its own passes, as global batch norm does
+        bilevel_module.Bilevel.shares_passes = property(lambda self: False)
+    keras.utils.set_random_seed(0)
+    bilevel = build_search(spec, strategy=strategy)
+    step = bilevel.compiled_iteration("second", "finite_difference")
+    metrics, _, _ = step(train, val, tf.constant(0.05), tf.constant(3e-4))
+    ops = calls(step.get_concrete_function().graph)
+    out[shared] = {"metrics": {k: float(v) for k, v in metrics.items()},
+                   "values": [v.numpy().tolist() for v in bilevel.current_weights() + bilevel.current_alphas()],
+                   "functions": sorted({op.get_attr("f").name for op in ops}),
+                   "devices": sorted({op.device.split(":")[-1] for op in ops}),
+                   "variable_inputs": sum(t.dtype == tf.resource for op in ops for t in op.inputs)}
+
+# The mechanism for what a replica draws from its index: one shared trace, each replica's draws its own.
+generator = keras.random.SeedGenerator(3)
+state_spec = tf.TensorSpec(generator.state.shape, generator.state.dtype)
+def draw(index, state, from_argument):
+    with keras.StatelessScope(state_mapping=[(generator.state, state)]):
+        if from_argument:
+            with replica_index(index):
+                return replica_uniform((4,), generator, "float32")
+        return replica_uniform((4,), generator, "float32")
+shared_draw = NestedFunction(lambda i, s: draw(i, s, True), [tf.TensorSpec((), tf.int32), state_spec],
+                             shared_by_replicas=True)
+own_draw = NestedFunction(lambda i, s: draw(i, s, False), [tf.TensorSpec((), tf.int32), state_spec])
+@tf.function(autograph=False)
+def draws():
+    def on_replica():
+        index = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int32)
+        return shared_draw(index, generator.state.value), own_draw(index, generator.state.value)
+    return strategy.run(on_replica)
+local = lambda value: [t.numpy().tolist() for t in strategy.experimental_local_results(value)]  # noqa: E731
+shared_values, own_values = draws()
+out["draws"] = {"shared": local(shared_values), "own": local(own_values),
+                "functions": [op.get_attr("f").name for op in calls(draws.get_concrete_function().graph)]}
+print(json.dumps(out))
+"""
+
+
+def test_with_replica_batch_norm_every_replica_calls_one_trace_of_each_pass_and_computes_the_same():
+    # A DrNAS search reads a non-trainable variable in its passes (the seed of its Dirichlet draws): a
+    # shared pass must take each replica's copy as an argument, not capture the tracing replica's.
+    doc = document("second")
+    doc["search"]["method"] = "drnas"
+    doc["distribute"] = {"strategy": "mirrored", "devices": ["/cpu:0", "/cpu:1"], "batch_norm": "replica"}
+    done = subprocess.run([sys.executable, "-c", SHARED_PASSES_CHILD, json.dumps(doc)], capture_output=True,
+                          text=True, env=child_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    shared, own = out["true"], out["false"]
+    # The same iteration, bit for bit.
+    assert shared["metrics"] == own["metrics"]
+    assert shared["values"] == own["values"]
+    # Two passes (the gradient pass and the alpha-gradient pass), called on both devices: two functions
+    # when shared, one per pass and device (four) otherwise.
+    assert shared["devices"] == own["devices"] == ["0", "1"]
+    assert len(shared["functions"]) == 2 and len(own["functions"]) == 4
+    # The shared passes take no variable: each replica reads its own copy and passes the values in.
+    assert shared["variable_inputs"] == 0 and own["variable_inputs"] > 0
+    # Draws folding in the replica's index: one trace, and each replica draws as its own trace would.
+    draws = out["draws"]
+    assert draws["shared"] == draws["own"]
+    assert draws["shared"][0] != draws["shared"][1]
+    assert len(set(draws["functions"])) == 3  # one shared function, and the other traced once per replica
 
 
 ALL_REDUCE_CHILD = TWO_CPUS + """
