@@ -5,7 +5,8 @@ Each conversion and each check runs in a process of its own: the converter
 leaks memory on every call in TensorFlow 2.20-2.21 and can crash outright on
 graphs it cannot quantise, and a model verified in the process that wrote it
 proves less than one loaded from its file alone. This file imports nothing
-of keras_darts, so that the process loads only what a deployment would.
+of keras_darts, so that the process loads only what a deployment would
+(and keeps out what Keras would import beside it, below).
 """
 
 import json
@@ -18,6 +19,12 @@ import warnings
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow imports Keras, and Keras imports scikit-learn, SciPy and matplotlib where they are installed
+# (for its wrappers and plots), as they are beside keras_darts. A deployment has none of them and nothing
+# here uses them: kept out, this process starts in 3.4-3.7 s instead of 4.7-5.0 s (importing TensorFlow
+# on a 2-core AMD EPYC).
+for _name in ("sklearn", "scipy", "matplotlib"):
+    sys.modules.setdefault(_name, None)
 
 
 def interpreter_class():
