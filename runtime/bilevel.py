@@ -136,8 +136,10 @@ class Bilevel:
 
     @property
     def shares_passes(self):
-        """Whether every replica calls one trace of each pass: replica batch norm on several replicas."""
-        return self.strategy is not None and self.replicas > 1 and self.batch_norm == "replica"
+        """Whether every replica calls one trace of each pass: replica batch norm on a MirroredStrategy of several
+        devices, whose replicas each trace the step in this process (a multi-worker strategy holds one
+        replica per process; TPU strategies were not tried)."""
+        return self.batch_norm == "replica" and ReplicaAllReduce.available(self.strategy)
 
     def _shared_pass(self, fn, input_signature):
         """``fn`` as one nested function that every replica calls (``NestedFunction(shared_by_replicas=True)``).
