@@ -147,8 +147,7 @@ class Bilevel:
         The replica's index (for the draws it folds in, ``compiler.ops.replica_uniform``) and its copies
         of the model's non-trainable variables come in as arguments, read on the calling replica.
         """
-        variables = self.model.non_trainable_variables
-        state = [tf.TensorSpec(v.shape, v.dtype) for v in variables]
+        state = [tf.TensorSpec(v.shape, v.dtype) for v in self.model.non_trainable_variables]
 
         def on_replica(index, values, *args):
             with replica_index(index), self._substituted_state(values):
@@ -159,9 +158,13 @@ class Bilevel:
 
         def call(*args):
             index = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int32)
-            return shared(index, [v.value for v in variables], *args)
+            return shared(index, self._non_trainable_values(), *args)
 
         return call
+
+    def _non_trainable_values(self):
+        """The model's non-trainable variables read (on the replica whose function is being traced)."""
+        return [v.value for v in self.model.non_trainable_variables]
 
     @contextlib.contextmanager
     def _substituted_state(self, values):
@@ -255,8 +258,7 @@ class Bilevel:
             values[position] = value
         for position, value in zip(self.arch_positions, alphas):
             values[position] = value
-        non_trainable = (self._state if self._state is not None
-                         else [v.value for v in self.model.non_trainable_variables])
+        non_trainable = self._state if self._state is not None else self._non_trainable_values()
 
         def call(*args, **kwargs):
             outputs, _ = self.model.stateless_call(values, non_trainable, *args, **kwargs, **call_options)
