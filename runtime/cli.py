@@ -59,10 +59,11 @@ def _run_dir(args, spec):
 
 
 def _tensorflow():
-    """Start TensorFlow without its start-up notices (see ``runtime.startup``)."""
+    """Start TensorFlow without its start-up notices, and without what Keras imports for nothing here
+    (see ``runtime.startup``)."""
     from keras_darts.runtime.startup import import_tensorflow_quietly
 
-    import_tensorflow_quietly()
+    import_tensorflow_quietly(without_keras_extras=True)
 
 
 def _print_report(report):

@@ -34,9 +34,11 @@ def document(order, two_cells=True, **space):
     return doc
 
 
-# Every child process starts by splitting the CPU into two logical devices, before TensorFlow initialises.
+# Every child process starts TensorFlow as the CLI does, then splits the CPU into two logical devices before
+# TensorFlow initialises.
 TWO_CPUS = """
-import tensorflow as tf
+from keras_darts.runtime.startup import import_tensorflow_quietly
+tf = import_tensorflow_quietly(without_keras_extras=True)
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 """

@@ -382,9 +382,35 @@ def test_tensorflows_start_up_notices_stay_out_of_the_terminal_unless_debugging(
     quiet = subprocess.run(command, capture_output=True, text=True, env=environment)
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert "parameters: 3349342 (auxiliary head excluded)" in quiet.stdout
-    # The notices are there to hide: with KERAS_DARTS_DEBUG=1 they reach the terminal.
-    loud = subprocess.run(command, capture_output=True, text=True, env={**environment, "KERAS_DARTS_DEBUG": "1"})
+    # The notices are there to hide: with KERAS_DARTS_DEBUG=1 the CLI's start lets them reach the terminal.
+    start = [sys.executable, "-c", "from keras_darts.runtime.cli import _tensorflow; _tensorflow()"]
+    loud = subprocess.run(start, capture_output=True, text=True, env={**environment, "KERAS_DARTS_DEBUG": "1"})
     assert loud.returncode == 0 and "All log messages before absl::InitializeLog() is called" in loud.stderr
+
+
+START_WITHOUT_KERAS_EXTRAS = """
+import json, sys
+from keras_darts.runtime.cli import _tensorflow
+_tensorflow()
+loaded = sorted(name for name in ("sklearn", "matplotlib") if name in sys.modules)
+import keras
+from keras.src.wrappers import sklearn_wrapper
+from sklearn.datasets import load_digits
+from matplotlib.figure import Figure
+print(json.dumps({"loaded": loaded, "keras_wrappers_see_sklearn": sklearn_wrapper.sklearn is not None,
+                  "digits": load_digits().images.shape, "figure": type(Figure()).__name__}))
+"""
+
+
+def test_the_clis_tensorflow_start_keeps_scikit_learn_and_pyplot_out_of_keras_and_importable_after_it():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", START_WITHOUT_KERAS_EXTRAS], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == ""
+    assert json.loads(done.stdout) == {"loaded": [], "keras_wrappers_see_sklearn": False,
+                                       "digits": [1797, 8, 8], "figure": "Figure"}
 
 
 def test_filtering_descriptor_2_keeps_every_line_that_is_not_a_start_up_notice(capfd):
