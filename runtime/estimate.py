@@ -25,11 +25,15 @@ import subprocess
 import sys
 import time
 
-import tensorflow as tf
+if __name__ == "__main__":  # the measuring process: TensorFlow starts as in the CLI (see runtime.startup)
+    from keras_darts.runtime.startup import import_tensorflow_quietly
 
-from .determinism import serialize_kernels_if_needed
-from .footprint import format_bytes, static_estimate
-from .kinds import kind_of
+    import_tensorflow_quietly(without_keras_extras=True)
+import tensorflow as tf  # noqa: E402
+
+from .determinism import serialize_kernels_if_needed  # noqa: E402
+from .footprint import format_bytes, static_estimate  # noqa: E402
+from .kinds import kind_of  # noqa: E402
 
 
 def measure(spec, order, mode, steps, context):
