@@ -102,5 +102,8 @@ def measure(request):
 
 
 if __name__ == "__main__":
+    from keras_darts.runtime.startup import import_tensorflow_quietly
+
+    import_tensorflow_quietly(without_keras_extras=True)  # as the CLI starts it (see runtime.startup)
     with open(sys.argv[1], encoding="utf-8") as request_file:
         measure(json.load(request_file))
