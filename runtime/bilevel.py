@@ -53,7 +53,7 @@ from keras_darts.compiler.ops import replica_all_reduce, replica_batch_statistic
 
 from . import second_derivatives
 from .distribution import ReplicaAllReduce, cross_replica_mean, replica_slices
-from .graph_build import NestedFunction, StepFunction, built_as_the_process_runs
+from .graph_build import NestedFunction, StepFunction, accelerated, built_as_the_process_runs
 from .objectives import ImageClassification
 from .optimizers import clip_by_global_norm, clip_coefficient, elementwise, scalar
 from .precision import computing_in, loss_scale_for
@@ -72,7 +72,7 @@ class Bilevel:
 
     def __init__(self, model, weights_optimizer, arch_optimizer, hvp_epsilon=0.01, objective=None,
                  unrolled_clip=None, strategy=None, reuse_virtual_gradient=False, batch_norm="global",
-                 grappler=None, precision="float32", latency=None):
+                 grappler=None, precision="float32", latency=None, concurrent_perturbed_passes=False):
         self.model = model
         # Latency-aware search (``runtime/latency.py``): turns the alpha step's task gradient into its objective's.
         self.latency = latency
@@ -104,6 +104,9 @@ class Bilevel:
         # The graph optimiser for the compiled steps: None decides by the devices (graph_build).
         self.grappler = grappler
         self.reuse_virtual_gradient = reuse_virtual_gradient
+        # Whether the builder asks for finite differences' perturbed passes to run at once where that
+        # pays (``perturbed_passes_concurrent``).
+        self.concurrent_perturbed_passes = concurrent_perturbed_passes
         # The model's layers compute in ``precision`` (runtime/precision.py); float16 scales its losses.
         self.precision = precision
         self.loss_scale = loss_scale_for(precision)
@@ -133,6 +136,19 @@ class Bilevel:
     def passes_inlined(self):
         """Whether the passes are traced into the step: global batch norm under a strategy other than mirrored."""
         return self.strategy is not None and self.batch_norm == "global" and self.all_reduce is None
+
+    @property
+    def perturbed_passes_concurrent(self):
+        """Whether finite differences' two perturbed passes (at ``w + R v`` and ``w - R v``) run at once.
+
+        They are independent; by default the second waits for the first, so that one pass's activations
+        are held at a time. A builder whose passes are long chains of small kernels, each pass keeping one
+        core busy (the recurrent cell over time), asks for them to run at once; that is done on one CPU
+        device only: on a GPU or TPU the kernels share one stream, so it would only hold both passes'
+        activations; under a strategy the passes may hold collectives, whose launches must keep one order
+        on every replica. The values are the same either way.
+        """
+        return self.concurrent_perturbed_passes and self.strategy is None and not accelerated()
 
     @property
     def shares_passes(self):
@@ -406,9 +422,9 @@ class Bilevel:
         plus = elementwise(lambda w, d: w + step * d, weights, v)
         grad_plus = cross_replica_mean(
             self.float32_alpha_gradients_at(plus, alphas, self._pass(train, PASS_PLUS))[2])
-        # The two perturbed passes are independent; run them one after the
-        # other so that only one holds its activations at a time.
-        with tf.control_dependencies(grad_plus):
+        # The two perturbed passes are independent: unless they may run at once, the second
+        # waits for the first, so that only one holds its activations at a time.
+        with tf.control_dependencies([] if self.perturbed_passes_concurrent else grad_plus):
             minus = elementwise(lambda w, d: w - step * d, weights, v)
         grad_minus = cross_replica_mean(
             self.float32_alpha_gradients_at(minus, alphas, self._pass(train, PASS_MINUS))[2])

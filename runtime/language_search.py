@@ -53,6 +53,9 @@ def build_language_search(spec, vocabulary_size, model=None, strategy=None):
             # fusions and simplifications make it run 1.8x faster on a CPU (benchmarks/README.md).
             grappler=True,
             precision=config.precision,
+            # Each pass is a chain of small kernels over time that keeps one CPU core busy; finite
+            # differences' two perturbed passes run at once on a CPU (benchmarks/README.md).
+            concurrent_perturbed_passes=True,
         )
 
 

@@ -160,6 +160,63 @@ def test_recurrent_finite_difference_gradient_clips_the_virtual_step_and_v(float
     assert not np.allclose(first[0].numpy(), terms["gradient"][0].numpy(), rtol=1e-3)
 
 
+def waits_for(op):
+    """Every op that ``op`` waits for, through its inputs and control inputs."""
+    seen, stack = set(), [op]
+    while stack:
+        current = stack.pop()
+        for source in [t.op for t in current.inputs] + list(current.control_inputs):
+            if source not in seen:
+                seen.add(source)
+                stack.append(source)
+    return seen
+
+
+def perturbed_pass_calls(graph):
+    """The calls of the alpha-gradient pass in a traced second-order step: the two perturbed passes."""
+    return [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")
+            and "alpha_gradients_at" in op.get_attr("f").name]
+
+
+def test_recurrent_finite_differences_run_the_perturbed_passes_at_once_with_the_values_of_one_after_the_other(
+        float64, cyclic_corpus):
+    bilevel = make_language_bilevel(cyclic_corpus, grad_clip=0.05)
+    assert bilevel.perturbed_passes_concurrent  # one CPU device, asked for by the recurrent search
+    train, val = language_batches()
+    keys = ("grad_plus", "grad_minus", "gradient", "unrolled")
+
+    def terms():
+        every = bilevel.finite_difference_terms(train, val, ETA)
+        return {key: every[key] for key in keys}
+
+    def traced():
+        function = tf.function(terms, autograph=False)
+        return function, function.get_concrete_function().graph
+
+    at_once, at_once_graph = traced()
+    plus, minus = perturbed_pass_calls(at_once_graph)
+    assert plus not in waits_for(minus) and minus not in waits_for(plus)
+    concurrent = at_once()
+
+    bilevel.concurrent_perturbed_passes = False
+    assert not bilevel.perturbed_passes_concurrent
+    in_turn, in_turn_graph = traced()
+    plus, minus = perturbed_pass_calls(in_turn_graph)
+    assert plus in waits_for(minus) or minus in waits_for(plus)
+    sequential = in_turn()
+    # Concurrent kernels sum some gradients in varying order, so a pass's last bits vary from call to
+    # call either way: the builds are compared within float64 rounding, not bit for bit.
+    for key in keys:
+        for got, want in zip(concurrent[key], sequential[key]):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12 * np.abs(want).max())
+
+    # Under a strategy (whose passes may hold collectives) the passes run one after the other.
+    spec = kd.load_spec(tiny_recurrent_document(cyclic_corpus))
+    distributed = build_language_search(spec, vocabulary_size=13,
+                                        strategy=tf.distribute.MirroredStrategy(["/cpu:0"]))
+    assert distributed.concurrent_perturbed_passes and not distributed.perturbed_passes_concurrent
+
+
 def test_recurrent_exact_mode_is_the_derivative_of_the_unrolled_validation_loss(float64, cyclic_corpus):
     bilevel = make_language_bilevel(cyclic_corpus, grad_clip=None, seed=1)
     model = bilevel.model
