@@ -122,6 +122,7 @@ class OpBuild(typing.NamedTuple):
     label: str  # the pairs' line
     help: str
     module: str = "compiler.ops"
+    recurrent: bool = False  # builds the RNN configuration's steps (else the convolutional ones')
 
 
 def custom_gradient_recorded(tf):
@@ -166,7 +167,8 @@ def tensorflows_convolution_gradient(tf):
         input=x, filter=kernel, strides=[1, strides, strides, 1], padding=padding.upper())
 
 
-# Convolutional runs only; --<key> (underscores as dashes) takes one or both values, and every combination is measured.
+# --<key> (underscores as dashes) takes one or both values, and every combination is measured; each build applies to
+# the convolutional configurations or (``recurrent``) to the RNN one.
 OP_BUILDS = {
     "fused_batch_norm": OpBuild(
         "first", "third", {"first": "bn1", "third": "bn3"}, "bn op", "fused_batch_norm",
@@ -211,6 +213,13 @@ OP_BUILDS = {
         "with --replicas and --batch-norm replica: every replica calls one trace of each pass (as the search "
         "builds) or each replica traces its own (as before, and as global batch norm still does)",
         module="runtime.bilevel"),
+    "perturbed_passes": OpBuild(
+        "concurrent", "sequential", {"concurrent": "conc", "sequential": "seq"}, "ppass",
+        "Bilevel.perturbed_passes_concurrent", lambda tf: property(lambda self: False),
+        "perturbed passes at once / one after the other",
+        "the RNN configuration's finite differences: the two perturbed passes run at once on a CPU (as the "
+        "recurrent search builds them) or the second after the first (as before, and as the convolutional "
+        "search builds them)", module="runtime.bilevel", recurrent=True),
 }
 STEP_MODES = ("first_order", "second_order_fd", "second_order_exact")
 
@@ -413,7 +422,9 @@ def measure(config_name, mode, warmup, iterations, batch=None, replicas=None, op
              "precision": precision, "call_shape_inference": call_shape_inference if mode in STEP_MODES else None,
              "optimizer_arithmetic": optimizer_arithmetic if mode in STEP_MODES else None,
              "batch_shape": batch_shape if mode in STEP_MODES and config_name != "RNN" else None,
-             **{key: value if config_name != "RNN" else None for key, value in op_builds.items()}}
+             **{key: value if OP_BUILDS[key].recurrent == (config_name == "RNN")
+                and (not OP_BUILDS[key].recurrent or mode == "second_order_fd") else None
+                for key, value in op_builds.items()}}
     if not ((replicas or 0) > 1 and batch_norm == "replica"):
         extra["replica_passes"] = None
     if config_name == "RNN":
@@ -823,7 +834,10 @@ def main():
     combinations = [dict(zip(OP_BUILDS, values)) for values in itertools.product(*(getattr(args, key)
                                                                                    for key in OP_BUILDS))]
     runs = [(*run[:11], builds, *run[11:]) for run in runs
-            for builds in (combinations if run[0] != "RNN" else combinations[:1])
+            for builds in combinations
+            # the builds of the other kind of configuration once (the first value asked for)
+            if all(builds[key] == getattr(args, key)[0] for key, build in OP_BUILDS.items()
+                   if build.recurrent != (run[0] == "RNN") or (build.recurrent and run[1] != "second_order_fd"))
             # the passes' traces differ only on replicas with replica batch norm
             if builds["replica_passes"] == OP_BUILDS["replica_passes"].now
             or ((run[3] or 0) > 1 and run[6] == "replica")]
