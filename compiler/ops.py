@@ -227,6 +227,21 @@ def every(x, stride):
                                    begin_mask=0b1111, end_mask=0b1111)
 
 
+def shifted(x):
+    """``x[:, 1:, 1:, :]``; on TensorFlow (channels last) a ``Slice`` with its bounds shared by the graph.
+
+    Keras' slicing builds a ``StridedSlice``, whose gradient (``StridedSliceGrad``)
+    is several times slower on a CPU than a ``Slice``'s (a ``Pad``), for the
+    same values (``benchmarks/README.md``).
+    """
+    if not _tensorflow_channels_last():
+        return x[:, 1:, 1:, :]
+    import tensorflow as tf
+
+    return tf.raw_ops.Slice(input=x, begin=graph_constant([0, 1, 1, 0], "int32"),
+                            size=graph_constant([-1, -1, -1, -1], "int32"))
+
+
 def fused_batch_norm(dtype):
     """TensorFlow's fused BN op for inputs of ``dtype``: ``FusedBatchNorm`` in float32, else ``FusedBatchNormV3``.
 
@@ -737,7 +752,7 @@ class FactorizedReduce(Op):
     def call(self, x, training=None):
         x = ops.relu(x)
         left = conv(x, self.kernel_1, strides=2, padding="valid")
-        right = conv(x[:, 1:, 1:, :], self.kernel_2, strides=2, padding="valid")
+        right = conv(shifted(x), self.kernel_2, strides=2, padding="valid")
         return self.norm(ops.concatenate([left, right], axis=-1), "bn", training)
 
 

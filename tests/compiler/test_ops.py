@@ -75,6 +75,29 @@ def test_factorized_reduce_uses_both_pixel_offsets():
     np.testing.assert_array_equal(np.asarray(right)[0, :, :, 0], [[5, 7], [13, 15]])
 
 
+def test_factorized_reduce_shifts_by_a_slice_with_the_values_and_gradients_of_keras_slicing():
+    import tensorflow as tf
+
+    from keras_darts.compiler.ops import shifted
+
+    rng = np.random.default_rng(0)
+    for shape in [(2, 9, 9, 6), (3, 8, 8, 4)]:
+        x = tf.constant(rng.normal(size=shape), tf.float32)
+        upstream = tf.constant(rng.normal(size=(shape[0], shape[1] - 1, shape[2] - 1, shape[3])), tf.float32)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            ours, theirs = shifted(x), x[:, 1:, 1:, :]
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+        np.testing.assert_array_equal(tape.gradient(ours, x, output_gradients=upstream).numpy(),
+                                      tape.gradient(theirs, x, output_gradients=upstream).numpy())
+
+    reduce = FactorizedReduce(4, affine=False, name="fr_slice")
+    graph = tf.function(lambda x: reduce(x, training=True)).get_concrete_function(
+        tf.TensorSpec((2, 8, 8, 6), tf.float32)).graph
+    types = [op.type for op in graph.get_operations()]
+    assert "Slice" in types and "StridedSlice" not in types
+
+
 def _reference_pool(x, stride, reduce):
     """3x3 pooling with padding 1 on both sides, padded cells ignored (numpy, one channel)."""
     size = x.shape[0]
