@@ -213,6 +213,11 @@ OP_BUILDS = {
         "with --replicas and --batch-norm replica: every replica calls one trace of each pass (as the search "
         "builds) or each replica traces its own (as before, and as global batch norm still does)",
         module="runtime.bilevel"),
+    "shift": OpBuild(
+        "slice", "strided_slice", {"slice": "slice", "strided_slice": "ss"}, "shift", "shifted",
+        lambda tf: lambda x: x[:, 1:, 1:, :], "FactorizedReduce's shift as Slice / StridedSlice",
+        "FactorizedReduce's one-pixel shift as TensorFlow's Slice (as the search builds) or StridedSlice (as "
+        "before, Keras' slicing)"),
     "perturbed_passes": OpBuild(
         "concurrent", "sequential", {"concurrent": "conc", "sequential": "seq"}, "ppass",
         "Bilevel.perturbed_passes_concurrent", lambda tf: property(lambda self: False),
