@@ -251,11 +251,8 @@ def conv_spec(config, operations=None, **sections):
     })
 
 
-def recurrent_step(config, mode, grappler=None):
-    """The RNN configuration's callable for ``mode`` and the tf.function it runs."""
-    import numpy as np
-    import tensorflow as tf
-
+def recurrent_search(config):
+    """The RNN configuration's ``Bilevel``, as a recurrent search builds it."""
     import keras_darts as kd
     from keras_darts.runtime.language_search import build_language_search
 
@@ -266,7 +263,16 @@ def recurrent_step(config, mode, grappler=None):
         "data": {"source": "text_files", "path": ".", "batch_size": config["batch"], "bptt": config["bptt"]},
         "retrain": {"enabled": False},
     })
-    bilevel = build_language_search(spec, config["vocabulary"])
+    return build_language_search(spec, config["vocabulary"])
+
+
+def recurrent_step(config, mode, grappler=None):
+    """The RNN configuration's callable for ``mode`` and the tf.function it runs."""
+    import numpy as np
+    import tensorflow as tf
+
+    size = config["hidden"]
+    bilevel = recurrent_search(config)
     rng = np.random.default_rng(0)
     # As the reference's search loop: distinct training and validation token batches every iteration,
     # each stream's hidden state carried from one iteration to the next, fresh dropout masks each time.

@@ -42,18 +42,9 @@ def recurrent_passes(rounds):
     import numpy as np
     import tensorflow as tf
 
-    import keras_darts as kd
-    from keras_darts.runtime.language_search import build_language_search
-
     config = bench_search.CONFIGS["RNN"]
     size = config["hidden"]
-    spec = kd.load_spec({
-        "version": 1, "name": "trial",
-        "search_space": {"kind": "recurrent_cell", "network": {"embedding_size": size, "hidden_size": size}},
-        "data": {"source": "text_files", "path": ".", "batch_size": config["batch"], "bptt": config["bptt"]},
-        "retrain": {"enabled": False},
-    })
-    bilevel = build_language_search(spec, config["vocabulary"])
+    bilevel = bench_search.recurrent_search(config)
     tokens = tf.constant(np.random.default_rng(0).integers(0, config["vocabulary"],
                                                            (config["batch"], config["bptt"] + 1)), tf.int32)
     batch = (tokens[:, :-1], tokens[:, 1:], tf.zeros((config["batch"], size)), tf.constant([1, 0], tf.int32))
