@@ -214,9 +214,9 @@ def cmd_compare(args):
         raise SpecError.single(spec.source, "--seeds" if args.seeds < 1 else "--random",
                                "must be at least 1" if args.seeds < 1 else "must be 0 or more")
     _tensorflow()
-    from keras_darts.runtime.determinism import op_determinism, serialize_kernels_if_needed
+    from keras_darts.runtime.determinism import configure_kernel_threads, op_determinism
 
-    serialize_kernels_if_needed(spec)  # before TensorFlow starts its runtime
+    configure_kernel_threads(spec)  # before TensorFlow starts its runtime
     from keras_darts.runtime import compare as comparison
     from keras_darts.runtime.rundir import default_run_dir
 

@@ -1,11 +1,13 @@
-"""How TensorFlow runs kernels during a run: op determinism, and one kernel at a time where a run needs it.
+"""How TensorFlow runs kernels during a run: its CPU threads, op determinism, one kernel at a time.
 
-Both are process-wide TensorFlow settings. ``op_determinism`` turns
-determinism on for a block and back off after it. Inter-op threading cannot
-be changed once TensorFlow has started its runtime: ``compile-and-search``
-(``run_compile_and_search``) calls ``serialize_kernels_if_needed`` before
-anything else; from Python, call it first or set ``TF_NUM_INTEROP_THREADS=1``,
-and ``search`` warns when it is missing.
+All are process-wide TensorFlow settings. ``op_determinism`` turns
+determinism on for a block and back off after it. The threads
+(``distribute.threads``, and one kernel at a time for ``search.deterministic``)
+cannot be changed once TensorFlow has started its runtime:
+``compile-and-search`` (``run_compile_and_search``) calls
+``configure_kernel_threads`` before anything else; from Python, call it first
+(or set ``TF_NUM_INTEROP_THREADS`` / ``TF_NUM_INTRAOP_THREADS``), and
+``search`` warns when a deterministic run's kernels are not one at a time.
 """
 
 import contextlib
@@ -15,6 +17,90 @@ import os
 import tensorflow as tf
 
 log = logging.getLogger(__name__)
+
+# ``auto`` runs one thread per kernel on CPU-only machines with at most this many cores. Measured on 2
+# cores (benchmarks/README.md): a SMALL second-order search iteration 1.52x faster, the quickstart's
+# search iteration about 1.5x. A supernet has at least 14 independent kernel chains per node (2 inputs x
+# 7 operations), so up to 4 cores stay busy without splitting a kernel; beyond, it is not measured.
+ONE_THREAD_PER_KERNEL_CORES = 4
+_THREAD_VARIABLES = ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")
+
+
+def cores():
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_kernel_threads():
+    """``(inter_op, intra_op)`` for ``distribute.threads: auto``; 0 is TensorFlow's own choice."""
+    if any(os.environ.get(name) for name in _THREAD_VARIABLES):
+        return 0, 0
+    count = cores()
+    if count > ONE_THREAD_PER_KERNEL_CORES or tf.config.list_physical_devices("GPU"):
+        return 0, 0
+    return count, 1
+
+
+def kernel_threads(spec):
+    """``(inter_op, intra_op)`` for ``spec``'s run (``distribute.threads``, ``search.deterministic``); 0: TensorFlow's."""
+    threads = spec.distribute.threads
+    inter, intra = threads.inter_op, threads.intra_op
+    if _why_serial(spec) is not None:
+        return 1, (0 if intra == "auto" else intra)
+    if "auto" in (inter, intra):
+        auto_inter, auto_intra = auto_kernel_threads()
+        inter = auto_inter if inter == "auto" else inter
+        intra = auto_intra if intra == "auto" else intra
+    return inter, intra
+
+
+def set_kernel_threads(inter_op, intra_op):
+    """Set TensorFlow's inter-op and intra-op threads (0 leaves one as it is); False when its runtime already runs
+    with others."""
+    try:
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    except RuntimeError:  # TensorFlow's runtime has started with other values
+        return False
+    return True
+
+
+def configure_kernel_threads(spec):
+    """Set TensorFlow's threads for ``spec``'s run, before TensorFlow starts its runtime; ``(inter_op, intra_op)``.
+
+    Measured on TensorFlow 2.21's CPU kernels: with concurrent kernels a
+    language-model search step differs from run to run in the last bits
+    (about 1e-7) even under op determinism, so ``search.deterministic`` runs
+    one kernel at a time. Called after TensorFlow's start, the run keeps the
+    threads it has; a warning says so when the spec asked for other numbers
+    or for one kernel at a time (``auto`` only saves time, so it says nothing).
+    """
+    inter, intra = kernel_threads(spec)
+    why = _why_serial(spec)
+    threads = spec.distribute.threads
+    if not set_kernel_threads(inter, intra):
+        if why is not None and not _serial():
+            log.warning("%s; TensorFlow has started already, so set TF_NUM_INTEROP_THREADS=1 before starting Python",
+                        why)
+        elif why is None and (threads.inter_op, threads.intra_op) != ("auto", "auto"):
+            log.warning("distribute.threads asks for %s inter-op and %s intra-op threads, but TensorFlow has started "
+                        "already with others; set TF_NUM_INTEROP_THREADS and TF_NUM_INTRAOP_THREADS before starting "
+                        "Python", inter or "TensorFlow's", intra or "TensorFlow's")
+    elif why is not None:
+        log.info("%s: TensorFlow runs one kernel at a time", why.split(" needs ")[0])
+    elif inter or intra:
+        log.info("threads: %s at once, %s each (distribute.threads; %d CPU cores)",
+                 _count(inter, "kernel"), _count(intra, "thread"), cores())
+    return inter, intra
+
+
+def _count(number, noun):
+    return f"{number} {noun}{'' if number == 1 else 's'}" if number else f"TensorFlow's number of {noun}s"
 
 
 def _why_serial(spec):
@@ -28,32 +114,6 @@ def _why_serial(spec):
 
 def _serial():
     return tf.config.threading.get_inter_op_parallelism_threads() == 1 or os.environ.get("TF_NUM_INTEROP_THREADS") == "1"
-
-
-def serialize_kernels_if_needed(spec):
-    """Run TensorFlow's kernels one at a time where the run needs it; True if they do.
-
-    Measured on TensorFlow 2.21's CPU kernels: with concurrent kernels a
-    language-model search step differs from run to run in the last bits
-    (about 1e-7) even under op determinism, so ``search.deterministic`` runs
-    one kernel at a time.
-
-    It must be set before TensorFlow starts its runtime (the CLI does so);
-    later, a warning says how (``TF_NUM_INTEROP_THREADS=1``).
-    """
-    why = _why_serial(spec)
-    if why is None:
-        return False
-    if _serial():
-        return True
-    try:
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        log.warning("%s; TensorFlow has started already, so set TF_NUM_INTEROP_THREADS=1 before starting Python",
-                    why)
-        return False
-    log.info("%s: TensorFlow runs one kernel at a time", why.split(" needs ")[0])
-    return True
 
 
 @contextlib.contextmanager
@@ -76,8 +136,8 @@ def op_determinism(enabled):
 
 
 def warn_unless_kernels_serialized(spec):
-    """Warn when the run needs one kernel at a time (see ``serialize_kernels_if_needed``) and kernels run concurrently."""
+    """Warn when the run needs one kernel at a time (see ``configure_kernel_threads``) and kernels run concurrently."""
     why = _why_serial(spec)
     if why is not None and not _serial():
-        log.warning("%s: call serialize_kernels_if_needed(spec) before TensorFlow runs anything, or set "
+        log.warning("%s: call configure_kernel_threads(spec) before TensorFlow runs anything, or set "
                     "TF_NUM_INTEROP_THREADS=1 before starting Python", why)

@@ -31,15 +31,14 @@ if __name__ == "__main__":  # the measuring process: TensorFlow starts as in the
     import_tensorflow_quietly(without_keras_extras=True)
 import tensorflow as tf  # noqa: E402
 
-from .determinism import serialize_kernels_if_needed  # noqa: E402
+from .determinism import configure_kernel_threads  # noqa: E402
 from .footprint import format_bytes, static_estimate  # noqa: E402
 from .kinds import kind_of  # noqa: E402
 
 
 def measure(spec, order, mode, steps, context):
     """Runs in the child process: first-call and median seconds, peak memory of one order."""
-    if order == "second":
-        serialize_kernels_if_needed(spec)  # as the search will run it
+    configure_kernel_threads(spec)  # as the search will run it
     kind = kind_of(spec)
     bilevel = kind.build_search(spec, **context)
     batch = kind.synthetic_batch(spec, bilevel)

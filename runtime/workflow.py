@@ -17,7 +17,7 @@ from keras_darts.spec.plugins import import_plugins, plugin_folders
 
 from . import rundir
 from .deploy import REPORT, report_lines
-from .determinism import op_determinism, serialize_kernels_if_needed, warn_unless_kernels_serialized
+from .determinism import configure_kernel_threads, op_determinism, warn_unless_kernels_serialized
 from .distribution import check_batch, is_chief, make_strategy
 from .kinds import kind_of
 from .search_loop import SEARCH_FINISHED, SearchDriver, finished_search
@@ -85,7 +85,7 @@ def run_compile_and_search(spec, run_dir, overwrite=False, search_only=False, pr
     With ``search.deterministic`` the whole run (search and retraining) runs
     with TensorFlow's op determinism on and one kernel at a time.
     """
-    serialize_kernels_if_needed(spec)  # before TensorFlow starts its runtime
+    configure_kernel_threads(spec)  # before TensorFlow starts its runtime
     with op_determinism(spec.search.deterministic):
         return _run(spec, run_dir, overwrite, search_only, progress)
 

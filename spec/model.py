@@ -389,6 +389,25 @@ class RetrainConfig:
 
 
 @frozen
+class ThreadsConfig:
+    """The CPU threads TensorFlow runs kernels on (``tf.config.threading``), set before its runtime starts.
+
+    ``inter_op``: how many kernels run at once; ``intra_op``: how many
+    threads one kernel splits its work over; ``0``: TensorFlow's own choice
+    (every core, or ``TF_NUM_INTEROP_THREADS`` / ``TF_NUM_INTRAOP_THREADS``).
+    ``auto``: on a machine with no GPU and at most 4 cores, one thread per
+    kernel and as many kernels at once as there are cores (a supernet's many
+    small, independent kernels keep the cores busy without splitting each
+    one); otherwise, or when those variables are set, TensorFlow's choice.
+    ``search.deterministic`` runs one kernel at a time (``inter_op`` 1,
+    ``intra_op`` ``auto`` then TensorFlow's choice).
+    """
+
+    inter_op: typing.Union[str, int] = "auto"
+    intra_op: typing.Union[str, int] = "auto"
+
+
+@frozen
 class DistributeConfig:
     """Data-parallel search and retraining on tf.distribute.
 
@@ -399,11 +418,13 @@ class DistributeConfig:
     one device would: statistics all-reduced in every batch norm);
     ``replica`` normalises each replica's slice on its own, with no
     collective. Retraining always normalises over the global batch.
+    ``threads``: the CPU threads of this process (``ThreadsConfig``).
     """
 
     strategy: str = "none"
     devices: typing.Optional[tuple] = None
     batch_norm: str = "global"
+    threads: ThreadsConfig = ThreadsConfig()
 
 
 EXPORT_FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8", "onnx")

@@ -318,9 +318,19 @@ def compare_problems(spec, source):
     return []
 
 
+def threads_problems(spec, source):
+    """A deterministic run runs one kernel at a time: it cannot also ask for several."""
+    inter_op = spec.distribute.threads.inter_op
+    if spec.search.deterministic and inter_op not in ("auto", 1):
+        return [Problem(source, "$.distribute.threads.inter_op",
+                        f"$.search.deterministic runs one kernel at a time, so expected auto or 1, got {inter_op}")]
+    return []
+
+
 def search_spec_problems(spec, source):
     if spec_layout(spec.search_space.kind) == "recurrent_cell":
-        return recurrent_spec_problems(spec, source) + method_problems(spec, source) + compare_problems(spec, source)
+        return (recurrent_spec_problems(spec, source) + method_problems(spec, source) + compare_problems(spec, source)
+                + threads_problems(spec, source))
     space = spec.search_space
     network = space.network
     problems = []
@@ -359,6 +369,7 @@ def search_spec_problems(spec, source):
     problems += method_problems(spec, source)
     problems += latency_problems(spec, source)
     problems += compare_problems(spec, source)
+    problems += threads_problems(spec, source)
     data = spec.data
     if data.source == "tfds" and not data.name:
         problems.append(Problem(source, "$.data.name", "a tfds source needs the dataset name"))

@@ -102,6 +102,8 @@ def _describe_alternatives(options):
             words.append(f"a list of {option.get('items', {}).get('type', 'value')}s")
         elif "$ref" in option:
             words.append("a positive integer" if option["$ref"].endswith("positive_int") else "a positive number")
+        elif "minimum" in option:
+            words.append(f"an {option.get('type', 'value')} >= {option['minimum']}")
         else:
             words.append(option.get("type", "a value"))
     return " or ".join(words)

@@ -6,6 +6,12 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+from keras_darts.runtime.determinism import auto_kernel_threads, set_kernel_threads  # noqa: E402
+
+# Before any test starts TensorFlow's runtime: the threads compile-and-search runs with on this machine
+# (distribute.threads: auto).
+set_kernel_threads(*auto_kernel_threads())
+
 
 def tiny_spec_document(**search_space):
     """A search space small enough to compile and step in seconds (digits, 8x8x1)."""

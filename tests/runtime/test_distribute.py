@@ -467,6 +467,10 @@ def test_multi_worker_on_localhost_equals_one_device(tmp_path):
     doc["data"]["max_train_examples"] = 640  # 10 retraining steps of 64, each with its all-reduces
     doc["retrain"].update({"enabled": True, "epochs": 1, "drop_path_prob": 0.0})
     doc["export"] = {"enabled": False}
+    # The workers run deterministic: one kernel at a time, on TensorFlow's own intra-op threads. So does the
+    # one-device retraining below, in a process of its own: with two intra-op threads one device splits its
+    # sums in halves as the two workers do, and the ten steps' first-epoch loss agrees to 1e-5; against one
+    # thread (this process' distribute.threads auto on 2 cores) the sums' other order grew to 2.5e-3.
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(dump_yaml(doc))
     results = run_two_workers(spec_path, [tmp_path / "run0", tmp_path / "run1"])
@@ -480,12 +484,14 @@ def test_multi_worker_on_localhost_equals_one_device(tmp_path):
     derived = kd.load_derived(str(tmp_path / "run0" / "derived.yaml"))
     assert derived.cells == single.derived.cells
     # Both workers retrained the derived network together; the chief wrote the result.
-    spec = kd.load_spec(doc)
-    alone = retrain_run(spec, single.derived, load_data(spec), None)
+    done = subprocess.run([sys.executable, "-c", RETRAIN_ALONE, json.dumps(doc), str(tmp_path / "run0" / "derived.yaml")],
+                          capture_output=True, text=True, env=child_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = json.loads(done.stdout.strip().splitlines()[-1])
     metrics = json.loads((tmp_path / "run0" / "retrain" / "metrics.json").read_text())
     history = json.loads((tmp_path / "run0" / "retrain" / "history.json").read_text())
-    assert history[0]["train_loss"] == pytest.approx(alone.history[0]["train_loss"], rel=1e-5)
-    assert metrics["test_loss"] == pytest.approx(alone.test_loss, rel=1e-4)
+    assert history[0]["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-5)
+    assert metrics["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-4)
 
     # A worker that cannot see the chief's checkpoints would start over: both refuse, and nothing is touched.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run0").rglob("*")}
@@ -499,6 +505,19 @@ def test_multi_worker_on_localhost_equals_one_device(tmp_path):
         )
         assert "Traceback" not in err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run0").rglob("*")} == before
+
+
+# The derived network retrained on one device, in a process with the spec's threads.
+RETRAIN_ALONE = """
+import json, sys
+import keras_darts as kd
+from keras_darts.runtime.determinism import configure_kernel_threads
+from keras_darts.runtime.workflow import load_data, retrain_run
+spec = kd.load_spec(json.loads(sys.argv[1]))
+configure_kernel_threads(spec)
+alone = retrain_run(spec, kd.load_derived(sys.argv[2]), load_data(spec), None)
+print(json.dumps({"train_loss": alone.history[0]["train_loss"], "test_loss": alone.test_loss}))
+"""
 
 
 def run_two_workers(spec_path, run_dirs):

@@ -9,6 +9,7 @@ import yaml
 
 import keras_darts as kd
 from keras_darts.runtime.cli import compile_and_search_main, main
+from keras_darts.runtime.determinism import auto_kernel_threads, cores
 from keras_darts.spec import dump_yaml
 from tests.conftest import tiny_spec_document
 
@@ -214,7 +215,10 @@ def test_running_again_resumes_and_repeats_nothing_finished(finished_run, capsys
     # Every stage is recognised as finished from the run directory alone: no
     # data, no supernet, no checkpoint, no estimate; the numbers are printed once.
     messages = [record.getMessage() for record in caplog.records]
-    assert messages == [f"{run_dir} holds this spec's run: resuming it (--overwrite starts over)",
+    inter, intra = auto_kernel_threads()  # the threads this test process runs with (tests/conftest.py)
+    threads = [f"threads: {inter} kernel{'s' if inter > 1 else ''} at once, 1 thread each (distribute.threads; "
+               f"{cores()} CPU cores)"] if (inter, intra) != (0, 0) else []
+    assert messages == [*threads, f"{run_dir} holds this spec's run: resuming it (--overwrite starts over)",
                         "the search finished in an earlier run (2 epochs); derived.yaml holds its result",
                         "the retraining finished in an earlier run"]
     captured = capsys.readouterr()
