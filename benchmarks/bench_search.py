@@ -102,6 +102,8 @@ PROGRESSIVE = {"drnas_stage_1": 0, "drnas_stage_2": 1}
 PROGRESSIVE_OPTIONS = {"progressive": True, "stage_partial_channels": [4, 2], "stage_keep_ops": [4]}
 # ``--grappler`` values and what ``compiled_iteration`` takes for them.
 GRAPPLER_FLAGS = {"auto": None, "on": True, "off": False}
+# --threads: distribute.threads' auto, as compile-and-search sets it, or TensorFlow's own threads.
+THREADS = ("auto", "tensorflow")
 GRAPPLER_NAMES = {None: "auto", True: "on", False: "off"}
 # How the passes' calls were built: skipping TensorFlow's shape inference of their bodies, or not.
 CALLS = {"skipped": "skip", "inferred": "infer"}
@@ -338,14 +340,13 @@ def retrain_step(config, strategy, x, y):
 
     import keras_darts as kd
     from keras_darts.compiler import build_network
-    from keras_darts.compiler.ops import synchronized_batch_norm
     from keras_darts.runtime.optimizers import CoupledSGD
     from keras_darts.runtime.retraining import make_train_step
 
     with strategy.scope() if strategy else contextlib.nullcontext():
-        with synchronized_batch_norm() if strategy else contextlib.nullcontext():
-            model = build_network(kd.load_derived("DARTS_V2"), init_channels=config["init_channels"],
-                                  layers=config["layers"], input_shape=(32, 32, 3), num_classes=10, auxiliary=True)
+        model = build_network(kd.load_derived("DARTS_V2"), synchronized=strategy is not None,
+                              init_channels=config["init_channels"], layers=config["layers"], input_shape=(32, 32, 3),
+                              num_classes=10, auxiliary=True)
         optimizer = CoupledSGD(model.trainable_variables, 0.9, 3e-4, 5.0)
     model.drop_path_rate.assign(0.2)
     step = make_train_step(model, optimizer, 0.4, (32, 32, 3), strategy)
@@ -610,6 +611,48 @@ def grappler_ratio(function, call, call_with, compiled, iterations):
             "grappler_ratio": statistics.median(c / b for c, b in pairs)}
 
 
+def set_threads(setting):
+    """In a measuring process, before TensorFlow starts its runtime: its CPU threads as ``--threads`` asks."""
+    if setting == "auto":
+        from keras_darts.runtime.determinism import auto_kernel_threads, set_kernel_threads
+
+        set_kernel_threads(*auto_kernel_threads())
+
+
+def kernel_threads():
+    """This process' TensorFlow threads, ``[inter_op, intra_op]`` (0: TensorFlow's own choice)."""
+    import tensorflow as tf
+
+    return [tf.config.threading.get_inter_op_parallelism_threads(),
+            tf.config.threading.get_intra_op_parallelism_threads()]
+
+
+def threads_column(row):
+    """``inter/intra`` (``tf``: TensorFlow's own choice) for the table."""
+    if "kernel_threads" not in row:
+        return "-"
+    inter, intra = row["kernel_threads"]
+    return "tf" if not inter and not intra else f"{inter or 'tf'}/{intra or 'tf'}"
+
+
+def print_threads(results):
+    """Each run with distribute.threads' auto beside the same run with TensorFlow's own threads."""
+    for row in results:
+        if row.get("threads") != "auto":
+            continue
+        other = next((r for r in results if r.get("threads") == "tensorflow"
+                      and all(r.get(k) == row.get(k) for k in run_settings() if k != "threads")), None)
+        if other:
+            inter, intra = row["kernel_threads"]
+            print(f"{row['config']} {row['mode']}{' ' + str(row['replicas']) + ' replicas' if row.get('replicas') else ''}: "
+                  f"threads auto ({inter or 'all'} kernels at once, {intra or 'all'} thread{'' if intra == 1 else 's'} each) / "
+                  f"TensorFlow's own: "
+                  f"s/iter {row['median_seconds']:.3f} / {other['median_seconds']:.3f} "
+                  f"(TensorFlow's over auto {other['median_seconds'] / row['median_seconds']:.2f}), first call "
+                  f"{row['first_call_seconds']:.1f} / {other['first_call_seconds']:.1f} s, peak "
+                  f"{row['peak_rss_gib']:.2f} / {other['peak_rss_gib']:.2f} GiB")
+
+
 def timed_run(config_name, mode, call, function, warmup, iterations):
     first_call = timed(call)
     for _ in range(warmup - 1):
@@ -681,15 +724,19 @@ def print_precisions(results):
                   f"{row['peak_rss_gib'] / base['peak_rss_gib']:.2f}x")
 
 
+def run_settings():
+    """The keys of a result row that say how it ran (two rows with the same values measure the same thing)."""
+    return ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm", "precision",
+            "call_shape_inference", "optimizer_arithmetic", "batch_shape", "threads", *OP_BUILDS)
+
+
 def print_pairs(results, key, chosen, other, label):
     """Each search step built with ``key`` = ``chosen`` beside the same step built with ``other``."""
-    setting = ("config", "mode", "batch", "replicas", "method", "grappler", "batch_norm", "precision",
-               "call_shape_inference", "optimizer_arithmetic", "batch_shape", *OP_BUILDS)
     for row in results:
         if row.get(key) != chosen:
             continue
         before = next((r for r in results if r.get(key) == other
-                       and all(r.get(k) == row.get(k) for k in setting if k != key)), None)
+                       and all(r.get(k) == row.get(k) for k in run_settings() if k != key)), None)
         if before and row.get("trace_seconds") is not None:
             replicas = f"{row['replicas']} replicas, {row['batch_norm']} batch norm" if row.get("replicas") else "one device"
             print(f"{row['config']} {row['mode']} {replicas}: {label}: trace {row['trace_seconds']:.1f} / "
@@ -787,6 +834,10 @@ def main():
     for key, build in OP_BUILDS.items():
         parser.add_argument(flag(key), nargs="+", default=[build.now], choices=[build.now, build.before],
                             help=build.help)
+    parser.add_argument("--threads", nargs="+", default=["auto"], choices=list(THREADS),
+                        help="TensorFlow's CPU threads in each measuring process: auto (distribute.threads' default, "
+                             "as compile-and-search sets them) or tensorflow (TensorFlow's own); several values "
+                             "measure each run under each")
     parser.add_argument("--paired-batch-shape", action="store_true",
                         help="also build each search step for the other batch shape (a second supernet in the same "
                              "process) and time the two alternately: the median ratio of the pairs, free of the "
@@ -798,16 +849,19 @@ def main():
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     options = {key: True for key in OPTION_FLAGS if getattr(args, key)}
+    if args.child:
+        set_threads(args.threads[0])
     if args.child and args.child[1] == "search_epoch":
-        print(json.dumps(search_epoch(args.child[0], args.steps)))
+        print(json.dumps({**search_epoch(args.child[0], args.steps), "kernel_threads": kernel_threads()}))
         return
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
-                                 args.replica_count, options, args.paired, args.method,
-                                 GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
-                                 args.precision[0], args.call_shape_inference[0], args.optimizer_arithmetic[0],
-                                 args.batch_shape[0], args.paired_batch_shape,
-                                 {key: getattr(args, key)[0] for key in OP_BUILDS})))
+        print(json.dumps({**measure(args.child[0], args.child[1], args.warmup, args.iterations, args.batch,
+                                    args.replica_count, options, args.paired, args.method,
+                                    GRAPPLER_FLAGS[args.grappler[0]], args.batch_norm[0], args.paired_grappler,
+                                    args.precision[0], args.call_shape_inference[0], args.optimizer_arithmetic[0],
+                                    args.batch_shape[0], args.paired_batch_shape,
+                                    {key: getattr(args, key)[0] for key in OP_BUILDS}),
+                          "kernel_threads": kernel_threads()}))
         return
     results = []
     runs = [(c, m, b, r) for c in args.configs for m in args.modes for b in (args.batches or [None])
@@ -852,9 +906,12 @@ def main():
             # the passes' traces differ only on replicas with replica batch norm
             if builds["replica_passes"] == OP_BUILDS["replica_passes"].now
             or ((run[3] or 0) > 1 and run[6] == "replica")]
-    for config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, shape, builds, \
-            *steps in runs:
-        command = [sys.executable, __file__, "--child", config, mode, "--grappler", setting, "--batch-norm", norm,
+    # ... and each run under each threads setting asked for.
+    runs = [(threads, run) for run in runs for threads in args.threads]
+    for threads, (config, mode, batch, replicas, method, setting, norm, precision, calls, arithmetic, shape, builds,
+                  *steps) in runs:
+        command = [sys.executable, __file__, "--child", config, mode, "--threads", threads,
+                   "--grappler", setting, "--batch-norm", norm,
                    "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--precision", precision,
                    "--call-shape-inference", calls, "--optimizer-arithmetic", arithmetic, "--batch-shape", shape,
                    *(item for key, value in builds.items() for item in (flag(key), value))]
@@ -877,10 +934,10 @@ def main():
         if done.returncode != 0:
             print(f"{config} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append({**json.loads(done.stdout.strip().splitlines()[-1]), "threads": threads})
         write_report(args.output, results, {})  # after every row: a long run stopped early keeps what it measured
         print(f"measured {config} {mode} {method or ''} grappler {setting} bn {norm} batch {batch or CONFIGS[config]['batch']} "
-              f"replicas {replicas or '-'} {precision} calls {calls} arithmetic {arithmetic} batch {shape} "
+              f"replicas {replicas or '-'} threads {threads} {precision} calls {calls} arithmetic {arithmetic} batch {shape} "
               f"{' '.join(f'{key} {value}' for key, value in builds.items())}: "
               f"{results[-1]['median_seconds']:.3f} s",
               file=sys.stderr,
@@ -892,14 +949,15 @@ def main():
     header = f"{'config':7s} {'mode':20s} {'batch':>5s} {'rep':>3s} {'s/iter':>8s} {'ms/example':>10s} " \
              f"{'ex/s/rep':>8s} {'x fwd+bwd':>9s} {'grappler':>8s} {'trace s':>7s} {'first call':>10s} " \
              f"{'peak GiB':>8s} {'traces':>6s} {'paired x':>8s} {'x other':>7s} {'precision':>9s} {'calls':>5s} " \
-             f"{'arith':>5s} {'shape':>5s} " + " ".join(f"{build.column:>5s}" for build in OP_BUILDS.values())
+             f"{'arith':>5s} {'shape':>5s} {'thr':>5s} " + " ".join(f"{build.column:>5s}" for build in OP_BUILDS.values())
     print(header)
     for row in results:
         batch = row["batch"]
         replicas = row.get("replicas") or 1
         base = next((r["median_seconds"] for r in results if r["config"] == row["config"]
                      and r["mode"] == "forward_backward" and r["batch"] == batch and not r.get("replicas")
-                     and r.get("precision", "float32") == row.get("precision", "float32")), None)
+                     and r.get("precision", "float32") == row.get("precision", "float32")
+                     and r.get("threads") == row.get("threads")), None)
         ratio = f"{row['median_seconds'] / base:9.2f}" if base else f"{'-':>9s}"
         paired = f"{row['paired_ratio']:8.2f}" if "paired_ratio" in row else f"{'-':>8s}"
         other = f"{row['grappler_ratio']:7.3f}" if "grappler_ratio" in row else f"{'-':>7s}"
@@ -913,9 +971,10 @@ def main():
               f"{paired} {other} {SHORT_PRECISION[row.get('precision', 'float32')]:>9s} "
               f"{CALLS.get(row.get('call_shape_inference'), '-'):>5s} "
               f"{ARITHMETIC.get(row.get('optimizer_arithmetic'), '-'):>5s} "
-              f"{BATCH_SHAPES.get(row.get('batch_shape'), '-'):>5s} "
+              f"{BATCH_SHAPES.get(row.get('batch_shape'), '-'):>5s} {threads_column(row):>5s} "
               + " ".join(f"{build.short.get(row.get(key), '-'):>5s}" for key, build in OP_BUILDS.items()))
     print_precisions(results)
+    print_threads(results)
     print_pairs(results, "call_shape_inference", "skipped", "inferred", "calls skipping / inferring shape inference")
     print_pairs(results, "optimizer_arithmetic", "stacked", "per_tensor",
                 "optimiser arithmetic stacked per shape / per tensor")
