@@ -128,12 +128,14 @@ def cmd_search(args):
 
 def cmd_retrain(args):
     _tensorflow()
+    from keras_darts.runtime.determinism import configure_kernel_threads
     from keras_darts.runtime.distribution import check_batch, is_chief, make_strategy
     from keras_darts.runtime.kinds import kind_of
     from keras_darts.runtime.workflow import check_retrainable, export_run, load_data, load_run_spec, retrain_run
     from keras_darts.spec import load_derived
 
     spec = load_run_spec(args.run_dir, _distribute_override(args))
+    configure_kernel_threads(spec)  # before TensorFlow starts its runtime
     strategy = make_strategy(spec.distribute, spec.source)
     derived = load_derived(args.derived or os.path.join(args.run_dir, "derived.yaml"))
     check_retrainable(spec, derived)  # before anything in the run directory is touched

@@ -13,7 +13,6 @@ import pytest
 import keras_darts as kd
 from keras_darts.runtime.distribution import check_batch
 from keras_darts.runtime.workflow import search
-from keras_darts.runtime.workflow import load_data, retrain_run
 from keras_darts.spec import SpecError, dump_yaml
 from tests.conftest import tiny_spec_document
 

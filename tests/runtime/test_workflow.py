@@ -43,6 +43,11 @@ def test_compile_and_search_leaves_every_artifact(finished_run):
                  "export/model.tflite", "export/model_dynamic.tflite", "export/model_int8.tflite",
                  "export/model.onnx", "export/report.json"):
         assert (run_dir / item).exists(), item
+    # The pictures.
+    for name in ("cell_normal", "cell_reduce", "alphas_normal", "alphas_reduce", "alpha_evolution_normal",
+                 "alpha_evolution_reduce", "diagnostics"):
+        for suffix in (".png", ".svg"):
+            assert (run_dir / "plots" / (name + suffix)).stat().st_size > 0, name + suffix
 
 
 @shares_the_run
