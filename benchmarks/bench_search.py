@@ -643,10 +643,8 @@ def print_threads(results):
         other = next((r for r in results if r.get("threads") == "tensorflow"
                       and all(r.get(k) == row.get(k) for k in run_settings() if k != "threads")), None)
         if other:
-            inter, intra = row["kernel_threads"]
             print(f"{row['config']} {row['mode']}{' ' + str(row['replicas']) + ' replicas' if row.get('replicas') else ''}: "
-                  f"threads auto ({inter or 'all'} kernels at once, {intra or 'all'} thread{'' if intra == 1 else 's'} each) / "
-                  f"TensorFlow's own: "
+                  f"threads auto ({threads_column(row)}: inter-op/intra-op) / TensorFlow's own: "
                   f"s/iter {row['median_seconds']:.3f} / {other['median_seconds']:.3f} "
                   f"(TensorFlow's over auto {other['median_seconds'] / row['median_seconds']:.2f}), first call "
                   f"{row['first_call_seconds']:.1f} / {other['first_call_seconds']:.1f} s, peak "

@@ -11,6 +11,9 @@ runtime's threads, and the calls per iteration:
 
 ``--shift strided_slice`` builds FactorizedReduce's one-pixel shift as
 Keras' slicing (a ``StridedSlice``), as before ``compiler.ops.shifted``.
+``--threads`` sets TensorFlow's threads as ``compile-and-search`` does for
+the spec (``auto``, the default) or leaves TensorFlow's own (``tensorflow``,
+as the shift's profiles in ``benchmarks/README.md`` ran).
 The profile is read from the profiler's XSpace file with TensorFlow's own
 protocol buffer module (``tensorflow.tsl``, an internal path of the pinned
 TensorFlow).
@@ -32,6 +35,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--shift", choices=["slice", "strided_slice"], default="slice")
+    parser.add_argument("--threads", choices=["auto", "tensorflow"], default="auto")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -39,11 +43,14 @@ def main():
 
     import keras_darts as kd
     from keras_darts.compiler import ops as compiler_ops
+    from keras_darts.runtime.determinism import configure_kernel_threads
     from keras_darts.runtime.search_loop import build_search
 
     if args.shift == "strided_slice":
         compiler_ops.shifted = lambda x: x[:, 1:, 1:, :]
-    spec = kd.load_spec(args.spec)
+    tensorflows = ["distribute.threads.inter_op=0", "distribute.threads.intra_op=0"]
+    spec = kd.load_spec(args.spec, overrides=tensorflows if args.threads == "tensorflow" else None)
+    configure_kernel_threads(spec)  # before TensorFlow starts its runtime
     batch_size = spec.data.batch_size
     shape = tuple(spec.search_space.network.input_shape)
     classes = spec.search_space.network.num_classes

@@ -23,6 +23,11 @@ def spec_with(threads=None, deterministic=False):
     return kd.load_spec(document)
 
 
+def without_thread_variables():
+    """This process' environment without TensorFlow's thread variables, for a child process."""
+    return {k: v for k, v in os.environ.items() if k not in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")}
+
+
 @pytest.fixture
 def machine(monkeypatch):
     """A machine of ``cores`` CPU cores, with or without a GPU, and no thread variables in the environment."""
@@ -104,7 +109,7 @@ workflow.run_compile_and_search(kd.load_spec(json.loads(sys.argv[1])), "unused")
 
 
 def test_compile_and_search_gives_tensorflow_the_specs_threads_before_its_runtime_starts():
-    environment = {k: v for k, v in os.environ.items() if k not in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")}
+    environment = without_thread_variables()
     cores = determinism.cores()
     auto = (cores, 1) if cores <= determinism.ONE_THREAD_PER_KERNEL_CORES and not tf.config.list_physical_devices(
         "GPU") else (0, 0)
@@ -160,7 +165,7 @@ print(json.dumps([tf.config.threading.get_inter_op_parallelism_threads(),
 
 def test_one_thread_per_kernel_computes_the_gradients_that_tensorflows_own_threads_compute(tmp_path):
     document = json.dumps(tiny_spec_document())
-    environment = {k: v for k, v in os.environ.items() if k not in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")}
+    environment = without_thread_variables()
     results = {}
     for name, inter, intra in [("one_per_kernel", 2, 1), ("tensorflows", 0, 0)]:
         path = tmp_path / f"{name}.npz"
