@@ -220,6 +220,12 @@ OP_BUILDS = {
         lambda tf: lambda x: x[:, 1:, 1:, :], "FactorizedReduce's shift as Slice / StridedSlice",
         "FactorizedReduce's one-pixel shift as TensorFlow's Slice (as the search builds) or StridedSlice (as "
         "before, Keras' slicing)"),
+    "subsample": OpBuild(
+        "slice", "strided_slice", {"slice": "slice", "strided_slice": "ss"}, "every", "every",
+        lambda tf: lambda x, stride: x[:, ::stride, ::stride, :],
+        "stride-2 dilated convolutions' subsampling as Slice / StridedSlice",
+        "the stride-2 dilated convolutions' every other row and column as a Slice between two Reshapes (as the "
+        "search builds) or a StridedSlice (as before, Keras' slicing)"),
     "perturbed_passes": OpBuild(
         "concurrent", "sequential", {"concurrent": "conc", "sequential": "seq"}, "ppass",
         "Bilevel.perturbed_passes_concurrent", lambda tf: property(lambda self: False),

@@ -216,11 +216,27 @@ def sum_all(x):
 
 
 def every(x, stride):
-    """``x[:, ::stride, ::stride, :]`` (the same op), with its bounds shared by the graph (``graph_constant``)."""
-    if keras.backend.backend() != "tensorflow":
+    """``x[:, ::stride, ::stride, :]``, with its constants shared by the graph (``graph_constant``).
+
+    On TensorFlow (channels last), when ``stride`` divides the height and the
+    width, it is a ``Slice`` between two ``Reshape``s: the rows and columns
+    split into (index // stride, index % stride) and remainder 0 kept. Its
+    gradient is a ``Pad``, where the ``StridedSlice``'s (``StridedSliceGrad``)
+    was about 1 ms per call on a CPU for a supernet's tensors, several times
+    slower, for the same values (``benchmarks/README.md``). Otherwise it is
+    the ``StridedSlice`` Keras' slicing builds.
+    """
+    if not _tensorflow_channels_last():
         return x[:, ::stride, ::stride, :]
     import tensorflow as tf
 
+    height, width, channels = x.shape[1:]
+    if None not in (height, width, channels) and height % stride == 0 and width % stride == 0:
+        rows, columns = height // stride, width // stride
+        grid = tf.reshape(x, graph_constant([-1, rows, stride, columns, stride * channels], "int32"))
+        kept = tf.raw_ops.Slice(input=grid, begin=graph_constant([0, 0, 0, 0, 0], "int32"),
+                                size=graph_constant([-1, -1, 1, -1, channels], "int32"))
+        return tf.reshape(kept, graph_constant([-1, rows, columns, channels], "int32"))
     return tf.raw_ops.StridedSlice(input=x, begin=graph_constant([0, 0, 0, 0], "int32"),
                                    end=graph_constant([0, 0, 0, 0], "int32"),
                                    strides=graph_constant([1, stride, stride, 1], "int32"),

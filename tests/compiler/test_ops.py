@@ -98,6 +98,29 @@ def test_factorized_reduce_shifts_by_a_slice_with_the_values_and_gradients_of_ke
     assert "Slice" in types and "StridedSlice" not in types
 
 
+@pytest.mark.parametrize("shape, stride, op", [((2, 12, 8, 3), 2, "Slice"), ((3, 9, 9, 2), 3, "Slice"),
+                                               ((2, 11, 12, 3), 2, "StridedSlice"), ((2, 8, 7, 3), 2, "StridedSlice")])
+def test_every_strided_row_and_column_by_a_slice_where_the_stride_divides_the_sides_else_as_keras(shape, stride, op):
+    import tensorflow as tf
+
+    from keras_darts.compiler.ops import every
+
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=shape), tf.float32)
+    sides = [-(-n // stride) for n in shape[1:3]]
+    upstream = tf.constant(rng.normal(size=(shape[0], *sides, shape[3])), tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours, theirs = every(x, stride), x[:, ::stride, ::stride, :]
+    assert ours.shape == (shape[0], *sides, shape[3])
+    np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    np.testing.assert_array_equal(tape.gradient(ours, x, output_gradients=upstream).numpy(),
+                                  tape.gradient(theirs, x, output_gradients=upstream).numpy())
+    graph = tf.function(lambda x: every(x, stride)).get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+    types = {o.type for o in graph.get_operations()}
+    assert op in types and ({"Slice", "StridedSlice"} - {op}).isdisjoint(types)
+
+
 def _reference_pool(x, stride, reduce):
     """3x3 pooling with padding 1 on both sides, padded cells ignored (numpy, one channel)."""
     size = x.shape[0]
