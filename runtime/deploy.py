@@ -8,6 +8,7 @@ network's multiply-accumulates from its traced graph. The kinds' ``export``
 puts these together into the report ``export/report.json`` holds.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -71,40 +72,85 @@ def write_onnx(saved_model, folder):
     return path
 
 
-def fresh_process_failure(arguments, request):
-    """Run ``python arguments... REQUEST.json`` in a fresh process; ``None``, or why it failed (its last line).
+class FreshProcess:
+    """``python arguments... -``: a fresh Python process, started at once and handed its request later.
 
-    ``request`` is written to a temporary JSON file whose path ends the command line.
+    The script (``litert_worker.py``, ``latency_worker``) imports what it
+    needs, then reads its request file's path from its standard input; the
+    path ``-`` on its command line says so. Started before the caller writes
+    the files it is to check, the process imports TensorFlow (3-4 s on a
+    2-core CPU) beside that work instead of after it. Closed without a
+    request, it is stopped, having done nothing.
     """
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "request.json")
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(request, handle)
+
+    def __init__(self, arguments):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        done = subprocess.run([sys.executable, *arguments, path], env=env, capture_output=True, text=True,
-                              check=False)
-    if done.returncode == 0:
-        return None
-    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    reason = lines[-1] if lines else "(no output)"
-    if done.returncode < 0:
-        reason = f"the process was killed by signal {-done.returncode} ({reason})"
-    return reason
+        self.process = subprocess.Popen([sys.executable, *arguments, "-"], env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, request):
+        """Hand ``request`` over (as a temporary JSON file) and wait: ``None``, or why it failed (its last line)."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "request.json")
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(request, handle)
+            try:
+                _, stderr = self.process.communicate(path + "\n")
+            except BrokenPipeError:  # it ended before reading: what it said is all there is
+                stderr = self.process.stderr.read()
+                self.process.wait()
+        if self.process.returncode == 0:
+            return None
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else "(no output)"
+        if self.process.returncode < 0:
+            reason = f"the process was killed by signal {-self.process.returncode} ({reason})"
+        return reason
+
+    def close(self):
+        if self.process.returncode is None:
+            self.process.kill()
+            self.process.communicate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-def _run_worker(mode, request, blame):
-    """Run ``litert_worker.py mode`` on ``request``; a failure names ``blame`` (a file) with the worker's last line."""
-    reason = fresh_process_failure([_WORKER, mode], request)
+def fresh_process_failure(arguments, request):
+    """Run ``python arguments...`` on ``request`` in a fresh process; ``None``, or why it failed (its last line)."""
+    with FreshProcess(arguments) as process:
+        return process.run(request)
+
+
+@contextlib.contextmanager
+def started_workers(formats):
+    """The fresh processes ``verified_formats`` runs for ``formats``, started now (``FreshProcess``), closed after."""
+    with contextlib.ExitStack() as stack:
+        modes = ["convert", "check"] if tflite_formats(formats) else ["check"]
+        yield {mode: stack.enter_context(FreshProcess([_WORKER, mode])) for mode in modes}
+
+
+def _run_worker(mode, request, blame, workers=None):
+    """Run ``litert_worker.py mode`` on ``request`` (in ``workers[mode]`` if given, else started now); a failure
+    names ``blame`` (a file) with the worker's last line."""
+    if workers and mode in workers:
+        reason = workers[mode].run(request)
+    else:
+        reason = fresh_process_failure([_WORKER, mode], request)
     if reason is not None:
         action = "converting" if mode == "convert" else "running"
         raise ExportVerificationError.single(os.path.dirname(blame), os.path.basename(blame),
                                              f"{action} it in a fresh process failed: {reason}")
 
 
-def write_tflite(saved_model, formats, folder, calibration=None):
+def write_tflite(saved_model, formats, folder, calibration=None, workers=None):
     """Convert the SavedModel at ``saved_model`` to each TFLite format in ``formats``; return {format: path}.
 
-    ``calibration`` ({input name: array of examples}) calibrates ``tflite_int8``.
+    ``calibration`` ({input name: array of examples}) calibrates ``tflite_int8``; ``workers``: see
+    ``started_workers``.
     """
     files = {form: os.path.join(folder, TFLITE_FILES[form]) for form in tflite_formats(formats)}
     if not files:
@@ -114,11 +160,11 @@ def write_tflite(saved_model, formats, folder, calibration=None):
         if "tflite_int8" in files:
             request["calibration"] = os.path.join(scratch, "calibration.npz")
             np.savez(request["calibration"], **calibration)
-        _run_worker("convert", request, next(iter(files.values())))
+        _run_worker("convert", request, next(iter(files.values())), workers)
     return files
 
 
-def check_exported(kind, saved_model, files, inputs, latency_runs, hidden_size=None):
+def check_exported(kind, saved_model, files, inputs, latency_runs, hidden_size=None, workers=None):
     """Run the SavedModel and every TFLite or ONNX file, and time them, in a fresh process.
 
     ``kind``: ``image`` (``inputs["images"]``, outputs: probabilities) or
@@ -126,14 +172,14 @@ def check_exported(kind, saved_model, files, inputs, latency_runs, hidden_size=N
     carrying the state; outputs: log-probabilities). Returns ({format:
     outputs}, {"interpreter": ..., "latency_ms": {format: median ms}}) with
     ``saved_model`` among the formats, the latency that of one example (one
-    token) per call.
+    token) per call. ``workers``: see ``started_workers``.
     """
     with tempfile.TemporaryDirectory() as scratch:
         request = {"kind": kind, "saved_model": saved_model, "files": files, "latency_runs": latency_runs,
                    "hidden_size": hidden_size, "inputs": os.path.join(scratch, "inputs.npz"),
                    "outputs": os.path.join(scratch, "outputs.npz"), "results": os.path.join(scratch, "results.json")}
         np.savez(request["inputs"], **inputs)
-        _run_worker("check", request, next(iter(files.values()), saved_model))
+        _run_worker("check", request, next(iter(files.values()), saved_model), workers)
         with np.load(request["outputs"]) as outputs:
             outputs = {form: outputs[form] for form in ("saved_model", *files)}
         with open(request["results"], encoding="utf-8") as handle:
@@ -242,19 +288,20 @@ def report_lines(report):
 
 
 def verified_formats(config, folder, saved_model, conversion_source, kind, inputs, expected, score=None,
-                     calibration=None, hidden_size=None, saved_model_tolerance=1e-5):
+                     calibration=None, hidden_size=None, saved_model_tolerance=1e-5, workers=None):
     """Convert to the TFLite formats ``config.formats`` asks for, run everything in a fresh process, compare.
 
     ``expected``: the Keras model's outputs on ``inputs``. The SavedModel and
     the float32 TFLite file must agree with them within their tolerance
     (``ExportVerificationError`` otherwise); the quantised files are reported
     by their largest difference and by ``score(outputs)`` (a dict of figures).
-    Returns the report's entry per requested format and the worker's results.
+    Returns the report's entry per requested format and the worker's results. ``workers``: the processes
+    ``started_workers(config.formats)`` started, or ``None`` to start them here.
     """
-    files = write_tflite(conversion_source, config.formats, folder, calibration)
+    files = write_tflite(conversion_source, config.formats, folder, calibration, workers)
     if "onnx" in config.formats:
         files["onnx"] = write_onnx(saved_model, folder)
-    outputs, results = check_exported(kind, saved_model, files, inputs, config.latency_runs, hidden_size)
+    outputs, results = check_exported(kind, saved_model, files, inputs, config.latency_runs, hidden_size, workers)
     tolerances = {"saved_model": saved_model_tolerance, "tflite": FLOAT_TOLERANCE, "onnx": FLOAT_TOLERANCE}
     entries = {}
     for form in config.formats:

@@ -187,6 +187,17 @@ def check(request):
         json.dump(results, handle)
 
 
+def request_path(argument):
+    """The request file: ``argument``, or for ``-`` the line the caller writes to standard input once the
+    process has started (``deploy.FreshProcess``); empty if it closed without one."""
+    return sys.stdin.readline().strip() if argument == "-" else argument
+
+
 if __name__ == "__main__":
-    with open(sys.argv[2], encoding="utf-8") as request_file:
-        {"convert": convert, "check": check}[sys.argv[1]](json.load(request_file))
+    if sys.argv[1] == "check":
+        sys.modules.setdefault("keras", None)  # see check()
+    import tensorflow  # noqa: F401  # before the request: the caller may have started this process early
+    path = request_path(sys.argv[2])
+    if path:
+        with open(path, encoding="utf-8") as request_file:
+            {"convert": convert, "check": check}[sys.argv[1]](json.load(request_file))

@@ -143,7 +143,8 @@ class RecurrentCellKind(CellKind):
         expected = tf.nn.log_softmax(model(tokens, hidden, training=False)[0], axis=-1).numpy()
         folder = os.path.join(run_dir, "export")
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        # The checking processes start first: they import TensorFlow while this one writes the SavedModels.
+        with deploy.started_workers(config.formats) as workers, tempfile.TemporaryDirectory(dir=folder) as scratch:
             inside = "saved_model" in config.formats
             saved_model = os.path.join(folder if inside else scratch, "saved_model")
             export_language_model(model, saved_model)
@@ -154,7 +155,7 @@ class RecurrentCellKind(CellKind):
                 source = export_language_model(model, os.path.join(scratch, "one_sequence"), batch=1)
             entries, results = deploy.verified_formats(config, folder, saved_model, source, "language",
                                                        {"tokens": tokens}, expected, hidden_size=model.hidden_size,
-                                                       saved_model_tolerance=1e-4)
+                                                       saved_model_tolerance=1e-4, workers=workers)
         network = {"parameters": count_parameters(model), "per": "token", "multiply_adds": self.multiply_adds(model)}
         return deploy.report(network, entries, results, config)
 
