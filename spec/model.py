@@ -88,7 +88,7 @@ class DiagnosticsConfig:
     """Collapse diagnostics each epoch: the dominant eigenvalue of the alpha Hessian of the validation loss."""
 
     hessian_eigenvalue: bool = True
-    hessian_iterations: int = 8
+    hessian_iterations: int = 5  # Hessian-vector products (Lanczos steps)
     hessian_radius: float = 1e-3
 
 

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import keras_darts as kd
+from keras_darts.runtime.bilevel import dominant_ritz_value
 from keras_darts.runtime.checkpoint import SearchCheckpoints
 from keras_darts.runtime.cli import compile_and_search_main, main
 from keras_darts.runtime.search_loop import build_search
@@ -244,6 +245,59 @@ def test_hessian_eigenvalue_is_the_dominant_eigenvalue_of_the_full_alpha_hessian
     eigenvalues = np.linalg.eigvalsh((hessian + hessian.T) / 2)
     dominant = eigenvalues[np.argmax(np.abs(eigenvalues))]
     assert estimate == pytest.approx(dominant, rel=0.02)
+
+
+def _counted(matrix):
+    calls = []
+
+    def product(vector):
+        calls.append(vector)
+        return matrix @ vector
+
+    return product, calls
+
+
+def _symmetric_with_spectrum(values, seed):
+    basis, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(values), len(values))))
+    return basis @ np.diag(values) @ basis.T, basis
+
+
+def test_ritz_value_from_as_many_products_as_dimensions_is_the_dominant_eigenvalue_with_its_sign():
+    values = np.concatenate([[-3.0], np.linspace(-2.5, 2.9, 29)])  # the dominant one is negative
+    matrix, _ = _symmetric_with_spectrum(values, 0)
+    product, calls = _counted(matrix)
+    estimate = dominant_ritz_value(product, np.random.default_rng(1).normal(size=30), steps=100)
+    assert estimate == pytest.approx(-3.0, abs=1e-9)
+    assert len(calls) == 30  # never more products than dimensions
+
+
+def test_ritz_value_after_eight_products_is_nearer_the_dominant_eigenvalue_than_power_iteration_after_eight():
+    # Eigenvalues of both signs, nearly equal in magnitude: power iteration's pace is |4.8 / 5|.
+    values = np.concatenate([[5.0, -4.8], np.random.default_rng(2).uniform(-4, 4, 58)])
+    matrix, _ = _symmetric_with_spectrum(values, 3)
+    start = np.random.default_rng(4).normal(size=60)
+    product, calls = _counted(matrix)
+    lanczos = dominant_ritz_value(product, start, steps=8)
+    vector = start
+    for _ in range(8):  # power iteration, as the diagnostic computed it before: v . Hv of the last iterate
+        vector = vector / np.linalg.norm(vector)
+        image = matrix @ vector
+        power = vector @ image
+        vector = image
+    assert len(calls) == 8
+    assert abs(lanczos) <= 5.0 + 1e-9  # a Ritz value lies within the spectrum
+    assert abs(lanczos - 5.0) < 0.5 * abs(power - 5.0)
+
+
+def test_ritz_value_stops_on_an_invariant_subspace_and_is_real_for_an_unsymmetric_product():
+    matrix, basis = _symmetric_with_spectrum(np.arange(1.0, 11.0), 5)
+    product, calls = _counted(matrix)
+    assert dominant_ritz_value(product, 3 * basis[:, 4], steps=8) == pytest.approx(5.0, abs=1e-12)
+    assert len(calls) == 1  # the start is an eigenvector: its product adds no direction
+    assert dominant_ritz_value(product, np.zeros(10), steps=8) == 0.0
+    noisy = matrix + 1e-3 * np.random.default_rng(6).normal(size=(10, 10))  # finite differences' asymmetry
+    estimate = dominant_ritz_value(lambda v: noisy @ v, np.ones(10), steps=10)
+    assert isinstance(estimate, float) and estimate == pytest.approx(10.0, abs=1e-2)
 
 
 def test_early_stopping_on_skip_connections_records_the_rule(tmp_path):
