@@ -104,9 +104,9 @@ def measure(request):
 if __name__ == "__main__":
     from keras_darts.runtime.startup import import_tensorflow_quietly
 
+    import_tensorflow_quietly(without_keras_extras=True)  # as the CLI starts it (see runtime.startup)
     from keras_darts.runtime.litert_worker import request_path
 
-    import_tensorflow_quietly(without_keras_extras=True)  # as the CLI starts it (see runtime.startup)
     path = request_path(sys.argv[1])
     if path:
         with open(path, encoding="utf-8") as request_file:

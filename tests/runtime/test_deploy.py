@@ -1,5 +1,6 @@
 """What a derived network costs (multiply-adds from its graph) and the TFLite worker's failures and fallbacks."""
 
+import signal
 import sys
 
 import numpy as np
@@ -66,6 +67,43 @@ def test_a_conversion_that_fails_names_the_file_and_the_reason(tmp_path):
     assert problem.message.startswith("converting it in a fresh process failed: ")
     assert "no_saved_model" in problem.message
     assert not (tmp_path / "model.tflite").exists()
+
+
+def test_a_conversion_in_a_process_started_early_fails_as_one_started_late(tmp_path):
+    with deploy.started_workers(["tflite"]) as workers, pytest.raises(ExportVerificationError) as error:
+        deploy.write_tflite(str(tmp_path / "no_saved_model"), ["tflite"], str(tmp_path), workers=workers)
+    assert error.value.problems[0].message.startswith("converting it in a fresh process failed: ")
+    assert "no_saved_model" in error.value.problems[0].message
+    assert workers["convert"].process.returncode == 1
+    assert workers["check"].process.returncode == -signal.SIGKILL  # never handed a request: stopped on leaving
+
+
+# The script a FreshProcess runs: it reads its request's path from standard input once started (``-``).
+ECHO = """
+import json, sys
+sys.path.insert(0, {root!r})
+from keras_darts.runtime.litert_worker import request_path
+path = request_path(sys.argv[1])
+if path:
+    request = json.load(open(path))
+    open(request["out"], "w").write(request["text"])
+    sys.exit(request.get("exit", 0))
+"""
+
+
+def test_a_fresh_process_takes_its_request_from_standard_input_and_is_stopped_if_never_handed_one(tmp_path):
+    import os
+
+    code = ECHO.format(root=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    with deploy.FreshProcess(["-c", code]) as process:
+        assert process.run({"out": str(tmp_path / "a.txt"), "text": "handed"}) is None
+    assert (tmp_path / "a.txt").read_text() == "handed"
+    with deploy.FreshProcess(["-c", code]) as process:
+        reason = process.run({"out": str(tmp_path / "b.txt"), "text": "x", "exit": "it said no"})
+    assert reason == "it said no"
+    with deploy.FreshProcess(["-c", code]) as idle:
+        pass
+    assert idle.process.returncode == -signal.SIGKILL  # stopped, having done nothing
 
 
 def test_float_tolerance_failure_names_the_file():
