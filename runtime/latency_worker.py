@@ -1,6 +1,8 @@
 """Measure blocks of a derived network through the TFLite interpreter, run as a script in a fresh Python process.
 
-``python -m keras_darts.runtime.latency_worker REQUEST.json``: the request
+``python -m keras_darts.runtime.latency_worker REQUEST.json`` (or ``-``: the
+path is read from standard input once TensorFlow is imported, as
+``deploy.FreshProcess`` hands it over): the request
 holds ``blocks`` (``{key: description}``, as ``compiler.latency.LatencyPlan``
 writes them) or ``files`` (``{name: TFLite file}``, timed alike), ``runs``
 and ``results`` (a JSON file). Each block is built

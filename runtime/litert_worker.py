@@ -1,6 +1,8 @@
 """TensorFlow Lite conversion, and checks of TFLite and ONNX files, run as a script in a fresh Python process.
 
-``python litert_worker.py convert|check REQUEST.json`` (see ``tflite.py``).
+``python litert_worker.py convert|check REQUEST.json`` (see ``deploy.py``), or
+``-`` for the path, read from standard input once TensorFlow is imported
+(``deploy.FreshProcess`` starts the process before the files exist).
 Each conversion and each check runs in a process of its own: the converter
 leaks memory on every call in TensorFlow 2.20-2.21 and can crash outright on
 graphs it cannot quantise, and a model verified in the process that wrote it
