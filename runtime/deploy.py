@@ -94,11 +94,8 @@ class FreshProcess:
             path = os.path.join(folder, "request.json")
             with open(path, "w", encoding="utf-8") as handle:
                 json.dump(request, handle)
-            try:
-                _, stderr = self.process.communicate(path + "\n")
-            except BrokenPipeError:  # it ended before reading: what it said is all there is
-                stderr = self.process.stderr.read()
-                self.process.wait()
+            # A process that ended before reading (a failed start) is fine here: communicate ignores the broken pipe.
+            _, stderr = self.process.communicate(path + "\n")
         if self.process.returncode == 0:
             return None
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
