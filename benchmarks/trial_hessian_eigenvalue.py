@@ -36,7 +36,6 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
-    import tensorflow as tf
 
     from keras_darts.runtime import bilevel as module
     from keras_darts.runtime.cli import compile_and_search_main
@@ -45,28 +44,18 @@ def main():
 
     def compared(self, batch, iterations=5, radius=1e-3, seed=0):
         value = diagnostic(self, batch, iterations, radius, seed)
-        weights = self.current_weights()
-        alphas = [a.numpy().astype("float64") for a in self.arch_vars]
-        flat = np.concatenate([a.ravel() for a in alphas])
-        sizes = [a.size for a in alphas]
-
-        def gradient(values):
-            pieces = np.split(values, np.cumsum(sizes)[:-1])
-            grads = self.eigenvalue_pass(weights, [tf.constant(p.reshape(a.shape), v.dtype) for p, a, v in
-                                                   zip(pieces, alphas, self.arch_vars)],
-                                         self._pass(batch, module.PASS_VALIDATION))[2]
-            return np.concatenate([g.numpy().astype("float64").ravel() for g in grads])
-
+        hessian_times = self.alpha_hessian_product(batch, radius)
         cache = {}  # the shorter Lanczos runs repeat the longer ones' first products
 
         def product(vector):
             key = vector.tobytes()
             if key not in cache:
-                cache[key] = (gradient(flat + radius * vector) - gradient(flat - radius * vector)) / (2 * radius)
+                cache[key] = hessian_times(vector)
             return cache[key]
 
         rng = np.random.default_rng(seed)
-        start = np.concatenate([rng.normal(size=a.shape).ravel() for a in alphas])
+        start = np.concatenate([rng.normal(size=tuple(a.shape)).ravel() for a in self.arch_vars])
+        size = start.size
         lanczos = [module.dominant_ritz_value(product, start, steps) for steps in range(1, args.steps + 1)]
         vector = start
         for _ in range(args.steps):
@@ -74,7 +63,7 @@ def main():
             image = product(vector)
             power = float(vector @ image)
             vector = image
-        hessian = np.array([product(column) for column in np.eye(flat.size)])
+        hessian = np.array([product(column) for column in np.eye(size)])
         values = np.linalg.eigvalsh((hessian + hessian.T) / 2)
         print("EIGENVALUES", json.dumps({
             "diagnostic": value, "lanczos": lanczos, "power": power,

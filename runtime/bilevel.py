@@ -747,15 +747,13 @@ class Bilevel:
 
         return distributed_step
 
-    def alpha_hessian_eigenvalue(self, batch, iterations=5, radius=1e-3, seed=0):
-        """The dominant eigenvalue of the Hessian of the loss on ``batch`` with respect to the alphas.
+    def alpha_hessian_product(self, batch, radius=1e-3):
+        """``product(v)``: the Hessian of the loss on ``batch`` with respect to the alphas times ``v`` (all alphas
+        as one float64 vector), at the current weights and alphas.
 
-        ``dominant_ritz_value`` (Lanczos) from ``iterations`` Hessian-vector
-        products, each the central difference of two alpha gradients
-        (``(g(a + r v) - g(a - r v)) / 2r`` for a unit ``v``) from the already
-        compiled gradient pass, from a random start drawn with ``seed``: the
-        eigenvalue of largest magnitude, with its sign. Evaluated at the
-        current weights.
+        The central difference of two alpha gradients from the already
+        compiled gradient pass, ``(g(a + r v) - g(a - r v)) / 2r``; ``v`` of
+        unit length, ``r`` is ``radius``.
         """
         weights = self.current_weights()
         alphas = [a.numpy().astype("float64") for a in self.arch_vars]
@@ -771,9 +769,19 @@ class Bilevel:
             return np.concatenate([(p.numpy().astype("float64") - m.numpy().astype("float64")).ravel()
                                    for p, m in zip(*gradients)]) / (2 * radius)
 
+        return product
+
+    def alpha_hessian_eigenvalue(self, batch, iterations=5, radius=1e-3, seed=0):
+        """The dominant eigenvalue of the Hessian of the loss on ``batch`` with respect to the alphas.
+
+        ``dominant_ritz_value`` (Lanczos) from ``iterations`` products of
+        ``alpha_hessian_product``, from a random start drawn with ``seed``:
+        the eigenvalue of largest magnitude, with its sign. Evaluated at the
+        current weights.
+        """
         rng = np.random.default_rng(seed)
-        start = np.concatenate([rng.normal(size=a.shape).ravel() for a in alphas])
-        return dominant_ritz_value(product, start, iterations)
+        start = np.concatenate([rng.normal(size=tuple(a.shape)).ravel() for a in self.arch_vars])
+        return dominant_ritz_value(self.alpha_hessian_product(batch, radius), start, iterations)
 
     def evaluate_batch(self, batch):
         """``(summed loss, summed metric, count, end state)`` of one batch in evaluation mode."""
