@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # independent kernel chains per node (2 inputs x 7 operations), so up to 4 cores stay busy without
 # splitting a kernel; beyond, it is not measured.
 ONE_THREAD_PER_KERNEL_CORES = 4
-_THREAD_VARIABLES = ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")
+THREAD_VARIABLES = ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")
 
 
 def cores():
@@ -37,7 +37,7 @@ def cores():
 
 def auto_kernel_threads():
     """``(inter_op, intra_op)`` for ``distribute.threads: auto``; 0 is TensorFlow's own choice."""
-    if any(os.environ.get(name) for name in _THREAD_VARIABLES):
+    if any(os.environ.get(name) for name in THREAD_VARIABLES):
         return 0, 0
     count = cores()
     if count > ONE_THREAD_PER_KERNEL_CORES or tf.config.list_physical_devices("GPU"):

@@ -25,13 +25,13 @@ def spec_with(threads=None, deterministic=False):
 
 def without_thread_variables():
     """This process' environment without TensorFlow's thread variables, for a child process."""
-    return {k: v for k, v in os.environ.items() if k not in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")}
+    return {k: v for k, v in os.environ.items() if k not in determinism.THREAD_VARIABLES}
 
 
 @pytest.fixture
 def machine(monkeypatch):
     """A machine of ``cores`` CPU cores, with or without a GPU, and no thread variables in the environment."""
-    for name in ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS"):
+    for name in determinism.THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
     def make(cores, gpu=False):
