@@ -10,7 +10,9 @@ runtime's threads, and the calls per iteration:
     python benchmarks/trial_kernel_profile.py examples/quickstart.yaml
 
 ``--shift strided_slice`` builds FactorizedReduce's one-pixel shift as
-Keras' slicing (a ``StridedSlice``), as before ``compiler.ops.shifted``.
+Keras' slicing (a ``StridedSlice``), as before ``compiler.ops.shifted``;
+``--subsample strided_slice`` the stride-2 dilated convolutions' subsampling
+likewise, as before ``compiler.ops.every`` took a ``Slice``.
 ``--threads`` sets TensorFlow's threads as ``compile-and-search`` does for
 the spec (``auto``, the default) or leaves TensorFlow's own (``tensorflow``,
 as the shift's profiles in ``benchmarks/README.md`` ran).
@@ -35,6 +37,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--shift", choices=["slice", "strided_slice"], default="slice")
+    parser.add_argument("--subsample", choices=["slice", "strided_slice"], default="slice")
     parser.add_argument("--threads", choices=["auto", "tensorflow"], default="auto")
     args = parser.parse_args()
 
@@ -48,6 +51,8 @@ def main():
 
     if args.shift == "strided_slice":
         compiler_ops.shifted = lambda x: x[:, 1:, 1:, :]
+    if args.subsample == "strided_slice":
+        compiler_ops.every = lambda x, stride: x[:, ::stride, ::stride, :]
     tensorflows = ["distribute.threads.inter_op=0", "distribute.threads.intra_op=0"]
     spec = kd.load_spec(args.spec, overrides=tensorflows if args.threads == "tensorflow" else None)
     configure_kernel_threads(spec)  # before TensorFlow starts its runtime
