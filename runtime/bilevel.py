@@ -758,13 +758,13 @@ class Bilevel:
         weights = self.current_weights()
         alphas = [a.numpy().astype("float64") for a in self.arch_vars]
         sizes = [a.size for a in alphas]
+        data = self._pass(batch, PASS_VALIDATION)
 
         def product(vector):
             pieces = np.split(vector, np.cumsum(sizes)[:-1])
             gradients = [
                 self.eigenvalue_pass(weights, [tf.constant(a + sign * radius * v.reshape(a.shape), dt.dtype)
-                                               for a, v, dt in zip(alphas, pieces, self.arch_vars)],
-                                     self._pass(batch, PASS_VALIDATION))[2]
+                                               for a, v, dt in zip(alphas, pieces, self.arch_vars)], data)[2]
                 for sign in (1, -1)]
             return np.concatenate([(p.numpy().astype("float64") - m.numpy().astype("float64")).ravel()
                                    for p, m in zip(*gradients)]) / (2 * radius)
