@@ -21,16 +21,17 @@ Nothing else may run meanwhile (see ``benchmarks/README.md``).
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
 
 def command(checkout, run_dir, saved_model_only):
@@ -78,10 +79,12 @@ def main():
     print(f"this over other: {ratios['means']:.3f} (means), {ratios['medians']:.3f} (medians)")
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.abspath(args.other),
                               capture_output=True, text=True).stdout.strip()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # set only now, so the timed processes start as a user's
+    from bench_search import machine  # after the runs: it imports TensorFlow into this process
+
     with open(args.output, "w") as handle:
-        json.dump({"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                               "python": platform.python_version()},
-                   "other": revision, "order": order, "runs": runs, "ratios": ratios}, handle, indent=2)
+        json.dump({"machine": machine(), "other": revision, "order": order, "runs": runs, "ratios": ratios},
+                  handle, indent=2)
         handle.write("\n")
 
 
